@@ -1,0 +1,1 @@
+"""The inference engine: forward pass, KV cache, sampler, generation loop."""

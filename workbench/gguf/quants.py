@@ -29,5 +29,7 @@ def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
     """Bytes that one row of ``n_cols`` elements occupies in a GGUF file."""
     block, nbytes = block_layout(qtype)
     if n_cols % block:
-        raise ValueError(f"{qtype.name} rows must hold a multiple of {block} elements, not {n_cols}")
+        raise ValueError(
+            f"{qtype.name} rows must hold a multiple of {block} elements, not {n_cols}"
+        )
     return n_cols // block * nbytes

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from workbench.errors import ModelError
 from workbench.gguf.quants import SUPPORTED_TYPES, row_bytes
@@ -167,7 +167,9 @@ def spec_from_metadata(md: dict[str, Any], path: Path | str = "") -> ModelSpec:
         rope_base=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
         rope_mode=ROPE_MODES[arch],
-        rope_scale=float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+        rope_scale=float(md.get(f"{arch}.rope.scaling.factor", 1.0))
+        if scaling == "linear"
+        else 1.0,
         tied_embeddings=False,  # set by _check_shapes once the tensors are known
     )
 

@@ -1,0 +1,116 @@
+"""The NumPy backend: the CPU reference every kernel is checked against, and the fallback.
+
+Weights stay in their GGUF block form (memory-mapped). Decode multiplies by them directly through
+fused dequantize-and-dot loops (`quant_cpu.matvec`); prefill dequantizes one matrix at a time into a
+reused scratch buffer and hands the product to BLAS. All activations are float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from workbench.backends import quant_cpu
+from workbench.gguf.reader import Tensor
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A weight as the backend holds it: block bytes for matrices, float32 for vectors."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray  # matrices: (rows, row_bytes) uint8 blocks; vectors: (n,) float32
+
+
+class NumpyBackend:
+    name = "numpy"
+    xp = np
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads is not None:
+            quant_cpu.set_threads(threads)
+        self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
+
+    # -- weights ---------------------------------------------------------------------------
+    def load_weight(self, t: Tensor) -> Weight:
+        if len(t.shape) == 1:
+            # Norm weights and RoPE factors: small, needed as float32 every call.
+            vec = quant_cpu.dequantize(t.qtype, t.raw.reshape(1, -1)).reshape(t.shape)
+            return Weight(t.name, GGMLQuantizationType.F32, t.shape, vec)
+        return Weight(t.name, t.qtype, t.shape, t.raw)
+
+    # -- operations ------------------------------------------------------------------------
+    def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
+        """ids (n,) -> (n, dim) float32 rows of the embedding table."""
+        return quant_cpu.get_rows(w.qtype, w.data, np.asarray(ids, dtype=np.int64))
+
+    def linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
+        """x (n, cols) float32 -> (n, rows) = x @ W.T."""
+        if x.shape[0] == 1:
+            return quant_cpu.matvec(w.qtype, w.data, x[0])[None, :]
+        size = w.shape[0] * w.shape[1]
+        if self._scratch is None or self._scratch.size < size:
+            self._scratch = np.empty(size, dtype=np.float32)
+        return quant_cpu.matmul(w.qtype, w.data, x, scratch=self._scratch)
+
+    def rmsnorm(self, x: np.ndarray, w: Weight, eps: float) -> np.ndarray:
+        """x (n, dim) -> (n, dim): x / sqrt(mean(x^2) + eps) * w, as llama.cpp (eps inside sqrt)."""
+        # The mean of squares is accumulated in float64 (ggml does the same) so that long rows
+        # with large activations do not lose the small components.
+        ms = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1]
+        scale = (1.0 / np.sqrt(ms + eps)).astype(np.float32)
+        return x * scale[:, None] * w.data
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: str) -> np.ndarray:
+        """Rotate x (n, heads, head_dim) in place by angles whose cos/sin are (n, rope_dim/2).
+
+        "norm" pairs adjacent elements (2i, 2i+1), as llama.cpp does for llama (its converter
+        permutes Q and K so this equals HF's rotate-half); "neox" pairs i with i + rope_dim/2.
+        """
+        half = cos.shape[1]
+        c, s = cos[:, None, :], sin[:, None, :]
+        if mode == "norm":
+            x0 = x[..., 0 : 2 * half : 2].copy()
+            x1 = x[..., 1 : 2 * half : 2]
+            x[..., 0 : 2 * half : 2] = x0 * c - x1 * s
+            x[..., 1 : 2 * half : 2] = x0 * s + x1 * c
+        else:
+            x0 = x[..., :half].copy()
+            x1 = x[..., half : 2 * half]
+            x[..., :half] = x0 * c - x1 * s
+            x[..., half : 2 * half] = x0 * s + x1 * c
+        return x
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+        """Causal grouped-query attention.
+
+        q (n, heads, hd) for positions start..start+n-1; k, v (kv_heads, start+n, hd) hold the
+        cache including these positions. Returns (n, heads*hd).
+        """
+        n, n_heads, hd = q.shape
+        n_kv, t = k.shape[0], k.shape[1]
+        group = n_heads // n_kv
+        # Query heads h = g*group + j share KV head g, as in llama.cpp and HF.
+        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
+        scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hd))
+        scores = scores.reshape(n_kv, group, n, t)  # (kv_heads, group, n, t)
+        if n > 1:
+            # Row i may see cache positions <= start + i.
+            mask = np.arange(t)[None, :] > (start + np.arange(n))[:, None]  # (n, t)
+            scores[..., mask] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = np.matmul(scores.reshape(n_kv, group * n, t), v)  # (kv_heads, group*n, hd)
+        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """silu(gate) * up, elementwise; (n, ffn) each."""
+        # silu(g) = g / (1 + exp(-g)); exp overflow for very negative g gives g/inf = -0.0, the
+        # right limit, so silence the warning rather than clip.
+        with np.errstate(over="ignore"):
+            return gate / (1.0 + np.exp(-gate)) * up

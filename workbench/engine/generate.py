@@ -1,0 +1,337 @@
+"""The generation loop: prefill the prompt in one pass, then decode token by token.
+
+`Engine.generate` returns a `Generation`: iterate it for `TokenEvent`s as tokens arrive, then read
+`.result` for the whole text, the finish reason and the timings. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.engine.loader import Model, load
+from workbench.engine.model import Transformer
+from workbench.engine.sampler import Sampler, SamplerConfig, log_softmax
+from workbench.errors import UserError
+
+BACKENDS = ("auto", "numpy")
+
+# TokenEvent.id of the last event when it only releases held-back text (no new token).
+FLUSH_ID = -1
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
+    logprobs: int = 0  # top-N log-probabilities reported at each generated position
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise UserError(
+                "user.bad_max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"
+            )
+        if not 0 <= self.logprobs <= 20:
+            raise UserError(
+                "user.bad_logprobs", f"logprobs must be in [0, 20], got {self.logprobs}"
+            )
+        if any(not s for s in self.stop):
+            raise UserError("user.bad_stop", "stop strings must not be empty")
+        _ = self.sampler  # builds a SamplerConfig, which validates the sampling fields
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            repeat_last_n=self.repeat_last_n,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    id: int
+    piece: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it releases; a last event with id FLUSH_ID may follow."""
+
+    index: int  # 0 for the first generated token
+    id: int
+    text: str  # text released with this token (held back while it may start a stop string)
+    logprob: float  # log-probability of this token under the model (before sampling transforms)
+    top_logprobs: tuple[TopLogprob, ...]  # empty unless GenerationConfig.logprobs > 0
+    elapsed_s: float  # since generate() started
+    step_s: float  # forward pass and sampling for this token
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # start to first generated token
+    decode_s: float = 0.0  # after the first token to the last
+    total_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.generated_tokens - 1  # the first token comes from the prefill
+        return n / self.decode_s if n > 0 and self.decode_s else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_s": self.prefill_s,
+            "ttft_s": self.ttft_s,
+            "decode_s": self.decode_s,
+            "total_s": self.total_s,
+            "prefill_tok_s": self.prefill_tok_s,
+            "decode_tok_s": self.decode_tok_s,
+        }
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (EOG token or stop string), "length", "cancelled"
+    timings: Timings
+    logprobs: list[tuple[float, tuple[TopLogprob, ...]]] = field(default_factory=list)
+
+
+class Generation:
+    """An iterable of TokenEvents; `.result` is set once iteration ends."""
+
+    def __init__(self, events: Iterator[TokenEvent], prompt_ids: list[int]) -> None:
+        self._events = events
+        self.prompt_token_ids = prompt_ids
+        self.result: GenerationResult | None = None
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def cancel(self) -> None:
+        """Stop after the token in progress; the result's finish reason is "cancelled"."""
+        self.cancelled = True
+
+    def run(self) -> GenerationResult:
+        """Consume every event and return the result."""
+        for _ in self._events:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Model | str | Path | None = None,
+        backend: str = "auto",
+        *,
+        threads: int | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise UserError(
+                "user.unknown_backend",
+                f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})",
+            )
+        from workbench.backends.numpy_backend import NumpyBackend
+
+        self.model = model if isinstance(model, Model) else load(model)
+        self.backend = NumpyBackend(threads=threads)
+        self.transformer = Transformer(self.model.gguf, self.backend)
+
+    @property
+    def spec(self) -> Any:
+        return self.model.spec
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    def format_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        text = self.model.chat_template.render(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special=False, parse_special=True)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Raw prompt ids: BOS/EOS as the model's flags say, special tokens parsed."""
+        return self.tokenizer.encode(prompt, add_special=True, parse_special=True)
+
+    def generate(
+        self, prompt: str | Sequence[int], config: GenerationConfig | None = None
+    ) -> Generation:
+        """Generate from a raw prompt (text, or token ids as they are)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise UserError("user.empty_prompt", "the prompt is empty")
+            ids = self.encode_prompt(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        return self._start(ids, config or GenerationConfig())
+
+    def chat(
+        self, messages: Sequence[Mapping[str, str]], config: GenerationConfig | None = None
+    ) -> Generation:
+        """Generate the assistant's reply to a conversation, formatted by the chat template."""
+        if not messages or not any(m.get("content") for m in messages):
+            raise UserError("user.empty_prompt", "the conversation has no content")
+        return self._start(self.format_chat(messages), config or GenerationConfig())
+
+    def _start(self, ids: list[int], config: GenerationConfig) -> Generation:
+        ctx = self.spec.context_length
+        if not ids:
+            raise UserError("user.empty_prompt", "the prompt has no tokens")
+        if len(ids) >= ctx:
+            raise UserError(
+                "user.prompt_too_long",
+                f"the prompt has {len(ids)} tokens; the model's context holds {ctx} "
+                f"(leave room for at least one generated token)",
+                prompt_tokens=len(ids),
+                context=ctx,
+            )
+        vocab = self.spec.vocab_size
+        if any(i < 0 or i >= vocab for i in ids):
+            raise UserError("user.bad_token_id", f"prompt token ids must be in [0, {vocab})")
+        gen = Generation(iter(()), ids)
+        gen._events = self._run(gen, ids, config)
+        return gen
+
+    def _run(
+        self, gen: Generation, ids: list[int], config: GenerationConfig
+    ) -> Iterator[TokenEvent]:
+        tf, tok = self.transformer, self.tokenizer
+        max_new = min(config.max_tokens, self.spec.context_length - len(ids))
+        cache = tf.new_cache(len(ids) + max_new)
+        sampler = Sampler(config.sampler)
+        stops = StopMatcher(config.stop)
+        stream = tok.stream()
+        timings = Timings(prompt_tokens=len(ids))
+        out_ids: list[int] = []
+        logprobs: list[tuple[float, tuple[TopLogprob, ...]]] = []
+        finish = "length"
+
+        history = list(ids)  # prompt and generated ids, for the repetition penalty
+        t0 = t_step = t_first = time.perf_counter()
+        logits = tf.prefill(np.asarray(ids), cache)
+        timings.prefill_s = time.perf_counter() - t0
+        for index in range(max_new):
+            if index:
+                t_step = time.perf_counter()
+                logits = tf.decode_one_token(out_ids[-1], cache)
+            token = sampler(logits, history)
+            if token in tok.eog_ids:
+                finish = "stop"
+                break
+            lp, top = self._logprobs(logits, token, config.logprobs)
+            out_ids.append(token)
+            history.append(token)
+            logprobs.append((lp, top))
+            released, stopped = stops.feed(stream.feed(token))
+            now = time.perf_counter()
+            if index == 0:
+                timings.ttft_s, t_first = now - t0, now
+            timings.generated_tokens = len(out_ids)
+            yield TokenEvent(index, token, released, lp, top, now - t0, now - t_step)
+            if stopped:
+                finish = "stop"
+                break
+            if gen.cancelled:
+                finish = "cancelled"
+                break
+
+        if not stops.matched:
+            tail = stops.flush(stream.flush())
+            if tail:  # held-back text that turned out not to start a stop string
+                now = time.perf_counter()
+                yield TokenEvent(len(out_ids), FLUSH_ID, tail, 0.0, (), now - t0, 0.0)
+        end = time.perf_counter()
+        timings.total_s = end - t0
+        if out_ids:
+            timings.decode_s = end - t_first
+        gen.result = GenerationResult(
+            text=stops.text,
+            token_ids=out_ids,
+            prompt_token_ids=ids,
+            finish_reason=finish,
+            timings=timings,
+            logprobs=logprobs,
+        )
+
+    def _logprobs(
+        self, logits: np.ndarray, token: int, n: int
+    ) -> tuple[float, tuple[TopLogprob, ...]]:
+        lps = log_softmax(logits)
+        top: tuple[TopLogprob, ...] = ()
+        if n:
+            best = np.argpartition(-lps, n - 1)[:n]
+            best = best[np.argsort(-lps[best], kind="stable")]
+            piece = self.tokenizer.piece
+            top = tuple(TopLogprob(int(i), piece(int(i)), float(lps[i])) for i in best)
+        return float(lps[token]), top
+
+
+class StopMatcher:
+    """Releases streamed text while holding back any tail that may begin a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.text = ""  # released text
+        self._pending = ""
+        self.matched = False
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to release now, whether a stop string matched)."""
+        buf = self._pending + piece
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.matched = True
+            return self._release(buf[: min(hits)], ""), True
+        hold = max((_overlap(buf, s) for s in self.stops), default=0)
+        return self._release(buf[: len(buf) - hold], buf[len(buf) - hold :]), False
+
+    def flush(self, piece: str = "") -> str:
+        """End of generation: release what was held back (it matched no stop string)."""
+        if self.matched:
+            return ""
+        released, _ = self.feed(piece)
+        return released + self._release(self._pending, "")
+
+    def _release(self, out: str, pending: str) -> str:
+        self.text += out
+        self._pending = pending
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

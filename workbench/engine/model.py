@@ -1,0 +1,135 @@
+"""The llama-family transformer forward pass, written once against a backend's operations.
+
+Pure computation: no I/O, no timing, no printing. `prefill` runs a whole prompt as one batched
+(matrix-matrix) pass; `decode_one_token` runs one position (matrix-vector).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import UserError
+from workbench.gguf.reader import GGUFModel, ModelSpec
+
+LAYER_WEIGHTS = (
+    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
+)  # fmt: skip
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Any  # (dim,)
+    attn_q: Any  # (heads*hd, dim)
+    attn_k: Any  # (kv_heads*hd, dim)
+    attn_v: Any  # (kv_heads*hd, dim)
+    attn_output: Any  # (dim, heads*hd)
+    ffn_norm: Any  # (dim,)
+    ffn_gate: Any  # (ffn, dim)
+    ffn_up: Any  # (ffn, dim)
+    ffn_down: Any  # (dim, ffn)
+
+
+class KVCache:
+    """Keys and values of every layer, for positions 0..length-1.
+
+    np.zeros reserves the full context lazily (pages are committed as positions are written), so a
+    long context costs memory only when it is used.
+    """
+
+    def __init__(self, spec: ModelSpec, xp: Any = np, capacity: int | None = None) -> None:
+        self.capacity = capacity or spec.context_length
+        shape = (spec.n_layers, spec.n_kv_heads, self.capacity, spec.head_dim)
+        self.k = xp.zeros(shape, dtype=xp.float32)  # (layer, kv_heads, ctx, hd)
+        self.v = xp.zeros(shape, dtype=xp.float32)  # (layer, kv_heads, ctx, hd)
+        self.length = 0  # positions filled (for all layers, once a forward pass completes)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class Transformer:
+    def __init__(self, model: GGUFModel, backend: Any) -> None:
+        assert model.spec is not None
+        self.spec = spec = model.spec
+        self.backend = backend
+        t = model.tensors
+        self.tok_embd = backend.load_weight(t["token_embd.weight"])  # (vocab, dim)
+        self.output_norm = backend.load_weight(t["output_norm.weight"])  # (dim,)
+        out = t.get("output.weight", t["token_embd.weight"])
+        self.output = backend.load_weight(out)  # (vocab, dim), tied to tok_embd when absent
+        self.layers = [
+            LayerWeights(
+                **{w: backend.load_weight(t[f"blk.{i}.{w}.weight"]) for w in LAYER_WEIGHTS}
+            )
+            for i in range(spec.n_layers)
+        ]
+        # RoPE inverse frequencies (rope_dim/2,), float64 for exact angles at long positions.
+        half = spec.rope_dim // 2
+        inv_freq = spec.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / spec.rope_dim)
+        if "rope_freqs.weight" in t:
+            inv_freq = inv_freq / backend.load_weight(t["rope_freqs.weight"]).data.astype(
+                np.float64
+            )
+        self._inv_freq = inv_freq / spec.rope_scale
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        return KVCache(self.spec, self.backend.xp, capacity)
+
+    def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (n, rope_dim/2) float32 for the given positions."""
+        angles = np.outer(positions.astype(np.float64), self._inv_freq)
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> Any:
+        """Run tokens (n,) at positions cache.length.. and return logits.
+
+        Returns (vocab,) for the last position, or (n, vocab) with ``all_logits``. Only the last
+        position's logits are computed by default: the output projection is the largest matrix.
+        """
+        spec, be = self.spec, self.backend
+        n = len(tokens)
+        start = cache.length
+        if n == 0:
+            raise UserError("user.empty_input", "no tokens to run")
+        if start + n > cache.capacity:
+            raise UserError(
+                "user.context_overflow",
+                f"{start + n} tokens do not fit the context of {cache.capacity}",
+                tokens=start + n,
+                context=cache.capacity,
+            )
+        hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        cos, sin = self.rope_tables(np.arange(start, start + n))
+        end = start + n
+
+        x = be.embed(self.tok_embd, tokens)  # (n, dim)
+        for i, lw in enumerate(self.layers):
+            h = be.rmsnorm(x, lw.attn_norm, spec.norm_eps)  # (n, dim)
+            q = be.linear(lw.attn_q, h).reshape(n, nh, hd)  # (n, heads, hd)
+            k = be.linear(lw.attn_k, h).reshape(n, nkv, hd)  # (n, kv_heads, hd)
+            v = be.linear(lw.attn_v, h).reshape(n, nkv, hd)  # (n, kv_heads, hd)
+            be.rope(q, cos, sin, spec.rope_mode)
+            be.rope(k, cos, sin, spec.rope_mode)
+            cache.k[i, :, start:end] = k.transpose(1, 0, 2)
+            cache.v[i, :, start:end] = v.transpose(1, 0, 2)
+            att = be.attention(q, cache.k[i, :, :end], cache.v[i, :, :end], start)  # (n, heads*hd)
+            x = x + be.linear(lw.attn_output, att)
+            h = be.rmsnorm(x, lw.ffn_norm, spec.norm_eps)
+            ff = be.swiglu(be.linear(lw.ffn_gate, h), be.linear(lw.ffn_up, h))  # (n, ffn)
+            x = x + be.linear(lw.ffn_down, ff)
+        cache.length = end
+
+        if not all_logits:
+            x = x[-1:]
+        logits = be.linear(self.output, be.rmsnorm(x, self.output_norm, spec.norm_eps))
+        return logits if all_logits else logits[0]  # (n, vocab) or (vocab,)
+
+    def prefill(self, tokens: np.ndarray, cache: KVCache) -> Any:
+        return self.forward(np.asarray(tokens, dtype=np.int64), cache)
+
+    def decode_one_token(self, token: int, cache: KVCache) -> Any:
+        return self.forward(np.array([token], dtype=np.int64), cache)
