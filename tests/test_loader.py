@@ -34,6 +34,22 @@ def _file_backed(a) -> bool:
     return False
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "F16", "untied"])
+def test_header_parser_agrees_with_gguf_py(tiny_models, kind):
+    """Our header parser (fast) against gguf-py's GGUFReader (the reference)."""
+    path = tiny_models[kind]
+    ours = read_gguf(path)
+    ref = gguf.GGUFReader(path)
+    assert ours.metadata == {k: f.contents() for k, f in ref.fields.items()}
+    assert len(ours.tensor_infos) == len(ref.tensors)
+    for info, t in zip(ours.tensor_infos, ref.tensors, strict=True):
+        assert (info.name, info.type_id, info.nbytes) == (t.name, int(t.tensor_type), t.n_bytes)
+        assert info.shape == tuple(int(n) for n in reversed(t.shape))
+        assert info.offset == t.data_offset
+        raw = ours.tensors[t.name].raw
+        assert np.array_equal(raw.reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
+
+
 def test_untied_output(tiny_models):
     assert not read_gguf(tiny_models["untied"]).spec.tied_embeddings
 

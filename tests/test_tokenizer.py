@@ -99,7 +99,7 @@ def vocab_path(name: str) -> Path:
 
 @functools.cache
 def tokenizer(name: str) -> Tokenizer:
-    return Tokenizer.from_metadata(vectors.read_metadata(vocab_path(name)))
+    return Tokenizer.from_metadata(read_gguf(vocab_path(name), vocab_only=True).metadata)
 
 
 # --- llama.cpp's vectors -------------------------------------------------------------------------
@@ -152,17 +152,11 @@ def test_end_of_generation_ids(name: str) -> None:
 @pytest.mark.vectors
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
 def test_unsupported_vocab_is_refused(name: str) -> None:
-    md = vectors.read_metadata(vocab_path(name))
+    md = read_gguf(vocab_path(name), vocab_only=True).metadata
     with pytest.raises(ModelError) as e:
         Tokenizer.from_metadata(md)
     assert e.value.code == "model.unsupported_tokenizer"
     assert md["tokenizer.ggml.model"] in e.value.message
-
-
-@pytest.mark.vectors
-def test_fast_metadata_reader_agrees_with_read_gguf() -> None:
-    path = vocab_path("llama-spm")
-    assert vectors.read_metadata(path) == read_gguf(path, vocab_only=True).metadata
 
 
 @pytest.mark.vectors
@@ -177,7 +171,7 @@ def test_flags_and_special_ids() -> None:
 
 @pytest.mark.vectors
 def test_add_eos_flag_appends_eos() -> None:
-    md = dict(vectors.read_metadata(vocab_path("llama-spm")))
+    md = dict(read_gguf(vocab_path("llama-spm"), vocab_only=True).metadata)
     md["tokenizer.ggml.add_eos_token"] = True
     tok = Tokenizer.from_metadata(md)
     assert tok.add_eos

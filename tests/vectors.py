@@ -9,19 +9,15 @@ only those files; tests that need them are skipped, with the reason, when the do
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
 SDIST = "llama-cpp-python==0.3.36"
@@ -80,72 +76,6 @@ def read_vectors(vocab: Path) -> list[tuple[str, list[int]]]:
     if len(texts) != len(lines):
         raise ValueError(f"{vocab}: {len(texts)} inputs but {len(lines)} outputs")
     return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """GGUF metadata as plain Python values, the same as `read_gguf(...).metadata`.
-
-    gguf-py's reader builds a NumPy view per array element, which takes minutes over the dozen
-    large vocab files; the vector tests only need the key/value section, parsed here directly.
-    `test_tokenizer.py` checks this agrees with `read_gguf`.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        try:
-            if bytes(buf[:4]) != b"GGUF":
-                raise ValueError(f"{path} is not a GGUF file")
-            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version < 2:
-                raise ValueError(f"{path}: GGUF version {version} is not supported here")
-            pos = 24
-            # The header fields gguf-py reports as pseudo-keys.
-            md: dict[str, Any] = {
-                "GGUF.version": version,
-                "GGUF.tensor_count": n_tensors,
-                "GGUF.kv_count": n_kv,
-            }
-            for _ in range(n_kv):
-                key, pos = _string(buf, pos)
-                (vtype,) = struct.unpack_from("<I", buf, pos)
-                md[key], pos = _value(buf, pos + 4, vtype)
-            return md
-        finally:
-            buf.release()
-
-
-# GGUF value types: numeric ones as NumPy dtypes; 7 is bool, 8 string, 9 array.
-_NUMERIC = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 10: "<u8",
-            11: "<i8", 12: "<f8"}  # fmt: skip
-
-
-def _string(buf: memoryview, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, pos)
-    end = pos + 8 + n
-    return bytes(buf[pos + 8 : end]).decode("utf-8", errors="replace"), end
-
-
-def _value(buf: memoryview, pos: int, vtype: int) -> tuple[Any, int]:
-    if vtype in _NUMERIC:
-        dt = np.dtype(_NUMERIC[vtype])
-        return np.frombuffer(buf, dt, 1, pos)[0].item(), pos + dt.itemsize
-    if vtype == 7:
-        return bool(buf[pos]), pos + 1
-    if vtype == 8:
-        return _string(buf, pos)
-    if vtype != 9:
-        raise ValueError(f"unknown GGUF value type {vtype}")
-    etype, n = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if etype in _NUMERIC:
-        dt = np.dtype(_NUMERIC[etype])
-        return np.frombuffer(buf, dt, n, pos).tolist(), pos + n * dt.itemsize
-    if etype == 7:
-        return [bool(b) for b in buf[pos : pos + n]], pos + n
-    out = []
-    for _ in range(n):
-        item, pos = _value(buf, pos, etype)
-        out.append(item)
-    return out, pos
 
 
 def _complete(target: Path) -> bool:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from gguf import GGMLQuantizationType, LlamaFileType
+from gguf import LlamaFileType
 
 from workbench.errors import ModelError, RecoverableError, UserError
-from workbench.gguf.reader import GGUFModel, read_gguf
+from workbench.gguf.reader import GGUFModel, TensorInfo, read_gguf
 
 HOME_ENV = "WORKBENCH_HOME"
 CHUNK = 1 << 20  # bytes per read/write when extracting and hashing
@@ -531,9 +531,7 @@ def inspect(path: str | os.PathLike[str]) -> ModelReport:
         if e.code != "model.no_tensors":
             problem = e.to_dict()
         model = read_gguf(path, vocab_only=True)
-    assert model.reader is not None
-
-    rows = [_tensor_row(t) for t in model.reader.tensors]
+    rows = [_tensor_row(t) for t in model.tensor_infos]
     tensor_bytes = sum(r.bytes for r in rows)
     mix: dict[str, list[int]] = {}
     for r in rows:
@@ -563,17 +561,9 @@ def inspect(path: str | os.PathLike[str]) -> ModelReport:
     )
 
 
-def _tensor_row(t: Any) -> TensorRow:
-    try:
-        type_name = GGMLQuantizationType(int(t.tensor_type)).name
-    except ValueError:
-        type_name = f"type_{int(t.tensor_type)}"
+def _tensor_row(t: TensorInfo) -> TensorRow:
     return TensorRow(
-        name=str(t.name),
-        type=type_name,
-        shape=tuple(int(n) for n in reversed(list(t.shape))),
-        n_elements=int(t.n_elements),
-        bytes=int(t.n_bytes),
+        name=t.name, type=t.type_name, shape=t.shape, n_elements=t.n_elements, bytes=t.nbytes
     )
 
 
