@@ -1,4 +1,4 @@
-"""`workbench bench ...`: benchmarks that write JSON (speed targets are checked here, not in tests)."""
+"""`workbench bench ...`: benchmarks that print or write JSON (speed targets are checked here)."""
 
 from __future__ import annotations
 
