@@ -1,0 +1,886 @@
+"""The CPU emulator: runs the HIP kernel sources in ``kernels/`` without a GPU.
+
+`EmulatorModule` and `EmulatedKernel` mirror ``cupy.RawModule`` and ``cupy.RawKernel`` so the
+launcher can treat both targets alike::
+
+    mod = EmulatorModule(path="kernels/rmsnorm.hip", options=("-DBLOCK=256",),
+                         name_expressions=("rmsnorm<256>",), warp_size=64)
+    kern = mod.get_function("rmsnorm<256>")
+    kern((rows,), (256,), (x, w, out, np.int32(cols), np.float32(eps)), shared_mem=0)
+
+Arguments are NumPy arrays (passed as device pointers: their data address; they must be
+C-contiguous) and NumPy scalars (passed by value with their exact C type). Like CuPy, a Python
+``int`` is an int64 and a ``float`` a float64; the emulator knows each kernel's parameter types
+and refuses a mismatch instead of letting the kernel read garbage.
+
+How it works: the source is compiled by the host C++ compiler against ``kernels/emulator/
+wb_emu.h`` into a shared object with one launch trampoline per kernel (the extern "C" kernels
+found by preprocessing the source, plus the name expressions). The trampolines hand the kernel
+to the emulator runtime (``kernels/emulator/wb_emu_runtime.cpp``, built once per cache), which
+runs every GPU thread as a fiber: Boost.Context's fcontext when available (tens of nanoseconds
+a switch), glibc's ucontext otherwise (a system call per switch, ten times slower or more). Which
+one ran is `EmulatorModule.fiber`. Shared objects are cached by a hash of everything that shapes
+them (preprocessed source, options, name expressions, emulator headers, compiler version).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import BackendError, InternalError, RecoverableError, UserError
+
+# Bump when the generated wrapper or the compile flags change in a way the hashed inputs miss.
+EMULATOR_VERSION = "1"
+
+FIBERS = ("fcontext", "ucontext")
+WARP_SIZES = (32, 64)
+MAX_THREADS = 8  # default cap on OS threads running blocks
+
+_COMPILE_FLAGS = (
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
+    # Kernels reinterpret bytes freely (GGUF blocks, float bits); GPU compilers allow it.
+    "-fno-strict-aliasing",
+    "-Wl,-z,defs",  # an undefined symbol fails the build, not the load
+    "-DWB_EMULATOR=1",
+)
+_RUNTIME_FLAGS = (
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-fvisibility=hidden",
+    # A fault leaves kernel code by siglongjmp from a fiber's stack to the thread's own, which
+    # glibc's fortified longjmp check could take for a jump into a dead frame.
+    "-U_FORTIFY_SOURCE",
+    "-D_FORTIFY_SOURCE=0",
+    "-Wl,-z,defs",
+)
+_LOG_LIMIT = 20_000  # characters of compiler output kept in an error's context
+
+
+# --- where things are -------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``<workbench home>/emulator``: the home is ``$WORKBENCH_HOME`` or the platform cache dir."""
+    from workbench.store import default_home  # the one function that reads WORKBENCH_HOME
+
+    return default_home() / "emulator"
+
+
+def kernels_dir() -> Path:
+    """The directory holding ``wb.h`` and ``emulator/`` (package data, else the source tree)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "_kernels", here.parents[2] / "kernels"):
+        if (candidate / "wb.h").is_file() and (candidate / "emulator" / "wb_emu.h").is_file():
+            return candidate
+    raise BackendError(
+        "backend.emulator_missing",
+        "the emulator's headers (kernels/wb.h, kernels/emulator/) are not installed with the "
+        "workbench; reinstall it from a source checkout",
+    )
+
+
+# --- the host compiler ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Toolchain:
+    path: str
+    version: str  # first line of --version plus the target triple: part of every cache key
+
+
+_toolchains: dict[str | None, _Toolchain] = {}
+
+
+def _toolchain(compiler: str | None) -> _Toolchain:
+    if compiler in _toolchains:
+        return _toolchains[compiler]
+    names = [compiler] if compiler else ["c++", "g++", "clang++"]
+    path = next((p for p in map(shutil.which, names) if p), None)
+    if path is None:
+        raise BackendError(
+            "backend.compiler_missing",
+            f"no C++ compiler found (looked for {', '.join(names)}); the CPU emulator needs one: "
+            "on Debian/Ubuntu `apt-get install g++`",
+            compiler=compiler,
+        )
+    try:
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.splitlines()[0]
+        target = subprocess.run(
+            [path, "-dumpmachine"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        raise BackendError(
+            "backend.compiler_missing",
+            f"the C++ compiler {path} does not run: {e}",
+            compiler=path,
+        ) from e
+    tc = _Toolchain(path, f"{version} ({target})")
+    _toolchains[compiler] = tc
+    return tc
+
+
+def _run_compiler(cmd: list[str], *, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LC_ALL": "C"}  # plain ASCII diagnostics, whatever the user's locale
+    try:
+        return subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, timeout=600, env=env
+        )
+    except FileNotFoundError as e:
+        raise BackendError(
+            "backend.compiler_missing", f"the C++ compiler {cmd[0]} disappeared: {e}"
+        ) from e
+    except subprocess.TimeoutExpired as e:
+        raise BackendError(
+            "backend.compile_failed", f"the C++ compiler ran for over {e.timeout} s", command=cmd
+        ) from e
+
+
+def _sha256(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write through a temp file and a rename: readers see nothing or everything."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _build_so(cmd_head: list[str], source: Path, target: Path, tail: Sequence[str] = ()) -> str:
+    """Compile ``source`` into ``target`` through a temp file + atomic rename (two processes
+    building the same object both succeed, and neither sees a half-written one). Returns the
+    compiler log; raises `BackendError` ``backend.compile_failed`` on failure."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [*cmd_head, "-o", tmp, str(source), *tail]
+        proc = _run_compiler(cmd)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            raise BackendError(
+                "backend.compile_failed",
+                f"compiling {source.name} failed",
+                command=" ".join(cmd),
+                log=log[-_LOG_LIMIT:],
+            )
+        os.replace(tmp, target)
+        return log
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# --- the runtime (fibers, scheduler), one per fiber kind and cache ------------------------------
+
+
+class _ApiHead(ctypes.Structure):
+    _fields_ = (
+        ("abi_version", ctypes.c_uint32),
+        ("stack_bytes", ctypes.c_uint32),
+        ("fiber_name", ctypes.c_char_p),
+    )
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    fiber: str
+    path: Path
+    lib: ctypes.CDLL
+    api: int  # address of the runtime's Api table, passed to every launch
+    note: str  # why "auto" fell back to ucontext ("" otherwise)
+
+
+_runtimes: dict[tuple[str, str, str], _Runtime] = {}
+_runtime_lock = threading.Lock()
+
+
+def _runtime(tc: _Toolchain, fiber: str, cache_dir: Path) -> _Runtime:
+    with _runtime_lock:
+        key = (tc.path, fiber, str(cache_dir))
+        if key not in _runtimes:
+            if fiber == "auto":
+                try:
+                    rt = _load_runtime(tc, "fcontext", cache_dir)
+                except BackendError as e:
+                    rt = _load_runtime(tc, "ucontext", cache_dir)
+                    rt = _Runtime(rt.fiber, rt.path, rt.lib, rt.api, f"fcontext unavailable: {e}")
+            else:
+                rt = _load_runtime(tc, fiber, cache_dir)
+            _runtimes[key] = rt
+        return _runtimes[key]
+
+
+def _load_runtime(tc: _Toolchain, fiber: str, cache_dir: Path) -> _Runtime:
+    emu = kernels_dir() / "emulator"
+    source = emu / "wb_emu_runtime.cpp"
+    flags = [*_RUNTIME_FLAGS, f"-DWB_EMU_FIBER_{fiber.upper()}=1", f"-I{emu}"]
+    libs = ["-lboost_context"] if fiber == "fcontext" else []
+    digest = _sha256(
+        EMULATOR_VERSION,
+        tc.version,
+        json.dumps(flags + libs),
+        source.read_bytes(),
+        (emu / "wb_emu_abi.h").read_bytes(),
+    )
+    path = cache_dir / f"runtime-{fiber}-{digest[:24]}.so"
+    try:
+        if not path.exists():
+            _build_so([tc.path, *flags], source, path, libs)
+        lib = ctypes.CDLL(str(path))
+    except (BackendError, OSError) as e:
+        log = e.context.get("log", "") if isinstance(e, BackendError) else str(e)
+        if fiber == "fcontext":
+            raise BackendError(
+                "backend.fiber_unavailable",
+                "Boost.Context fibers are unavailable (on Debian/Ubuntu: apt-get install "
+                "libboost-context-dev); " + (log.strip().splitlines() or ["no compiler output"])[0],
+                fiber=fiber,
+                log=log[-_LOG_LIMIT:],
+            ) from e
+        raise
+    get_api = lib.wb_emu_runtime_api
+    get_api.restype = ctypes.c_void_p
+    api = get_api()
+    head = _ApiHead.from_address(api)
+    name = head.fiber_name.decode()
+    if name != fiber:
+        raise InternalError(
+            "internal.emulator_runtime", f"runtime {path} reports fiber {name!r}, not {fiber!r}"
+        )
+    return _Runtime(fiber, path, lib, api, "")
+
+
+# --- ctypes mirrors of wb_emu_abi.h -------------------------------------------------------------
+
+
+class _Dim3(ctypes.Structure):
+    _fields_ = (("x", ctypes.c_uint32), ("y", ctypes.c_uint32), ("z", ctypes.c_uint32))
+
+
+class _LaunchDesc(ctypes.Structure):
+    _fields_ = (
+        ("grid", _Dim3),
+        ("block", _Dim3),
+        ("warp_size", ctypes.c_uint32),
+        ("workers", ctypes.c_uint32),
+        ("shared_bytes", ctypes.c_size_t),
+        ("kernel_name", ctypes.c_char_p),
+    )
+
+
+class _ErrorInfo(ctypes.Structure):
+    _fields_ = (
+        ("kind", ctypes.c_int),
+        ("has_thread", ctypes.c_int),
+        ("block", _Dim3),
+        ("thread", _Dim3),
+        ("message", ctypes.c_char * 4096),
+    )
+
+
+_LAUNCH_ARGTYPES = (
+    ctypes.c_void_p,
+    ctypes.POINTER(_LaunchDesc),
+    ctypes.c_void_p,
+    ctypes.POINTER(_ErrorInfo),
+)
+
+# ErrorKind in wb_emu_abi.h -> error code (kinds 5-7 are mapped in EmulatedKernel._launch_error)
+_KERNEL_ERRORS = {
+    1: "kernel.deadlock",
+    2: "kernel.divergence",
+    3: "kernel.trap",
+    4: "kernel.fault",
+}
+
+
+class KernelError(InternalError):
+    """An emulated kernel deadlocked, diverged at a barrier, trapped or faulted.
+
+    A bug in kernel code, reported with the block (and, where one thread is to blame, the
+    thread) in ``context["block_idx"]`` / ``context["thread_idx"]``. Internal because the
+    workbench's own kernels run here; tools for kernel authors present it as their bug.
+    """
+
+
+# --- kernel parameters --------------------------------------------------------------------------
+
+# Signature codes (see wb_emu.h) -> struct format for values passed by value.
+_SCALAR_FORMATS = {
+    "i8": "b",
+    "i16": "h",
+    "i32": "i",
+    "i64": "q",
+    "u8": "B",
+    "u16": "H",
+    "u32": "I",
+    "u64": "Q",
+    "f32": "f",
+    "f64": "d",
+    "bool": "?",
+}
+_DTYPES = {
+    "i8": np.dtype(np.int8),
+    "i16": np.dtype(np.int16),
+    "i32": np.dtype(np.int32),
+    "i64": np.dtype(np.int64),
+    "u8": np.dtype(np.uint8),
+    "u16": np.dtype(np.uint16),
+    "u32": np.dtype(np.uint32),
+    "u64": np.dtype(np.uint64),
+    "f32": np.dtype(np.float32),
+    "f64": np.dtype(np.float64),
+    "bool": np.dtype(np.bool_),
+}
+_C_NAMES = {
+    "i8": "int8_t",
+    "i16": "int16_t",
+    "i32": "int32_t",
+    "i64": "int64_t",
+    "u8": "uint8_t",
+    "u16": "uint16_t",
+    "u32": "uint32_t",
+    "u64": "uint64_t",
+    "f32": "float",
+    "f64": "double",
+    "bool": "bool",
+    "void": "void",
+}
+
+
+def _c_name(code: str) -> str:
+    if code.startswith("p:"):
+        return _c_name(code[2:]) + "*"
+    if code.startswith("b") and code[1:].isdigit():
+        return f"<{code[1:]}-byte struct>"
+    return _C_NAMES.get(code, code)
+
+
+@dataclass(frozen=True)
+class _Param:
+    index: int
+    code: str
+    offset: int  # where its bytes go in the argument buffer
+    size: int
+
+
+def _params(codes: Sequence[str]) -> tuple[list[_Param], int]:
+    params, offset = [], 0
+    for i, code in enumerate(codes):
+        if code.startswith("p:"):
+            size = struct.calcsize("P")
+        elif code in _SCALAR_FORMATS:
+            size = struct.calcsize(_SCALAR_FORMATS[code])
+        elif code.startswith("b") and code[1:].isdigit():
+            size = int(code[1:])
+        else:
+            raise UserError(
+                "kernel.bad_signature",
+                f"parameter {i} has a type the emulator cannot pass ({code})",
+            )
+        params.append(_Param(i, code, offset, size))
+        offset += (size + 15) // 16 * 16
+    return params, max(offset, 16)
+
+
+# --- modules and kernels ----------------------------------------------------------------------
+
+_GLOBAL_MARK = re.compile(r"\b__wb_emu_global__\b")
+_ATTRIBUTE = re.compile(r"__attribute__\s*\(\(.*?\)\)", re.S)
+_KERNEL_NAME = re.compile(r"^\s*(?:[A-Za-z_]\w*\s+|\*\s*)*?([A-Za-z_]\w*)\s*\(", re.S)
+_TEMPLATE = re.compile(r"\btemplate\b")
+_ERROR_LINE = re.compile(
+    r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: (?P<what>.*)$", re.M
+)
+
+
+def _discover_kernels(text: str) -> list[str]:
+    """Names of the non-template kernels in preprocessed source (``__global__`` is a marker)."""
+    names: list[str] = []
+    for m in _GLOBAL_MARK.finditer(text):
+        start = max(text.rfind(c, 0, m.start()) for c in ";{}") + 1
+        if _TEMPLATE.search(text, start, m.start()):
+            continue  # reachable only through name expressions
+        rest = _ATTRIBUTE.sub(" ", text[m.end() : m.end() + 2000])
+        found = _KERNEL_NAME.match(rest)
+        if found and found.group(1) not in names:
+            names.append(found.group(1))
+    return names
+
+
+def _parse_options(options: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``-D``/``-U``/``-I`` options as CuPy takes them; GPU-only options are ignored."""
+    defines: list[str] = []
+    includes: list[str] = []
+    opts = list(options)
+    i = 0
+    while i < len(opts):
+        opt = opts[i]
+        if not isinstance(opt, str):
+            raise UserError("kernel.bad_option", f"compile options are strings, got {opt!r}")
+        if opt in ("-D", "-U", "-I") and i + 1 < len(opts):  # "-D", "NAME=1" as two items
+            opt, i = opt + opts[i + 1], i + 1
+        if opt.startswith(("-D", "-U")) and len(opt) > 2:
+            defines.append(opt)
+        elif opt.startswith("-I") and len(opt) > 2:
+            includes.append("-I" + str(Path(opt[2:]).expanduser().resolve()))
+        elif opt.startswith(("--include-path=",)):
+            includes.append("-I" + str(Path(opt.split("=", 1)[1]).expanduser().resolve()))
+        elif opt.startswith(("--define-macro=",)):
+            defines.append("-D" + opt.split("=", 1)[1])
+        elif _gpu_only_option(opt):
+            pass
+        else:
+            raise UserError(
+                "kernel.bad_option",
+                f"compile option {opt!r} is not understood by the emulator (it takes -DNAME[=VAL], "
+                "-UNAME, -IDIR and ignores GPU code-generation options such as -std=, -O3, "
+                "--use_fast_math, --gpu-architecture=)",
+                option=opt,
+            )
+        i += 1
+    return defines, includes
+
+
+def _gpu_only_option(opt: str) -> bool:
+    prefixes = (
+        "-std=",
+        "--std=",
+        "-O",
+        "--gpu-architecture",
+        "-arch",
+        "--offload-arch",
+        "-ffast-math",
+        "--use_fast_math",
+        "-use_fast_math",
+        "--fmad",
+        "-fmad",
+        "--ftz",
+        "--prec-div",
+        "--prec-sqrt",
+        "-lineinfo",
+        "--generate-line-info",
+        "-G",
+        "--device-debug",
+        "-g",
+        "-Wno-",
+        "-w",
+        "--extra-device-vectorization",
+        "--maxrregcount",
+        "-fgpu-flush-denormals-to-zero",
+        "-mcumode",
+        "-mno-cumode",
+        "-mwavefrontsize64",
+        "-mno-wavefrontsize64",
+    )
+    return opt.startswith(prefixes)
+
+
+def _errors(log: str, extra: dict[str, str]) -> list[tuple[str, str]]:
+    """(``file:line: error: what``, ``file:line: code``) for the first 10 errors in the log."""
+    out: list[tuple[str, str]] = []
+    for m in _ERROR_LINE.finditer(log):
+        file, line = m.group("file"), int(m.group("line"))
+        where = f"{file}:{line}"
+        text = extra.get(file)
+        if text is None:
+            try:
+                text = Path(file).read_text(errors="replace")
+            except OSError:
+                text = ""
+        lines = text.splitlines()
+        code = lines[line - 1].strip() if 1 <= line <= len(lines) else ""
+        entry = (f"{where}: error: {m.group('what')}", f"{where}: {code}")
+        if entry not in out:
+            out.append(entry)
+        if len(out) == 10:
+            break
+    return out
+
+
+class EmulatorModule:
+    """A kernel source compiled for the CPU emulator; the counterpart of ``cupy.RawModule``.
+
+    ``code`` or ``path`` is the source. ``options`` take ``-DNAME[=VAL]``, ``-UNAME`` and
+    ``-IDIR`` (GPU-only options are ignored). ``name_expressions`` name template instances
+    (``"rmsnorm<256>"``) to make available through `get_function`, beside every non-template
+    kernel found in the source. ``warp_size`` (32 or 64) is the warp width shuffles and votes
+    run with. ``fiber`` picks the context switch: ``"auto"`` (fcontext when Boost.Context is
+    installed, else ucontext), ``"fcontext"`` or ``"ucontext"``. ``threads`` is the number of OS
+    threads running blocks in parallel (default: the CPU count, at most 8). ``cache_dir``
+    defaults to `default_cache_dir`; ``compiler`` to the first of c++, g++, clang++ on PATH.
+
+    Attributes: ``fiber`` (the implementation in use), ``fiber_note`` (why auto fell back),
+    ``so_path`` (the compiled module), ``cache_hit`` (True when it came from the cache),
+    ``kernel_names``.
+    """
+
+    def __init__(
+        self,
+        code: str | None = None,
+        *,
+        path: str | Path | None = None,
+        options: tuple[str, ...] = (),
+        name_expressions: Sequence[str] | None = None,
+        include_dirs: Sequence[str | Path] = (),
+        warp_size: int = 32,
+        cache_dir: str | Path | None = None,
+        compiler: str | None = None,
+        fiber: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        if (code is None) == (path is None):
+            raise UserError("kernel.bad_source", "give exactly one of code= and path=")
+        if warp_size not in WARP_SIZES:
+            raise UserError("kernel.bad_launch", f"warp_size must be 32 or 64, not {warp_size!r}")
+        if fiber not in ("auto", *FIBERS):
+            raise UserError(
+                "kernel.bad_option",
+                f"fiber must be 'auto', 'fcontext' or 'ucontext', not {fiber!r}",
+            )
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise UserError("kernel.bad_option", f"threads must be a positive int, not {threads!r}")
+        self.warp_size = warp_size
+        self.threads = threads or max(1, min(os.cpu_count() or 1, MAX_THREADS))
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+        defines, includes = _parse_options(options)
+        tc = _toolchain(compiler)
+        self._runtime = _runtime(tc, fiber, self.cache_dir)
+        self.fiber = self._runtime.fiber
+        self.fiber_note = self._runtime.note
+
+        if code is not None:
+            src_dir = self.cache_dir / "src"
+            src_dir.mkdir(exist_ok=True)
+            source = src_dir / f"{_sha256(code)[:24]}.hip"
+            if not source.exists():
+                _atomic_write(source, code)
+        else:
+            source = Path(path).expanduser().resolve()  # type: ignore[arg-type]
+            if not source.is_file():
+                raise UserError("kernel.bad_source", f"kernel source {source} does not exist")
+        self.source = source
+
+        includes += ["-I" + str(Path(d).expanduser().resolve()) for d in include_dirs]
+        kdir = kernels_dir()
+        search = [f"-I{kdir / 'emulator'}", f"-I{kdir}", *includes]
+        prelude = f'#include "wb_emu.h"\n#include "{source}"\n'
+
+        # Discovery: preprocess (no system headers: fast) to find the kernels; the preprocessed
+        # text is also what the cache key hashes, so edits to any included header count.
+        pre_cmd = [tc.path, "-E", "-P", "-x", "c++", "-std=c++17", "-DWB_EMULATOR=1",
+                   "-DWB_EMU_DISCOVERY=1", *defines, *search, "-"]  # fmt: skip
+        proc = _run_compiler(pre_cmd, stdin=prelude)
+        if proc.returncode != 0:
+            raise self._compile_error(proc.stdout + proc.stderr, " ".join(pre_cmd), {})
+        names = _discover_kernels(proc.stdout)
+        names += [e for e in (name_expressions or ()) if e not in names]
+        if not names:
+            raise UserError(
+                "kernel.not_found",
+                f'{source} defines no extern "C" __global__ kernel and no name_expressions '
+                "were given",
+            )
+        self.kernel_names = tuple(names)
+
+        emu = kdir / "emulator"
+        flags = [*_COMPILE_FLAGS, *defines, *search]
+        digest = _sha256(
+            EMULATOR_VERSION,
+            tc.version,
+            json.dumps(flags),
+            json.dumps(names),
+            proc.stdout,
+            (emu / "wb_emu.h").read_bytes(),
+            (emu / "wb_emu_abi.h").read_bytes(),
+        )
+        self.so_path = self.cache_dir / f"module-{digest[:32]}.so"
+        self.cache_hit = self.so_path.exists()
+        if not self.cache_hit:
+            wrapper = self.cache_dir / f"module-{digest[:32]}.cpp"
+            text = prelude + "\n" + "".join(_trampoline(i, n) for i, n in enumerate(names))
+            _atomic_write(wrapper, text)
+            try:
+                _build_so([tc.path, *flags], wrapper, self.so_path)
+            except BackendError as e:
+                raise self._compile_error(
+                    e.context.get("log", ""), e.context.get("command", ""), {str(wrapper): text}
+                ) from None
+        try:
+            self._lib = ctypes.CDLL(str(self.so_path))
+        except OSError as e:
+            raise BackendError(
+                "backend.load_failed", f"loading the emulated module {self.so_path} failed: {e}"
+            ) from e
+        self._kernels: dict[str, EmulatedKernel] = {}
+
+    def _compile_error(self, log: str, command: str, extra: dict[str, str]) -> BackendError:
+        errors = _errors(log, extra)
+        detail = "\n".join(
+            f"  {error}\n      {code.split(': ', 1)[1]}" for error, code in errors[:5]
+        )
+        if any(code.startswith(tuple(extra)) for _, code in errors):
+            detail += "\n  (in a launch trampoline: is every name expression a kernel template?)"
+        return BackendError(
+            "backend.compile_failed",
+            f"the emulator could not compile {self.source}:\n{detail or log.strip()[-2000:]}",
+            kernel_source=str(self.source),
+            command=command,
+            log=log[-_LOG_LIMIT:],
+            source_lines=[code for _, code in errors],
+        )
+
+    def get_function(self, name: str) -> EmulatedKernel:
+        """The kernel ``name``: an extern "C" symbol or one of the name expressions."""
+        if name not in self._kernels:
+            if name not in self.kernel_names:
+                raise UserError(
+                    "kernel.not_found",
+                    f"no kernel {name!r} in {self.source} (available: "
+                    f"{', '.join(self.kernel_names)}; templates need name_expressions)",
+                    kernel=name,
+                )
+            self._kernels[name] = EmulatedKernel(self, name, self.kernel_names.index(name))
+        return self._kernels[name]
+
+    def __repr__(self) -> str:
+        return (
+            f"EmulatorModule({self.source.name}, kernels={list(self.kernel_names)}, "
+            f"warp_size={self.warp_size}, fiber={self.fiber!r})"
+        )
+
+
+def _trampoline(index: int, name: str) -> str:
+    return (
+        f"\n// {name}\n"
+        f"WB_EMU_EXPORT int wb_emu_launch_{index}(const ::wb_emu::Api* api, "
+        "const ::wb_emu::LaunchDesc* desc, void* const* argv, ::wb_emu::ErrorInfo* error) {\n"
+        f"  return ::wb_emu::launch_kernel(&{name}, api, desc, argv, error);\n"
+        "}\n"
+        f"WB_EMU_EXPORT int wb_emu_signature_{index}(char* buf, std::size_t len) {{\n"
+        f"  return ::wb_emu::signature(&{name}, buf, len);\n"
+        "}\n"
+    )
+
+
+# The GPU's limits, enforced so a launch that works here also works there.
+_MAX_GRID = (2**31 - 1, 65535, 65535)
+_MAX_BLOCK = (1024, 1024, 64)
+
+
+def _dims(value: Any, what: str, limits: tuple[int, int, int]) -> tuple[int, int, int]:
+    dims = (value,) if isinstance(value, (int, np.integer)) else value
+    ok = (
+        isinstance(dims, (tuple, list))
+        and 1 <= len(dims) <= 3
+        and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims)
+    )
+    if ok:
+        full = (*(int(d) for d in dims), *(1,) * (3 - len(dims)))
+        if all(1 <= d <= lim for d, lim in zip(full, limits)):
+            return full  # type: ignore[return-value]
+    raise UserError(
+        "kernel.bad_launch",
+        f"{what} must be a positive int or a tuple of 1 to 3 positive ints within {limits}, "
+        f"not {value!r}",
+    )
+
+
+class EmulatedKernel:
+    """One kernel of an `EmulatorModule`; the counterpart of ``cupy.RawKernel``.
+
+    ``param_types`` lists the C types of the kernel's parameters, as the compiler saw them.
+    """
+
+    def __init__(self, module: EmulatorModule, name: str, index: int) -> None:
+        self.module = module
+        self.name = name
+        self.fiber = module.fiber
+        self.warp_size = module.warp_size
+        lib = module._lib
+        sig = getattr(lib, f"wb_emu_signature_{index}")
+        sig.restype = ctypes.c_int
+        sig.argtypes = (ctypes.c_char_p, ctypes.c_size_t)
+        buf = ctypes.create_string_buffer(4096)
+        sig(buf, len(buf))
+        self._codes = tuple(c for c in buf.value.decode().split(",") if c)
+        self.param_types = tuple(_c_name(c) for c in self._codes)
+        self._params, self._arg_bytes = _params(self._codes)
+        self._launch = getattr(lib, f"wb_emu_launch_{index}")
+        self._launch.restype = ctypes.c_int
+        self._launch.argtypes = _LAUNCH_ARGTYPES
+        self._cname = name.encode()
+
+    def __repr__(self) -> str:
+        return f"EmulatedKernel({self.name}({', '.join(self.param_types)}), fiber={self.fiber!r})"
+
+    def __call__(
+        self,
+        grid: tuple[int, ...] | int,
+        block: tuple[int, ...] | int,
+        args: tuple | list,
+        *,
+        shared_mem: int = 0,
+        stream: object | None = None,
+    ) -> None:
+        """Run the kernel to completion (``stream`` is accepted for CuPy parity and ignored)."""
+        g = _dims(grid, "grid", _MAX_GRID)
+        b = _dims(block, "block", _MAX_BLOCK)
+        if b[0] * b[1] * b[2] > 1024:
+            raise UserError(
+                "kernel.bad_launch",
+                f"block {b} has {b[0] * b[1] * b[2]} threads; a block has at most 1024",
+                kernel=self.name,
+            )
+        if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
+            raise UserError(
+                "kernel.bad_launch", f"shared_mem must be a byte count >= 0, not {shared_mem!r}"
+            )
+        if not isinstance(args, (tuple, list)):
+            raise UserError("kernel.bad_args", f"args must be a tuple, not {type(args).__name__}")
+        if len(args) != len(self._params):
+            raise UserError(
+                "kernel.bad_args",
+                f"{self.name} takes {len(self._params)} arguments "
+                f"({', '.join(self.param_types)}), {len(args)} given",
+                kernel=self.name,
+            )
+        buf = ctypes.create_string_buffer(self._arg_bytes)
+        for p, a in zip(self._params, args):
+            self._pack(buf, p, a)
+        base = ctypes.addressof(buf)
+        argv = (ctypes.c_void_p * max(1, len(self._params)))(
+            *[base + p.offset for p in self._params]
+        )
+        desc = _LaunchDesc(
+            _Dim3(*g), _Dim3(*b), self.warp_size, self.module.threads, int(shared_mem), self._cname
+        )
+        err = _ErrorInfo()
+        rc = self._launch(self.module._runtime.api, ctypes.byref(desc), argv, ctypes.byref(err))
+        if rc != 0:
+            raise self._launch_error(err, g, b, int(shared_mem))
+
+    def _pack(self, buf: ctypes.Array, p: _Param, a: Any) -> None:
+        where = f"argument {p.index} of {self.name} ({_c_name(p.code)})"
+        if p.code.startswith("p:"):
+            if not isinstance(a, np.ndarray):
+                raise UserError(
+                    "kernel.bad_args",
+                    f"{where} must be a NumPy array, not {type(a).__name__}",
+                    kernel=self.name,
+                )
+            if not a.flags.c_contiguous:
+                raise UserError(
+                    "kernel.bad_args",
+                    f"{where} is not C-contiguous (shape {a.shape}, strides {a.strides}); "
+                    "pass np.ascontiguousarray(...)",
+                    kernel=self.name,
+                )
+            pointee = p.code[2:]
+            if pointee in ("f32", "f64") and a.dtype.kind == "f" and a.dtype != _DTYPES[pointee]:
+                raise UserError(
+                    "kernel.bad_args",
+                    f"{where} points at {_c_name(pointee)} but the array holds {a.dtype}",
+                    kernel=self.name,
+                )
+            struct.pack_into("P", buf, p.offset, a.ctypes.data)
+        elif p.code in _SCALAR_FORMATS:
+            value = self._scalar(p, a, where)
+            struct.pack_into(_SCALAR_FORMATS[p.code], buf, p.offset, value)
+        else:
+            raw = a.tobytes() if isinstance(a, np.generic) else a
+            if not isinstance(raw, (bytes, bytearray)) or len(raw) != p.size:
+                raise UserError(
+                    "kernel.bad_args",
+                    f"{where} takes {p.size} bytes (a NumPy structured scalar or bytes)",
+                    kernel=self.name,
+                )
+            ctypes.memmove(ctypes.addressof(buf) + p.offset, bytes(raw), p.size)
+
+    def _scalar(self, p: _Param, a: Any, where: str) -> Any:
+        want = _DTYPES[p.code]
+        # CuPy passes Python scalars as int64 / float64 / bool: accept them only where they fit.
+        if isinstance(a, bool) and not isinstance(a, np.generic):
+            given = np.dtype(np.bool_)
+        elif isinstance(a, int) and not isinstance(a, np.generic):
+            given = np.dtype(np.int64)
+        elif isinstance(a, float) and not isinstance(a, np.generic):
+            given = np.dtype(np.float64)
+        elif isinstance(a, np.generic):
+            given = a.dtype
+        else:
+            raise UserError(
+                "kernel.bad_args",
+                f"{where} must be a NumPy scalar such as np.{want.name}(...), "
+                f"not {type(a).__name__}",
+                kernel=self.name,
+            )
+        if given != want:
+            raise UserError(
+                "kernel.bad_args",
+                f"{where} was given a {given} value; pass np.{want.name}(...) so the kernel "
+                "receives exactly the bytes it expects",
+                kernel=self.name,
+            )
+        return a.item() if isinstance(a, np.generic) else a
+
+    def _launch_error(
+        self, err: _ErrorInfo, grid: tuple[int, ...], block: tuple[int, ...], shared: int
+    ) -> Exception:
+        message = err.message.decode(errors="replace")
+        where = f" [emulator: {self.fiber} fibers, warp size {self.warp_size}]"
+        ctx: dict[str, Any] = {
+            "kernel": self.name,
+            "grid": grid,
+            "block": block,
+            "shared_mem": shared,
+            "warp_size": self.warp_size,
+            "fiber": self.fiber,
+        }
+        if err.kind in _KERNEL_ERRORS:
+            ctx["block_idx"] = (err.block.x, err.block.y, err.block.z)
+            if err.has_thread:
+                ctx["thread_idx"] = (err.thread.x, err.thread.y, err.thread.z)
+            return KernelError(_KERNEL_ERRORS[err.kind], message + where, **ctx)
+        if err.kind == 5:
+            return UserError("kernel.bad_launch", message, **ctx)
+        if err.kind == 6:
+            return RecoverableError("kernel.out_of_memory", message + where, **ctx)
+        return InternalError(
+            "internal.emulator", f"{message}{where} (error kind {err.kind})", **ctx
+        )
