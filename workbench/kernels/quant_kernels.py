@@ -1,0 +1,351 @@
+"""Registry entries, NumPy references, cost models and launch wrappers for the GGUF block kernels.
+
+Four operations over every type in `SUPPORTED_TYPES`, one source each (``kernels/*.hip``, all
+decoding through ``kernels/quant.h``), instantiated per type through name expressions:
+
+=========  ================================  ====================================================
+operation  symbol                            what
+=========  ================================  ====================================================
+dequant    ``dequant<WB_Q4_1>``              raw (rows, row_bytes) -> (rows, cols) float32
+get_rows   ``get_rows<WB_Q4_1>``             ids (n,), raw table -> (n, cols) float32
+matvec     ``matvec<WB_Q4_1>``               raw (rows, row_bytes), x (cols,) -> y (rows,)
+matmul     ``matmul<WB_Q4_1>``               x (n, cols), raw W (rows, row_bytes) -> (n, rows)
+=========  ================================  ====================================================
+
+Registry names are ``<operation>_<type>``, e.g. ``matvec_q4_1``. dequant and get_rows are
+bit-identical to ``gguf.quants.dequantize``; matvec and matmul accumulate in float32 (see the
+sources for the order) and their references are float64.
+
+The launch wrappers (`launch_dequant`, ...) work with NumPy arrays and an `EmulatorModule` as well
+as with CuPy arrays and a ``cupy.RawModule``: both take ``kernel(grid, block, args,
+shared_mem=...)``. They get modules from a `ModuleLoader`, a callable ``(path, options,
+name_expressions) -> module`` that should cache; `emulator_loader` and `cupy_loader` make one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from workbench.errors import UserError
+from workbench.gguf.quants import SUPPORTED_TYPES, block_layout, row_bytes
+from workbench.kernels.registry import Cost, KernelSpec, Launch, kernels_dir, register
+
+Q = GGMLQuantizationType
+
+__all__ = [
+    "OPERATIONS",
+    "ModuleLoader",
+    "cupy_loader",
+    "emulator_loader",
+    "gguf_defines",
+    "kernel_name",
+    "launch_dequant",
+    "launch_get_rows",
+    "launch_matmul",
+    "launch_matvec",
+    "module_args",
+    "symbol",
+]
+
+OPERATIONS = ("dequant", "get_rows", "matvec", "matmul")
+SOURCES = {op: f"{op}.hip" for op in OPERATIONS}
+
+# Launch constants; they must match the sources.
+ELEMENTWISE_THREADS = 256  # dequant, get_rows: threads per block along a row
+MATVEC_ROWS_PER_BLOCK = 4  # matvec: warps (= rows) per block
+MM_TM, MM_TN, MM_THREADS = 32, 64, 256  # matmul.hip's WB_MM_TM, WB_MM_TN, WB_MM_THREADS
+
+# A module: ``get_function(name)`` returns a kernel callable as ``(grid, block, args,
+# shared_mem=0)``. A loader builds (and caches) a module from (path, options, name expressions).
+ModuleLoader = Callable[[str, tuple[str, ...], tuple[str, ...]], Any]
+
+
+def symbol(op: str, qtype: GGMLQuantizationType) -> str:
+    """The name expression of ``op`` for ``qtype``, e.g. ``matvec<WB_Q4_1>``."""
+    return f"{op}<WB_{qtype.name}>"
+
+
+def kernel_name(op: str, qtype: GGMLQuantizationType) -> str:
+    """The registry key, e.g. ``matvec_q4_1``."""
+    return f"{op}_{qtype.name.lower()}"
+
+
+@functools.cache
+def gguf_defines() -> dict[str, int]:
+    """``WB_GGUF_QK_<T>`` / ``WB_GGUF_BYTES_<T>`` from gguf's table: quant.h static_asserts its
+    block structs against them, so the C layouts cannot drift from ``GGML_QUANT_SIZES``."""
+    out: dict[str, int] = {}
+    for q in SUPPORTED_TYPES:
+        elements, nbytes = block_layout(q)
+        out[f"WB_GGUF_QK_{q.name}"] = elements
+        out[f"WB_GGUF_BYTES_{q.name}"] = nbytes
+    return out
+
+
+def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(source path, options, name expressions for all types): one module per operation."""
+    if op not in OPERATIONS:
+        raise UserError("user.unknown_kernel", f"no quantized operation {op!r} ({OPERATIONS})")
+    options = (*(f"-D{k}={v}" for k, v in gguf_defines().items()), f"-I{kernels_dir()}")
+    names = tuple(symbol(op, q) for q in SUPPORTED_TYPES)
+    return str(kernels_dir() / SOURCES[op]), options, names
+
+
+def emulator_loader(warp_size: int, cache_dir: str | Path | None = None) -> ModuleLoader:
+    """A caching loader of `EmulatorModule`s running warps of ``warp_size`` (32 or 64)."""
+    from workbench.kernels.emulator import EmulatorModule
+
+    @functools.cache
+    def load(path: str, options: tuple[str, ...], names: tuple[str, ...]) -> Any:
+        return EmulatorModule(
+            path=path,
+            options=options,
+            name_expressions=names,
+            warp_size=warp_size,
+            cache_dir=cache_dir,
+        )
+
+    return load
+
+
+def cupy_loader() -> ModuleLoader:
+    """A caching loader of ``cupy.RawModule``s (hiprtc on ROCm, NVRTC on CUDA)."""
+    import cupy  # only on a GPU machine
+
+    @functools.cache
+    def load(path: str, options: tuple[str, ...], names: tuple[str, ...]) -> Any:
+        code = Path(path).read_text()
+        return cupy.RawModule(code=code, options=options, name_expressions=names)
+
+    return load
+
+
+# --- launch geometry ----------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def dequant_launch(*, rows: int, cols: int, **_: Any) -> Launch:
+    return Launch((rows, _cdiv(cols, ELEMENTWISE_THREADS), 1), (ELEMENTWISE_THREADS, 1, 1))
+
+
+def get_rows_launch(*, n: int, cols: int, **_: Any) -> Launch:
+    return Launch((n, _cdiv(cols, ELEMENTWISE_THREADS), 1), (ELEMENTWISE_THREADS, 1, 1))
+
+
+def matvec_launch(*, rows: int, warp_size: int, **_: Any) -> Launch:
+    block = MATVEC_ROWS_PER_BLOCK * warp_size  # one warp per row
+    return Launch((_cdiv(rows, MATVEC_ROWS_PER_BLOCK), 1, 1), (block, 1, 1))
+
+
+def matmul_launch(*, n: int, rows: int, **_: Any) -> Launch:
+    return Launch((_cdiv(rows, MM_TN), _cdiv(n, MM_TM), 1), (MM_THREADS, 1, 1))
+
+
+# --- NumPy references ---------------------------------------------------------------------------
+
+
+def dequant_reference(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """raw (rows, row_bytes) uint8 -> (rows, cols) float32, gguf's own dequantization."""
+    return np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32)
+
+
+def get_rows_reference(
+    ids: np.ndarray, table: np.ndarray, qtype: GGMLQuantizationType
+) -> np.ndarray:
+    """ids (n,), table (table_rows, row_bytes) -> (n, cols) float32."""
+    return dequant_reference(table[np.asarray(ids, dtype=np.int64)], qtype)
+
+
+def matvec_reference(raw: np.ndarray, x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """raw (rows, row_bytes), x (cols,) -> W @ x (rows,) in float64 from the float32 weights."""
+    return dequant_reference(raw, qtype).astype(np.float64) @ x.astype(np.float64)
+
+
+def matmul_reference(x: np.ndarray, raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """x (n, cols), raw (rows, row_bytes) -> x @ W.T (n, rows) in float64."""
+    return x.astype(np.float64) @ dequant_reference(raw, qtype).astype(np.float64).T
+
+
+# --- cost models (global memory traffic at its minimum; FLOPs of the arithmetic) ----------------
+
+
+def _cost_fn(op: str, qtype: GGMLQuantizationType) -> Callable[..., Cost]:
+    def cost(*, rows: int, cols: int, n: int = 1, **_: Any) -> Cost:
+        w = row_bytes(qtype, cols)
+        if op == "dequant":  # blocks in, floats out; a multiply (and an add) per element
+            return Cost(bytes=rows * w + rows * cols * 4, flops=rows * cols)
+        if op == "get_rows":  # ids, n rows of blocks in, floats out
+            return Cost(bytes=n * 4 + n * w + n * cols * 4, flops=n * cols)
+        if op == "matvec":  # every block once, x, y
+            return Cost(bytes=rows * w + cols * 4 + rows * 4, flops=2 * rows * cols)
+        return Cost(bytes=rows * w + n * cols * 4 + n * rows * 4, flops=2 * n * rows * cols)
+
+    return cost
+
+
+# --- representative shapes: SmolLM2-135M (hidden 576, FFN 1536, KV 192, vocab 49152) ----------
+
+_SMOLLM2_MATRICES = ((576, 576), (1536, 576), (576, 1536), (192, 576))
+_VOCAB = 49152
+
+
+def _shapes(op: str, qtype: GGMLQuantizationType) -> tuple[Mapping[str, int], ...]:
+    qk = block_layout(qtype)[0]
+    mats = [(r, c) for r, c in _SMOLLM2_MATRICES if c % qk == 0]  # K-quants need cols % 256 == 0
+    if qtype == Q.Q8_0:
+        mats.append((_VOCAB, 576))  # the tied embedding / output matrix
+    if op == "get_rows":
+        return tuple({"n": n, "rows": _VOCAB, "cols": 576} for n in (1, 64) if 576 % qk == 0)
+    if op == "matmul":
+        return tuple({"n": 64, "rows": r, "cols": c} for r, c in mats)
+    return tuple({"rows": r, "cols": c} for r, c in mats)
+
+
+_DESCRIPTIONS = {
+    "dequant": "GGUF {t} blocks -> float32, bit-identical to gguf.quants.dequantize",
+    "get_rows": "embedding lookup from a {t} table, bit-identical to gguf's dequantize",
+    "matvec": "y = W @ x on {t} blocks, one warp per row, float32 accumulation",
+    "matmul": "y = x @ W.T, {t} tiles dequantized into shared memory, float32 accumulation",
+}
+_LAUNCHES = {
+    "dequant": dequant_launch,
+    "get_rows": get_rows_launch,
+    "matvec": matvec_launch,
+    "matmul": matmul_launch,
+}
+_REFERENCES = {
+    "dequant": dequant_reference,
+    "get_rows": get_rows_reference,
+    "matvec": matvec_reference,
+    "matmul": matmul_reference,
+}
+
+
+def _register_all() -> None:
+    for op in OPERATIONS:
+        for q in SUPPORTED_TYPES:
+            register(
+                KernelSpec(
+                    name=kernel_name(op, q),
+                    source=SOURCES[op],
+                    symbol=symbol(op, q),
+                    launch=_LAUNCHES[op],
+                    reference=functools.partial(_REFERENCES[op], qtype=q),
+                    cost=_cost_fn(op, q),
+                    description=_DESCRIPTIONS[op].format(t=q.name),
+                    defines=gguf_defines(),
+                    shapes=_shapes(op, q),
+                )
+            )
+
+
+_register_all()
+
+
+# --- launch wrappers ----------------------------------------------------------------------------
+
+
+def _check(name: str, a: Any, dtype: Any, shape: tuple[int, ...]) -> None:
+    if a.dtype != np.dtype(dtype) or tuple(a.shape) != shape or not a.flags.c_contiguous:
+        raise UserError(
+            "kernel.bad_argument",
+            f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, "
+            f"not {a.dtype} {tuple(a.shape)}",
+        )
+
+
+def _cols(qtype: GGMLQuantizationType, raw: Any) -> int:
+    if qtype not in SUPPORTED_TYPES:
+        raise UserError("kernel.bad_argument", f"no kernels for tensor type {qtype.name}")
+    if raw.ndim != 2:
+        raise UserError("kernel.bad_argument", f"raw blocks must be 2-D, not {raw.shape}")
+    elements, nbytes = block_layout(qtype)
+    if raw.shape[1] % nbytes:
+        raise UserError(
+            "kernel.bad_argument",
+            f"{qtype.name} rows are whole {nbytes}-byte blocks; {raw.shape[1]} bytes is not",
+        )
+    return raw.shape[1] // nbytes * elements
+
+
+def _kernel(loader: ModuleLoader, op: str, qtype: GGMLQuantizationType) -> Any:
+    return loader(*module_args(op)).get_function(symbol(op, qtype))
+
+
+def _run(kernel: Any, launch: Launch, args: tuple[Any, ...]) -> None:
+    if all(g > 0 for g in launch.grid):  # an empty output: nothing to launch
+        kernel(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+
+
+def launch_dequant(loader: ModuleLoader, qtype: GGMLQuantizationType, raw: Any, out: Any) -> Any:
+    """raw (rows, row_bytes) uint8 -> out (rows, cols) float32. Returns ``out``."""
+    cols = _cols(qtype, raw)
+    rows = raw.shape[0]
+    _check("raw", raw, np.uint8, (rows, raw.shape[1]))
+    _check("out", out, np.float32, (rows, cols))
+    args = (raw, out, np.int32(rows), np.int32(cols), np.int32(raw.shape[1]))
+    _run(_kernel(loader, "dequant", qtype), dequant_launch(rows=rows, cols=cols), args)
+    return out
+
+
+def launch_get_rows(
+    loader: ModuleLoader, qtype: GGMLQuantizationType, ids: Any, table: Any, out: Any
+) -> Any:
+    """ids (n,) int32, table (table_rows, row_bytes) uint8 -> out (n, cols) float32."""
+    cols = _cols(qtype, table)
+    n = ids.shape[0]
+    _check("ids", ids, np.int32, (n,))
+    _check("table", table, np.uint8, tuple(table.shape))
+    _check("out", out, np.float32, (n, cols))
+    args = (ids, table, out, np.int32(n), np.int32(cols), np.int32(table.shape[1]),
+            np.int32(table.shape[0]))  # fmt: skip
+    _run(_kernel(loader, "get_rows", qtype), get_rows_launch(n=n, cols=cols), args)
+    return out
+
+
+def launch_matvec(
+    loader: ModuleLoader,
+    qtype: GGMLQuantizationType,
+    raw: Any,
+    x: Any,
+    out: Any,
+    warp_size: int,
+) -> Any:
+    """raw (rows, row_bytes) uint8, x (cols,) float32 -> out (rows,) float32 = W @ x.
+
+    ``warp_size`` is the device's (64 on CDNA, 32 on RDNA and NVIDIA; the emulator's setting):
+    the block holds one warp per row."""
+    cols = _cols(qtype, raw)
+    rows = raw.shape[0]
+    _check("raw", raw, np.uint8, tuple(raw.shape))
+    _check("x", x, np.float32, (cols,))
+    _check("out", out, np.float32, (rows,))
+    args = (raw, x, out, np.int32(rows), np.int32(cols), np.int32(raw.shape[1]))
+    launch = matvec_launch(rows=rows, warp_size=warp_size)
+    _run(_kernel(loader, "matvec", qtype), launch, args)
+    return out
+
+
+def launch_matmul(
+    loader: ModuleLoader, qtype: GGMLQuantizationType, x: Any, raw: Any, out: Any
+) -> Any:
+    """x (n, cols) float32, raw (rows, row_bytes) uint8 -> out (n, rows) float32 = x @ W.T."""
+    cols = _cols(qtype, raw)
+    rows = raw.shape[0]
+    n = x.shape[0]
+    _check("x", x, np.float32, (n, cols))
+    _check("raw", raw, np.uint8, tuple(raw.shape))
+    _check("out", out, np.float32, (n, rows))
+    args = (x, raw, out, np.int32(n), np.int32(rows), np.int32(cols), np.int32(raw.shape[1]))
+    _run(_kernel(loader, "matmul", qtype), matmul_launch(n=n, rows=rows), args)
+    return out
