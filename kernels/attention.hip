@@ -1,0 +1,202 @@
+// Causal grouped-query attention over the KV cache, flash-attention style: K/V are streamed
+// through shared memory in tiles, and each query row keeps a running max m and running sum l of
+// its softmax (the "online softmax"): when a tile raises the max from m to m', what was
+// accumulated so far is rescaled by exp(m - m'). Nothing of size (n, t) is ever stored, and the
+// exponentials never overflow (every exponent is <= 0).
+//
+// Layouts (the NumPy engine's):
+//   q    (n, heads, hd)        float32, the queries at positions start..start+n-1
+//   k, v (kv_heads, ctx, hd)   float32, one layer of the cache; rows 0..t-1 are used, t = start+n
+//   out  (n, heads * hd)       float32
+// Query head h reads KV head h / (heads / kv_heads) (heads = g * group + j share KV head g).
+// scale is 1/sqrt(hd) as a float32 (the score is (q . k) * scale, as the reference).
+// hd <= ATTN_HD_MAX (128); shared arrays are sized for it.
+//
+//   attention_prefill  grid (ceil(n / 16), heads), block (256,): a tile of 16 query positions of
+//                      one head per block, keys in tiles of 16; row i sees keys <= start + i.
+//   attention_decode   grid (heads,), block (256,): one query (n = 1) per head, keys in tiles
+//                      of 32; the query sees all t keys.
+// Reference: workbench.kernels.ops_kernels.attention_reference (= NumpyBackend.attention).
+#include "wb.h"
+
+#define ATTN_HD_MAX 128
+#define PF_BQ 16                  // prefill: query positions per block
+#define PF_TK 16                  // prefill: keys per tile, and lanes per query row
+#define PF_THREADS (PF_BQ * PF_TK)  // 256: one score per thread per tile
+#define PF_OUT_PER_THREAD (PF_BQ * ATTN_HD_MAX / PF_THREADS)  // 8 accumulators per thread
+#define DC_TK 32                  // decode: keys per tile
+#define DC_THREADS 256
+#define DC_LANES_PER_KEY (DC_THREADS / DC_TK)  // 8 lanes share one score's dot product
+
+WB_DEVICE float attn_neg_inf() { return wb_bits_to_float(0xff800000u); }
+
+WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
+    const float* WB_RESTRICT q, const float* WB_RESTRICT k, const float* WB_RESTRICT v,
+    float* WB_RESTRICT out, int n, int heads, int kv_heads, int hd, int ctx, int start,
+    float scale) {
+  __shared__ float qs[PF_BQ][ATTN_HD_MAX];      // this block's query rows (zeros past n)
+  __shared__ float ks[PF_TK][ATTN_HD_MAX + 1];  // key tile; +1 pads rows apart in the banks:
+                                                // the 16 lanes of a row read 16 keys at one d
+  __shared__ float vs[PF_TK][ATTN_HD_MAX];      // value tile
+  __shared__ float ps[PF_BQ][PF_TK];            // exp(score - running max) of the tile
+  __shared__ float row_corr[PF_BQ];             // exp(old max - new max) per row, this tile
+  __shared__ float row_sum[PF_BQ];              // final softmax denominators
+
+  const int tid = threadIdx.x;
+  const int h = blockIdx.y;
+  const int g = h / (heads / kv_heads);
+  const int i0 = blockIdx.x * PF_BQ;
+  const int rows = min(PF_BQ, n - i0);  // valid query rows of this block
+  const int t = start + n;
+  const int kend = min(t, start + i0 + rows);  // the last valid row sees keys < kend
+  const float* kh = k + (size_t)g * ctx * hd;    // (t, hd) of KV head g
+  const float* vh = v + (size_t)g * ctx * hd;
+
+  for (int e = tid; e < PF_BQ * hd; e += PF_THREADS) {
+    const int r = e / hd, d = e % hd;
+    qs[r][d] = r < rows ? q[((size_t)(i0 + r) * heads + h) * hd + d] : 0.0f;
+  }
+
+  // Score role: row r, key j of the tile; the 16 lanes of a row are one aligned segment of a
+  // warp (16 divides 32 and 64), so row max and row sum are width-16 shuffles.
+  const int r = tid / PF_TK, j = tid % PF_TK;
+  // Rows past n get the last valid row's mask and zero queries: finite scores, never written.
+  const int qpos = start + i0 + min(r, rows - 1);
+  float m = attn_neg_inf();  // running max of row r (all 16 lanes hold it)
+  float l = 0.0f;            // running sum of exp(score - m)
+  float acc[PF_OUT_PER_THREAD];  // output elements tid + c * PF_THREADS of the (BQ, hd) tile
+  for (int c = 0; c < PF_OUT_PER_THREAD; ++c) acc[c] = 0.0f;
+
+  for (int j0 = 0; j0 < kend; j0 += PF_TK) {
+    __syncthreads();  // the previous tile is consumed (and, the first time, qs is written)
+    for (int e = tid; e < PF_TK * hd; e += PF_THREADS) {
+      const int jj = e / hd, d = e % hd;
+      const bool in = j0 + jj < kend;  // zero past the end: p is 0 there, and 0 * 0 stays 0
+      ks[jj][d] = in ? kh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+      vs[jj][d] = in ? vh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+    }
+    __syncthreads();
+
+    const int key = j0 + j;
+    float s = attn_neg_inf();
+    if (key <= qpos && key < kend) {
+      float dot = 0.0f;
+      for (int d = 0; d < hd; ++d) dot = fmaf(qs[r][d], ks[j][d], dot);
+      s = dot * scale;
+    }
+    float mt = s;
+    for (int o = PF_TK / 2; o > 0; o /= 2) mt = fmaxf(mt, WB_SHFL_XOR_W(mt, o, PF_TK));
+    // Key 0 is visible to every row and lies in the first tile, so m_new is finite from the
+    // first tile on: no exp(-inf - -inf) = NaN. On the first tile exp(m - m_new) = exp(-inf) = 0.
+    const float m_new = fmaxf(m, mt);
+    const float p = expf(s - m_new);  // masked keys: exp(-inf) = 0
+    float ls = p;
+    for (int o = PF_TK / 2; o > 0; o /= 2) ls += WB_SHFL_XOR_W(ls, o, PF_TK);
+    const float corr = expf(m - m_new);
+    l = l * corr + ls;
+    m = m_new;
+    ps[r][j] = p;
+    if (j == 0) row_corr[r] = corr;
+    __syncthreads();
+
+    // Output role: element e = tid + c * 256 of the (BQ, hd) tile -> row e / hd, dim e % hd.
+    for (int c = 0; c < PF_OUT_PER_THREAD; ++c) {
+      const int e = tid + c * PF_THREADS;
+      if (e < PF_BQ * hd) {
+        const int rr = e / hd, d = e % hd;
+        float a = acc[c] * row_corr[rr];
+        for (int jj = 0; jj < PF_TK; ++jj) a = fmaf(ps[rr][jj], vs[jj][d], a);
+        acc[c] = a;
+      }
+    }
+  }
+
+  if (j == 0) row_sum[r] = l;
+  __syncthreads();
+  for (int c = 0; c < PF_OUT_PER_THREAD; ++c) {
+    const int e = tid + c * PF_THREADS;
+    if (e < rows * hd) {
+      const int rr = e / hd, d = e % hd;
+      out[((size_t)(i0 + rr) * heads + h) * hd + d] = acc[c] / row_sum[rr];
+    }
+  }
+}
+
+// Decode: q (heads, hd) (the n = 1 query), out (heads * hd), keys 0..t-1 of the cache.
+// Per tile: 8 lanes per key compute the 32 scores into shared memory; then every thread owns
+// one output element (dim d, part p) and accumulates the keys jj = p, p + P, ... of the tile,
+// P = 256 / hd parts, with its own running sum of exp; the parts are combined at the end.
+// The running max is the same in every thread (each reads all 32 scores of the tile).
+WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
+    const float* WB_RESTRICT q, const float* WB_RESTRICT k, const float* WB_RESTRICT v,
+    float* WB_RESTRICT out, int heads, int kv_heads, int hd, int ctx, int t, float scale) {
+  __shared__ float qs[ATTN_HD_MAX];             // the query of head h
+  __shared__ float ks[DC_TK][ATTN_HD_MAX + 1];  // key tile (padded: 8 keys at one d per warp step)
+  __shared__ float vs[DC_TK][ATTN_HD_MAX];      // value tile
+  __shared__ float ss[DC_TK];                   // scores of the tile (-inf past t)
+  __shared__ float part_acc[DC_THREADS];        // (parts, hd) partial outputs
+  __shared__ float part_sum[DC_THREADS];        // (parts,) partial softmax sums
+
+  const int tid = threadIdx.x;
+  const int h = blockIdx.x;
+  const int g = h / (heads / kv_heads);
+  const float* kh = k + (size_t)g * ctx * hd;  // (t, hd) of KV head g
+  const float* vh = v + (size_t)g * ctx * hd;
+  for (int d = tid; d < hd; d += DC_THREADS) qs[d] = q[(size_t)h * hd + d];
+
+  const int parts = DC_THREADS / hd;  // >= 2 for hd <= 128
+  const int d_own = tid % hd, p_own = tid / hd;
+  const bool owner = p_own < parts;  // threads past parts * hd only help with scores
+  const int key_lane = tid % DC_LANES_PER_KEY, key_slot = tid / DC_LANES_PER_KEY;
+  float m = attn_neg_inf();
+  float l = 0.0f, acc = 0.0f;
+
+  for (int j0 = 0; j0 < t; j0 += DC_TK) {
+    __syncthreads();  // the previous tile is consumed (and, the first time, qs is written)
+    for (int e = tid; e < DC_TK * hd; e += DC_THREADS) {
+      const int jj = e / hd, d = e % hd;
+      const bool in = j0 + jj < t;
+      ks[jj][d] = in ? kh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+      vs[jj][d] = in ? vh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+    }
+    __syncthreads();
+
+    float dot = 0.0f;
+    for (int d = key_lane; d < hd; d += DC_LANES_PER_KEY) dot = fmaf(qs[d], ks[key_slot][d], dot);
+    for (int o = DC_LANES_PER_KEY / 2; o > 0; o /= 2) {
+      dot += WB_SHFL_XOR_W(dot, o, DC_LANES_PER_KEY);
+    }
+    if (key_lane == 0) ss[key_slot] = j0 + key_slot < t ? dot * scale : attn_neg_inf();
+    __syncthreads();
+
+    float mt = ss[0];
+    for (int jj = 1; jj < DC_TK; ++jj) mt = fmaxf(mt, ss[jj]);
+    const float m_new = fmaxf(m, mt);  // finite: key 0 is in the first tile
+    const float corr = expf(m - m_new);
+    m = m_new;
+    if (owner) {
+      float a = acc * corr, ls = l * corr;
+      for (int jj = p_own; jj < DC_TK; jj += parts) {
+        const float p = expf(ss[jj] - m_new);
+        ls += p;
+        a = fmaf(p, vs[jj][d_own], a);
+      }
+      acc = a;
+      l = ls;
+    }
+  }
+
+  if (owner) {
+    part_acc[p_own * hd + d_own] = acc;
+    if (d_own == 0) part_sum[p_own] = l;
+  }
+  __syncthreads();
+  if (tid < hd) {
+    float o = 0.0f, s = 0.0f;
+    for (int p = 0; p < parts; ++p) {
+      o += part_acc[p * hd + tid];
+      s += part_sum[p];
+    }
+    out[(size_t)h * hd + tid] = o / s;
+  }
+}

@@ -1,0 +1,301 @@
+"""The operation kernels (rmsnorm, rope, attention, elementwise, sampling) on the CPU emulator.
+
+Every kernel is checked against its NumPy reference on fresh random inputs (the seed is printed:
+rerun with ``-s`` to see it), with the output poisoned with NaN before the launch so unwritten
+elements show, at warp widths 32 and 64, and on sizes that are not multiples of the block or
+tile. The references themselves are checked against the NumPy engine.
+
+Benchmark note (not a timed test): a 1536x576 RMSNorm with 256-thread blocks took 0.43-0.60 s
+on the emulator (Boost.Context fibers) on this 2-core machine while it was loaded, warp 32 and 64
+alike; DESIGN.md's target is "well under a second".
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from workbench.backends.numpy_backend import NumpyBackend, Weight
+from workbench.engine.sampler import Sampler, SamplerConfig
+from workbench.errors import UserError
+from workbench.kernels import ops_kernels as ops
+from workbench.kernels import registry
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"
+)
+
+WARPS = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory: pytest.TempPathFactory):
+    """Each source compiled once per warp width (the emulator caches the shared objects)."""
+    cache = tmp_path_factory.mktemp("ops-emulator")
+    made: dict[tuple[str, int], object] = {}
+
+    def get(source: str, warp_size: int):
+        if (source, warp_size) not in made:
+            made[source, warp_size] = ops.load_module(source, warp_size=warp_size, cache_dir=cache)
+        return made[source, warp_size]
+
+    return get
+
+
+def rng_for(name: str) -> np.random.Generator:
+    seed = int(time.time_ns() % 2**32)
+    print(f"{name}: seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def nan_like(shape: tuple[int, ...]) -> np.ndarray:
+    return np.full(shape, np.nan, dtype=np.float32)
+
+
+# --- rmsnorm ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("n", "dim", "block"), [(1, 576, 256), (3, 100, 64), (17, 1000, 256)])
+def test_rmsnorm(modules, warp: int, n: int, dim: int, block: int) -> None:
+    rng = rng_for(f"rmsnorm {n}x{dim}")
+    x, w = randn(rng, n, dim, scale=3.0), randn(rng, dim)
+    out = ops.rmsnorm(modules("rmsnorm.hip", warp), x, w, 1e-5, out=nan_like((n, dim)), block=block)
+    # float accumulation against the float64 reference: ~(dim/B + log2 B) * 2^-24 relative
+    np.testing.assert_allclose(out, ops.rmsnorm_reference(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_reference_is_the_engine() -> None:
+    rng = rng_for("rmsnorm reference")
+    x, w = randn(rng, 5, 64), randn(rng, 64)
+    weight = Weight("w", None, (64,), w)  # type: ignore[arg-type]
+    expect = NumpyBackend().rmsnorm(x, weight, 1e-6)
+    np.testing.assert_array_equal(ops.rmsnorm_reference(x, w, 1e-6), expect)
+
+
+# --- rope -----------------------------------------------------------------------------------------
+
+ROPE_CASES = [
+    # n, heads, head_dim, rope_dim, pos0, base, rope_scale, with factors
+    (1, 9, 64, 64, 2047, 10000.0, 1.0, False),  # one decode step late in SmolLM2's context
+    (3, 3, 64, 32, 5, 10000.0, 2.0, True),  # partial rotation, scaled positions, factors
+    (17, 2, 48, 48, 100_000, 500000.0, 1.0, False),  # long positions: angles need double
+]
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize("mode", ["norm", "neox"])
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope(modules, warp: int, mode: str, case: tuple) -> None:
+    n, heads, hd, rope_dim, pos0, base, scale, with_factors = case
+    rng = rng_for(f"rope {mode} {case}")
+    x = randn(rng, n, heads, hd)
+    ff = rng.uniform(0.5, 4.0, rope_dim // 2).astype(np.float32) if with_factors else None
+    expect = ops.rope_reference(
+        x, pos0, mode=mode, rope_dim=rope_dim, base=base, rope_scale=scale, freq_factors=ff
+    )
+    got = x.copy()
+    ops.rope(modules("rope.hip", warp), got, pos0, mode=mode, rope_dim=rope_dim, base=base,
+             rope_scale=scale, freq_factors=ff)  # fmt: skip
+    # reduced angle rounded to float, then float sincos: a few 1e-7 per unit of |x|
+    np.testing.assert_allclose(got, expect, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(got[..., rope_dim:], x[..., rope_dim:])  # untouched
+
+
+@pytest.mark.parametrize("mode", ["norm", "neox"])
+def test_rope_reference_is_the_engine(mode: str) -> None:
+    rng = rng_for("rope reference")
+    x = randn(rng, 4, 3, 16)
+    inv = ops.rope_inv_freq(12, 10000.0, 2.0)
+    angles = np.outer(np.arange(7, 11, dtype=np.float64), inv)  # Transformer.rope_tables
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    expect = NumpyBackend().rope(x.copy(), cos, sin, mode)
+    got = ops.rope_reference(x, 7, mode=mode, rope_dim=12, base=10000.0, rope_scale=2.0)
+    np.testing.assert_array_equal(got, expect)
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+
+def kv_cache(rng: np.random.Generator, kv_heads: int, ctx: int, hd: int, t: int):
+    """(kv_heads, ctx, hd) caches with rows past t poisoned: a kernel reading them goes NaN."""
+    k, v = randn(rng, kv_heads, ctx, hd), randn(rng, kv_heads, ctx, hd)
+    k[:, t:] = np.nan
+    v[:, t:] = np.nan
+    return k, v
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(
+    ("n", "start", "heads", "kv_heads", "hd"),
+    [(17, 0, 9, 3, 64), (3, 5, 4, 4, 128), (20, 13, 6, 2, 40), (1, 0, 2, 1, 64)],
+)
+def test_attention_prefill(modules, warp, n, start, heads, kv_heads, hd) -> None:
+    rng = rng_for(f"prefill n={n} start={start} hd={hd}")
+    t, ctx = start + n, start + n + 7
+    q = randn(rng, n, heads, hd)
+    k, v = kv_cache(rng, kv_heads, ctx, hd, t)
+    out = ops.attention_prefill(modules("attention.hip", warp), q, k, v, start,
+                                out=nan_like((n, heads * hd)))  # fmt: skip
+    expect = ops.attention_reference(q, k, v, start)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=3e-6)
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("t", "hd"), [(1, 64), (33, 64), (100, 128), (45, 24)])
+def test_attention_decode(modules, warp: int, t: int, hd: int) -> None:
+    rng = rng_for(f"decode t={t} hd={hd}")
+    heads, kv_heads = 9, 3
+    q = randn(rng, 1, heads, hd, scale=2.0)  # sharper softmax: the running max matters
+    k, v = kv_cache(rng, kv_heads, t + 5, hd, t)
+    out = ops.attention(modules("attention.hip", warp), q, k, v, t - 1,
+                        out=nan_like((1, heads * hd)))  # fmt: skip
+    expect = ops.attention_reference(q, k, v, t - 1)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=3e-6)
+
+
+def test_attention_reference_is_the_engine() -> None:
+    rng = rng_for("attention reference")
+    q = randn(rng, 5, 6, 8)
+    k, v = randn(rng, 2, 9, 8), randn(rng, 2, 9, 8)
+    expect = NumpyBackend().attention(q, k, v, 4)
+    np.testing.assert_allclose(ops.attention_reference(q, k, v, 4), expect, rtol=1e-6, atol=1e-7)
+
+
+def test_attention_refuses_large_heads(modules) -> None:
+    q = np.zeros((2, 2, 192), np.float32)
+    k = np.zeros((1, 4, 192), np.float32)
+    with pytest.raises(UserError, match="head_dim <= 128"):
+        ops.attention(modules("attention.hip", 32), q, k, k, 0)
+
+
+# --- elementwise ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize("shape", [(1, 1536), (3, 77), (17, 300)])
+def test_swiglu_and_add(modules, warp: int, shape: tuple[int, int]) -> None:
+    rng = rng_for(f"elementwise {shape}")
+    mod = modules("elementwise.hip", warp)
+    gate, up = randn(rng, *shape, scale=4.0), randn(rng, *shape)
+    gate.flat[0] = -200.0  # exp(200) overflows: the result must still be -0, not NaN
+    out = ops.swiglu(mod, gate, up, out=nan_like(shape))
+    np.testing.assert_allclose(out, ops.swiglu_reference(gate, up), rtol=2e-6, atol=1e-7)
+    expect = NumpyBackend().swiglu(gate, up)
+    np.testing.assert_allclose(ops.swiglu_reference(gate, up), expect, rtol=0, atol=0)
+    out = ops.add(mod, gate, up, out=nan_like(shape))
+    np.testing.assert_array_equal(out, gate + up)
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("n", "start"), [(1, 0), (3, 10), (17, 4)])
+def test_kv_append(modules, warp: int, n: int, start: int) -> None:
+    rng = rng_for(f"kv_append n={n} start={start}")
+    kv_heads, hd, ctx = 3, 40, 24
+    k, v = randn(rng, n, kv_heads, hd), randn(rng, n, kv_heads, hd)
+    layers = 2
+    kc, vc = nan_like((layers, kv_heads, ctx, hd)), nan_like((layers, kv_heads, ctx, hd))
+    ek, ev = ops.kv_append_reference(k, v, kc[1], vc[1], start)
+    ops.kv_append(modules("elementwise.hip", warp), k, v, kc[1], vc[1], start)
+    np.testing.assert_array_equal(kc[1], ek)  # NaN elsewhere compares equal to NaN: untouched
+    np.testing.assert_array_equal(vc[1], ev)
+    assert np.isnan(kc[0]).all() and np.isnan(vc[0]).all()  # other layers untouched
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 1000), (3, 4099)])
+def test_argmax(modules, warp: int, rows: int, vocab: int) -> None:
+    rng = rng_for(f"argmax {rows}x{vocab}")
+    mod = modules("sampling.hip", warp)
+    x = randn(rng, rows, vocab)
+    best = x.max(axis=1)
+    x[0, [vocab - 1, 7, 500]] = best[0] + 1.0  # a three-way tie: the lowest index wins
+    got = ops.argmax(mod, x, block=256)
+    np.testing.assert_array_equal(got, ops.argmax_reference(x))
+    assert got[0] == 7
+    x[-1, [900, 40]] = np.nan  # numpy.argmax returns the first NaN
+    np.testing.assert_array_equal(ops.argmax(mod, x, block=256), ops.argmax_reference(x))
+    assert ops.argmax(mod, x[-1].copy(), block=256)[0] == 40
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("rows", "vocab", "temperature"), [(1, 1000, 1.0), (2, 3001, 0.7)])
+def test_softmax(modules, warp: int, rows: int, vocab: int, temperature: float) -> None:
+    rng = rng_for(f"softmax {rows}x{vocab}")
+    x = randn(rng, rows, vocab, scale=5.0)
+    got = ops.softmax(modules("sampling.hip", warp), x, temperature, block=256)
+    np.testing.assert_allclose(got, ops.softmax_reference(x, temperature), rtol=2e-5, atol=1e-9)
+
+
+SAMPLE_CASES = [
+    # vocab, top_k, top_p, min_p, temperature
+    (1000, 40, 0.95, 0.05, 0.8),  # the engine's defaults
+    (3001, 128, 1.0, 0.0, 1.3),  # the largest k, no other filter
+    (513, 5, 0.5, 0.0, 0.5),
+    (100, 1, 1.0, 0.0, 1.0),  # top-1 is greedy
+]
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize("case", SAMPLE_CASES)
+def test_sample(modules, warp: int, case: tuple) -> None:
+    vocab, top_k, top_p, min_p, temp = case
+    rng = rng_for(f"sample {case}")
+    logits = randn(rng, vocab, scale=3.0)
+    logits[rng.integers(0, vocab, 5)] = logits.max()  # ties at the top: order by index
+    mod = modules("sampling.hip", warp)
+    for u in (*rng.random(4), 0.0):
+        kw = dict(top_k=top_k, top_p=top_p, min_p=min_p, temperature=temp, u=float(u))
+        got = int(ops.sample(mod, logits, block=256, **kw)[0])
+        assert got == ops.sample_reference(logits, **kw), u
+
+
+def test_sample_reference_is_the_engine_sampler() -> None:
+    """With u = the generator's next random(), the reference picks what Sampler picks."""
+    rng = rng_for("sampler")
+    for _ in range(20):
+        logits = randn(rng, 300, scale=3.0)
+        seed = int(rng.integers(2**31))
+        config = SamplerConfig(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, seed=seed)
+        u = np.random.default_rng(seed).random()
+        expect = Sampler(config)(logits)
+        got = ops.sample_reference(logits, top_k=40, top_p=0.9, min_p=0.05, temperature=0.8, u=u)
+        assert got == expect
+
+
+def test_sample_refuses_large_k(modules) -> None:
+    logits = np.zeros(300, np.float32)
+    with pytest.raises(UserError, match=r"top_k 1\.\.128"):
+        ops.sample(modules("sampling.hip", 32), logits, top_k=129, u=0.5)
+    with pytest.raises(UserError, match=r"top_k 1\.\.128"):
+        ops.sample(modules("sampling.hip", 32), logits, top_k=0, u=0.5)
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+NAMES = ("rmsnorm", "rope_norm", "rope_neox", "attention_prefill", "attention_decode", "swiglu",
+         "add", "kv_append", "argmax", "softmax", "sample_top_k_top_p")  # fmt: skip
+
+
+def test_registry_entries() -> None:
+    kernels = registry.all_kernels()
+    for name in NAMES:
+        spec = kernels[name]
+        assert spec.path.is_file() and spec.source in ops.SOURCES
+        assert spec.symbol in spec.path.read_text()
+        assert spec.shapes, name
+        for shape in spec.shapes:
+            launch = spec.launch(**shape)
+            assert all(g >= 1 for g in launch.grid) and launch.block[0] % 64 == 0, name
+            cost = spec.cost(**shape)
+            assert cost.bytes > 0 and cost.flops >= 0, name
