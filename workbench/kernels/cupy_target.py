@@ -103,9 +103,7 @@ def load_module(
         )
         try:
             module.compile()
-        except Exception as e:
-            if type(e).__name__ != "CompileException":
-                raise
+        except _compile_exception(cupy) as e:
             raise _compile_error(e, code, opts, label) from None
         _modules[key] = module
         return module
@@ -115,6 +113,22 @@ def clear_cache() -> None:
     """Forget the compiled modules (CuPy's own disk cache stays)."""
     with _lock:
         _modules.clear()
+
+
+def _compile_exception(cupy: Any) -> type[Exception]:
+    """``cupy.cuda.compiler.CompileException`` (what RawModule.compile raises on a bad source)."""
+    compiler = getattr(getattr(cupy, "cuda", None), "compiler", None)
+    if compiler is None:
+        try:
+            compiler = importlib.import_module("cupy.cuda.compiler")
+        except ImportError:
+            compiler = None
+    exc = getattr(compiler, "CompileException", None)
+    return exc if isinstance(exc, type) and issubclass(exc, Exception) else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    pass
 
 
 def _device_id(cupy: Any) -> Any:
