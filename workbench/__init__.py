@@ -1,3 +1,29 @@
-"""rocm-workbench: a research workbench for LLM inference kernels on AMD GPUs."""
+"""rocm-workbench: a research workbench for LLM inference kernels on AMD GPUs.
+
+The public entry points are imported lazily so that `import workbench` stays cheap (the CLI's
+`--help` must not pay for numba or the tokenizer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "workbench.engine.loader",
+    "Model": "workbench.engine.loader",
+    "Engine": "workbench.engine.generate",
+    "GenerationConfig": "workbench.engine.generate",
+    "WorkbenchError": "workbench.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType
+from threadpoolctl import threadpool_limits
 
 from workbench.backends import quant_cpu
 from workbench.gguf.reader import Tensor
@@ -32,7 +33,10 @@ class NumpyBackend:
 
     def __init__(self, threads: int | None = None) -> None:
         if threads is not None:
-            quant_cpu.set_threads(threads)
+            quant_cpu.set_threads(threads)  # validates the count
+            # BLAS (prefill) uses its own pool; cap it too so --threads means what it says.
+            threadpool_limits(threads)
+        self.threads = quant_cpu.get_threads()
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
 
     # -- weights ---------------------------------------------------------------------------
