@@ -21,7 +21,8 @@ __global__ void dequant(const uint8_t* WB_RESTRICT raw,  // (rows, row_bytes)
 
 // Explicit instances: offline compilers (hipcc -c, nvcc -c) then build every type, and CuPy's
 // name expressions ("dequant<WB_Q4_1>") find them.
-#define WB_INSTANCE(QT) \
-  template __global__ void dequant<QT>(const uint8_t* WB_RESTRICT, float* WB_RESTRICT, int, int, int);
+#define WB_INSTANCE(QT)                                                                          \
+  template __global__ void dequant<QT>(const uint8_t* WB_RESTRICT, float* WB_RESTRICT, int, int, \
+                                       int);
 WB_FOR_EACH_QTYPE(WB_INSTANCE)
 #undef WB_INSTANCE

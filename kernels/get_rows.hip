@@ -23,7 +23,7 @@ __global__ void get_rows(const int32_t* WB_RESTRICT ids,    // (n,)
   out[(size_t)k * cols + col] = wb_row_value<QT>(table + (size_t)id * row_bytes, col);
 }
 
-#define WB_INSTANCE(QT)                                                                  \
+#define WB_INSTANCE(QT)                                                                         \
   template __global__ void get_rows<QT>(const int32_t* WB_RESTRICT, const uint8_t* WB_RESTRICT, \
                                         float* WB_RESTRICT, int, int, int, int);
 WB_FOR_EACH_QTYPE(WB_INSTANCE)

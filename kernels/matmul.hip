@@ -82,7 +82,7 @@ __global__ void WB_LAUNCH_BOUNDS(WB_MM_THREADS)
   }
 }
 
-#define WB_INSTANCE(QT)                                                                        \
+#define WB_INSTANCE(QT)                                                                     \
   template __global__ void matmul<QT>(const float* WB_RESTRICT, const uint8_t* WB_RESTRICT, \
                                       float* WB_RESTRICT, int, int, int, int);
 WB_FOR_EACH_QTYPE(WB_INSTANCE)

@@ -65,7 +65,7 @@ __global__ void matvec(const uint8_t* WB_RESTRICT W,  // (rows, row_bytes)
   if (lane == 0) y[row] = acc;
 }
 
-#define WB_INSTANCE(QT)                                                                        \
+#define WB_INSTANCE(QT)                                                                     \
   template __global__ void matvec<QT>(const uint8_t* WB_RESTRICT, const float* WB_RESTRICT, \
                                       float* WB_RESTRICT, int, int, int);
 WB_FOR_EACH_QTYPE(WB_INSTANCE)

@@ -18,11 +18,11 @@
 //   Q2_K             (d*sc) * q - (dmin*m)  Q3_K/Q6_K   (d*sc) * q
 //   Q4_K/Q5_K        (d*sc) * q - (dmin*m)
 // so products and sums go through wb_qmul/wb_qadd, which must never fuse into an FMA (one
-// rounding instead of two would change the low bit): __fmul_rn/__fadd_rn are never contracted by
-// nvcc/NVRTC; clang (hipcc, hiprtc) implements them as plain * and +, so contraction is also
-// switched off by pragma. x - y is computed as x + (-y): IEEE defines subtraction that way, so the
-// result is the same bits, signed zeros included. fp16 fields are read as uint16_t and widened
-// with wb_half_to_float (exact, as NumPy's astype(float32)).
+// rounding instead of two would change the low bit): __fmul_rn is never contracted by
+// nvcc/NVRTC; on clang (hipcc, hiprtc) the product is fenced off (see wb_qmul). x - y is computed
+// as x + (-y): IEEE defines subtraction that way, so the result is the same bits, signed zeros
+// included. fp16 fields are read as uint16_t and widened with wb_half_to_float (exact, as NumPy's
+// astype(float32)).
 //
 // Block sizes are checked against gguf's table (gguf.GGML_QUANT_SIZES): the Python registry
 // (workbench/kernels/quant_kernels.py) passes -DWB_GGUF_QK_<T>=... -DWB_GGUF_BYTES_<T>=... from
@@ -59,17 +59,18 @@ enum wb_qtype {
 // --- exact float32 arithmetic and byte-level reads ----------------------------------------------
 
 WB_DEVICE float wb_qmul(float a, float b) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
+#if defined(WB_HIP)
+  // clang's HIP __fmul_rn is a plain `*`, and with HIP's default -ffp-contract=fast the backend
+  // fuses it with a following add into v_fmac_f32 whatever pragma the source carries (seen with
+  // ROCm 5.2 on gfx90a). An empty asm that "modifies" the product hides it from that combine.
+  float r = a * b;
+  asm volatile("" : "+v"(r));
+  return r;
+#else
+  return __fmul_rn(a, b);  // CUDA: never contracted; the emulator: plain `*` (no -ffp-contract)
 #endif
-  return __fmul_rn(a, b);
 }
-WB_DEVICE float wb_qadd(float a, float b) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  return __fadd_rn(a, b);
-}
+WB_DEVICE float wb_qadd(float a, float b) { return __fadd_rn(a, b); }
 
 WB_DEVICE uint32_t wb_ld_u16(const uint8_t* p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
 WB_DEVICE float wb_ld_f16(const uint8_t* p) { return wb_half_to_float((uint16_t)wb_ld_u16(p)); }
@@ -123,7 +124,9 @@ template <>
 struct wb_q<WB_Q4_0> : wb_q_quant_base {
   static constexpr int QK = 32, BYTES = 18, GROUP = 32;
   static constexpr bool AFFINE = false;
-  WB_DEVICE int code(const uint8_t* b, int i) { return ((b[2 + (i & 15)] >> ((i >> 4) * 4)) & 15) - 8; }
+  WB_DEVICE int code(const uint8_t* b, int i) {
+    return ((b[2 + (i & 15)] >> ((i >> 4) * 4)) & 15) - 8;
+  }
   WB_DEVICE float scale(const uint8_t* b, int) { return wb_ld_f16(b); }
   WB_DEVICE float offset(const uint8_t*, int) { return 0.0f; }
 };
@@ -310,7 +313,7 @@ WB_DEVICE float wb_row_value(const uint8_t* row, int col) {
 
 // --- the sizes, checked against gguf's table ----------------------------------------------------
 
-#define WB_CHECK_LAYOUT(T)                                                                   \
+#define WB_CHECK_LAYOUT(T)                                                                      \
   static_assert(wb_q<WB_##T>::QK == WB_GGUF_QK_##T && wb_q<WB_##T>::BYTES == WB_GGUF_BYTES_##T, \
                 "block layout of " #T " in quant.h disagrees with gguf.GGML_QUANT_SIZES")
 #if defined(WB_GGUF_QK_F32)
@@ -331,7 +334,7 @@ WB_CHECK_LAYOUT(Q6_K);
 #undef WB_CHECK_LAYOUT
 
 // Every template below is instantiated for this list (name expressions "dequant<WB_Q4_1>" ...).
-#define WB_FOR_EACH_QTYPE(X) \
+#define WB_FOR_EACH_QTYPE(X)                                                            \
   X(WB_F32) X(WB_F16) X(WB_BF16) X(WB_Q4_0) X(WB_Q4_1) X(WB_Q5_0) X(WB_Q5_1) X(WB_Q8_0) \
   X(WB_Q2_K) X(WB_Q3_K) X(WB_Q4_K) X(WB_Q5_K) X(WB_Q6_K)
 
