@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType
 from threadpoolctl import threadpool_limits
 
 from workbench.backends import quant_cpu
-from workbench.gguf.reader import Tensor
+from workbench.gguf.reader import ModelSpec, Tensor
 
 
 @dataclass(frozen=True)
@@ -65,19 +65,21 @@ class NumpyBackend:
         """x (n, dim) -> (n, dim): x / sqrt(mean(x^2) + eps) * w, as llama.cpp (eps inside sqrt)."""
         # The mean of squares is accumulated in float64 (ggml does the same) so that long rows
         # with large activations do not lose the small components.
-        ms = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1]
+        x64 = x.astype(np.float64)
+        ms = np.einsum("ij,ij->i", x64, x64) / x.shape[1]  # (n,)
         scale = (1.0 / np.sqrt(ms + eps)).astype(np.float32)
         return x * scale[:, None] * w.data
 
-    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: str) -> np.ndarray:
-        """Rotate x (n, heads, head_dim) in place by angles whose cos/sin are (n, rope_dim/2).
+    def rope(self, x: np.ndarray, start: int, spec: ModelSpec, factors: Weight | None) -> None:
+        """Rotate x (n, heads, head_dim) in place for positions start..start+n-1.
 
         "norm" pairs adjacent elements (2i, 2i+1), as llama.cpp does for llama (its converter
         permutes Q and K so this equals HF's rotate-half); "neox" pairs i with i + rope_dim/2.
         """
-        half = cos.shape[1]
+        half = spec.rope_dim // 2
+        cos, sin = self._rope_tables(start, x.shape[0], spec, factors)  # (n, half) each
         c, s = cos[:, None, :], sin[:, None, :]
-        if mode == "norm":
+        if spec.rope_mode == "norm":
             x0 = x[..., 0 : 2 * half : 2].copy()
             x1 = x[..., 1 : 2 * half : 2]
             x[..., 0 : 2 * half : 2] = x0 * c - x1 * s
@@ -87,16 +89,40 @@ class NumpyBackend:
             x1 = x[..., half : 2 * half]
             x[..., :half] = x0 * c - x1 * s
             x[..., half : 2 * half] = x0 * s + x1 * c
-        return x
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+    @staticmethod
+    def _rope_tables(
+        start: int, n: int, spec: ModelSpec, factors: Weight | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # Angles in float64 so that positions in the thousands keep their low-order bits.
+        half = spec.rope_dim // 2
+        inv_freq = spec.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / spec.rope_dim)
+        if factors is not None:
+            inv_freq = inv_freq / factors.data.astype(np.float64)
+        positions = np.arange(start, start + n, dtype=np.float64) / spec.rope_scale
+        angles = np.outer(positions, inv_freq)  # (n, half)
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def kv_append(
+        self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int
+    ) -> None:
+        """Write k, v (n, kv_heads, hd) into one layer's cache (kv_heads, ctx, hd) at start.."""
+        n = k.shape[0]
+        k_cache[:, start : start + n] = k.transpose(1, 0, 2)
+        v_cache[:, start : start + n] = v.transpose(1, 0, 2)
+
+    def attention(
+        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int
+    ) -> np.ndarray:
         """Causal grouped-query attention.
 
-        q (n, heads, hd) for positions start..start+n-1; k, v (kv_heads, start+n, hd) hold the
-        cache including these positions. Returns (n, heads*hd).
+        q (n, heads, hd) for positions start..start+n-1; k_cache, v_cache (kv_heads, ctx, hd)
+        hold one layer's cache, filled up to start+n. Returns (n, heads*hd).
         """
         n, n_heads, hd = q.shape
-        n_kv, t = k.shape[0], k.shape[1]
+        t = start + n
+        k, v = k_cache[:, :t], v_cache[:, :t]  # (kv_heads, t, hd)
+        n_kv = k.shape[0]
         group = n_heads // n_kv
         # Query heads h = g*group + j share KV head g, as in llama.cpp and HF.
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
@@ -112,9 +138,16 @@ class NumpyBackend:
         out = np.matmul(scores.reshape(n_kv, group * n, t), v)  # (kv_heads, group*n, hd)
         return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
 
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The residual stream: a + b, (n, dim) each."""
+        return a + b
+
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """silu(gate) * up, elementwise; (n, ffn) each."""
         # silu(g) = g / (1 + exp(-g)); exp overflow for very negative g gives g/inf = -0.0, the
         # right limit, so silence the warning rather than clip.
         with np.errstate(over="ignore"):
             return gate / (1.0 + np.exp(-gate)) * up
+
+    def to_host(self, a: np.ndarray) -> np.ndarray:
+        return a

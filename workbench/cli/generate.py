@@ -22,7 +22,9 @@ def add_model_args(p: argparse.ArgumentParser, *, backend: bool = True) -> None:
         p.add_argument(
             "--backend",
             default="auto",
-            help="compute backend: auto (a GPU if usable, else numpy), numpy (default: auto)",
+            choices=("auto", "numpy", "emulator", "cupy"),
+            help="auto (the GPU through CuPy if usable, else numpy), numpy (CPU), emulator (the "
+            "HIP kernels on the CPU emulator: slow, for checking kernels), cupy (default: auto)",
         )
         p.add_argument("--threads", "-t", type=int, help="CPU threads (default: all cores)")
 

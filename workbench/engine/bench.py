@@ -64,10 +64,11 @@ def bench_generate(
     def one_run() -> tuple[float, float]:
         cache = tf.new_cache(prompt_tokens + gen_tokens)
         t0 = time.perf_counter()
-        logits = tf.prefill(prompt, cache)
+        host = engine.backend.to_host
+        logits = host(tf.prefill(prompt, cache))
         t1 = time.perf_counter()
         for _ in range(gen_tokens):
-            logits = tf.decode_one_token(int(np.argmax(logits)), cache)
+            logits = host(tf.decode_one_token(int(np.argmax(logits)), cache))
         return t1 - t0, time.perf_counter() - t1
 
     one_run()  # warm-up

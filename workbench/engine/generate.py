@@ -19,7 +19,7 @@ from workbench.engine.model import Transformer
 from workbench.engine.sampler import Sampler, SamplerConfig, log_softmax
 from workbench.errors import UserError
 
-BACKENDS = ("auto", "numpy")
+BACKENDS = ("auto", "numpy", "emulator", "cupy")
 
 # TokenEvent.id of the last event when it only releases held-back text (no new token).
 FLUSH_ID = -1
@@ -162,10 +162,8 @@ class Engine:
                 "user.unknown_backend",
                 f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})",
             )
-        from workbench.backends.numpy_backend import NumpyBackend
-
         self.model = model if isinstance(model, Model) else load(model)
-        self.backend = NumpyBackend(threads=threads)
+        self.backend = make_backend(backend, threads=threads)
         self.transformer = Transformer(self.model.gguf, self.backend)
 
     @property
@@ -239,12 +237,13 @@ class Engine:
 
         history = list(ids)  # prompt and generated ids, for the repetition penalty
         t0 = t_step = t_first = time.perf_counter()
-        logits = tf.prefill(np.asarray(ids), cache)
+        host = self.backend.to_host
+        logits = host(tf.prefill(np.asarray(ids), cache))
         timings.prefill_s = time.perf_counter() - t0
         for index in range(max_new):
             if index:
                 t_step = time.perf_counter()
-                logits = tf.decode_one_token(out_ids[-1], cache)
+                logits = host(tf.decode_one_token(out_ids[-1], cache))
             token = sampler(logits, history)
             if token in tok.eog_ids:
                 finish = "stop"
@@ -295,6 +294,29 @@ class Engine:
             piece = self.tokenizer.piece
             top = tuple(TopLogprob(int(i), piece(int(i)), float(lps[i])) for i in best)
         return float(lps[token]), top
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and sees at least one GPU."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device: all mean "no GPU here"
+        return False
+
+
+def make_backend(name: str, *, threads: int | None = None) -> Any:
+    """numpy (CPU), emulator (HIP kernels on the CPU emulator), cupy (GPU), or auto."""
+    if name == "auto":
+        name = "cupy" if gpu_available() else "numpy"
+    if name == "numpy":
+        from workbench.backends.numpy_backend import NumpyBackend
+
+        return NumpyBackend(threads=threads)
+    from workbench.backends.device import DeviceBackend
+
+    return DeviceBackend(name)
 
 
 class StopMatcher:

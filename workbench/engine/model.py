@@ -67,22 +67,13 @@ class Transformer:
             )
             for i in range(spec.n_layers)
         ]
-        # RoPE inverse frequencies (rope_dim/2,), float64 for exact angles at long positions.
-        half = spec.rope_dim // 2
-        inv_freq = spec.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / spec.rope_dim)
-        if "rope_freqs.weight" in t:
-            inv_freq = inv_freq / backend.load_weight(t["rope_freqs.weight"]).data.astype(
-                np.float64
-            )
-        self._inv_freq = inv_freq / spec.rope_scale
+        freqs = t.get("rope_freqs.weight")
+        self.rope_factors = (
+            backend.load_weight(freqs) if freqs is not None else None
+        )  # (rope_dim/2,)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         return KVCache(self.spec, self.backend.xp, capacity)
-
-    def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (n, rope_dim/2) float32 for the given positions."""
-        angles = np.outer(positions.astype(np.float64), self._inv_freq)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> Any:
         """Run tokens (n,) at positions cache.length.. and return logits.
@@ -103,7 +94,6 @@ class Transformer:
                 context=cache.capacity,
             )
         hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
-        cos, sin = self.rope_tables(np.arange(start, start + n))
         end = start + n
 
         x = be.embed(self.tok_embd, tokens)  # (n, dim)
@@ -112,15 +102,14 @@ class Transformer:
             q = be.linear(lw.attn_q, h).reshape(n, nh, hd)  # (n, heads, hd)
             k = be.linear(lw.attn_k, h).reshape(n, nkv, hd)  # (n, kv_heads, hd)
             v = be.linear(lw.attn_v, h).reshape(n, nkv, hd)  # (n, kv_heads, hd)
-            be.rope(q, cos, sin, spec.rope_mode)
-            be.rope(k, cos, sin, spec.rope_mode)
-            cache.k[i, :, start:end] = k.transpose(1, 0, 2)
-            cache.v[i, :, start:end] = v.transpose(1, 0, 2)
-            att = be.attention(q, cache.k[i, :, :end], cache.v[i, :, :end], start)  # (n, heads*hd)
-            x = x + be.linear(lw.attn_output, att)
+            be.rope(q, start, spec, self.rope_factors)
+            be.rope(k, start, spec, self.rope_factors)
+            be.kv_append(cache.k[i], cache.v[i], k, v, start)
+            att = be.attention(q, cache.k[i], cache.v[i], start)  # (n, heads*hd)
+            x = be.add(x, be.linear(lw.attn_output, att))
             h = be.rmsnorm(x, lw.ffn_norm, spec.norm_eps)
             ff = be.swiglu(be.linear(lw.ffn_gate, h), be.linear(lw.ffn_up, h))  # (n, ffn)
-            x = x + be.linear(lw.ffn_down, ff)
+            x = be.add(x, be.linear(lw.ffn_down, ff))
         cache.length = end
 
         if not all_logits:

@@ -1,0 +1,130 @@
+"""The device backend: the engine's operations as HIP kernel launches.
+
+One class for both targets: "cupy" (a GPU: CuPy arrays, hiprtc on ROCm or NVRTC on CUDA) and
+"emulator" (NumPy arrays, the same kernel sources run by the CPU emulator). Weights are uploaded
+once in their GGUF block form; activations and the KV cache live in `xp` arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from workbench.errors import BackendError, UserError
+from workbench.gguf.reader import ModelSpec, Tensor
+from workbench.kernels import ops_kernels as ops
+from workbench.kernels import quant_kernels as qk
+
+TARGETS = ("emulator", "cupy")
+
+
+@dataclass(frozen=True)
+class DeviceWeight:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: Any  # matrices: (rows, row_bytes) uint8 blocks; vectors: (n,) float32
+
+
+class DeviceBackend:
+    def __init__(self, target: str = "emulator", *, warp_size: int = 64) -> None:
+        if target not in TARGETS:
+            raise UserError("user.bad_target", f"target must be one of {TARGETS}, not {target!r}")
+        self.name = target
+        self.threads = 1
+        if target == "cupy":
+            try:
+                import cupy
+            except ImportError as e:
+                raise BackendError(
+                    "backend.unavailable",
+                    "CuPy is not installed: pip install 'rocm-workbench[rocm]' (or [cuda])",
+                ) from e
+            self.xp = cupy
+            self.warp_size = int(cupy.cuda.Device().attributes["WarpSize"])
+            self._quant = qk.cupy_loader()
+        else:
+            self.xp = np
+            self.warp_size = warp_size
+            self._quant = qk.emulator_loader(warp_size)
+        self._ops = {
+            src: ops.load_module(src, target, warp_size=self.warp_size)
+            if target == "emulator"
+            else ops.load_module(src, target)
+            for src in ops.SOURCES
+        }
+
+    def _m(self, source: str) -> Any:
+        return self._ops[source]
+
+    # -- weights ---------------------------------------------------------------------------
+    def load_weight(self, t: Tensor) -> DeviceWeight:
+        xp = self.xp
+        if len(t.shape) == 1:
+            raw = xp.asarray(np.ascontiguousarray(t.raw.reshape(1, -1)))
+            vec = xp.empty((1, t.shape[0]), dtype=xp.float32)
+            qk.launch_dequant(self._quant, t.qtype, raw, vec)
+            return DeviceWeight(t.name, GGMLQuantizationType.F32, t.shape, vec.reshape(t.shape))
+        return DeviceWeight(t.name, t.qtype, t.shape, xp.asarray(np.ascontiguousarray(t.raw)))
+
+    # -- operations ------------------------------------------------------------------------
+    def embed(self, w: DeviceWeight, ids: Any) -> Any:
+        xp = self.xp
+        ids = xp.asarray(np.asarray(ids, dtype=np.int32))  # (n,)
+        out = xp.empty((ids.shape[0], w.shape[1]), dtype=xp.float32)  # (n, dim)
+        return qk.launch_get_rows(self._quant, w.qtype, ids, w.data, out)
+
+    def linear(self, w: DeviceWeight, x: Any) -> Any:
+        """x (n, cols) -> (n, rows) = x @ W.T: matvec (decode) or tiled matmul (prefill)."""
+        xp = self.xp
+        n, rows = x.shape[0], w.shape[0]
+        x = xp.ascontiguousarray(x)
+        if n == 1:
+            out = xp.empty((rows,), dtype=xp.float32)
+            qk.launch_matvec(self._quant, w.qtype, w.data, x[0], out, self.warp_size)
+            return out[None, :]
+        out = xp.empty((n, rows), dtype=xp.float32)
+        return qk.launch_matmul(self._quant, w.qtype, x, w.data, out)
+
+    def rmsnorm(self, x: Any, w: DeviceWeight, eps: float) -> Any:
+        x = self.xp.ascontiguousarray(x)
+        out = self.xp.empty_like(x)
+        return ops.rmsnorm(self._m("rmsnorm.hip"), x, w.data, eps, out=out)
+
+    def rope(self, x: Any, start: int, spec: ModelSpec, factors: DeviceWeight | None) -> None:
+        ops.rope(
+            self._m("rope.hip"),
+            x,
+            start,
+            mode=spec.rope_mode,
+            rope_dim=spec.rope_dim,
+            base=spec.rope_base,
+            rope_scale=spec.rope_scale,
+            freq_factors=None if factors is None else factors.data,
+        )
+
+    def kv_append(self, k_cache: Any, v_cache: Any, k: Any, v: Any, start: int) -> None:
+        xp = self.xp
+        ops.kv_append(
+            self._m("elementwise.hip"),
+            xp.ascontiguousarray(k),
+            xp.ascontiguousarray(v),
+            k_cache,
+            v_cache,
+            start,
+        )
+
+    def attention(self, q: Any, k_cache: Any, v_cache: Any, start: int) -> Any:
+        return ops.attention(self._m("attention.hip"), q, k_cache, v_cache, start)
+
+    def swiglu(self, gate: Any, up: Any) -> Any:
+        return ops.swiglu(self._m("elementwise.hip"), gate, up, out=gate)
+
+    def add(self, a: Any, b: Any) -> Any:
+        return ops.add(self._m("elementwise.hip"), self.xp.ascontiguousarray(a), b)
+
+    def to_host(self, a: Any) -> np.ndarray:
+        return a.get() if hasattr(a, "get") else np.asarray(a)
