@@ -33,6 +33,8 @@ K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # gguf-py cannot quantize t
 # { d, dmin, ... }, block_q6_K { ql[128], qh[64], scales[16], d }). Random blocks get finite,
 # moderate scales there, so dot products are finite and the tolerance meaningful.
 _K_SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+Warp = tuple[int, qk.ModuleLoader]  # (warp width, emulator module loader at that width)
+Seeded = tuple[np.random.Generator, str]  # (generator, "seed=..." for failure messages)
 GUARD = 64  # NaN elements after every output; a kernel writing past its output changes them
 
 
@@ -43,12 +45,12 @@ def emu_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module", params=[32, 64], ids=["wave32", "wave64"])
-def warp(request: pytest.FixtureRequest, emu_cache: str) -> tuple[int, qk.ModuleLoader]:
+def warp(request: pytest.FixtureRequest, emu_cache: str) -> Warp:
     return request.param, qk.emulator_loader(request.param, emu_cache)
 
 
 @pytest.fixture
-def seeded() -> Iterator[tuple[np.random.Generator, str]]:
+def seeded() -> Iterator[Seeded]:
     seed = int(os.environ.get("QUANT_KERNEL_SEED") or np.random.SeedSequence().entropy % 2**63)
     yield np.random.default_rng(seed), f"seed={seed}"
 
@@ -114,7 +116,7 @@ def _dot_tolerance(w: np.ndarray, x: np.ndarray, length: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_dequant_bit_identical(warp, seeded, qtype: GGMLQuantizationType) -> None:
+def test_dequant_bit_identical(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None:
     _, loader = warp
     rng, seed = seeded
     for rows in (1, 7, 33):
@@ -129,7 +131,7 @@ def test_dequant_bit_identical(warp, seeded, qtype: GGMLQuantizationType) -> Non
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_dequant_any_bytes(warp, seeded, qtype: GGMLQuantizationType) -> None:
+def test_dequant_any_bytes(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None:
     """Arbitrary bytes, so every code and every fp16 scale (subnormals, Inf, NaN payloads, -0)
     occurs: the decode must still match gguf bit for bit."""
     _, loader = warp
@@ -152,7 +154,7 @@ def test_dequant_any_bytes(warp, seeded, qtype: GGMLQuantizationType) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_get_rows_bit_identical(warp, seeded, qtype: GGMLQuantizationType) -> None:
+def test_get_rows_bit_identical(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None:
     _, loader = warp
     rng, seed = seeded
     table_rows, cols = 33, _cols_for(qtype)[-1]
@@ -170,7 +172,7 @@ def test_get_rows_bit_identical(warp, seeded, qtype: GGMLQuantizationType) -> No
         assert _guard_intact(buf), f"{seed} {qtype.name}: wrote past the output"
 
 
-def test_get_rows_rejects_bad_id(warp) -> None:
+def test_get_rows_rejects_bad_id(warp: Warp) -> None:
     _, loader = warp
     table = _blocks(np.random.default_rng(0), Q.Q8_0, 4, 32)
     with pytest.raises(KernelError, match="id >= 0"):
@@ -183,7 +185,7 @@ def test_get_rows_rejects_bad_id(warp) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_matvec(warp, seeded, qtype: GGMLQuantizationType) -> None:
+def test_matvec(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None:
     warp_size, loader = warp
     rng, seed = seeded
     for rows in (1, 7, 33):
@@ -205,7 +207,7 @@ def test_matvec(warp, seeded, qtype: GGMLQuantizationType) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_matmul(warp, seeded, qtype: GGMLQuantizationType) -> None:
+def test_matmul(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None:
     _, loader = warp
     rng, seed = seeded
     cols_options = _cols_for(qtype)
@@ -268,7 +270,7 @@ def test_layout_drift_fails_the_build(emu_cache: str) -> None:
         EmulatorModule(path=path, options=bad, name_expressions=names, cache_dir=emu_cache)
 
 
-def test_wrappers_check_arguments(warp) -> None:
+def test_wrappers_check_arguments(warp: Warp) -> None:
     warp_size, loader = warp
     raw = np.zeros((2, 34), np.uint8)  # two Q8_0 rows of one block
     with pytest.raises(Exception, match="shape"):
