@@ -219,7 +219,7 @@ def test_format_compile_log_nvrtc_style_uses_main_source() -> None:
 @needs_hipcc
 def test_asm_amd(source: Path) -> None:
     text = toolchain.asm("tile<32>", "gfx90a", source=source)
-    assert text.startswith("; _Z4tileILi32EEvPf (void tile<32>(float*))")
+    assert text.startswith("; tile<32> [gfx90a]: _Z4tileILi32EEvPf (void tile<32>(float*))\n")
     assert "s_endpgm" in text and ".amdhsa_kernel _Z4tileILi32EEvPf" in text
     assert "block_sum" not in text
 
@@ -227,7 +227,8 @@ def test_asm_amd(source: Path) -> None:
 @needs_nvcc
 def test_asm_nvidia(source: Path) -> None:
     text = toolchain.asm("block_sum", "sm_90", source=source)
-    assert ".visible .entry block_sum(" in text and "bar.sync" in text
+    assert text.startswith("// block_sum [sm_90]: block_sum\n.visible .entry block_sum(")
+    assert "bar.sync" in text
     assert "tile" not in text
 
 
@@ -343,3 +344,11 @@ def test_cli_rejects_unknown_arch(fake_registry: dict) -> None:
     with pytest.raises(SystemExit) as e:
         main(["kernels", "check", "--arch", "gfx90a,vax"])
     assert e.value.code == 2
+
+
+def test_missing_cxxfilt_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)
+    assert toolchain._demangle(["plain_c_kernel"]) == {"plain_c_kernel": "plain_c_kernel"}
+    with pytest.raises(BackendError) as e:
+        toolchain._demangle(["_Z4tileILi32EEvPf"])
+    assert e.value.code == "backend.compiler_missing" and "binutils" in e.value.message

@@ -386,8 +386,9 @@ def _command(
     opts = [*options, *([include] if include not in options else [])]
     if vendor_of(arch) == "amd":
         mode = ["-S"] if asm else ["-c", "-Rpass-analysis=kernel-resource-usage"]
+        # -std=c++17 as the emulator and NVRTC (hipcc 5.2 would default to C++11).
         cmd = [compiler, f"--offload-arch={arch}", "--cuda-device-only", *mode, "-x", "hip",
-               "-O3", *opts, str(wrapper), "-o", out]  # fmt: skip
+               "-std=c++17", "-O3", *opts, str(wrapper), "-o", out]  # fmt: skip
         return cmd, {"HIP_PLATFORM": "amd"}
     mode = ["-ptx"] if asm else ["-cubin", "-Xptxas", "-v"]
     cmd = [compiler, "-x", "cu", f"--gpu-architecture={arch}", *mode, *opts, str(wrapper),
@@ -446,6 +447,13 @@ def _build(
 def _demangle(names: Iterable[str]) -> dict[str, str]:
     names = list(dict.fromkeys(names))
     filt = shutil.which("c++filt")
+    if filt is None and any(n.startswith("_Z") for n in names):
+        raise BackendError(
+            "backend.compiler_missing",
+            "c++filt not found (it maps C++ kernel names back to their name expressions): "
+            "apt-get install binutils",
+            compiler="c++filt",
+        )
     if not names or filt is None:
         return {n: n for n in names}
     proc = subprocess.run([filt], input="\n".join(names) + "\n", capture_output=True, text=True)
@@ -639,7 +647,15 @@ def asm(
             arch=arch,
         )
     name = mapping[symbol]
-    return _slice_amd(text, name) if amd else _slice_ptx(text, name)
+    body = _slice_amd(text, name) if amd else _slice_ptx(text, name)
+    full = _demangle([name])[name] if name.startswith("_Z") else name
+    comment = ";" if amd else "//"
+    return (
+        f"{comment} {symbol} [{arch}]: {name}"
+        + (f" ({full})" if full != name else "")
+        + "\n"
+        + body
+    )
 
 
 def _asm_functions(text: str, *, amd: bool) -> list[str]:
@@ -651,21 +667,18 @@ def _asm_functions(text: str, *, amd: bool) -> list[str]:
 def _slice_amd(text: str, name: str) -> str:
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(f"{name}:"))
-    while start > 0 and lines[start - 1].startswith("\t.") and "Begin function" not in lines[start]:
+    # Back over the directives that open the function (.protected/.globl/.p2align/.type).
+    while start > 0 and lines[start - 1].startswith("\t.") and "\t.size\t" not in lines[start - 1]:
         start -= 1
-        if "Begin function" in lines[start]:
-            break
     end = next(
         (i for i in range(start, len(lines)) if lines[i].startswith(f"\t.size\t{name},")),
         len(lines) - 1,
     )
-    head = f"; {name} ({_demangle([name])[name]})" if name.startswith("_Z") else f"; {name}"
-    return "\n".join([head, *lines[start : end + 1]]) + "\n"
+    return "\n".join(lines[start : end + 1]) + "\n"
 
 
 def _slice_ptx(text: str, name: str) -> str:
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(f".visible .entry {name}("))
     end = next((i for i in range(start, len(lines)) if lines[i] == "}"), len(lines) - 1)
-    head = f"// {name} ({_demangle([name])[name]})" if name.startswith("_Z") else f"// {name}"
-    return "\n".join([head, *lines[start : end + 1]]) + "\n"
+    return "\n".join(lines[start : end + 1]) + "\n"
