@@ -299,3 +299,12 @@ def test_registry_entries() -> None:
             assert all(g >= 1 for g in launch.grid) and launch.block[0] % 64 == 0, name
             cost = spec.cost(**shape)
             assert cost.bytes > 0 and cost.flops >= 0, name
+
+
+def test_rmsnorm_registry_launch_covers_every_row():
+    """Regression: the registry's geometry must take the representative shapes' names (n, dim)."""
+    from workbench.kernels.registry import get
+
+    spec = get("rmsnorm")
+    for shape in spec.shapes:
+        assert spec.launch(**shape).grid[0] == shape["n"]

@@ -184,6 +184,11 @@ def _rows_launch(rows: int = 1, block: int = BLOCK, **_: int) -> Launch:
     return Launch((rows, 1, 1), (block, 1, 1))
 
 
+def _rmsnorm_launch(n: int = 1, block: int = BLOCK, **_: int) -> Launch:
+    """One block per row of x (n, dim)."""
+    return _rows_launch(n, block)
+
+
 def _rmsnorm_cost(n: int, dim: int, **_: int) -> Cost:
     # read x and w, write out; square-accumulate (2) and scale twice (2) per element
     return Cost(bytes=4 * (2 * n * dim + dim), flops=4 * n * dim)
@@ -246,7 +251,7 @@ _ATTN = {"heads": 9, "kv_heads": 3, "head_dim": 64, "ctx": 2048}
 
 _SPECS = (
     KernelSpec(
-        "rmsnorm", "rmsnorm.hip", "rmsnorm", _rows_launch,
+        "rmsnorm", "rmsnorm.hip", "rmsnorm", _rmsnorm_launch,
         rmsnorm_reference, _rmsnorm_cost,
         "RMSNorm of each row, one block per row", shapes=_ROWS,
     ),
