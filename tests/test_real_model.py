@@ -71,3 +71,22 @@ def test_generate_end_to_end_stops_at_end_of_turn(engine):
     eog = case["greedy"].index(2)
     assert gen.result.token_ids == case["greedy"][:eog]
     assert text == gen.result.text == "The capital of France is Paris."
+
+
+def test_one_decode_position_on_the_emulator_matches_numpy(engine):
+    """The HIP kernels (run by the CPU emulator) on the real model: one decode step."""
+    from workbench.backends.device import DeviceBackend
+    from workbench.engine.model import Transformer
+
+    tf = engine.transformer
+    ids = np.array(REFERENCE[0]["ids"])
+    cache = tf.new_cache(len(ids) + 1)
+    tf.prefill(ids, cache)
+    dev = Transformer(engine.model.gguf, DeviceBackend("emulator"))
+    dev_cache = dev.new_cache(len(ids) + 1)
+    dev_cache.k[:], dev_cache.v[:], dev_cache.length = cache.k, cache.v, cache.length
+    token = REFERENCE[0]["greedy"][0]
+    ref = tf.decode_one_token(token, cache)
+    got = dev.decode_one_token(token, dev_cache)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+    assert int(np.argmax(got)) == int(np.argmax(ref))
