@@ -91,6 +91,7 @@ class FaultInjector:
         self._rngs: dict[str, random.Random] = {}
         self._checks = dict.fromkeys(SITES, 0)
         self._injected = dict.fromkeys(SITES, 0)
+        self._fired: set[str] = set()  # "once" sites that have failed since their `set`
 
     @classmethod
     def from_spec(cls, spec: str, *, seed: int | str | None = 0) -> FaultInjector:
@@ -120,7 +121,8 @@ class FaultInjector:
         return cls.from_spec(environ.get(FAULTS_ENV, ""), seed=environ.get(SEED_ENV) or 0)
 
     def set(self, site: str, mode: float | str) -> None:
-        """Set ``site``'s mode (a rate in [0, 1], "once", "always" or "never"); restarts its RNG."""
+        """Set ``site``'s mode (a rate in [0, 1], "once", "always" or "never"); restarts its RNG
+        and re-arms "once"."""
         _check_site(site)
         parsed = _parse_mode(site, mode)
         with self._lock:
@@ -129,6 +131,7 @@ class FaultInjector:
             else:
                 self._modes[site] = parsed
             self._rngs[site] = random.Random(f"{self.seed}:{site}")
+            self._fired.discard(site)
 
     @property
     def enabled(self) -> bool:
@@ -153,7 +156,8 @@ class FaultInjector:
             if mode == "always":
                 fail = True
             elif mode == "once":
-                fail = self._injected[site] == 0
+                fail = site not in self._fired
+                self._fired.add(site)
             else:
                 fail = self._rngs[site].random() < mode
             if fail:
