@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--output", "-o", help="also write the JSON object to this file")
     g.set_defaults(func=cmd_bench_generate)
+    register_kernels(bsub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -49,4 +50,80 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
             f"({r.prompt_tokens} tokens), decode {r.decode_tok_s:.1f} tok/s ({r.gen_tokens} "
             f"tokens, {r.decode_gb_s:.1f} GB/s of weights), peak RSS {r.peak_rss_mb:.0f} MB"
         )
+    return 0
+
+
+def register_kernels(bsub: argparse._SubParsersAction) -> None:
+    from workbench.engine.kernel_bench import DEFAULT_KERNELS
+
+    k = bsub.add_parser(
+        "kernels",
+        help="time kernels alone: percentiles, GB/s, GFLOP/s, roofline position",
+        description="Benchmark registry kernels as triton.testing.do_bench does: warm-up and "
+        "repetitions by time budget, L2 flushed between repetitions on a GPU, percentiles over "
+        "repetitions, achieved GB/s and GFLOP/s from the registry cost model and the fraction of "
+        "the device's roofline. Emulator timings are the CPU emulation's wall clock, not GPU "
+        f"timings. Default kernels: {', '.join(DEFAULT_KERNELS)}.",
+    )
+    k.add_argument(
+        "--kernel", action="append", default=[], metavar="NAME", help="a registry kernel (repeat)"
+    )
+    k.add_argument("--all", action="store_true", help="every registered kernel")
+    k.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="K=V,...",
+        help="override the representative shape, e.g. rows=1536,cols=576 (repeat for several)",
+    )
+    k.add_argument("--backend", choices=("auto", "emulator", "cupy"), default="auto")
+    k.add_argument("--warp-size", type=int, default=64, help="emulator warp width (32 or 64)")
+    k.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up budget (default 25)")
+    k.add_argument("--rep-ms", type=float, default=100.0, help="timed budget (default 100)")
+    k.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    k.set_defaults(func=cmd_bench_kernels)
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from workbench.engine.kernel_bench import bench_kernels, parse_shape
+
+    results = bench_kernels(
+        args.kernel,
+        all_=args.all,
+        shapes=[parse_shape(s) for s in args.shape],
+        backend=args.backend,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        warp_size=args.warp_size,
+    )
+    if args.json:
+        json.dump([r.to_dict() for r in results], sys.stdout)
+        print()
+        return 0
+    if not results:
+        return 0
+    r0 = results[0]
+    flush = "L2 flushed between repetitions" if r0.l2_flush else "no L2 flush on the emulator"
+    print(f"{r0.device} ({r0.backend}): {r0.timing}; {flush}")
+    if r0.peak_gb_s is None:
+        print("roofline: n/a (no peak figures for this device)")
+    else:
+        print(f"roofline: {r0.peak_gb_s:.0f} GB/s, {r0.peak_gflop_s:.0f} GFLOP/s FP32 (datasheet)")
+    header = ("kernel", "shape", "reps", "p50 ms", "p95 ms", "p99 ms", "mean ms", "GB/s",
+              "GFLOP/s", "flop/B", "roof")  # fmt: skip
+    rows = [header]
+    for r in results:
+        rows.append((
+            r.kernel,
+            ",".join(f"{k}={v}" for k, v in r.shape.items()),
+            str(r.reps),
+            f"{r.p50_ms:.4f}", f"{r.p95_ms:.4f}", f"{r.p99_ms:.4f}", f"{r.mean_ms:.4f}",
+            f"{r.gb_s:.2f}", f"{r.gflop_s:.2f}",
+            "-" if r.intensity is None else f"{r.intensity:.2f}",
+            "n/a" if r.roof_fraction is None else f"{r.roof_fraction:.0%} {r.bound}",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))))  # fmt: skip
     return 0
