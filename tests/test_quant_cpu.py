@@ -23,8 +23,6 @@ from workbench.backends import quant_cpu as qc
 from workbench.errors import ModelError, UserError
 from workbench.gguf.quants import FLOAT_TYPES, SUPPORTED_TYPES, block_layout
 
-BLOCK_TYPES = tuple(t for t in SUPPORTED_TYPES if t not in FLOAT_TYPES)
-
 # Byte offsets of the fp16 fields (d, m, dmin) in each block, from the field order of gguf-py's
 # dequantize_blocks: these must hold finite values for a random block to be a sensible one.
 F16_FIELDS = {
@@ -65,7 +63,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 
 def ncols(qtype: Q, r: Rand) -> int:
-    """A random row width: whole blocks; float types get widths that leave a tail of < 8."""
+    """A random row width in whole blocks; float types get any width, so 8-lane tails occur."""
     values = block_layout(qtype)[0]
     if values == 1:
         return int(r.rng.integers(1, 200))

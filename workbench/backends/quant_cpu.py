@@ -12,10 +12,10 @@ Four operations, every type in `SUPPORTED_TYPES`:
 Why explicit SIMD. LLVM's auto-vectoriser does badly on block formats: the 16-byte nibble loops
 are fully unrolled before the loop vectoriser sees them, after which it either vectorises the
 *block* loop (a gather per byte) or gives up because it cannot prove the output does not alias
-the input. The result runs below 1 GB/s. So the kernels below are written with a handful of 8-lane
-vector operations (`_vld_u8`, `_vfma`, ...), numba intrinsics that emit LLVM vector IR directly.
-The kernel code stays plain numba; only the lane-wise arithmetic is spelled out. Eight float32
-lanes is one AVX2 register; without AVX2, LLVM splits each operation into two SSE halves.
+the input; such loops run at under 1 GB/s. So the kernels here are written with a handful of
+8-lane vector operations (`_vld_u8`, `_vfma`, ...): numba intrinsics that emit LLVM vector IR
+directly. The kernel code stays plain numba; only the lane-wise arithmetic is spelled out. Eight
+float32 lanes are one AVX2 register; without AVX2, LLVM splits each operation into SSE halves.
 
 Numerical contracts:
 
