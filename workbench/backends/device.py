@@ -128,3 +128,15 @@ class DeviceBackend:
 
     def to_host(self, a: Any) -> np.ndarray:
         return a.get() if hasattr(a, "get") else np.asarray(a)
+
+    def synchronize(self) -> None:
+        """Wait for the launched kernels (the emulator runs them synchronously)."""
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def memory(self) -> dict[str, int] | None:
+        """Free and total device memory in bytes (None on the emulator)."""
+        if self.name != "cupy":
+            return None
+        free, total = self.xp.cuda.runtime.memGetInfo()
+        return {"free": int(free), "total": int(total)}

@@ -151,3 +151,6 @@ class NumpyBackend:
 
     def to_host(self, a: np.ndarray) -> np.ndarray:
         return a
+
+    def synchronize(self) -> None:
+        """NumPy work is done when a call returns."""

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,21 @@ from typing import Any
 
 import numpy as np
 
+from workbench.engine.launcher import Launcher
 from workbench.engine.loader import Model, load
-from workbench.engine.model import Transformer
+from workbench.engine.model import KVCache, Transformer
 from workbench.engine.sampler import Sampler, SamplerConfig, log_softmax
-from workbench.errors import UserError
+from workbench.errors import BackendError, RecoverableError, UserError, WorkbenchError
+from workbench.observe.metrics import Metrics
+from workbench.observe.profiler import Profiler
+from workbench.runtime.breaker import CircuitBreaker, Transition
+from workbench.runtime.errorlog import ErrorLog
+from workbench.runtime.faults import FaultInjector
+from workbench.runtime.retry import RetryPolicy, RetryStats
+
+# Launch retries: a transient device fault is retried quickly; five attempts make an exhausted
+# launch (and so a fallback) vanishingly rare at a few percent of injected faults.
+DEFAULT_LAUNCH_RETRY = RetryPolicy(max_attempts=5, initial_delay_s=0.001, max_delay_s=0.05)
 
 BACKENDS = ("auto", "numpy", "emulator", "cupy")
 
@@ -133,6 +145,7 @@ class Generation:
         self.prompt_token_ids = prompt_ids
         self.result: GenerationResult | None = None
         self.cancelled = False
+        self.request_id = ""
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self._events
@@ -150,12 +163,23 @@ class Generation:
 
 
 class Engine:
+    """A model on a backend, generating text; the hub of profiling, metrics and resilience.
+
+    Not thread-safe: one generation runs at a time (the server queues requests onto one worker).
+    """
+
     def __init__(
         self,
         model: Model | str | Path | None = None,
         backend: str = "auto",
         *,
         threads: int | None = None,
+        profiler: Profiler | None = None,
+        metrics: Metrics | None = None,
+        error_log: ErrorLog | None = None,
+        retry: RetryPolicy | None = None,
+        faults: FaultInjector | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise UserError(
@@ -163,8 +187,84 @@ class Engine:
                 f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})",
             )
         self.model = model if isinstance(model, Model) else load(model)
-        self.backend = make_backend(backend, threads=threads)
-        self.transformer = Transformer(self.model.gguf, self.backend)
+        self.requested_backend = backend
+        self.threads = threads
+        self.profiler = profiler if profiler is not None else Profiler()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.connect(self.profiler)
+        self.error_log = error_log if error_log is not None else ErrorLog()
+        self.retry = retry if retry is not None else DEFAULT_LAUNCH_RETRY
+        self.retry_stats = RetryStats()
+        self.retry_stats.add_listener(self._on_retry)
+        self.faults = faults
+        self.transformer = self._transformer(make_backend(backend, threads=threads))
+        self.breaker: CircuitBreaker | None = None
+        if self.transformer.backend.name != "numpy":
+            self.breaker = breaker or CircuitBreaker(
+                self.transformer.backend.name, failure_threshold=3, cooldown_s=30.0
+            )
+            self.breaker.add_listener(self._on_breaker)
+            self.metrics.breaker_state(self.breaker.name, self.breaker.state)
+        self._fallback: Transformer | None = None
+        self._active: Transformer = self.transformer  # the transformer of the last forward
+        self._kv: KVCache | None = None  # the running generation's cache
+
+    def _transformer(self, backend: Any) -> Transformer:
+        launcher = Launcher(
+            backend,
+            profiler=self.profiler,
+            retry=self.retry,
+            retry_stats=self.retry_stats,
+            error_log=self.error_log,
+            faults=self.faults,
+        )
+        return Transformer(self.model.gguf, launcher)
+
+    def set_faults(self, faults: FaultInjector | None) -> None:
+        """Inject faults at this engine's launch sites (None: the process-wide injector)."""
+        self.faults = faults
+        for tf in (self.transformer, self._fallback):
+            if tf is not None:
+                tf.backend.faults = faults
+
+    @property
+    def backend(self) -> Any:
+        """The backend of the engine's own (first-choice) transformer."""
+        return self.transformer.backend.backend
+
+    @property
+    def fallback_active(self) -> bool:
+        return self._active is not self.transformer
+
+    def state(self) -> dict[str, Any]:
+        """A snapshot for health checks and dashboards."""
+        spec = self.spec
+        kv = self._kv
+        per_token = 2 * spec.n_layers * spec.kv_dim * 4
+        used = kv.length if kv is not None else 0
+        memory = getattr(self.backend, "memory", lambda: None)()
+        return {
+            "model": self.model.name,
+            "backend": self._active.backend.name,
+            "requested_backend": self.requested_backend,
+            "fallback_active": self.fallback_active,
+            "breaker": self.breaker.snapshot() if self.breaker is not None else None,
+            "kv_cache": {
+                "used_tokens": used,
+                "capacity_tokens": kv.capacity if kv is not None else 0,
+                "bytes": used * per_token,
+            },
+            "device_memory": memory,
+        }
+
+    def _on_retry(self, operation: str, outcome: str, attempts: int, delays: list[float]) -> None:
+        for _ in range(attempts - 1):
+            self.metrics.retry(operation, "retry")
+        if outcome in ("recovered", "exhausted"):
+            self.metrics.retry(operation, outcome)
+
+    def _on_breaker(self, t: Transition) -> None:
+        self.metrics.breaker_state(t.breaker, t.new)
 
     @property
     def spec(self) -> Any:
@@ -183,7 +283,11 @@ class Engine:
         return self.tokenizer.encode(prompt, add_special=True, parse_special=True)
 
     def generate(
-        self, prompt: str | Sequence[int], config: GenerationConfig | None = None
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        request_id: str | None = None,
     ) -> Generation:
         """Generate from a raw prompt (text, or token ids as they are)."""
         if isinstance(prompt, str):
@@ -192,17 +296,23 @@ class Engine:
             ids = self.encode_prompt(prompt)
         else:
             ids = [int(i) for i in prompt]
-        return self._start(ids, config or GenerationConfig())
+        return self._start(ids, config or GenerationConfig(), request_id)
 
     def chat(
-        self, messages: Sequence[Mapping[str, str]], config: GenerationConfig | None = None
+        self,
+        messages: Sequence[Mapping[str, str]],
+        config: GenerationConfig | None = None,
+        *,
+        request_id: str | None = None,
     ) -> Generation:
         """Generate the assistant's reply to a conversation, formatted by the chat template."""
         if not messages or not any(m.get("content") for m in messages):
             raise UserError("user.empty_prompt", "the conversation has no content")
-        return self._start(self.format_chat(messages), config or GenerationConfig())
+        return self._start(self.format_chat(messages), config or GenerationConfig(), request_id)
 
-    def _start(self, ids: list[int], config: GenerationConfig) -> Generation:
+    def _start(
+        self, ids: list[int], config: GenerationConfig, request_id: str | None
+    ) -> Generation:
         ctx = self.spec.context_length
         if not ids:
             raise UserError("user.empty_prompt", "the prompt has no tokens")
@@ -218,15 +328,90 @@ class Engine:
         if any(i < 0 or i >= vocab for i in ids):
             raise UserError("user.bad_token_id", f"prompt token ids must be in [0, {vocab})")
         gen = Generation(iter(()), ids)
+        gen.request_id = request_id or uuid.uuid4().hex
         gen._events = self._run(gen, ids, config)
         return gen
 
     def _run(
         self, gen: Generation, ids: list[int], config: GenerationConfig
     ) -> Iterator[TokenEvent]:
-        tf, tok = self.transformer, self.tokenizer
+        with Profiler.request(gen.request_id):
+            model, first_backend = self.model.name, self._pick().backend.name
+            self.metrics.request_started(model, first_backend)
+            self.metrics.tokens(model, first_backend, prompt=len(ids))
+            try:
+                yield from self._generate(gen, ids, config)
+            except GeneratorExit:
+                self.metrics.request_cancelled(model, self._active.backend.name)
+                raise
+            except Exception as e:
+                category = e.category if isinstance(e, WorkbenchError) else "internal"
+                self.metrics.request_failed(model, self._active.backend.name, category)
+                self.error_log.record(e, operation="generate", request_id=gen.request_id)
+                raise
+            finally:
+                self._kv = None
+            r = gen.result
+            assert r is not None
+            backend = self._active.backend.name
+            self.metrics.tokens(model, backend, generated=len(r.token_ids))
+            if r.finish_reason == "cancelled":
+                self.metrics.request_cancelled(model, backend)
+            else:
+                self.metrics.request_completed(model, backend, duration_s=r.timings.total_s)
+
+    def _pick(self) -> Transformer:
+        """The transformer a new request starts on: the device unless its breaker is open."""
+        if self.breaker is not None and not self.breaker.allow():
+            return self._fallback_transformer()
+        return self.transformer
+
+    def _fallback_transformer(self) -> Transformer:
+        if self._fallback is None:
+            from workbench.backends.numpy_backend import NumpyBackend
+
+            self._fallback = self._transformer(NumpyBackend(threads=self.threads))
+        return self._fallback
+
+    def _forward(self, run: _Run, tokens: list[int]) -> np.ndarray:
+        """Logits (vocab,) on the host after running ``tokens`` at the end of ``run``'s cache.
+
+        A device failure that survived the launch retries counts against the breaker, and the
+        request continues on the NumPy backend: its KV cache is rebuilt from the tokens so far.
+        """
+        tf = run.tf
+        if tf is self.transformer and self.breaker is not None:
+            try:
+                logits = tf.backend.to_host(tf.forward(np.asarray(tokens), run.cache))
+            except (RecoverableError, BackendError) as e:
+                self.breaker.record_failure()
+                self.error_log.record(e, operation="forward", request_id=run.request_id)
+                self._switch_to_fallback(run)
+                return self._forward(run, tokens)
+            self.breaker.record_success()
+        else:
+            logits = tf.backend.to_host(tf.forward(np.asarray(tokens), run.cache))
+        run.done.extend(tokens)
+        return logits
+
+    def _switch_to_fallback(self, run: _Run) -> None:
+        src = run.tf.backend.name
+        run.tf = self._active = self._fallback_transformer()
+        run.cache = run.tf.new_cache(run.cache.capacity)
+        self._kv = run.cache
+        self.metrics.fallback(src, run.tf.backend.name)
+        if run.done:
+            run.tf.forward(np.asarray(run.done), run.cache)  # rebuild the cache
+
+    def _generate(
+        self, gen: Generation, ids: list[int], config: GenerationConfig
+    ) -> Iterator[TokenEvent]:
+        tok = self.tokenizer
+        model = self.model.name
         max_new = min(config.max_tokens, self.spec.context_length - len(ids))
-        cache = tf.new_cache(len(ids) + max_new)
+        tf = self._active = self._pick()
+        run = _Run(tf, tf.new_cache(len(ids) + max_new), gen.request_id)
+        self._kv = run.cache
         sampler = Sampler(config.sampler)
         stops = StopMatcher(config.stop)
         stream = tok.stream()
@@ -237,13 +422,17 @@ class Engine:
 
         history = list(ids)  # prompt and generated ids, for the repetition penalty
         t0 = t_step = t_first = time.perf_counter()
-        host = self.backend.to_host
-        logits = host(tf.prefill(np.asarray(ids), cache))
+        with Profiler.phase("prefill"):
+            logits = self._forward(run, ids)
         timings.prefill_s = time.perf_counter() - t0
         for index in range(max_new):
             if index:
                 t_step = time.perf_counter()
-                logits = host(tf.decode_one_token(out_ids[-1], cache))
+                with Profiler.phase("decode"):
+                    logits = self._forward(run, [out_ids[-1]])
+                self.metrics.observe_tpot(
+                    time.perf_counter() - t_step, model=model, backend=run.tf.backend.name
+                )
             token = sampler(logits, history)
             if token in tok.eog_ids:
                 finish = "stop"
@@ -256,7 +445,11 @@ class Engine:
             now = time.perf_counter()
             if index == 0:
                 timings.ttft_s, t_first = now - t0, now
+                self.metrics.observe_ttft(timings.ttft_s, model=model, backend=run.tf.backend.name)
             timings.generated_tokens = len(out_ids)
+            self.metrics.kv_cache(
+                model, used_tokens=run.cache.length, capacity_tokens=run.cache.capacity
+            )
             yield TokenEvent(index, token, released, lp, top, now - t0, now - t_step)
             if stopped:
                 finish = "stop"
@@ -317,6 +510,16 @@ def make_backend(name: str, *, threads: int | None = None) -> Any:
     from workbench.backends.device import DeviceBackend
 
     return DeviceBackend(name)
+
+
+@dataclass
+class _Run:
+    """The state of one running generation: which transformer, its cache, tokens processed."""
+
+    tf: Transformer
+    cache: KVCache
+    request_id: str
+    done: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
 
 
 class StopMatcher:

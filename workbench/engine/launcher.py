@@ -1,0 +1,114 @@
+"""The one launcher every backend operation goes through.
+
+A thin proxy in front of a backend: each operation (embed, linear, rmsnorm, rope, kv_append,
+attention, swiglu, add) is timed into the profiler under the name of the kernel that implements it
+(``matvec_q4_1``, ``attention_decode``, ...). On device backends it also passes the fault
+injector's ``launch`` site and retries recoverable errors per the policy, with statistics and the
+error log. The NumPy backend is not retried: NumPy code cannot fail transiently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from workbench.observe.profiler import Profiler
+from workbench.runtime import faults as faults_mod
+from workbench.runtime.errorlog import ErrorLog
+from workbench.runtime.faults import FaultInjector
+from workbench.runtime.retry import RetryPolicy, RetryStats
+
+OPERATIONS = ("embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add")
+
+
+def kernel_name(op: str, args: tuple[Any, ...]) -> str:
+    """The registry name of the kernel that runs ``op`` on these arguments."""
+    if op == "linear":
+        w, x = args
+        return f"{'matvec' if x.shape[0] == 1 else 'matmul'}_{w.qtype.name.lower()}"
+    if op == "embed":
+        return f"get_rows_{args[0].qtype.name.lower()}"
+    if op == "attention":
+        return "attention_decode" if args[0].shape[0] == 1 else "attention_prefill"
+    if op == "rope":
+        return f"rope_{args[2].rope_mode}"
+    return op
+
+
+def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
+    """(bytes, flops) of the operations that dominate a forward pass; None where not modelled."""
+    if op == "linear":
+        w, x = args
+        n, (rows, cols) = x.shape[0], w.shape
+        return int(w.data.nbytes) + 4 * n * (cols + rows), 2 * n * rows * cols
+    return None, None
+
+
+class Launcher:
+    """Backend proxy: ``launcher.linear(w, x)`` runs ``backend.linear`` through the launch path."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        profiler: Profiler,
+        retry: RetryPolicy,
+        retry_stats: RetryStats,
+        error_log: ErrorLog,
+        faults: FaultInjector | None = None,
+    ) -> None:
+        self.backend = backend
+        self.profiler = profiler
+        self.retry = retry
+        self.retry_stats = retry_stats
+        self.error_log = error_log
+        self.faults = faults  # None: the process-wide injector (disabled unless installed)
+        self.resilient = backend.name != "numpy"
+        for op in OPERATIONS:
+            setattr(self, op, self._wrap(op, getattr(backend, op)))
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything that is not an operation (xp, name, load_weight, to_host, ...) is the
+        # backend's own.
+        return getattr(self.backend, name)
+
+    def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        be = self.backend
+
+        def timed(*args: Any) -> Any:
+            if not self.profiler.enabled:
+                return fn(*args)
+            t0 = time.perf_counter()
+            out = fn(*args)
+            be.synchronize()  # device work is asynchronous: time it to completion
+            nbytes, flops = cost(op, args)
+            self.profiler.record(
+                kernel_name(op, args),
+                backend=be.name,
+                duration_s=time.perf_counter() - t0,
+                shapes={f"arg{i}": a.shape for i, a in enumerate(args) if hasattr(a, "shape")},
+                bytes=nbytes,
+                flops=flops,
+            )
+            return out
+
+        if not self.resilient:
+            return timed
+
+        def launch(*args: Any) -> Any:
+            name = kernel_name(op, args)
+
+            def attempt() -> Any:
+                injector = self.faults
+                if injector is not None:
+                    injector.maybe_fail("launch", kernel=name, backend=be.name)
+                else:
+                    faults_mod.maybe_fail("launch", kernel=name, backend=be.name)
+                return timed(*args)
+
+            return self.retry.call(
+                attempt, operation="launch", stats=self.retry_stats, log=self.error_log, kernel=name
+            )
+
+        return launch
