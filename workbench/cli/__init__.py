@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from workbench.errors import WorkbenchError
 
 # Command-group modules, in the order their commands appear in --help.
-GROUPS = ("generate", "models", "kernels_cmd", "bench")
+GROUPS = ("generate", "models", "kernels_cmd", "bench", "serve", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,124 @@
+"""`workbench serve`: the engine behind an OpenAI-compatible HTTP API (see docs/http-api.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from workbench.cli.generate import add_model_args
+
+API_KEY_ENV = "WORKBENCH_API_KEY"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+log = logging.getLogger(__name__)
+
+
+def add_audit_db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--audit-db",
+        type=Path,
+        metavar="PATH",
+        help="the audit log's SQLite file (default: audit.sqlite3 under WORKBENCH_HOME)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, "
+        "/health, /ready and /metrics. One generation runs at a time; up to --max-queue more "
+        "wait, beyond that requests get 503 with Retry-After. SIGTERM drains: new requests get "
+        "503, in-flight ones finish (up to --drain-grace seconds), then the server exits 0. "
+        "Environment: WORKBENCH_HOME, WORKBENCH_API_KEY, WORKBENCH_LOG_LEVEL, "
+        "WORKBENCH_LOG_FORMAT, WORKBENCH_LOG_FILE, WORKBENCH_FAULTS, WORKBENCH_FAULTS_SEED.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    add_model_args(p)
+    p.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health and /ready "
+        f"(default: ${API_KEY_ENV}; none: no key required)",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=8, help="requests waiting beyond the running one (8)"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="per-request limit, queue wait included; past it the generation is cancelled and "
+        "the client gets 503 (default: 300)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="larger request bodies get 413 (default: 1048576)",
+    )
+    p.add_argument(
+        "--drain-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may finish (default: 30)",
+    )
+    add_audit_db_arg(p)
+    p.add_argument(
+        "--audit-retention-days",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="audit rows older than this are pruned at startup and hourly (default: 30)",
+    )
+    p.add_argument("--no-audit", action="store_true", help="keep no audit log")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from workbench import store
+    from workbench.observe.logs import configure_from_env
+    from workbench.runtime.faults import FaultInjector
+    from workbench.server import ServerSettings, create_app, serve
+    from workbench.server.audit import default_path
+
+    configure_from_env()
+    faults = FaultInjector.from_env(os.environ)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    audit_db = None if args.no_audit else (args.audit_db or default_path(store.default_home()))
+    aliases = (args.model,) if args.model and not Path(args.model).suffix else ()
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        drain_grace_s=args.drain_grace,
+        audit_db=audit_db,
+        audit_retention_days=args.audit_retention_days,
+        model_aliases=aliases,
+    )
+    if args.host not in LOOPBACK and api_key is None:
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can use it", args.host
+        )
+
+    def make_engine() -> Any:
+        from workbench.engine.generate import Engine
+        from workbench.engine.loader import load
+
+        return Engine(
+            load(args.model),
+            backend=args.backend,
+            threads=args.threads,
+            faults=faults if faults.enabled else None,
+        )
+
+    serve(create_app(make_engine, settings), settings)
+    return 0

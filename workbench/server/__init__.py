@@ -1,0 +1,9 @@
+"""The HTTP server: an OpenAI-compatible API over one engine, with health, readiness, metrics,
+RFC 7807 errors, a bounded queue and an audit log. See docs/http-api.md and docs/deployment.md.
+
+`create_app` builds the FastAPI app; `serve` runs it under uvicorn with draining on SIGTERM.
+"""
+
+from workbench.server.app import ServerSettings, create_app, serve
+
+__all__ = ["ServerSettings", "create_app", "serve"]

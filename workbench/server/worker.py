@@ -1,0 +1,302 @@
+"""One worker thread in front of the engine, fed by a bounded queue.
+
+The engine is not thread-safe, so every engine call (loading, warm-up, generations) happens on the
+worker thread. A request becomes a `Job`: the HTTP side submits it and reads its messages from an
+asyncio queue; the worker runs the generation and hands each message to the event loop with
+``call_soon_threadsafe``. Messages are ``("start", Generation)``, ``("token", TokenEvent)``, then
+``("done", GenerationResult)`` or ``("error", WorkbenchError)``.
+
+Admission: one job runs, at most ``max_queue`` wait; beyond that `submit` raises a recoverable
+``server.queue_full`` (the HTTP layer answers 503 with Retry-After). A cancelled job (client gone,
+timeout) leaves the queue at once, or, when running, stops after the token in progress
+(`Generation.cancel`); the generation then ends and its KV cache goes with it.
+
+`drain` refuses new jobs and lets the queued and running ones finish; `stop` cancels what is left
+and joins the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from workbench.errors import InternalError, RecoverableError, WorkbenchError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1.0  # what a 503 tells clients to wait when the queue is full or we are loading
+WARMUP_PROMPT = "Hello"
+
+StartFn = Callable[[Any], Any]  # engine -> Generation
+Message = tuple[str, Any]
+
+
+class Job:
+    """One request's generation. Created on the event loop; run on the worker thread."""
+
+    def __init__(
+        self,
+        start: StartFn,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        request_id: str,
+        deadline: float | None = None,
+    ) -> None:
+        self.start = start
+        self.loop = loop
+        self.request_id = request_id
+        self.deadline = deadline  # time.monotonic() after which the worker cancels it
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.cancel_reason: str | None = None  # "disconnect", "timeout", "shutdown"
+        self._cancelled = threading.Event()
+        self._on_cancel: Callable[[Job], None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self, reason: str) -> None:
+        """Thread-safe; the first reason given sticks."""
+        if self._cancelled.is_set():
+            return
+        self.cancel_reason = reason
+        self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    def post(self, kind: str, value: Any) -> None:
+        """From the worker thread: hand a message to the request's event loop."""
+        # RuntimeError: the loop has closed; the server is gone and nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.messages.put_nowait, (kind, value))
+
+
+class Worker:
+    """Loads the engine, warms it up, then runs jobs one at a time."""
+
+    def __init__(
+        self,
+        engine: Any | Callable[[], Any],
+        *,
+        max_queue: int,
+        warmup: bool = True,
+    ) -> None:
+        if max_queue < 0:
+            raise InternalError("internal.bad_queue", f"max_queue must be >= 0, got {max_queue}")
+        self._factory: Callable[[], Any] = engine if callable(engine) else (lambda: engine)
+        self.max_queue = max_queue
+        self.warmup = warmup
+        self.engine: Any | None = None
+        self.load_error: WorkbenchError | None = None
+        self._ready = threading.Event()
+        self._pending: deque[Job] = deque()
+        self._running: Job | None = None
+        self._cond = threading.Condition()
+        self._draining = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="workbench-worker", daemon=True)
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """The model is loaded and warm, and new jobs are accepted."""
+        return self._ready.is_set() and not self._draining
+
+    @property
+    def loaded(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return 0 if self._running is None else 1
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and self._running is None
+
+    # -- control ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` or raise a recoverable error (draining, not ready, queue full)."""
+        with self._cond:
+            if self._draining or self._stopping:
+                raise RecoverableError(
+                    "server.draining",
+                    "the server is shutting down; retry on another instance",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            if self.load_error is not None:
+                raise self.load_error
+            if not self._ready.is_set():
+                raise RecoverableError(
+                    "server.not_ready",
+                    "the model is still loading; retry shortly",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            # One job runs and max_queue wait; counting the runner also covers the moment the
+            # worker is between jobs (running 0, one more waiting).
+            if len(self._pending) + self.running > self.max_queue:
+                raise RecoverableError(
+                    "server.queue_full",
+                    f"the server is busy ({self.max_queue} requests waiting); retry shortly",
+                    retry_after_s=RETRY_AFTER_S,
+                    max_queue=self.max_queue,
+                )
+            job._on_cancel = self._dequeue
+            self._pending.append(job)
+            self._publish()
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Refuse new jobs; queued and running ones go on."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel every job left, end the thread and wait for it (up to ``timeout``)."""
+        with self._cond:
+            self._draining = self._stopping = True
+            left = list(self._pending)
+            self._pending.clear()
+            running = self._running
+            self._publish()
+            self._cond.notify_all()
+        for job in left:
+            job.post("error", _shutdown_error())
+        if running is not None:
+            running.cancel("shutdown")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    # -- the thread ------------------------------------------------------------------------
+    def _dequeue(self, job: Job) -> None:
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                self._publish()
+                job.post("error", _cancelled_error(job))
+
+    def _publish(self) -> None:
+        """Queue and running gauges on the engine's metrics (called under the lock)."""
+        metrics = getattr(self.engine, "metrics", None)
+        if metrics is not None:
+            metrics.set_queue_length(len(self._pending))
+            metrics.set_running(self.running)
+
+    def _main(self) -> None:
+        if not self._load():
+            return
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._pending.popleft()
+                self._running = job
+                self._publish()
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._publish()
+                    self._cond.notify_all()
+
+    def _load(self) -> bool:
+        from workbench.engine.generate import GenerationConfig
+
+        t0 = time.perf_counter()
+        try:
+            engine = self._factory()
+            if self.warmup:  # compile, allocate and page in the weights before the first user
+                engine.generate(
+                    WARMUP_PROMPT, GenerationConfig(max_tokens=1, temperature=0.0)
+                ).run()
+        except WorkbenchError as e:
+            log.error("model load failed: %s", e.message, extra={"code": e.code})
+            self.load_error = e
+            return False
+        except Exception as e:
+            log.exception("model load failed")
+            self.load_error = InternalError(
+                "internal.load_failed", f"loading the model failed: {e}"
+            )
+            return False
+        with self._cond:
+            self.engine = engine
+            self._publish()
+        self._ready.set()
+        log.info(
+            "model ready",
+            extra={"model": engine.model.name, "load_s": round(time.perf_counter() - t0, 3)},
+        )
+        return True
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            job.cancel("timeout")  # waited in the queue past its deadline; _dequeue is a no-op now
+            job.post("error", _cancelled_error(job))
+            return
+        try:
+            gen = job.start(self.engine)
+            job.post("start", gen)
+            for event in gen:
+                job.post("token", event)
+                if not gen.cancelled and (
+                    job.cancelled or (job.deadline is not None and time.monotonic() >= job.deadline)
+                ):
+                    if not job.cancelled:
+                        job.cancel("timeout")
+                    gen.cancel()
+            job.post("done", gen.result)
+        except WorkbenchError as e:
+            job.post("error", e)
+        except Exception as e:  # a bug: log it here, tell the client nothing of it
+            log.exception("generation failed")
+            job.post("error", InternalError("internal.generation_failed", f"{type(e).__name__}"))
+
+
+def _shutdown_error() -> RecoverableError:
+    return RecoverableError(
+        "server.draining",
+        "the server shut down before the request ran; retry on another instance",
+        retry_after_s=RETRY_AFTER_S,
+    )
+
+
+def timeout_error(request_timeout_s: float | None = None) -> RecoverableError:
+    return RecoverableError(
+        "server.timeout",
+        "the request took longer than the server's request timeout"
+        + (f" ({request_timeout_s:g} s)" if request_timeout_s else ""),
+        retry_after_s=RETRY_AFTER_S,
+    )
+
+
+def _cancelled_error(job: Job) -> RecoverableError:
+    if job.cancel_reason == "timeout":
+        return timeout_error()
+    return RecoverableError("server.cancelled", f"the request was cancelled ({job.cancel_reason})")
