@@ -27,3 +27,10 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext workbench``: registers the ``%%hip`` cell magic (`workbench.widgets.magic`)."""
+    from workbench.widgets.magic import load_ipython_extension as load
+
+    load(ipython)

@@ -1,0 +1,204 @@
+"""The notebook panels without a browser: build each over a tiny model, drive its callbacks,
+assert on its traits and data."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("matplotlib")
+
+from workbench.engine.generate import Engine, GenerationConfig
+from workbench.errors import BackendError
+from workbench.runtime.errorlog import ErrorLog
+from workbench.runtime.retry import RetryStats
+from workbench.widgets import (
+    Dashboard,
+    ErrorInspector,
+    GenerationPanel,
+    KernelTimingPanel,
+    RetryStatsPanel,
+)
+
+
+@pytest.fixture
+def engine(tiny_model):
+    return Engine(tiny_model, backend="numpy")
+
+
+def test_generate_streams_text_and_timings(engine):
+    panel = GenerationPanel(engine)
+    panel.prompt, panel.max_tokens, panel.temperature = "the cat sat", 12, 0.0
+    assert panel.generate()
+    panel.wait(30)
+    assert not panel.running and panel.error == ""
+    expected = engine.generate("the cat sat", GenerationConfig(max_tokens=12, temperature=0)).run()
+    assert panel.output_text == expected.text
+    assert panel.tokens == len(expected.token_ids) > 1
+    assert panel.finish_reason == expected.finish_reason
+    assert panel.ttft_ms is not None and panel.ttft_ms > 0
+    assert panel.tok_s > 0
+    assert panel._output_w.value == panel.output_text  # the view follows the trait
+    assert "tok/s" in panel._stats_w.value
+
+
+def test_stop_cancels_a_running_generation(engine):
+    panel = GenerationPanel(engine)
+    panel.prompt, panel.max_tokens, panel.seed = "once upon", 100_000, 1
+    assert panel.generate()
+    assert panel.running and not panel.generate()  # one at a time
+    panel.stop()
+    panel.wait(30)
+    assert panel.finish_reason == "cancelled"
+    assert 0 < panel.tokens < 100_000
+
+
+def test_chat_mode_keeps_history_and_bad_settings_show_an_error(engine):
+    panel = GenerationPanel(engine)
+    panel.mode, panel.prompt, panel.max_tokens, panel.seed = "chat", "hello", 4, 3
+    assert panel.generate()
+    panel.wait(30)
+    assert [m["role"] for m in panel.history] == ["user", "assistant"]
+    assert panel.history[1]["content"] == panel.output_text
+    panel.top_p = 2.0  # invalid: refused before any thread starts
+    assert not panel.generate()
+    assert "top_p" in panel.error and not panel.running
+    panel.clear_history()
+    assert panel.history == []
+
+
+def test_kernel_timing_runs_on_the_emulator_and_compares_runs():
+    panel = KernelTimingPanel()
+    panel.kernels = ["add", "swiglu"]
+    assert panel.presets and all("count=" in p for p in panel.presets)
+    panel.backend, panel.warmup_ms, panel.rep_ms = "emulator", 1.0, 3.0
+    assert panel.run()
+    panel.wait(60)
+    assert panel.error == ""
+    assert [r["kernel"] for r in panel.results] == ["add", "swiglu"]
+    for r in panel.results:
+        assert r["backend"] == "emulator" and 0 < r["p50_ms"] <= r["p95_ms"]
+        assert r["gb_s"] > 0 and r["roof_fraction"] is None
+    frame = panel.results_frame()
+    assert list(frame["kernel"]) == ["add", "swiglu"] and "p95_ms" in frame.columns
+    assert "<table" in panel._table_w.value
+    assert panel._bars_w.value[:4] == b"\x89PNG" and panel._roof_w.value[:4] == b"\x89PNG"
+    roof = panel.roofline_figure()
+    assert "no roof" in roof.axes[0].get_title() and not roof.axes[0].lines
+
+    panel.kernels, panel.shape = ["add"], "count=2048"
+    assert panel.run()
+    panel.wait(60)
+    assert panel.results[0]["shape"] == {"count": 2048}
+    assert len(panel.history) == 2
+    assert panel.compare() == []  # no kernel at the same shape in both runs
+    panel.shape = ""
+    panel.run()
+    panel.wait(60)
+    (row,) = panel.compare(0, 2)
+    assert row["kernel"] == "add" and row["speedup"] == pytest.approx(
+        row["p50_ms_a"] / row["p50_ms_b"]
+    )
+
+
+def test_kernel_timing_reports_a_bad_shape():
+    panel = KernelTimingPanel()
+    panel.kernels, panel.shape, panel.backend = ["add"], "rows=4", "emulator"
+    panel.run()
+    panel.wait(60)
+    assert panel.error.startswith("user.bad_shape") and panel.results == []
+
+
+def test_roofline_draws_the_device_roofs():
+    from workbench.widgets.kernel_timing import roofline_plot
+
+    row = {"kernel": "k", "shape": {"n": 1}, "intensity": 0.5, "gflop_s": 100.0,
+           "peak_gb_s": 3350.0, "peak_gflop_s": 67000.0, "device": "H100"}  # fmt: skip
+    ax = roofline_plot([row]).axes[0]
+    (roof,) = [ln for ln in ax.lines if len(ln.get_xdata()) > 2]
+    x, y = roof.get_xdata(), roof.get_ydata()
+    assert y.max() == pytest.approx(67000.0)
+    assert y[0] == pytest.approx(x[0] * 3350.0)  # the memory roof below the ridge
+
+
+def test_fault_controls_configure_the_engine_and_counters_follow(tiny_model):
+    engine = Engine(tiny_model, backend="emulator")
+    panel = RetryStatsPanel(engine)
+    assert panel.breakers and panel.breakers[0]["state"] == "closed"
+    panel.fault_site, panel.fault_rate, panel.fault_seed = "launch", "0.2", 11
+    assert panel.apply_faults(), panel.error
+    assert engine.faults is not None and engine.faults.seed == 11
+    assert engine.faults.modes() == {"launch": 0.2}
+    assert panel.faults_spec == "launch:0.2"
+    engine.generate("the cat", GenerationConfig(max_tokens=3, seed=1)).run()
+    panel.refresh()
+    injected = panel.injected["launch"]
+    assert injected == engine.faults.injected("launch") > 0
+    counts = panel.counters
+    assert sum(c["attempts"] - c["calls"] for c in counts.values()) > 0  # retries happened
+    assert panel._hist_w.value[:4] == b"\x89PNG"
+    panel.fault_rate = "lots"
+    assert not panel.apply_faults() and "user.bad_faults" in panel.error
+    panel.clear_faults()
+    assert engine.faults.modes() == {} and panel.faults_spec == ""
+    panel.close()
+
+
+def test_retry_panel_without_engine_uses_given_sources():
+    stats = RetryStats()
+    panel = RetryStatsPanel(retry_stats=stats)
+    stats.record("pull", attempts=3, outcome="recovered", delays=[0.002, 0.02])
+    panel.refresh()
+    assert panel.counters["pull"]["recovered"] == 1 and panel.counters["pull"]["attempts"] == 3
+    hist = panel.counters["pull"]["delay_histogram"]
+    assert hist[0.005] == 1 and hist[0.025] == 1
+    panel.fault_site, panel.fault_rate = "alloc", "once"
+    assert panel.apply_faults() and panel.faults.modes() == {"alloc": "once"}
+
+
+def _compile_error() -> BackendError:
+    from workbench.kernels.emulator import EmulatorModule
+
+    try:
+        EmulatorModule('#include "wb.h"\nWB_KERNEL void f(float* x) {\n  x[0] = y;\n}\n')
+    except BackendError as e:
+        return e
+    raise AssertionError("the broken kernel compiled")
+
+
+def test_error_inspector_filters_and_shows_a_compile_error_beside_its_lines():
+    log = ErrorLog()
+    panel = ErrorInspector(log)
+    assert panel.error_count == 0 and panel.selected == -1
+    log.record(_compile_error(), operation="compile")
+    from workbench.errors import UserError
+
+    log.record(UserError("user.empty_prompt", "the prompt is empty"))
+    panel.refresh()
+    assert panel.error_count == 2
+    assert panel.codes == ["backend.compile_failed", "user.empty_prompt"]
+    assert panel.records[0]["code"] == "user.empty_prompt"  # newest first
+    panel.category = "backend"
+    assert [r["code"] for r in panel.records] == ["backend.compile_failed"]
+    panel.select(0)
+    assert "backend.compile_failed" in panel.detail
+    assert "'y' was not declared" in panel.compiler_log
+    assert any(":3: x[0] = y;" in line for line in panel.source_lines)
+    assert "x[0] = y;" in panel._lines_w.value and panel._compile_box.layout.display is None
+    panel.category, panel.code = "", "user.empty_prompt"
+    assert len(panel.records) == 1 and panel.compiler_log == ""
+    assert panel._compile_box.layout.display == "none"
+    panel.close()
+
+
+def test_dashboard_puts_four_panels_over_one_engine(engine):
+    dash = Dashboard(engine)
+    assert len(dash.tabs.children) == 4
+    assert dash.generation.engine is dash.retry_stats.engine is engine
+    assert dash.errors.error_log is engine.error_log
+    assert "tiny" in dash._header.value
+    dash.generation.prompt, dash.generation.max_tokens = "hi", 2
+    dash.generation.generate()
+    dash.generation.wait(30)
+    assert dash.generation.tokens >= 1
+    dash.close()
