@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from workbench.errors import WorkbenchError
 
@@ -37,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_from_env(environ: Mapping[str, str]) -> None:
+    """Settings read once, here at the edge: logging and process-wide fault injection."""
+    from workbench.observe.logs import configure_from_env as configure_logs
+    from workbench.runtime import faults
+
+    configure_logs(environ)
+    if environ.get("WORKBENCH_FAULTS"):
+        faults.install(faults.FaultInjector.from_env(environ))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        configure_from_env(os.environ)
         return int(args.func(args) or 0)
     except WorkbenchError as e:
         if args.debug:
