@@ -572,3 +572,25 @@ def run_in_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a client hung"
     return out
+
+
+def test_serve_reads_its_settings_once_at_the_edge(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workbench.server
+    from workbench.cli import main
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(
+        workbench.server, "serve", lambda app, settings: seen.update(app=app, settings=settings)
+    )
+    monkeypatch.setenv("WORKBENCH_API_KEY", "from-env")
+    db = tmp_path / "a.sqlite3"
+    args = ["serve", "--model", str(tiny_model), "--max-queue", "3", "--audit-db", str(db)]
+    assert main([*args, "--request-timeout", "7", "--audit-retention-days", "2"]) == 0
+    s = seen["settings"]
+    assert (s.host, s.port, s.api_key, s.max_queue) == ("127.0.0.1", 8000, "from-env", 3)
+    assert (s.request_timeout_s, s.audit_db, s.audit_retention_days) == (7.0, db, 2.0)
+    assert main([*args, "--api-key", "flag-wins"]) == 0
+    assert seen["settings"].api_key == "flag-wins"
+    assert main(["serve", "--model", str(tiny_model), "--max-queue", "-1"]) == 2
