@@ -88,7 +88,7 @@ def roofline_plot(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
         ax.set_title(title)
     elif pts and not peaks:
         device = pts[0].get("device", "")
-        ax.set_title(f"{device}: no roof (no peak figures for it); points only", fontsize=9)
+        ax.set_title(f"{device}: no roof (no peak figures for it), points only", fontsize=9)
     elif pts:
         ax.set_title(f"roofline of {pts[0].get('device', '')}", fontsize=9)
     return fig
