@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from workbench.errors import WorkbenchError
 
 # Command-group modules, in the order their commands appear in --help.
-GROUPS = ("generate", "models", "kernels_cmd", "bench", "serve", "audit")
+GROUPS = ("generate", "models", "kernels_cmd", "bench", "serve", "audit", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
