@@ -371,11 +371,19 @@ def parse_param(text: str) -> tuple[str, Any]:
 
 
 def notebook_parameters(notebook: str | os.PathLike[str]) -> dict[str, Any]:
-    """The names and default values of a notebook's ``parameters`` cell."""
+    """The names and default values of a notebook's ``parameters`` cell (values that are not
+    Python literals stay as their source text)."""
+    import ast
+
     import papermill as pm
 
-    params = pm.inspect_notebook(str(notebook))
-    return {name: p["default"] for name, p in params.items()}
+    out: dict[str, Any] = {}
+    for name, p in pm.inspect_notebook(str(notebook)).items():
+        try:
+            out[name] = ast.literal_eval(p["default"])
+        except (ValueError, SyntaxError):
+            out[name] = p["default"]
+    return out
 
 
 def execute_notebook(
