@@ -75,6 +75,19 @@ class Launcher:
 
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         be = self.backend
+        # What a record needs depends only on the operation's argument shapes and weight type,
+        # which repeat every layer and every token: work it out once per signature.
+        described: dict[tuple, tuple[str, dict, int | None, int | None]] = {}
+
+        def describe(args: tuple[Any, ...]) -> tuple[str, dict, int | None, int | None]:
+            key = tuple(
+                (a.shape, getattr(a, "qtype", None)) if hasattr(a, "shape") else None for a in args
+            )
+            d = described.get(key)
+            if d is None:
+                shapes = {f"arg{i}": a.shape for i, a in enumerate(args) if hasattr(a, "shape")}
+                d = described[key] = (kernel_name(op, args), shapes, *cost(op, args))
+            return d
 
         def timed(*args: Any) -> Any:
             if not self.profiler.enabled:
@@ -82,12 +95,12 @@ class Launcher:
             t0 = time.perf_counter()
             out = fn(*args)
             be.synchronize()  # device work is asynchronous: time it to completion
-            nbytes, flops = cost(op, args)
+            name, shapes, nbytes, flops = describe(args)
             self.profiler.record(
-                kernel_name(op, args),
+                name,
                 backend=be.name,
                 duration_s=time.perf_counter() - t0,
-                shapes={f"arg{i}": a.shape for i, a in enumerate(args) if hasattr(a, "shape")},
+                shapes=shapes,
                 bytes=nbytes,
                 flops=flops,
             )

@@ -230,8 +230,15 @@ class Metrics:
         """Observe every record of ``profiler`` (a workbench.observe.Profiler) in the kernel
         launch histogram. Returns a function that disconnects it."""
 
+        children: dict[tuple[str, str], Any] = {}  # labels() takes a lock and a lookup: once
+        hist = self._m["kernel_launch_duration_seconds"]
+
         def on_record(rec: Any) -> None:
-            self.kernel_launch(rec.name, rec.backend, rec.duration_s)
+            key = (rec.name, rec.backend)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = hist.labels(*key)
+            child.observe(rec.duration_s)
 
         profiler.add_listener(on_record)
         return lambda: profiler.remove_listener(on_record)
