@@ -32,6 +32,8 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval-sanitize.cfg notebooks
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
