@@ -2,9 +2,10 @@
 
 Opens 01-quickstart (the generation panel) and 03-resilience (the dashboard), runs every cell,
 and checks that the widgets rendered (no "Loading widget..." placeholder, no widget or cell
-error). Screenshots go to test-artifacts/; the dashboard's also to docs/img/dashboard.png for
-the user guide. Needs Debian's chromium (and Playwright from PyPI, which drives it: no browser
-is downloaded); skipped where either is missing. Uses the real model (smollm2).
+error). Screenshots go to test-artifacts/ (docs/img/dashboard.png is a copy of one, refreshed
+by hand: tests never write into the source tree). Needs Debian's chromium (and Playwright from
+PyPI, which drives it: no browser is downloaded); skipped where either is missing. Uses the
+real model (smollm2).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from workbench import store
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-DOCS_IMG = ROOT / "docs" / "img" / "dashboard.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "workbench-browser-test"
 FLAGS = [
@@ -209,6 +209,4 @@ def test_resilience_renders_the_dashboard(lab, browser_context):
     shot = ARTIFACTS / "dashboard.png"
     tabs.screenshot(path=str(shot))
     assert shot.stat().st_size > 5_000  # a rendered panel, not a blank box
-    DOCS_IMG.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, DOCS_IMG)
     page.close()

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from threadpoolctl import threadpool_limits
 
-from workbench.backends import quant_cpu
+from workbench.backends import cpu_ops, quant_cpu
 from workbench.gguf.reader import ModelSpec, Tensor
 
 
@@ -74,10 +74,9 @@ class NumpyBackend:
         """x (n, dim) -> (n, dim): x / sqrt(mean(x^2) + eps) * w, as llama.cpp (eps inside sqrt)."""
         # The mean of squares is accumulated in float64 (ggml does the same) so that long rows
         # with large activations do not lose the small components.
-        x64 = x.astype(np.float64)
-        ms = np.einsum("ij,ij->i", x64, x64) / x.shape[1]  # (n,)
-        scale = (1.0 / np.sqrt(ms + eps)).astype(np.float32)
-        return x * scale[:, None] * w.data
+        out = np.empty_like(x)  # (n, dim)
+        cpu_ops.rmsnorm(np.ascontiguousarray(x), w.data, eps, out)
+        return out
 
     def rope(self, x: np.ndarray, start: int, spec: ModelSpec, factors: Weight | None) -> None:
         """Rotate x (n, heads, head_dim) in place for positions start..start+n-1.
@@ -85,19 +84,8 @@ class NumpyBackend:
         "norm" pairs adjacent elements (2i, 2i+1), as llama.cpp does for llama (its converter
         permutes Q and K so this equals HF's rotate-half); "neox" pairs i with i + rope_dim/2.
         """
-        half = spec.rope_dim // 2
-        cos, sin = self._rope_tables(start, x.shape[0], spec, factors)  # (n, half) each
-        c, s = cos[:, None, :], sin[:, None, :]
-        if spec.rope_mode == "norm":
-            x0 = x[..., 0 : 2 * half : 2].copy()
-            x1 = x[..., 1 : 2 * half : 2]
-            x[..., 0 : 2 * half : 2] = x0 * c - x1 * s
-            x[..., 1 : 2 * half : 2] = x0 * s + x1 * c
-        else:
-            x0 = x[..., :half].copy()
-            x1 = x[..., half : 2 * half]
-            x[..., :half] = x0 * c - x1 * s
-            x[..., half : 2 * half] = x0 * s + x1 * c
+        cos, sin = self._rope_tables(start, x.shape[0], spec, factors)  # (n, rope_dim/2) each
+        cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
 
     @staticmethod
     def _rope_tables(
@@ -130,6 +118,10 @@ class NumpyBackend:
         """
         n, n_heads, hd = q.shape
         t = start + n
+        if n == 1:
+            out = np.empty(n_heads * hd, dtype=np.float32)
+            cpu_ops.attention_decode(q[0], k_cache, v_cache, t, out)
+            return out[None, :]
         k, v = k_cache[:, :t], v_cache[:, :t]  # (kv_heads, t, hd)
         n_kv = k.shape[0]
         group = n_heads // n_kv

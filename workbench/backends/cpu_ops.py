@@ -1,0 +1,80 @@
+"""Small numba kernels for the NumPy backend's per-token operations.
+
+At decode time each of these runs on one row, hundreds of times per token; written as NumPy
+expressions they cost tens of microseconds each in temporaries and dispatch, more than the
+arithmetic. These loops do the same arithmetic in the same order as the NumPy formulas they
+replace (see the NumPy backend), with the accumulations the comments name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """x (n, dim) float32, w (dim,) -> out (n, dim); the mean of squares accumulated in float64."""
+    n, dim = x.shape
+    for i in range(n):
+        acc = 0.0  # float64
+        for j in range(dim):
+            v = np.float64(x[i, j])
+            acc += v * v
+        scale = np.float32(1.0 / math.sqrt(acc / dim + eps))
+        for j in range(dim):
+            out[i, j] = x[i, j] * scale * w[j]
+
+
+@njit(cache=True, nogil=True)
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
+    """Rotate x (n, heads, hd) in place; cos, sin (n, rope_dim/2) float32.
+
+    neox=False pairs (2i, 2i+1) as llama.cpp's "norm" mode; neox=True pairs (i, i + rope_dim/2).
+    """
+    n, heads, _ = x.shape
+    half = cos.shape[1]
+    for t in range(n):
+        for h in range(heads):
+            for i in range(half):
+                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                x0, x1 = x[t, h, a], x[t, h, b]
+                c, s = cos[t, i], sin[t, i]
+                x[t, h, a] = x0 * c - x1 * s
+                x[t, h, b] = x0 * s + x1 * c
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: np.ndarray) -> None:
+    """One query position: q (heads, hd), k, v (kv_heads, ctx, hd) filled up to t -> out (heads*hd).
+
+    Query head h reads KV head h // (heads / kv_heads). Softmax in float32 after subtracting the
+    row maximum, as the NumPy path; fastmath only lets the dot products vectorise.
+    """
+    heads, hd = q.shape
+    group = heads // k.shape[0]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    scores = np.empty(t, dtype=np.float32)
+    for h in range(heads):
+        g = h // group
+        m = -np.inf
+        for j in range(t):
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += q[h, d] * k[g, j, d]
+            s = acc * scale
+            scores[j] = s
+            m = max(m, s)
+        total = np.float32(0.0)
+        for j in range(t):
+            e = np.exp(scores[j] - m)
+            scores[j] = e
+            total += e
+        for d in range(hd):
+            out[h * hd + d] = 0.0
+        for j in range(t):
+            p = scores[j] / total
+            for d in range(hd):
+                out[h * hd + d] += p * v[g, j, d]
