@@ -37,6 +37,8 @@ class NumpyBackend:
             # BLAS (prefill) uses its own pool; cap it too so --threads means what it says.
             threadpool_limits(threads)
         self.threads = quant_cpu.get_threads()
+        self._rope_key: tuple | None = None
+        self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
 
     # -- weights ---------------------------------------------------------------------------
@@ -84,7 +86,12 @@ class NumpyBackend:
         "norm" pairs adjacent elements (2i, 2i+1), as llama.cpp does for llama (its converter
         permutes Q and K so this equals HF's rotate-half); "neox" pairs i with i + rope_dim/2.
         """
-        cos, sin = self._rope_tables(start, x.shape[0], spec, factors)  # (n, rope_dim/2) each
+        # Every layer's q and k of one forward pass share the positions: build the tables once.
+        key = (start, x.shape[0], spec, None if factors is None else factors.name)
+        if self._rope_key != key:
+            self._rope_key = key
+            self._rope_cos_sin = self._rope_tables(start, x.shape[0], spec, factors)
+        cos, sin = self._rope_cos_sin  # (n, rope_dim/2) each
         cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
 
     @staticmethod
@@ -130,9 +137,10 @@ class NumpyBackend:
         scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hd))
         scores = scores.reshape(n_kv, group, n, t)  # (kv_heads, group, n, t)
         if n > 1:
-            # Row i may see cache positions <= start + i.
-            mask = np.arange(t)[None, :] > (start + np.arange(n))[:, None]  # (n, t)
-            scores[..., mask] = -np.inf
+            # Row i may see cache positions <= start + i. Added, not indexed: boolean indexing
+            # of the 4-D scores cost more than the attention itself.
+            hidden = np.arange(t)[None, :] > (start + np.arange(n))[:, None]  # (n, t)
+            scores += np.where(hidden, np.float32(-np.inf), np.float32(0.0))
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)

@@ -27,6 +27,12 @@ def add_model_args(p: argparse.ArgumentParser, *, backend: bool = True) -> None:
             "HIP kernels on the CPU emulator: slow, for checking kernels), cupy (default: auto)",
         )
         p.add_argument("--threads", "-t", type=int, help="CPU threads (default: all cores)")
+        p.add_argument(
+            "--profile",
+            action="store_true",
+            help="record every kernel launch and print a per-kernel table at the end (costs a "
+            "few ms per token on the numpy backend)",
+        )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +72,27 @@ def make_engine(args: argparse.Namespace) -> Any:
 
     with pull_progress() as progress:
         model = load(args.model, progress=progress)
-    return Engine(model, backend=args.backend, threads=args.threads)
+    engine = Engine(model, backend=args.backend, threads=args.threads)
+    engine.profiler.enabled = getattr(args, "profile", False)
+    return engine
+
+
+def print_profile(engine: Any) -> None:
+    """The per-kernel summary of the launches recorded so far, on stderr."""
+    rows = engine.profiler.summary()
+    if not rows:
+        return
+    print(
+        f"{'kernel':24s} {'count':>7s} {'total ms':>9s} {'p50 us':>8s} {'GB/s':>7s}",
+        file=sys.stderr,
+    )
+    for r in rows:
+        gb_s = f"{r['gb_s']:.1f}" if r.get("gb_s") else "-"
+        print(
+            f"{r['name']:24s} {r['count']:7d} {r['total_s'] * 1e3:9.2f} "
+            f"{r['p50_s'] * 1e6:8.1f} {gb_s:>7s}",
+            file=sys.stderr,
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -163,6 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         out.write("\n")
         print(summary_line(result), file=sys.stderr)
+    if args.profile:
+        print_profile(engine)
     return 0
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -208,6 +209,11 @@ class Engine:
         self._fallback: Transformer | None = None
         self._active: Transformer = self.transformer  # the transformer of the last forward
         self._kv: KVCache | None = None  # the running generation's cache
+        # Loading pulled in numba, LLVM and the tokenizer: a large heap of objects that live as
+        # long as the process. Every full collection triggered by the per-launch records would
+        # walk all of them (measured: prefill 300 -> 185 tok/s with profiling on). Freezing moves
+        # them out of the collector's way; it frees nothing and changes no behaviour.
+        gc.freeze()
 
     def _transformer(self, backend: Any) -> Transformer:
         launcher = Launcher(

@@ -153,7 +153,7 @@ class Profiler:
             name=name,
             backend=backend,
             duration_s=float(duration_s),
-            shapes=dict(shapes) if shapes else {},
+            shapes=shapes if shapes else {},  # shared, not copied: callers reuse one per signature
             start_s=time.perf_counter() if start_s is None else start_s,
             grid=None if grid is None else tuple(grid),
             block=None if block is None else tuple(block),
