@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import BackendError, InternalError, RecoverableError, UserError
+from workbench.kernels.registry import kernels_dir
 
 # Bump when the generated wrapper or the compile flags change in a way the hashed inputs miss.
 EMULATOR_VERSION = "1"
@@ -86,19 +87,6 @@ def default_cache_dir() -> Path:
     from workbench.store import default_home  # the one function that reads WORKBENCH_HOME
 
     return default_home() / "emulator"
-
-
-def kernels_dir() -> Path:
-    """The directory holding ``wb.h`` and ``emulator/`` (package data, else the source tree)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[1] / "_kernels", here.parents[2] / "kernels"):
-        if (candidate / "wb.h").is_file() and (candidate / "emulator" / "wb_emu.h").is_file():
-            return candidate
-    raise BackendError(
-        "backend.emulator_missing",
-        "the emulator's headers (kernels/wb.h, kernels/emulator/) are not installed with the "
-        "workbench; reinstall it from a source checkout",
-    )
 
 
 # --- the host compiler ------------------------------------------------------------------------

@@ -86,9 +86,16 @@ def get(name: str) -> KernelSpec:
 
 
 def kernels_dir() -> Path:
-    """The HIP sources: `workbench/_kernels` in an installed wheel, `kernels/` in a checkout."""
+    """The HIP sources and the emulator's headers: `workbench/_kernels` in an installed wheel,
+    `kernels/` in a source checkout."""
+    from workbench.errors import BackendError
+
     here = Path(__file__).resolve().parent.parent
     for candidate in (here / "_kernels", here.parent / "kernels"):
-        if (candidate / "wb.h").is_file():
+        if (candidate / "wb.h").is_file() and (candidate / "emulator" / "wb_emu.h").is_file():
             return candidate
-    raise FileNotFoundError("the HIP kernel sources (kernels/wb.h) are not installed")
+    raise BackendError(
+        "backend.kernels_missing",
+        "the HIP kernel sources (kernels/wb.h, kernels/emulator/) are not installed with the "
+        "workbench; reinstall it from a source checkout or a wheel",
+    )

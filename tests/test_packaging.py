@@ -1,0 +1,39 @@
+"""The wheel carries every package and the HIP sources (kernels/ -> workbench/_kernels)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_package_list_matches_the_tree():
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "workbench").rglob("__init__.py")
+    }
+    assert listed == on_disk | {"workbench._kernels", "workbench._kernels.emulator"}
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_kernel_sources(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.name for p in (ROOT / "kernels").glob("*.hip")} | {"wb.h", "quant.h"}
+    for name in sources:
+        assert f"workbench/_kernels/{name}" in names, name
+    for p in (ROOT / "kernels" / "emulator").iterdir():
+        assert f"workbench/_kernels/emulator/{p.name}" in names, p.name
