@@ -32,3 +32,23 @@ def test_emulator_generates_the_numpy_greedy_tokens(tiny_model):
     a = Engine(tiny_model, backend="numpy").generate("the cat", cfg).run()
     b = Engine(tiny_model, backend="emulator").generate("the cat", cfg).run()
     assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_device_sampling_draws_what_the_host_sampler_draws(tiny_model):
+    """On a device the token is drawn by the sampling kernels with the host sampler's uniform
+    number, so a seed gives the same text on every backend; only the id leaves the device."""
+    cfg = GenerationConfig(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, seed=5)
+    a = Engine(tiny_model, backend="numpy").generate("the cat", cfg).run()
+    dev = Engine(tiny_model, backend="emulator")
+    b = dev.generate("the cat", cfg, request_id="s").run()
+    assert a.token_ids == b.token_ids
+    names = {r.name for r in dev.profiler.records(request_id="s")}
+    assert "sample_top_k_top_p" in names
+
+
+def test_logprobs_and_penalty_sample_on_the_host(tiny_model):
+    cfg = GenerationConfig(max_tokens=4, temperature=0, logprobs=2, repeat_penalty=1.3)
+    a = Engine(tiny_model, backend="numpy").generate("an", cfg).run()
+    b = Engine(tiny_model, backend="emulator").generate("an", cfg).run()
+    assert a.token_ids == b.token_ids
+    assert all(len(top) == 2 for _, top in b.logprobs)

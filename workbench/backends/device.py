@@ -126,6 +126,23 @@ class DeviceBackend:
     def add(self, a: Any, b: Any) -> Any:
         return ops.add(self._m("elementwise.hip"), self.xp.ascontiguousarray(a), b)
 
+    def sample_token(
+        self, logits: Any, *, temperature: float, top_k: int, top_p: float, min_p: float, u: float
+    ) -> int:
+        """The next token id, drawn on the device: only the id crosses to the host.
+
+        temperature 0 is greedy (argmax); otherwise top-k (1..128), top-p, min-p, temperature and
+        a draw with the uniform number u, in the order of the engine's sampler.
+        """
+        m = self._m("sampling.hip")
+        if temperature == 0:
+            out = ops.argmax(m, logits)
+        else:
+            out = ops.sample(
+                m, logits, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature, u=u
+            )
+        return int(self.to_host(out)[0])
+
     def to_host(self, a: Any) -> np.ndarray:
         return a.get() if hasattr(a, "get") else np.asarray(a)
 

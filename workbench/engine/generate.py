@@ -34,6 +34,9 @@ DEFAULT_LAUNCH_RETRY = RetryPolicy(max_attempts=5, initial_delay_s=0.001, max_de
 
 BACKENDS = ("auto", "numpy", "emulator", "cupy")
 
+# The sampling kernel keeps its candidates in shared memory: top_k above this samples on the host.
+DEVICE_SAMPLE_MAX_K = 128
+
 # TokenEvent.id of the last event when it only releases held-back text (no new token).
 FLUSH_ID = -1
 
@@ -91,7 +94,7 @@ class TokenEvent:
     index: int  # 0 for the first generated token
     id: int
     text: str  # text released with this token (held back while it may start a stop string)
-    logprob: float  # log-probability of this token under the model (before sampling transforms)
+    logprob: float  # under the model, before sampling transforms; NaN if drawn on the device
     top_logprobs: tuple[TopLogprob, ...]  # empty unless GenerationConfig.logprobs > 0
     elapsed_s: float  # since generate() started
     step_s: float  # forward pass and sampling for this token
@@ -379,8 +382,9 @@ class Engine:
             self._fallback = self._transformer(NumpyBackend(threads=self.threads))
         return self._fallback
 
-    def _forward(self, run: _Run, tokens: list[int]) -> np.ndarray:
-        """Logits (vocab,) on the host after running ``tokens`` at the end of ``run``'s cache.
+    def _forward(self, run: _Run, tokens: list[int]) -> Any:
+        """Logits (vocab,), on the backend's device, after running ``tokens`` at the end of
+        ``run``'s cache.
 
         A device failure that survived the launch retries counts against the breaker, and the
         request continues on the NumPy backend: its KV cache is rebuilt from the tokens so far.
@@ -388,7 +392,7 @@ class Engine:
         tf = run.tf
         if tf is self.transformer and self.breaker is not None:
             try:
-                logits = tf.backend.to_host(tf.forward(np.asarray(tokens), run.cache))
+                logits = tf.forward(np.asarray(tokens), run.cache)
             except (RecoverableError, BackendError) as e:
                 self.breaker.record_failure()
                 self.error_log.record(e, operation="forward", request_id=run.request_id)
@@ -396,9 +400,38 @@ class Engine:
                 return self._forward(run, tokens)
             self.breaker.record_success()
         else:
-            logits = tf.backend.to_host(tf.forward(np.asarray(tokens), run.cache))
+            logits = tf.forward(np.asarray(tokens), run.cache)
         run.done.extend(tokens)
         return logits
+
+    def _sample(
+        self,
+        run: _Run,
+        logits: Any,
+        sampler: Sampler,
+        history: list[int],
+        config: GenerationConfig,
+    ) -> tuple[int, np.ndarray | None]:
+        """(next token id, host logits or None). On a device that can draw the token itself,
+        only the id crosses to the host; log-probabilities and the repetition penalty need the
+        logits on the host. The uniform draw comes from the sampler's own generator either way,
+        so a seed gives the same text on every backend."""
+        c = config.sampler
+        be = run.tf.backend
+        on_device = (
+            hasattr(be, "sample_token")
+            and config.logprobs == 0
+            and (c.repeat_penalty == 1.0 or c.repeat_last_n == 0)
+            and (c.greedy or 1 <= c.top_k <= DEVICE_SAMPLE_MAX_K)
+        )
+        if on_device:
+            u = 0.0 if c.greedy else float(sampler.rng.random())
+            token = be.sample_token(
+                logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p, u=u
+            )
+            return token, None
+        host = be.to_host(logits)
+        return sampler(host, history), host
 
     def _switch_to_fallback(self, run: _Run) -> None:
         src = run.tf.backend.name
@@ -439,11 +472,16 @@ class Engine:
                 self.metrics.observe_tpot(
                     time.perf_counter() - t_step, model=model, backend=run.tf.backend.name
                 )
-            token = sampler(logits, history)
+            with Profiler.phase("decode" if index else "prefill"):
+                token, host_logits = self._sample(run, logits, sampler, history, config)
             if token in tok.eog_ids:
                 finish = "stop"
                 break
-            lp, top = self._logprobs(logits, token, config.logprobs)
+            lp, top = (
+                self._logprobs(host_logits, token, config.logprobs)
+                if host_logits is not None
+                else (float("nan"), ())
+            )
             out_ids.append(token)
             history.append(token)
             logprobs.append((lp, top))

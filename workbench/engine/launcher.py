@@ -19,7 +19,10 @@ from workbench.runtime.errorlog import ErrorLog
 from workbench.runtime.faults import FaultInjector
 from workbench.runtime.retry import RetryPolicy, RetryStats
 
-OPERATIONS = ("embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add")
+OPERATIONS = (
+    "embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add",
+    "sample_token",  # device backends only
+)  # fmt: skip
 
 
 def kernel_name(op: str, args: tuple[Any, ...]) -> str:
@@ -33,6 +36,8 @@ def kernel_name(op: str, args: tuple[Any, ...]) -> str:
         return "attention_decode" if args[0].shape[0] == 1 else "attention_prefill"
     if op == "rope":
         return f"rope_{args[2].rope_mode}"
+    if op == "sample_token":
+        return "sample_top_k_top_p"  # argmax when greedy; named for the family
     return op
 
 
@@ -66,7 +71,8 @@ class Launcher:
         self.faults = faults  # None: the process-wide injector (disabled unless installed)
         self.resilient = backend.name != "numpy"
         for op in OPERATIONS:
-            setattr(self, op, self._wrap(op, getattr(backend, op)))
+            if hasattr(backend, op):
+                setattr(self, op, self._wrap(op, getattr(backend, op)))
 
     def __getattr__(self, name: str) -> Any:
         # Everything that is not an operation (xp, name, load_weight, to_host, ...) is the
@@ -89,11 +95,11 @@ class Launcher:
                 d = described[key] = (kernel_name(op, args), shapes, *cost(op, args))
             return d
 
-        def timed(*args: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             if not self.profiler.enabled:
-                return fn(*args)
+                return fn(*args, **kwargs)
             t0 = time.perf_counter()
-            out = fn(*args)
+            out = fn(*args, **kwargs)
             be.synchronize()  # device work is asynchronous: time it to completion
             name, shapes, nbytes, flops = describe(args)
             self.profiler.record(
@@ -109,7 +115,7 @@ class Launcher:
         if not self.resilient:
             return timed
 
-        def launch(*args: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> Any:
             name = kernel_name(op, args)
 
             def attempt() -> Any:
@@ -118,7 +124,7 @@ class Launcher:
                     injector.maybe_fail("launch", kernel=name, backend=be.name)
                 else:
                     faults_mod.maybe_fail("launch", kernel=name, backend=be.name)
-                return timed(*args)
+                return timed(*args, **kwargs)
 
             return self.retry.call(
                 attempt, operation="launch", stats=self.retry_stats, log=self.error_log, kernel=name
