@@ -108,3 +108,35 @@ def test_cancelled_and_failed_requests_are_counted(tiny_model):
         gen.cancel()
     assert gen.result.finish_reason == "cancelled"
     assert metric(engine, "workbench_requests_cancelled_total") == 1
+
+
+@pytest.mark.parametrize("spec", ["alloc:0.05", "sync:0.05", "compile:once"])
+def test_every_device_fault_site_is_retried(tiny_model, fault_free, spec):
+    from workbench.runtime import faults
+
+    injector = FaultInjector.from_spec(spec, seed=int(np.random.default_rng().integers(1e9)))
+    site = spec.split(":")[0]
+    with faults.injecting(injector):  # the compile site runs while the backend is built
+        engine = Engine(tiny_model, backend="emulator", faults=injector)
+        for prompt in PROMPTS[:3]:
+            assert engine.generate(prompt, GREEDY).run().token_ids == fault_free[prompt]
+    assert injector.injected(site) >= 1
+    assert not engine.fallback_active
+
+
+def test_a_foreign_device_error_is_classified_and_retried(tiny_model, fault_free):
+    engine = Engine(tiny_model, backend="emulator")
+    backend = engine.transformer.backend.backend
+    real, calls = backend.rmsnorm, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("host allocation failed")  # not a WorkbenchError
+        return real(*args)
+
+    backend.rmsnorm = flaky
+    engine.transformer.backend.rmsnorm = engine.transformer.backend._wrap("rmsnorm", flaky)
+    assert engine.generate(PROMPTS[0], GREEDY).run().token_ids == fault_free[PROMPTS[0]]
+    (rec,) = engine.error_log.query(code="host.out_of_memory")
+    assert rec.recovered and rec.kernel == "rmsnorm"

@@ -17,8 +17,11 @@ from workbench.errors import BackendError, UserError
 from workbench.gguf.reader import ModelSpec, Tensor
 from workbench.kernels import ops_kernels as ops
 from workbench.kernels import quant_kernels as qk
+from workbench.runtime import faults
+from workbench.runtime.retry import RetryPolicy
 
 TARGETS = ("emulator", "cupy")
+COMPILE_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.05, max_delay_s=1.0)
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,18 @@ class DeviceBackend:
             self.xp = np
             self.warp_size = warp_size
             self._quant = qk.emulator_loader(warp_size)
-        self._ops = {
-            src: ops.load_module(src, target, warp_size=self.warp_size)
-            if target == "emulator"
-            else ops.load_module(src, target)
-            for src in ops.SOURCES
-        }
+        self._ops = {src: self._compile(src) for src in ops.SOURCES}
+
+    def _compile(self, source: str) -> Any:
+        """Build one operation module, retrying a transient compiler failure (the compile site)."""
+
+        def attempt() -> Any:
+            faults.maybe_fail("compile", source=source, backend=self.name)
+            if self.name == "emulator":
+                return ops.load_module(source, self.name, warp_size=self.warp_size)
+            return ops.load_module(source, self.name)
+
+        return COMPILE_RETRY.call(attempt, operation="compile")
 
     def _m(self, source: str) -> Any:
         return self._ops[source]
@@ -150,6 +159,11 @@ class DeviceBackend:
         """Wait for the launched kernels (the emulator runs them synchronously)."""
         if self.name == "cupy":
             self.xp.cuda.get_current_stream().synchronize()
+
+    def free_memory(self) -> None:
+        """Return the memory pool's cached blocks to the device (before retrying an allocation)."""
+        if self.name == "cupy":
+            self.xp.get_default_memory_pool().free_all_blocks()
 
     def memory(self) -> dict[str, int] | None:
         """Free and total device memory in bytes (None on the emulator)."""

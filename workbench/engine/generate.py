@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ from workbench.runtime.breaker import CircuitBreaker, Transition
 from workbench.runtime.errorlog import ErrorLog
 from workbench.runtime.faults import FaultInjector
 from workbench.runtime.retry import RetryPolicy, RetryStats
+
+log = logging.getLogger(__name__)
 
 # Launch retries: a transient device fault is retried quickly; five attempts make an exhausted
 # launch (and so a fallback) vanishingly rare at a few percent of injected faults.
@@ -274,6 +277,7 @@ class Engine:
 
     def _on_breaker(self, t: Transition) -> None:
         self.metrics.breaker_state(t.breaker, t.new)
+        log.warning("breaker of the %s backend: %s -> %s (%s)", t.breaker, t.old, t.new, t.reason)
 
     @property
     def spec(self) -> Any:
@@ -435,6 +439,12 @@ class Engine:
 
     def _switch_to_fallback(self, run: _Run) -> None:
         src = run.tf.backend.name
+        log.warning(
+            "request %s continues on numpy: the %s backend failed (breaker %s)",
+            run.request_id,
+            src,
+            self.breaker.state if self.breaker is not None else "none",
+        )
         run.tf = self._active = self._fallback_transformer()
         run.cache = run.tf.new_cache(run.cache.capacity)
         self._kv = run.cache

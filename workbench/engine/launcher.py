@@ -9,15 +9,20 @@ error log. The NumPy backend is not retried: NumPy code cannot fail transiently.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from workbench.errors import RecoverableError
 from workbench.observe.profiler import Profiler
 from workbench.runtime import faults as faults_mod
+from workbench.runtime.classify import classify
 from workbench.runtime.errorlog import ErrorLog
 from workbench.runtime.faults import FaultInjector
 from workbench.runtime.retry import RetryPolicy, RetryStats
+
+log = logging.getLogger(__name__)
 
 OPERATIONS = (
     "embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add",
@@ -100,6 +105,8 @@ class Launcher:
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
+            if self.resilient:
+                self._fault("sync", op, args)
             be.synchronize()  # device work is asynchronous: time it to completion
             name, shapes, nbytes, flops = describe(args)
             self.profiler.record(
@@ -119,15 +126,44 @@ class Launcher:
             name = kernel_name(op, args)
 
             def attempt() -> Any:
-                injector = self.faults
-                if injector is not None:
-                    injector.maybe_fail("launch", kernel=name, backend=be.name)
-                else:
-                    faults_mod.maybe_fail("launch", kernel=name, backend=be.name)
-                return timed(*args, **kwargs)
+                # The sites a real device fails at, in the order it would: outputs are
+                # allocated, the kernel is launched, and (when timed) the stream synchronised.
+                self._fault("alloc", op, args)
+                self._fault("launch", op, args)
+                try:
+                    return timed(*args, **kwargs)
+                except Exception as e:  # a driver's own exception becomes one of ours, here
+                    raise classify(e, operation="launch", kernel=name, backend=be.name) from e
 
             return self.retry.call(
-                attempt, operation="launch", stats=self.retry_stats, log=self.error_log, kernel=name
+                attempt,
+                operation="launch",
+                stats=self.retry_stats,
+                log=self.error_log,
+                kernel=name,
+                on_retry=self._before_retry,
             )
 
         return launch
+
+    def _fault(self, site: str, op: str, args: tuple[Any, ...]) -> None:
+        injector = self.faults
+        context = {"kernel": kernel_name(op, args), "backend": self.backend.name}
+        if injector is not None:
+            injector.maybe_fail(site, **context)
+        else:
+            faults_mod.maybe_fail(site, **context)
+
+    def _before_retry(self, attempt: int, error: RecoverableError, delay: float) -> None:
+        # Out of device memory: give the pool's cached blocks back before trying again.
+        if error.code.endswith("out_of_memory"):
+            free = getattr(self.backend, "free_memory", None)
+            if free is not None:
+                free()
+        log.info(
+            "retrying %s after %s (attempt %d, waiting %.3f s)",
+            error.context.get("kernel", "launch"),
+            error.code,
+            attempt,
+            delay,
+        )
