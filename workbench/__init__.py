@@ -6,9 +6,14 @@ The public entry points are imported lazily so that `import workbench` stays che
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# A library does not print: records go nowhere until an application configures logging
+# (workbench.observe.logs.configure, which the CLI and server call).
+logging.getLogger("workbench").addHandler(logging.NullHandler())
 
 _EXPORTS = {
     "load": "workbench.engine.loader",
