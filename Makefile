@@ -6,7 +6,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROMPT ?= Explain in two sentences what a GPU kernel is.
 
-.PHONY: run test lint format venv clean
+.PHONY: run test tools lint format venv clean
+
+# One pytest session for the unit tests and the notebooks (nbval), so that the closing summary
+# lists every skip of the run and the strict mode of tests/conftest.py covers both.
+NBVAL       := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval-sanitize.cfg
+PYTEST_ARGS ?= tests notebooks
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed"'
@@ -27,13 +32,16 @@ venv: $(VENV)/.installed-dev
 run: $(VENV)/.installed-run
 	$(BIN)/workbench generate "$(PROMPT)"
 
-## test: set up and run the whole test suite (lint, format check, pytest incl. the real model)
-test: $(VENV)/.installed-dev
+## tools: as root, install the system tools that give the tests their extra checks (tests/tools.py)
+tools:
+	@PYTHON=$(PYTHON) .ci/install-tools
+
+## test: set up and run the whole test suite (lint, format check, pytest incl. the real model,
+## the notebooks); WORKBENCH_STRICT=1 turns skips for a missing tool or download into failures
+test: tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
-		--nbval-sanitize-with notebooks/nbval-sanitize.cfg notebooks
+	$(BIN)/python -m pytest -q $(NBVAL) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

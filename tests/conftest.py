@@ -1,11 +1,30 @@
+"""Fixtures every test may use, and the run's policy on seeds, tools and skips.
+
+- ``seed`` / ``rng``: a fresh seed per test (``WORKBENCH_TEST_SEED=N`` replays one); a failing
+  test that drew one gets a ``seed=N`` section in its report.
+- ``@pytest.mark.tool("hipcc")``: the test needs a system tool from tests/tools.py; it skips
+  where the tool is missing, and the run lists once, after collection, what skips for which tool.
+- ``WORKBENCH_STRICT=1`` (set by .ci/run): every skip fails, naming what was missing, except in
+  tests marked ``gpu`` and for tools no Debian package provides (nvcc). This covers the notebooks
+  (nbval) as well when they run in the same session.
+"""
+
 from __future__ import annotations
 
+import os
+import secrets
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from tests import tools
 from tests.synth import TinyConfig, write_tiny_llama
+
+SEED_ENV = "WORKBENCH_TEST_SEED"
+_SEED = pytest.StashKey[int]()
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +48,104 @@ def tiny_model(tiny_models: dict[str, Path]) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Tests never write into the user's cache unless they ask for the real model."""
-    import os
-
     if "WORKBENCH_HOME" not in os.environ:
         monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """A fresh seed for this test's random inputs ($WORKBENCH_TEST_SEED replays one)."""
+    value = int(os.environ.get(SEED_ENV) or secrets.randbits(63))
+    request.node.stash[_SEED] = value
+    return value
+
+
+@pytest.fixture
+def rng(seed: int) -> np.random.Generator:
+    """NumPy's generator on this test's seed."""
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    rep = yield
+    value = item.stash.get(_SEED, None)
+    if value is not None and rep.failed:
+        rep.sections.append(("random seed", f"seed={value} (replay: {SEED_ENV}={value})"))
+    return rep
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A plugin, not conftest hooks, so that it also sees the notebooks' items (nbval).
+    config.pluginmanager.register(RunPolicy(), "workbench-run-policy")
+
+
+class RunPolicy:
+    """Tool markers, the missing-tool listing and strict mode, for every item of the run."""
+
+    def __init__(self) -> None:
+        self.skipping: dict[str, list[str]] = defaultdict(list)  # tool -> node ids
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        absent = {t.name: t for t in tools.missing()}
+        for item in items:
+            for mark in item.iter_markers("tool"):
+                t = tools.tool(*mark.args)
+                if t.name in absent:
+                    self.skipping[t.name].append(item.nodeid)
+                    if t.strict_optional or not tools.strict():
+                        # A marker, so that the skip is reported at the test, not in tools.py.
+                        item.add_marker(pytest.mark.skip(reason=t.reason))
+
+    def pytest_report_collectionfinish(self) -> list[str]:
+        if not self.skipping:
+            return []
+        lines = ["missing tools (see tests/tools.py):"]
+        for name, ids in self.skipping.items():
+            t = tools.tool(name)
+            files: dict[str, int] = defaultdict(int)
+            for nodeid in ids:
+                files[nodeid.split("::")[0].rsplit("/", 1)[-1]] += 1
+            where = ", ".join(f"{f} ({n})" if len(files) > 1 else f for f, n in files.items())
+            fail = tools.strict() and not t.strict_optional
+            verb = f"fail ({tools.STRICT_ENV}=1)" if fail else "skip"
+            n = len(ids)
+            lines.append(f"  {t.reason}; {n} test{'s' * (n != 1)} {verb}: {where}")
+        return lines
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if tools.strict():  # otherwise the skip markers added above do it
+            for mark in item.iter_markers("tool"):
+                if not tools.tool(*mark.args).strict_optional:
+                    tools.require(*mark.args)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]):
+        rep = yield
+        if rep.skipped and not hasattr(rep, "wasxfail") and self._forbidden(item, rep):
+            rep.outcome = "failed"
+            rep.longrepr = f"{tools.STRICT_ENV}=1 forbids skipping: {_reason(rep)}"
+        return rep
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(self, collector: pytest.Collector):
+        rep = yield
+        if rep.skipped and tools.strict():
+            rep.outcome = "failed"
+            rep.longrepr = f"{tools.STRICT_ENV}=1 forbids skipping: {_reason(rep)}"
+        return rep
+
+    @staticmethod
+    def _forbidden(item: pytest.Item, rep: pytest.TestReport) -> bool:
+        if not tools.strict() or item.get_closest_marker("gpu") is not None:
+            return False
+        reason = _reason(rep)
+        return not any(t.reason in reason for t in tools.TOOLS if t.strict_optional)
+
+
+def _reason(rep: pytest.TestReport | pytest.CollectReport) -> str:
+    """A skip report's reason (its longrepr is a (path, line, "Skipped: reason") tuple)."""
+    if isinstance(rep.longrepr, tuple):
+        return rep.longrepr[2].removeprefix("Skipped: ") or "skipped without a reason"
+    return str(rep.longrepr)

@@ -21,12 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright import sync_api as playwright_api
 
+from tests import tools
 from workbench import store
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = tools.tool("chromium").found()
 TOKEN = "workbench-browser-test"
 FLAGS = [
     "--headless",
@@ -44,9 +46,8 @@ USER_HOME = os.environ.get(store.HOME_ENV)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)"),
+    pytest.mark.tool("chromium"),
 ]
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
 
 
 def _free_port() -> int:
@@ -63,7 +64,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         store.resolve("smollm2", home)
     except Exception as e:  # no index reachable: the real model cannot be had here
         if getattr(e, "code", "") == "model.download_failed":
-            pytest.skip(f"cannot download the model: {e}")
+            tools.unavailable(f"cannot download the model smollm2: {e}")
         raise
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "notebooks"

@@ -7,13 +7,11 @@ import pytest
 
 from workbench.engine.generate import Engine, GenerationConfig
 
-pytest.importorskip("workbench.kernels.emulator")
-
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "F16"])
-def test_emulator_logits_match_numpy(tiny_models, kind):
+def test_emulator_logits_match_numpy(tiny_models, kind, rng):
     path = tiny_models[kind]
-    tokens = np.random.default_rng().integers(3, 200, size=9)
+    tokens = rng.integers(3, 200, size=9)
     ref = Engine(path, backend="numpy").transformer
     dev = Engine(path, backend="emulator").transformer
     a = ref.forward(tokens, ref.new_cache(), all_logits=True)  # prefill: matmul kernels

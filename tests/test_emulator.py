@@ -7,7 +7,6 @@ inputs, with outputs poisoned (NaN / 0xFF bytes) before the launch so unwritten 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,8 @@ from workbench.kernels.emulator import (
 
 KERNELS = Path(__file__).parent / "emulator_kernels"
 TEMPLATES = ("scale_add<2>", "scale_add<3>")
-HAS_BOOST = Path("/usr/include/boost/context/detail/fcontext.hpp").exists()
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"
-)
+pytestmark = pytest.mark.tool("c++")
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +63,6 @@ def faults(cache: Path):
         return made[warp_size]
 
     return get
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng()
 
 
 def poisoned(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
@@ -251,7 +242,7 @@ def test_wb_h_half_and_bf16_conversions(module, rng: np.random.Generator) -> Non
 # --- fibers ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_BOOST, reason="Boost.Context is not installed")
+@pytest.mark.tool("boost-context")
 def test_auto_picks_fcontext_when_boost_is_there(module) -> None:
     mod = module()
     assert mod.fiber == "fcontext" and mod.fiber_note == ""

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-pytest.importorskip("IPython")
-
 from IPython.core.interactiveshell import InteractiveShell
 
 from workbench.widgets.magic import HipCellError, HipResult, parse_dims
@@ -31,7 +28,7 @@ SETUP = """
 import numpy as np
 n = 1000
 def make():
-    x = np.random.default_rng().standard_normal(n).astype(np.float32)
+    x = rng.standard_normal(n).astype(np.float32)  # rng: the test's, set by _seeded
     return (x, np.zeros(4, np.float32), np.int32(n))
 def ref_sum(x, out, n):
     return np.add.reduceat(x.astype(np.float64), [0, 256, 512, 768])
@@ -47,6 +44,11 @@ def shell():
     assert sh.run_cell(SETUP).success
     yield sh
     InteractiveShell.clear_instance()
+
+
+@pytest.fixture(autouse=True)
+def _seeded(shell, rng: np.random.Generator) -> None:
+    shell.user_ns["rng"] = rng
 
 
 def hip(shell, line: str, body: str = BLOCK_SUM):
@@ -114,17 +116,18 @@ def test_bad_usage_is_a_readable_error(shell):
     assert "no such function" in r.error_in_exec.text
 
 
-def test_arch_resource_report_or_a_clear_message(shell, monkeypatch):
-    import shutil
+@pytest.mark.tool("hipcc")
+def test_arch_resource_report(shell):
+    r = hip(shell, "block_sum --arch gfx90a --backend emulator")
+    assert r.success, r.error_in_exec
+    (res,) = r.result.resources
+    assert res.arch == "gfx90a" and res.lds_bytes == 1024 and res.vgprs > 0
+    assert "gfx90a (amd): VGPRs" in repr(r.result)
 
+
+def test_arch_without_hipcc_is_a_clear_message(shell, monkeypatch):
     from workbench.kernels import toolchain
 
-    if shutil.which("hipcc"):
-        r = hip(shell, "block_sum --arch gfx90a --backend emulator")
-        assert r.success, r.error_in_exec
-        (res,) = r.result.resources
-        assert res.arch == "gfx90a" and res.lds_bytes == 1024 and res.vgprs > 0
-        assert "gfx90a (amd): VGPRs" in repr(r.result)
     monkeypatch.setattr(toolchain, "HIPCC", "no-such-hipcc")
     r = hip(shell, "block_sum --arch gfx90a --backend emulator")
     assert isinstance(r.error_in_exec, HipCellError)

@@ -114,7 +114,6 @@ def test_disabled_profiler_records_nothing_and_calls_no_listener() -> None:
 
 
 def test_dataframe_has_one_row_per_record() -> None:
-    pytest.importorskip("pandas")
     prof = Profiler()
     with prof.request("r1"), prof.phase("prefill"):
         prof.record("a", backend="numpy", duration_s=0.5, shapes={"n": 4}, bytes=8)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import tools
 from workbench import store
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def engine():
         path = store.resolve("smollm2", home)
     except Exception as e:  # no index reachable: the real model cannot be had here
         if getattr(e, "code", "") == "model.download_failed":
-            pytest.skip(f"cannot download the model: {e}")
+            tools.unavailable(f"cannot download the model smollm2: {e}")
         raise
     return Engine(load(path), backend="numpy")
 
@@ -43,7 +44,8 @@ def test_chat_prompt_tokens_and_logits_match_transformers(engine, case):
     top = np.array(case["top_ids"])
     ref = np.array(case["top_logits"])
     assert np.argsort(-logits)[:5].tolist() == top[:5].tolist()
-    assert np.abs(logits[top] - ref).max() / np.abs(ref).max() < 1e-3
+    # docs/accuracy.md measures about 1e-6; 1e-5 leaves room for BLAS summation order
+    assert np.abs(logits[top] - ref).max() / np.abs(ref).max() < 1e-5
 
 
 @pytest.mark.parametrize("case", REFERENCE, ids=[r["prompt"][:24] for r in REFERENCE])

@@ -12,9 +12,6 @@ from workbench import report
 from workbench.cli import main
 from workbench.errors import UserError
 
-pytest.importorskip("papermill")
-pytest.importorskip("nbconvert")
-
 
 def test_fingerprint_names_versions_device_and_commit():
     fp = report.fingerprint()

@@ -9,8 +9,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from workbench.engine.generate import Engine, GenerationConfig
 from workbench.runtime.faults import FaultInjector
 
-pytest.importorskip("workbench.kernels.emulator")
-
 GREEDY = GenerationConfig(max_tokens=6, temperature=0)
 PROMPTS = ["the cat", "an", "on the mat", "re", "in the"]
 

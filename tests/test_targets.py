@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests import tools
 from workbench.errors import BackendError, UserError
 from workbench.kernels import cupy_target, registry, targets
 from workbench.kernels.registry import Cost, KernelSpec, Launch
@@ -89,9 +89,7 @@ def test_unknown_target(specs: dict[str, KernelSpec]) -> None:
 
 @pytest.fixture
 def emulator(specs: dict[str, KernelSpec]) -> dict[str, KernelSpec]:
-    pytest.importorskip("workbench.kernels.emulator", reason="the emulator is not built yet")
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        pytest.skip("no host C++ compiler for the emulator")
+    tools.require("c++")
     return specs
 
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests import tools
 from workbench.cli import main
 from workbench.errors import BackendError
 from workbench.kernels import registry, toolchain
 from workbench.kernels.registry import Cost, KernelSpec, Launch
 
-HAVE_HIPCC = shutil.which("hipcc") is not None
-HAVE_NVCC = shutil.which("nvcc") is not None
-needs_hipcc = pytest.mark.skipif(
-    not HAVE_HIPCC, reason="hipcc not installed (apt-get install hipcc)"
-)
-needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not installed (CUDA toolkit)")
+needs_hipcc = pytest.mark.tool("hipcc")
+needs_nvcc = pytest.mark.tool("nvcc")
 
 # A small kernel with known static shared memory: 256 floats (1024 bytes) in block_sum, and
 # B floats in the template (512 bytes for tile<128>, 128 bytes for tile<32>).
@@ -65,18 +61,17 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def amd_result(source: Path) -> toolchain.CompileResult:
-    if not HAVE_HIPCC:
-        pytest.skip("hipcc not installed (apt-get install hipcc)")
+    tools.require("hipcc")
     return toolchain.compile_source(source, "gfx90a", symbols=SYMBOLS)
 
 
 @pytest.fixture(scope="module")
 def nv_result(source: Path) -> toolchain.CompileResult:
-    if not HAVE_NVCC:
-        pytest.skip("nvcc not installed (CUDA toolkit)")
+    tools.require("nvcc")
     return toolchain.compile_source(source, "sm_90", symbols=SYMBOLS)
 
 
+@needs_hipcc
 def test_amd_resources_are_parsed(amd_result: toolchain.CompileResult) -> None:
     assert set(amd_result.symbols) == set(SYMBOLS)
     r = amd_result.resources("block_sum")
@@ -93,6 +88,7 @@ def test_amd_resources_are_parsed(amd_result: toolchain.CompileResult) -> None:
     assert not any(toolchain._PROBE in name for name in amd_result.functions)
 
 
+@needs_nvcc
 def test_nvidia_resources_are_parsed(nv_result: toolchain.CompileResult) -> None:
     assert set(nv_result.symbols) == set(SYMBOLS)
     r = nv_result.resources("block_sum")
@@ -105,6 +101,7 @@ def test_nvidia_resources_are_parsed(nv_result: toolchain.CompileResult) -> None
     assert nv_result.resources("tile<32>").shared_bytes == 32 * 4
 
 
+@needs_hipcc
 def test_unknown_symbol_in_result_is_an_error(amd_result: toolchain.CompileResult) -> None:
     with pytest.raises(BackendError) as e:
         amd_result.resources("nope")

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("ipywidgets")
-pytest.importorskip("matplotlib")
-
 from workbench.engine.generate import Engine, GenerationConfig
 from workbench.errors import BackendError
 from workbench.runtime.errorlog import ErrorLog

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import pytest
+from tests import tools
 
 SDIST = "llama-cpp-python==0.3.36"
 VOCAB_SUBDIR = "llama.cpp-vocab"
@@ -52,7 +52,7 @@ def vocab_dir() -> Path:
         except (OSError, subprocess.SubprocessError, tarfile.TarError, RuntimeError) as e:
             _failure = f"llama.cpp tokenizer test data unavailable ({SDIST}): {e}"
     if _failure is not None:
-        pytest.skip(_failure)
+        tools.unavailable(_failure)
     return target
 
 
