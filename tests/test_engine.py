@@ -19,10 +19,9 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("kind", TYPES)
-def test_prefill_logits_match_float64_reference(tiny_models, kind):
+def test_prefill_logits_match_float64_reference(tiny_models, kind, rng):
     path = tiny_models[kind]
     engine = Engine(path, backend="numpy")
-    rng = np.random.default_rng()
     tokens = rng.integers(0, engine.spec.vocab_size, size=int(rng.integers(5, 40))).tolist()
     ref = ReferenceLlama(str(path)).logits(tokens)  # (n, vocab) float64
     cache = engine.transformer.new_cache()
@@ -32,10 +31,10 @@ def test_prefill_logits_match_float64_reference(tiny_models, kind):
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_decode_one_token_matches_batched_prefill(tiny_models, kind):
+def test_decode_one_token_matches_batched_prefill(tiny_models, kind, rng):
     """Token-by-token decode (matvec path) gives the logits of one batched pass (BLAS path)."""
     tf = Engine(tiny_models[kind], backend="numpy").transformer
-    tokens = np.random.default_rng().integers(0, tf.spec.vocab_size, size=12)
+    tokens = rng.integers(0, tf.spec.vocab_size, size=12)
     batched = tf.forward(tokens, tf.new_cache(), all_logits=True)
     cache = tf.new_cache()
     tf.prefill(tokens[:4], cache)

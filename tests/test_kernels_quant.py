@@ -4,13 +4,12 @@ emulator, at warp widths 32 and 64, for every supported tensor type.
 dequant and get_rows must be bit-identical to gguf.quants.dequantize; matvec and matmul are
 compared with a float64 reference under a rounding-error bound (see `_dot_tolerance`). Inputs are
 fresh random data every run; each failure message carries the seed that reproduces it
-(``QUANT_KERNEL_SEED=<seed> pytest ...``). Outputs are poisoned with NaN before each launch and
+(``WORKBENCH_TEST_SEED=<seed> pytest ...``). Outputs are poisoned with NaN before each launch and
 surrounded by a NaN guard region that must stay untouched.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,8 +49,8 @@ def warp(request: pytest.FixtureRequest, emu_cache: str) -> Warp:
 
 
 @pytest.fixture
-def seeded() -> Iterator[Seeded]:
-    seed = int(os.environ.get("QUANT_KERNEL_SEED") or np.random.SeedSequence().entropy % 2**63)
+def seeded(seed: int) -> Iterator[Seeded]:
+    """tests/conftest.py's seed (WORKBENCH_TEST_SEED=N replays one), also for messages."""
     yield np.random.default_rng(seed), f"seed={seed}"
 
 
@@ -172,9 +171,9 @@ def test_get_rows_bit_identical(warp: Warp, seeded: Seeded, qtype: GGMLQuantizat
         assert _guard_intact(buf), f"{seed} {qtype.name}: wrote past the output"
 
 
-def test_get_rows_rejects_bad_id(warp: Warp) -> None:
+def test_get_rows_rejects_bad_id(warp: Warp, rng: np.random.Generator) -> None:
     _, loader = warp
-    table = _blocks(np.random.default_rng(0), Q.Q8_0, 4, 32)
+    table = _blocks(rng, Q.Q8_0, 4, 32)
     with pytest.raises(KernelError, match="id >= 0"):
         qk.launch_get_rows(
             loader, Q.Q8_0, np.array([1, 4], np.int32), table, np.zeros((2, 32), np.float32)

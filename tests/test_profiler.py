@@ -11,9 +11,9 @@ from workbench.errors import UserError
 from workbench.observe.profiler import Profiler, current_phase, current_request_id, percentile
 
 
-def test_aggregates_match_numpy_percentiles_and_cost_rates() -> None:
+def test_aggregates_match_numpy_percentiles_and_cost_rates(rng: np.random.Generator) -> None:
     prof = Profiler()
-    durations = np.random.default_rng().uniform(1e-4, 1e-2, 101)
+    durations = rng.uniform(1e-4, 1e-2, 101)
     for d in durations:
         prof.record("matvec", backend="emulator", duration_s=float(d), bytes=2_000, flops=500)
     prof.record("add", backend="emulator", duration_s=1e-6)

@@ -8,8 +8,6 @@ that every code value occurs, including ones a quantizer never writes.
 
 from __future__ import annotations
 
-import os
-import secrets
 from dataclasses import dataclass
 
 import numba
@@ -49,9 +47,8 @@ class Rand:
 
 
 @pytest.fixture
-def r(request: pytest.FixtureRequest) -> Rand:
-    seed = int(os.environ.get("WORKBENCH_TEST_SEED") or secrets.randbits(63))
-    print(f"{request.node.name}: seed={seed}")
+def r(seed: int) -> Rand:
+    """tests/conftest.py's seed, kept beside the generator for assertion messages."""
     return Rand(seed, np.random.default_rng(seed))
 
 

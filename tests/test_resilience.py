@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,10 +34,8 @@ def fault_free(tiny_model):
     return {p: engine.generate(p, GREEDY).run().token_ids for p in PROMPTS}
 
 
-def test_launch_faults_are_retried_to_the_fault_free_tokens(tiny_model, fault_free):
-    injector = FaultInjector.from_spec(
-        "launch:0.05", seed=int(np.random.default_rng().integers(1e9))
-    )
+def test_launch_faults_are_retried_to_the_fault_free_tokens(tiny_model, fault_free, seed):
+    injector = FaultInjector.from_spec("launch:0.05", seed=seed)
     engine = Engine(tiny_model, backend="emulator", faults=injector)
     for i in range(100):
         prompt = PROMPTS[i % len(PROMPTS)]
@@ -109,10 +106,10 @@ def test_cancelled_and_failed_requests_are_counted(tiny_model):
 
 
 @pytest.mark.parametrize("spec", ["alloc:0.05", "sync:0.05", "compile:once"])
-def test_every_device_fault_site_is_retried(tiny_model, fault_free, spec):
+def test_every_device_fault_site_is_retried(tiny_model, fault_free, spec, seed):
     from workbench.runtime import faults
 
-    injector = FaultInjector.from_spec(spec, seed=int(np.random.default_rng().integers(1e9)))
+    injector = FaultInjector.from_spec(spec, seed=seed)
     site = spec.split(":")[0]
     with faults.injecting(injector):  # the compile site runs while the backend is built
         engine = Engine(tiny_model, backend="emulator", faults=injector)

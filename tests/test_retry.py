@@ -83,9 +83,9 @@ def test_cap_grows_geometrically_up_to_max() -> None:
         p.cap(0)
 
 
-def test_full_jitter_delays_stay_within_bounds_and_spread() -> None:
+def test_full_jitter_delays_stay_within_bounds_and_spread(seed: int) -> None:
     p = RetryPolicy(initial_delay_s=0.05, multiplier=3.0, max_delay_s=1.0)
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     for attempt in range(1, 8):
         cap = min(1.0, 0.05 * 3.0 ** (attempt - 1))
         draws = [p.delay(attempt, rng) for _ in range(300)]
@@ -100,17 +100,17 @@ def test_no_jitter_waits_exactly_the_cap() -> None:
     assert [p.delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 1.5]
 
 
-def test_seeded_rng_makes_delays_reproducible() -> None:
+def test_seeded_rng_makes_delays_reproducible(seed: int) -> None:
     p = RetryPolicy()
-    a = [p.delay(n, random.Random(7)) for n in range(1, 5)]
-    b = [p.delay(n, random.Random(7)) for n in range(1, 5)]
+    a = [p.delay(n, random.Random(seed)) for n in range(1, 5)]
+    b = [p.delay(n, random.Random(seed)) for n in range(1, 5)]
     assert a == b
 
 
 # --- call ---------------------------------------------------------------------------------------
 
 
-def test_recoverable_errors_are_retried_with_policy_delays() -> None:
+def test_recoverable_errors_are_retried_with_policy_delays(seed: int) -> None:
     t = FakeTime()
     p = RetryPolicy(max_attempts=4, initial_delay_s=0.1, multiplier=2.0, max_delay_s=0.3)
     fn = Flaky(transient(1), transient(2), transient(3))
@@ -122,7 +122,7 @@ def test_recoverable_errors_are_retried_with_policy_delays() -> None:
         stats=stats,
         sleep=t.sleep,
         clock=t.clock,
-        rng=random.Random(0),
+        rng=random.Random(seed),
         on_retry=lambda n, e, d: retries.append((n, e.message, d)),
     )
     assert out == "done" and fn.calls == 4

