@@ -230,7 +230,8 @@ def test_real_pull_smollm2(home: Path, capsys: pytest.CaptureFixture[str]) -> No
     checksum mismatch fails."""
     rc, out, err = run(capsys, "models", "pull", "smollm2")
     if rc == EXIT_CODES["recoverable"] and "model.download_failed" in err:
-        tools.unavailable(f"cannot download the model smollm2: {err.strip()[-300:]}")
+        last = " | ".join(err.strip().splitlines()[-2:])
+        tools.unavailable(f"cannot download the model smollm2: {last}")
     assert rc == 0, err
     path = Path(out.strip())
     assert path == home / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
