@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import tools
 from workbench.errors import UserError
 from workbench.observe.metrics import BREAKER_STATES, METRICS, PREFIX, Metrics
 from workbench.observe.profiler import Profiler
@@ -89,10 +89,9 @@ def test_own_registry_not_the_global_one() -> None:
     assert REGISTRY.get_sample_value("workbench_requests_started_total", {}) is None
 
 
+@pytest.mark.tool("promtool")
 def test_promtool_accepts_the_exposition() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not on PATH (Debian package 'prometheus')")
+    promtool = tools.require("promtool")
     m = Metrics()
     _exercise(m)
     done = subprocess.run(
