@@ -35,6 +35,7 @@ class Tool:
     packages: tuple[str, ...]  # the Debian packages that provide it
     gives: str  # the checks it enables
     strict_optional: bool = False  # may skip under WORKBENCH_STRICT=1 (not packaged by Debian)
+    how: str = ""  # how to install it where no Debian package does
 
     def found(self) -> str | None:
         """Where the tool is, or None."""
@@ -48,10 +49,7 @@ class Tool:
     @property
     def reason(self) -> str:
         """Why a test that needs it does not run here, with the fix."""
-        if self.packages:
-            how = f"apt-get install {' '.join(self.packages)}"
-        else:
-            how = "install it by hand"
+        how = f"apt-get install {' '.join(self.packages)}" if self.packages else self.how
         return f"{self.name} is not installed ({how}): needed for {self.gives}"
 
 
@@ -103,8 +101,9 @@ TOOLS: tuple[Tool, ...] = (
         ("nvcc",),
         None,
         (),
-        "NVIDIA resource reports (sm_90; the CUDA toolkit, not packaged by Debian)",
+        "NVIDIA resource reports (sm_90)",
         strict_optional=True,
+        how="NVIDIA's CUDA toolkit; Debian does not package it",
     ),
 )
 BY_NAME = {t.name: t for t in TOOLS}
