@@ -61,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--refused",
         action="store_true",
-        help="show the counts of refused requests (401, 404, 405, 408, 413, 421: one row per "
-        "minute, endpoint, status and code) instead of the request rows",
+        help="show the counts of requests refused at the edge (no key, unknown route, body too "
+        "large or slow, untrusted Host, too many connections: one row per minute, endpoint, "
+        "status and code) instead of the request rows",
     )
     add_audit_db_arg(p)
     p.set_defaults(func=cmd_audit)

@@ -5,8 +5,8 @@ completion token counts, finish reason and error code. The schema has no column 
 completion could go into; that is the guarantee, not a filter. Rows older than the retention are
 pruned (`prune`; the server calls it at startup and hourly).
 
-What a refused request (status in `REFUSED_STATUSES`: no key, unknown route, body too large or too
-slow, untrusted Host) can write is bounded: it is counted in ``refused``, one row per minute,
+What a refused request (code in `REFUSED_CODES`: no key, unknown route, body too large or too
+slow, untrusted Host, too many connections) can write is bounded: it is counted in ``refused``, one row per minute,
 endpoint, status and code, never a row of its own, so 5,000 unauthenticated requests add a few
 hundred bytes, not megabytes. Endpoints are the server's route templates (an unknown path is
 ``*``), and every text field is cut to `MAX_FIELD` characters. The file itself is capped at
@@ -54,7 +54,18 @@ CREATE TABLE IF NOT EXISTS refused (
     PRIMARY KEY (minute, endpoint, status, error_code)
 ) WITHOUT ROWID;
 """
-REFUSED_STATUSES = frozenset({401, 404, 405, 408, 413, 421})  # see module docstring
+# Refusals at the edge, before any work (see the module docstring): counted, not rows.
+REFUSED_CODES = frozenset(
+    {
+        "server.unauthorized",
+        "server.not_found",
+        "server.method_not_allowed",
+        "server.body_too_large",
+        "server.body_timeout",
+        "server.untrusted_host",
+        "server.overloaded",
+    }
+)
 MAX_FIELD = 64  # characters kept of any text field
 DEFAULT_MAX_BYTES = 64 << 20
 _SIZE_CHECK_EVERY = 256  # writes between checks of the file's size
@@ -131,10 +142,10 @@ class AuditLog:
             raise UserError("user.bad_audit_db", f"cannot open audit log {self.path}: {e}") from e
 
     def record(self, rec: AuditRecord) -> None:
-        """One row for a served request; a count for a refused one (`REFUSED_STATUSES`)."""
+        """One row for a served request; a count for a refused one (`REFUSED_CODES`)."""
         values = [_cap(getattr(rec, c)) for c in _COLUMNS]
         with self._lock:
-            if rec.status in REFUSED_STATUSES:
+            if rec.error_code in REFUSED_CODES:
                 self._db.execute(
                     "INSERT INTO refused VALUES (?, ?, ?, ?, 1, ?) "
                     "ON CONFLICT (minute, endpoint, status, error_code) "
