@@ -6,12 +6,12 @@ completion could go into; that is the guarantee, not a filter. Rows older than t
 pruned (`prune`; the server calls it at startup and hourly).
 
 What a refused request (code in `REFUSED_CODES`: no key, unknown route, body too large or too
-slow, untrusted Host, too many connections) can write is bounded: it is counted in ``refused``, one row per minute,
-endpoint, status and code, never a row of its own, so 5,000 unauthenticated requests add a few
-hundred bytes, not megabytes. Endpoints are the server's route templates (an unknown path is
-``*``), and every text field is cut to `MAX_FIELD` characters. The file itself is capped at
-``max_bytes``: past it, the oldest rows go (SQLite reuses their pages), and the write-ahead log is
-checkpointed and truncated often.
+slow, untrusted Host, too many connections) can write is bounded: it is counted in ``refused``,
+one row per minute, endpoint, status and code, never a row of its own, so 5,000 unauthenticated
+requests add a few hundred bytes, not megabytes. Endpoints are the server's route templates (an
+unknown path is ``*``), and every text field is cut to `MAX_FIELD` characters. The file itself
+is capped at ``max_bytes``: past it, the oldest rows go (SQLite reuses their pages), and the
+write-ahead log is checkpointed and truncated often.
 """
 
 from __future__ import annotations

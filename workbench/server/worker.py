@@ -241,14 +241,15 @@ class Worker:
                 self._running = job
                 self._publish()
             t0 = time.monotonic()
+            completed = False
             try:
                 with Profiler.request(job.request_id):  # every log record carries the id
-                    self._run(job)
+                    completed = self._run(job)
             finally:
                 took = time.monotonic() - t0
                 with self._cond:
                     self._running = None
-                    if not job.cancelled:
+                    if completed:  # a cancelled job's time says nothing of a whole one
                         m = self._mean_job_s
                         a = DURATION_SMOOTHING
                         self._mean_job_s = took if m is None else (1 - a) * m + a * took
@@ -285,13 +286,14 @@ class Worker:
         )
         return True
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> bool:
+        """Run ``job``; True when its generation ran to its end (not cancelled, no error)."""
         if job.cancelled:
-            return
+            return False
         if job.deadline is not None and time.monotonic() >= job.deadline:
             job.cancel("timeout")  # waited in the queue past its deadline; _dequeue is a no-op now
             job.post("error", _cancelled_error(job))
-            return
+            return False
         try:
             gen = job.start(self.engine)
             gen.deadline = job.deadline  # checked between prefill chunks
@@ -309,11 +311,13 @@ class Worker:
                         job.cancel("timeout")
                     gen.cancel()
             job.post("done", gen.result)
+            return gen.result is not None and gen.result.finish_reason != "cancelled"
         except WorkbenchError as e:
             job.post("error", e)
         except Exception as e:  # a bug: log it here, tell the client nothing of it
             log.exception("generation failed")
             job.post("error", InternalError("internal.generation_failed", f"{type(e).__name__}"))
+        return False
 
 
 def shutdown_error(*, started: bool = False) -> RecoverableError:
