@@ -68,6 +68,7 @@ REFUSED_CODES = frozenset(
 )
 MAX_FIELD = 64  # characters kept of any text field
 DEFAULT_MAX_BYTES = 64 << 20
+MIN_MAX_BYTES = 64 << 10
 _SIZE_CHECK_EVERY = 256  # writes between checks of the file's size
 _WAL_PAGES = 64  # checkpoint the write-ahead log every this many pages (256 KB)
 
@@ -121,9 +122,10 @@ class AuditLog:
             raise UserError(
                 "user.bad_retention", f"audit retention must be > 0 days, got {retention_days}"
             )
-        if max_bytes < 1 << 20:
+        if max_bytes < MIN_MAX_BYTES:
             raise UserError(
-                "user.bad_audit_size", f"the audit log's cap must be >= 1 MiB, got {max_bytes} B"
+                "user.bad_audit_size",
+                f"the audit log's cap must be >= {MIN_MAX_BYTES} bytes, got {max_bytes}",
             )
         self.path = Path(path)
         self.retention_days = retention_days
