@@ -392,6 +392,7 @@ class BrokenEngine(Engine):
 
         def events() -> Any:
             yield next(inner)
+            inner.close()  # on this thread, where its context was entered
             raise RuntimeError("a bug in the engine")
 
         gen._events = events()

@@ -209,7 +209,8 @@ class ServeProcess:
 def _log_records(lines: list[str]) -> list[dict[str, Any]]:
     """Every line the server wrote is one JSON record (uvicorn's and tracebacks included)."""
     records = [json.loads(line) for line in lines]
-    assert not [r for r in records if "Traceback" in r["message"]], records
+    assert not [r for r in records if "exc" in r or "Traceback" in r["message"]], records
+    assert not [r for r in records if r["level"] in ("error", "critical")], records
     return records
 
 
