@@ -3,9 +3,9 @@
 The engine side: chunked prefill gives the logits and greedy tokens of one pass, and a cancelled
 or expired generation stops between chunks. The server side, over a real socket: a 5,000-token
 prompt whose client has gone (or whose deadline has passed) frees the worker within one chunk, so
-the next request starts within a second. The engine here paces each forward pass (2 ms a token)
-so that the unchunked prefill would hold the worker for 10 s, and records when each pass starts:
-the checks are on that order of events.
+the next request starts within a second. The engine here paces each forward pass (1 ms a token)
+so that the unchunked prefill would hold the worker for 5 s, and records when each pass starts:
+the checks are on that order of events, and on the one time the bar names.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from workbench.engine.generate import Engine, GenerationConfig
 from workbench.server import ServerSettings
 
 LONG_PROMPT = 5000
-CHUNK = 128
-PER_TOKEN_S = 0.002  # pacing: the whole 5,000-token prefill would take 10 s
+CHUNK = 64  # the engine's default
+PER_TOKEN_S = 0.001  # pacing: the whole 5,000-token prefill would hold the worker for 5 s
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
 
 

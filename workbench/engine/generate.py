@@ -44,9 +44,12 @@ DEVICE_SAMPLE_MAX_K = 128
 FLUSH_ID = -1
 
 # Prompt tokens per prefill pass: between passes a cancelled or expired generation stops, so a
-# long prompt holds the engine at most one chunk after its client has gone. 128 tokens keep the
-# batched matmuls near their full speed and take well under a second on SmolLM2-135M on a CPU.
-PREFILL_CHUNK = 128
+# long prompt holds the engine at most one chunk after its client has gone. Chunks keep the
+# batched matmuls at full speed (a 1,024-token prompt prefilled no slower in chunks of 128 than
+# in one pass), and 64 tokens at the ~340 tok/s prefill docs/performance.md reports for
+# SmolLM2-135M on the CPU are about 0.2 s, leaving room for the attention over every earlier
+# position at the end of a 5,000-token prompt.
+PREFILL_CHUNK = 64
 
 
 @dataclass(frozen=True)

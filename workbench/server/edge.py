@@ -138,9 +138,10 @@ class EdgeMiddleware:
             extra={"request_id": rid, "duration_s": round(duration, 4)},
         )
         code = audit.get("error_code")
-        if final_status == 503 and code:
+        api = scope["path"].startswith(AUDITED_PREFIX)
+        if api and final_status == 503 and code:
             self.server.count_rejection(code)
-        if self.server.audit is not None and scope["path"].startswith(AUDITED_PREFIX):
+        if self.server.audit is not None and api:
             self.server.write_audit(
                 AuditRecord(
                     request_id=rid,
