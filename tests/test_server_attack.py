@@ -519,7 +519,9 @@ def test_deep_nesting_and_non_utf8_are_malformed_json(open_server: LiveServer) -
 
 
 def test_foreign_logs_share_the_json_format(log_lines: io.StringIO) -> None:
-    logging.getLogger("uvicorn.error").warning("from uvicorn")
+    logging.getLogger("uvicorn.error").warning(
+        "from uvicorn", extra={"color_message": "from \x1b[1muvicorn\x1b[0m"}
+    )
     try:
         raise ValueError("boom")
     except ValueError:
@@ -531,6 +533,7 @@ def test_foreign_logs_share_the_json_format(log_lines: io.StringIO) -> None:
     assert {r["message"] for r in records} >= {"from uvicorn", "Exception in ASGI application"}
     assert any("boom" in r.get("exc", "") for r in records)
     assert any("a library warning" in r["message"] for r in records)
+    assert "\\u001b" not in log_lines.getvalue()  # uvicorn's coloured copy is dropped
 
 
 def test_without_a_key_only_loopback_host_names_are_answered(

@@ -174,6 +174,14 @@ def uvicorn_config(app: Any, settings: ServerSettings, **overrides: Any) -> uvic
     return uvicorn.Config(app, **kwargs)
 
 
+class _NoColour(logging.Filter):
+    """Drops uvicorn's ``color_message`` extra (the message again, with terminal escapes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
+        return True
+
+
 def capture_foreign_logs() -> None:
     """Send uvicorn's records and Python warnings through the ``workbench`` logger's handlers,
     so they share its format (one JSON object a line with WORKBENCH_LOG_FORMAT=json)."""
@@ -185,6 +193,8 @@ def capture_foreign_logs() -> None:
             lg.removeHandler(h)
         for h in ours.handlers:
             lg.addHandler(h)
+        if not any(isinstance(f, _NoColour) for f in lg.filters):
+            lg.addFilter(_NoColour())
         lg.setLevel(ours.level)
         lg.propagate = False
 
