@@ -124,3 +124,35 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     AuditLog(path).close()
     assert main(["audit", "--audit-db", str(path), "--status", "nope"]) == 2
     assert main(["audit", "--audit-db", str(path), "--since", "nope"]) == 2
+
+
+def test_refused_requests_are_counted_not_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "a.sqlite3"
+    base = 1_750_000_020  # the start of a minute
+    with AuditLog(path) as log:
+        for i in range(300):
+            ts = base + (i % 3) * 60 + 5  # three minutes
+            code = "server.unauthorized" if i % 2 else "server.not_found"
+            status = 401 if i % 2 else 404
+            log.record(AuditRecord(f"req-{i}", ts, "GET *", 0.001, status, error_code=code))
+        assert log.query() == []  # no row of their own
+        counts = log.refused()
+        assert sum(c.count for c in counts) == 300 and len(counts) == 6
+        assert {c.error_code for c in counts} == {"server.unauthorized", "server.not_found"}
+        assert [c.minute for c in log.refused(since=base + 120)] == [base + 120] * 2
+        assert log.prune(now=base + 30 * 86400 + 90) == 4  # the two oldest minutes' counts
+    assert main(["audit", "--audit-db", str(path), "--refused", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sum(r["count"] for r in rows) == 100 and rows[0]["endpoint"] == "GET *"
+    assert main(["audit", "--audit-db", str(path), "--refused"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["minute", "endpoint", "status"] and len(lines) == 3
+
+
+def test_long_fields_are_cut(tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "a.sqlite3") as log:
+        log.record(AuditRecord("r" * 500, NOW, "POST /v1/" + "x" * 500, 0.1, 200))
+        (row,) = log.query()
+    assert len(row.request_id) == 64 and len(row.endpoint) == 64

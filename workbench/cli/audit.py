@@ -7,7 +7,9 @@ import json
 import re
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
+from typing import Any
 
 from workbench.cli.serve import add_audit_db_arg
 from workbench.errors import UserError
@@ -24,6 +26,14 @@ _COLUMNS = (
     ("finish", 9),
     ("error", 0),
 )
+_REFUSED_COLUMNS = (
+    ("minute", 16),
+    ("endpoint", 24),
+    ("status", 6),
+    ("error", 22),
+    ("count", 7),
+    ("last_request_id", 0),
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="show the server's audit log",
         description="Show the audit log `workbench serve` writes: one row per API request with "
         "its id, time, model, backend, endpoint, duration, status, token counts and error code. "
-        "It never holds prompt or completion text.",
+        "It never holds prompt or completion text. Control characters in any field are shown "
+        "escaped (\\x1b), so a row cannot drive the terminal.",
     )
     p.add_argument(
         "--since",
@@ -47,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, help="show at most this many rows (the oldest first)")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument(
+        "--refused",
+        action="store_true",
+        help="show the counts of requests refused at the edge (no key, unknown route, body too "
+        "large or slow, untrusted Host, too many connections: one row per minute, endpoint, "
+        "status and code) instead of the request rows",
+    )
     add_audit_db_arg(p)
     p.set_defaults(func=cmd_audit)
 
@@ -71,15 +89,19 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from workbench import store
-    from workbench.server.audit import AuditLog, default_path
+    from workbench.server.audit import AuditLog, default_path, escape
 
     since = parse_since(args.since) if args.since else None
     path = args.audit_db or default_path(store.default_home())
     if not path.exists():
         raise UserError("user.no_audit_log", f"no audit log at {path} (has the server run?)")
+    out = sys.stdout
+    if args.refused:
+        with AuditLog(path) as audit:
+            counts = audit.refused(since=since)
+        return _print_refused(counts, args.json, out)
     with AuditLog(path) as audit:
         rows = audit.query(since=since, status=args.status, limit=args.limit)
-    out = sys.stdout
     if args.json:
         for row in rows:
             out.write(json.dumps(row.to_dict()) + "\n")
@@ -97,6 +119,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
             r.finish_reason or "",
             r.error_code or "",
         )
-        line = " ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, _COLUMNS))
+        line = " ".join(f"{escape(c, 200):<{w}}" for c, (_, w) in zip(cells, _COLUMNS))
+        out.write(line.rstrip() + "\n")
+    return 0
+
+
+def _print_refused(counts: list[Any], as_json: bool, out: Any) -> int:
+    from workbench.server.audit import escape
+
+    if as_json:  # json.dumps escapes control characters itself
+        for c in counts:
+            out.write(json.dumps(asdict(c)) + "\n")
+        return 0
+    out.write(" ".join(f"{n:<{w}}" for n, w in _REFUSED_COLUMNS).rstrip() + "\n")
+    for c in counts:
+        cells = (
+            datetime.fromtimestamp(c.minute, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            c.endpoint,
+            str(c.status),
+            c.error_code,
+            str(c.count),
+            c.last_request_id,
+        )
+        line = " ".join(f"{escape(x, 200):<{w}}" for x, (_, w) in zip(cells, _REFUSED_COLUMNS))
         out.write(line.rstrip() + "\n")
     return 0

@@ -66,7 +66,43 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="on SIGTERM, how long in-flight requests may finish (default: 30)",
+        help="on SIGTERM, how long queued and running requests may finish while new ones get "
+        "503; then what is left is answered 503 and the server exits (default: 30)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a request's headers must arrive within this, or the connection gets 408 and is "
+        "closed (default: 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a request's whole body must arrive within this, or 408 (default: 30)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="close a kept-alive connection idle this long (default: 5)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="open connections; a request on one past it gets 503 server.overloaded (64)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a Host header name to answer (repeat for more; '*' for any). Default: loopback "
+        "names only when there is no API key (DNS-rebinding guard), any name with a key",
     )
     add_audit_db_arg(p)
     p.add_argument(
@@ -75,6 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         metavar="DAYS",
         help="audit rows older than this are pruned at startup and hourly (default: 30)",
+    )
+    p.add_argument(
+        "--audit-max-mb",
+        type=float,
+        default=64.0,
+        metavar="MB",
+        help="cap on the audit log's size; past it the oldest rows go (default: 64)",
     )
     p.add_argument("--no-audit", action="store_true", help="keep no audit log")
     p.set_defaults(func=cmd_serve)
@@ -102,12 +145,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_grace_s=args.drain_grace,
         audit_db=audit_db,
         audit_retention_days=args.audit_retention_days,
+        audit_max_bytes=int(args.audit_max_mb * (1 << 20)),
         model_aliases=aliases,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections,
+        allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
     )
     if args.host not in LOOPBACK and api_key is None:
         log.warning(
             "serving on %s without an API key: anyone who can reach it can use it", args.host
         )
+        if settings.allowed_hosts is None:
+            log.warning(
+                "without an API key only loopback Host names are answered; "
+                "pass --allowed-host NAME for the names clients use"
+            )
 
     def make_engine() -> Any:
         from workbench.engine.generate import Engine

@@ -43,6 +43,14 @@ DEVICE_SAMPLE_MAX_K = 128
 # TokenEvent.id of the last event when it only releases held-back text (no new token).
 FLUSH_ID = -1
 
+# Prompt tokens per prefill pass: between passes a cancelled or expired generation stops, so a
+# long prompt holds the engine at most one chunk after its client has gone. Chunks keep the
+# batched matmuls at full speed (a 1,024-token prompt prefilled no slower in chunks of 128 than
+# in one pass), and 64 tokens at the ~340 tok/s prefill docs/performance.md reports for
+# SmolLM2-135M on the CPU are about 0.2 s, leaving room for the attention over every earlier
+# position at the end of a 5,000-token prompt.
+PREFILL_CHUNK = 64
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -153,13 +161,20 @@ class Generation:
         self.result: GenerationResult | None = None
         self.cancelled = False
         self.request_id = ""
+        self.deadline: float | None = None  # time.monotonic() past which prefill stops
+        self.queued_s = 0.0  # waited before it started (counted in the time-to-first-token)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self._events
 
     def cancel(self) -> None:
-        """Stop after the token in progress; the result's finish reason is "cancelled"."""
+        """Stop after the token or prefill chunk in progress; the finish reason is "cancelled".
+        Thread-safe (it sets a flag the generating thread reads)."""
         self.cancelled = True
+
+    def stopping(self) -> bool:
+        """Cancelled, or past its deadline."""
+        return self.cancelled or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     def run(self) -> GenerationResult:
         """Consume every event and return the result."""
@@ -187,12 +202,18 @@ class Engine:
         retry: RetryPolicy | None = None,
         faults: FaultInjector | None = None,
         breaker: CircuitBreaker | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if backend not in BACKENDS:
             raise UserError(
                 "user.unknown_backend",
                 f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})",
             )
+        if prefill_chunk < 1:
+            raise UserError(
+                "user.bad_prefill_chunk", f"prefill_chunk must be >= 1, got {prefill_chunk}"
+            )
+        self.prefill_chunk = prefill_chunk
         self.model = model if isinstance(model, Model) else load(model)
         self.requested_backend = backend
         self.threads = threads
@@ -408,6 +429,18 @@ class Engine:
         run.done.extend(tokens)
         return logits
 
+    def _prefill(self, run: _Run, ids: list[int], gen: Generation) -> Any:
+        """The last prompt position's logits, running ``ids`` in chunks of ``prefill_chunk``;
+        None when the generation was cancelled or passed its deadline between two chunks.
+        Each chunk attends to the cache the previous ones filled, so the logits are those of
+        one pass (up to float rounding in the batched matmuls)."""
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            if gen.stopping():
+                return None
+            logits = self._forward(run, ids[start : start + self.prefill_chunk])
+        return logits
+
     def _sample(
         self,
         run: _Run,
@@ -472,8 +505,10 @@ class Engine:
         history = list(ids)  # prompt and generated ids, for the repetition penalty
         t0 = t_step = t_first = time.perf_counter()
         with Profiler.phase("prefill"):
-            logits = self._forward(run, ids)
+            logits = self._prefill(run, ids, gen)
         timings.prefill_s = time.perf_counter() - t0
+        if logits is None:  # cancelled or expired between prefill chunks
+            finish, max_new = "cancelled", 0
         for index in range(max_new):
             if index:
                 t_step = time.perf_counter()
@@ -499,7 +534,9 @@ class Engine:
             now = time.perf_counter()
             if index == 0:
                 timings.ttft_s, t_first = now - t0, now
-                self.metrics.observe_ttft(timings.ttft_s, model=model, backend=run.tf.backend.name)
+                self.metrics.observe_ttft(
+                    gen.queued_s + timings.ttft_s, model=model, backend=run.tf.backend.name
+                )
             timings.generated_tokens = len(out_ids)
             self.metrics.kv_cache(
                 model, used_tokens=run.cache.length, capacity_tokens=run.cache.capacity

@@ -83,6 +83,11 @@ METRICS: Mapping[str, MetricDef] = {
             "workbench_request_duration_seconds", "histogram", _MB,
             "End-to-end request latency, start to last token.", _LATENCY_BUCKETS,
         ),
+        MetricDef(
+            "workbench_requests_rejected_total", "counter", ("code",),
+            "HTTP requests answered 503 without running, by error code (server.queue_full, "
+            "server.draining, server.not_ready, server.overloaded, ...).",
+        ),
         MetricDef("workbench_requests_queued", "gauge", (), "Requests waiting to start."),
         MetricDef("workbench_requests_running", "gauge", (), "Requests being generated."),
         MetricDef(
@@ -154,6 +159,10 @@ class Metrics:
 
     def request_cancelled(self, model: str, backend: str) -> None:
         self._m["requests_cancelled"].labels(model, backend).inc()
+
+    def request_rejected(self, code: str) -> None:
+        """The server refused a request with 503 before it ran (``code``: the error code)."""
+        self._m["requests_rejected"].labels(code).inc()
 
     def tokens(self, model: str, backend: str, *, prompt: int = 0, generated: int = 0) -> None:
         """Add ``prompt`` prefilled and ``generated`` generated tokens."""

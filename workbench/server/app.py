@@ -4,28 +4,19 @@
 the worker thread (`workbench.server.worker`), so the app answers /health at once and /ready turns
 200 when the model can serve. Every engine call happens on that one thread.
 
-One pure-ASGI middleware (`EdgeMiddleware`) is the edge of every request: it assigns the request
-id (a sane client ``X-Request-ID`` is kept) and echoes it on every response, enforces the body
-limit (413), the API key (401) and draining (503), logs one line per request (no text), writes the
-audit row for /v1 requests, and turns anything that escaped the handlers into a 500 problem.
-
-Errors map by category: user -> 400 (404 unknown model, 413 body too large, 401 no key), model ->
-422, recoverable/backend -> 503 with Retry-After, internal -> 500 with no internals in the body.
+`workbench.server.edge.EdgeMiddleware` is the edge of every request (request id, refusals, the
+log line and the audit row); `workbench.server.problems` shapes every error answer;
+`workbench.server.serving` runs the app under uvicorn (timeouts, connection cap, drain).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import math
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,278 +24,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from workbench.errors import InternalError, RecoverableError, UserError, WorkbenchError
+from workbench.errors import RecoverableError, UserError, WorkbenchError
 from workbench.server import schemas
 from workbench.server.audit import AuditLog, AuditRecord
-from workbench.server.worker import RETRY_AFTER_S, Job, Worker, timeout_error
+from workbench.server.edge import EdgeMiddleware, audit_fields, request_id_of
+from workbench.server.problems import (
+    ServerSettings,
+    error_response,
+    problem_response,
+    status_of,
+)
+from workbench.server.worker import RETRY_AFTER_S, Job, Worker, shutdown_error, timeout_error
 
 log = logging.getLogger(__name__)
 
-PROBLEM_TYPE = "application/problem+json"
-REQUEST_ID_HEADER = "X-Request-ID"
-_SANE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
-OPEN_PATHS = ("/health", "/ready")  # never behind the API key
-AUDITED_PREFIX = "/v1/"
 PRUNE_INTERVAL_S = 3600.0
-
-# Status per error code where the category's default does not fit.
-STATUS_BY_CODE = {
-    "user.unknown_model": 404,
-    "server.not_found": 404,
-    "server.method_not_allowed": 405,
-    "server.unauthorized": 401,
-    "server.body_too_large": 413,
-    "user.prompt_too_long": 400,
-}
-STATUS_BY_CATEGORY = {
-    "user": 400,
-    "model": 422,
-    "recoverable": 503,
-    "backend": 503,
-    "internal": 500,
-}
-TITLES = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Content Too Large",
-    422: "Unprocessable Content",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Everything the server reads; the CLI builds it once from flags and the environment."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_queue: int = 8  # requests waiting beyond the one running
-    request_timeout_s: float = 300.0  # submit to last token, queue wait included
-    max_body_bytes: int = 1 << 20
-    drain_grace_s: float = 30.0  # how long SIGTERM lets in-flight requests finish
-    audit_db: Path | None = None  # None: no audit log
-    audit_retention_days: float = 30.0
-    warmup: bool = True
-    model_aliases: tuple[str, ...] = field(default_factory=tuple)  # names accepted for the model
-
-    def __post_init__(self) -> None:
-        checks = (
-            (self.max_queue >= 0, f"max queue must be >= 0, got {self.max_queue}"),
-            (self.request_timeout_s > 0, "request timeout must be > 0 seconds"),
-            (self.max_body_bytes > 0, "max body size must be > 0 bytes"),
-            (self.drain_grace_s >= 0, "drain grace must be >= 0 seconds"),
-            (0 < self.port < 65536, f"port must be in 1..65535, got {self.port}"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise UserError("user.bad_server_setting", message)
-        if self.api_key is not None and not self.api_key:
-            raise UserError("user.bad_server_setting", "the API key must not be empty")
-
-
-# -- problems -------------------------------------------------------------------------------
-
-
-def status_of(error: WorkbenchError) -> int:
-    return STATUS_BY_CODE.get(error.code, STATUS_BY_CATEGORY[error.category])
-
-
-def problem_response(
-    status: int,
-    detail: str,
-    *,
-    request_id: str,
-    instance: str,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-    errors: list[dict[str, Any]] | None = None,
-) -> JSONResponse:
-    body = schemas.Problem(
-        type=f"urn:workbench:error:{code}" if code else "about:blank",
-        title=TITLES.get(status, "Error"),
-        status=status,
-        detail=detail,
-        instance=instance,
-        request_id=request_id,
-        code=code,
-        errors=errors,
-    )
-    return JSONResponse(
-        body.model_dump(exclude_none=True),
-        status_code=status,
-        media_type=PROBLEM_TYPE,
-        headers={REQUEST_ID_HEADER: request_id, **(headers or {})},
-    )
-
-
-def error_response(error: WorkbenchError, *, request_id: str, instance: str) -> JSONResponse:
-    status = status_of(error)
-    headers = {}
-    if status == 503:
-        wait = error.context.get("retry_after_s", RETRY_AFTER_S)
-        headers["Retry-After"] = str(max(1, math.ceil(float(wait))))
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    # Internal errors say nothing of their internals; the request id finds them in the logs.
-    detail = (
-        f"internal error; quote request id {request_id} when reporting it"
-        if status == 500
-        else error.message
-    )
-    return problem_response(
-        status, detail, request_id=request_id, instance=instance, code=error.code, headers=headers
-    )
-
-
-def _request_id(scope: Scope) -> str:
-    return scope.get("state", {}).get("request_id") or new_request_id()
-
-
-def new_request_id() -> str:
-    return f"req-{uuid.uuid4().hex}"
-
-
-def _audit(scope: Scope) -> dict[str, Any]:
-    return scope.setdefault("state", {}).setdefault("audit", {})
-
-
-# -- the edge middleware ----------------------------------------------------------------------
-
-
-class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, settings: ServerSettings, server: ServerState) -> None:
-        self.app = app
-        self.settings = settings
-        self.server = server
-        key = settings.api_key
-        self._key = f"Bearer {key}".encode() if key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0, ts = time.perf_counter(), time.time()
-        headers = dict(scope.get("headers") or [])
-        sent = headers.get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
-        rid = sent if _SANE_ID.match(sent) else new_request_id()
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-        path: str = scope["path"]
-        status = {"code": 0}
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                hdrs = [
-                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
-                ]
-                hdrs.append((b"x-request-id", rid.encode()))
-                message = {**message, "headers": hdrs}
-            await send(message)
-
-        try:
-            refusal = self._refuse(path, headers)
-            if refusal is None:
-                receive, refusal = await self._buffer_body(headers, receive)
-            if refusal is not None:
-                _audit(scope)["error_code"] = refusal.code
-                await error_response(refusal, request_id=rid, instance=path)(
-                    scope, receive, send_with_id
-                )
-            else:
-                await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error", extra={"request_id": rid, "path": path})
-            _audit(scope)["error_code"] = "internal.unhandled"
-            if not status["code"]:
-                err = InternalError("internal.unhandled", "unhandled error")
-                await error_response(err, request_id=rid, instance=path)(
-                    scope, receive, send_with_id
-                )
-        finally:
-            duration = time.perf_counter() - t0
-            audit = _audit(scope)
-            final_status = audit.pop("status", None) or status["code"] or 500
-            log.info(
-                "%s %s %d",
-                scope["method"],
-                path,
-                final_status,
-                extra={"request_id": rid, "duration_s": round(duration, 4)},
-            )
-            if self.server.audit is not None and path.startswith(AUDITED_PREFIX):
-                self.server.write_audit(
-                    AuditRecord(
-                        request_id=rid,
-                        ts=ts,
-                        endpoint=f"{scope['method']} {path}",
-                        duration_s=duration,
-                        status=final_status,
-                        **audit,
-                    )
-                )
-
-    def _refuse(self, path: str, headers: dict[bytes, bytes]) -> WorkbenchError | None:
-        if self._key is not None and path not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._key):
-                return UserError(
-                    "server.unauthorized",
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                )
-        if path.startswith(AUDITED_PREFIX) and self.server.worker.draining:
-            return RecoverableError(
-                "server.draining",
-                "the server is shutting down; retry on another instance",
-                retry_after_s=RETRY_AFTER_S,
-            )
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return self._too_large()
-        return None
-
-    def _too_large(self) -> UserError:
-        return UserError(
-            "server.body_too_large",
-            f"the request body is larger than {self.settings.max_body_bytes} bytes",
-        )
-
-    async def _buffer_body(
-        self, headers: dict[bytes, bytes], receive: Receive
-    ) -> tuple[Receive, WorkbenchError | None]:
-        """Read the whole body up to the limit (chunked bodies have no length to check first),
-        then replay it; after it, ``receive`` goes to the client (for http.disconnect)."""
-        if b"content-length" not in headers and b"transfer-encoding" not in headers:
-            return receive, None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return receive, None  # the client left before sending the body
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                return receive, self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body: list[bytes] | None = [b"".join(chunks)]
-
-        async def replay() -> Message:
-            nonlocal body
-            if body is not None:
-                data, body = body[0], None
-                return {"type": "http.request", "body": data, "more_body": False}
-            return await receive()
-
-        return replay, None
-
 
 # -- app state --------------------------------------------------------------------------------
 
@@ -315,6 +50,13 @@ class ServerState:
         self.settings = settings
         self.audit = audit
         self.started = time.time()
+        self.known_paths: frozenset[str] = frozenset()  # the app's routes, set by create_app
+
+    def count_rejection(self, code: str) -> None:
+        """A 503 answered without running (queue full, draining, loading, overloaded...)."""
+        w = self.worker
+        if w.loaded and w.engine is not None:
+            w.engine.metrics.request_rejected(code)
 
     def write_audit(self, rec: AuditRecord) -> None:
         assert self.audit is not None
@@ -360,7 +102,11 @@ def create_app(engine: Any | Callable[[], Any], settings: ServerSettings | None 
     settings = settings or ServerSettings()
     worker = Worker(engine, max_queue=settings.max_queue, warmup=settings.warmup)
     audit = (
-        AuditLog(settings.audit_db, retention_days=settings.audit_retention_days)
+        AuditLog(
+            settings.audit_db,
+            retention_days=settings.audit_retention_days,
+            max_bytes=settings.audit_max_bytes,
+        )
         if settings.audit_db is not None
         else None
     )
@@ -391,6 +137,7 @@ def create_app(engine: Any | Callable[[], Any], settings: ServerSettings | None 
     app.add_middleware(EdgeMiddleware, settings=settings, server=server)
     _add_error_handlers(app)
     _add_routes(app, server)
+    server.known_paths = frozenset(getattr(r, "path", "") for r in app.routes)
     return app
 
 
@@ -406,13 +153,33 @@ async def _prune_forever(server: ServerState) -> None:
         await asyncio.sleep(PRUNE_INTERVAL_S)
 
 
+MALFORMED_JSON = (
+    "the request body is not valid JSON (UTF-8, nested at most as deep as Python's parser allows)"
+)
+
+
+def _param(errors: list[dict[str, Any]]) -> str | None:
+    """The request field the validation errors are about ("messages.0.content"): the common
+    prefix of their locations without "body" (a union reports one error per member, each with
+    the member's type name appended)."""
+    locs = [[str(p) for p in e["loc"][1:]] for e in errors]
+    prefix: list[str] = []
+    for parts in zip(*locs):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix) or None
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     async def on_workbench_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, WorkbenchError)
-        _audit(request.scope)["error_code"] = exc.code
+        audit_fields(request.scope)["error_code"] = exc.code
         if status_of(exc) >= 500 and not exc.code.startswith("server."):  # not flow control
             log.warning("request failed: %s", exc.code, extra={"category": exc.category})
-        return error_response(exc, request_id=_request_id(request.scope), instance=request.url.path)
+        return error_response(
+            exc, request_id=request_id_of(request.scope), instance=request.url.path
+        )
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -423,31 +190,36 @@ def _add_error_handlers(app: FastAPI) -> None:
         ]
         malformed = any(e["type"] == "json_invalid" for e in errors)
         code = "user.malformed_json" if malformed else "user.invalid_request"
-        _audit(request.scope)["error_code"] = code
+        audit_fields(request.scope)["error_code"] = code
         detail = (
-            "the request body is not valid JSON"
+            MALFORMED_JSON
             if malformed
-            else "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+            else "; ".join(f"{_param([e]) or 'body'}: {e['msg']}" for e in errors)
         )
         return problem_response(
-            400 if malformed else 422,
+            400,  # OpenAI's status for a bad request body (not FastAPI's 422)
             detail,
-            request_id=_request_id(request.scope),
+            request_id=request_id_of(request.scope),
             instance=request.url.path,
             code=code,
             errors=errors,
+            param=None if malformed else _param(errors),
         )
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "server.not_found", 405: "server.method_not_allowed"}.get(
-            exc.status_code, "server.http_error"
-        )
-        _audit(request.scope)["error_code"] = code
+        # FastAPI answers 400 when the body does not parse past the JSON syntax check: too
+        # deeply nested (RecursionError) or not UTF-8. To a client both are malformed JSON.
+        code = {
+            400: "user.malformed_json",
+            404: "server.not_found",
+            405: "server.method_not_allowed",
+        }.get(exc.status_code, "server.http_error")
+        audit_fields(request.scope)["error_code"] = code
         return problem_response(
             exc.status_code,
-            str(exc.detail),
-            request_id=_request_id(request.scope),
+            MALFORMED_JSON if exc.status_code == 400 else str(exc.detail),
+            request_id=request_id_of(request.scope),
             instance=request.url.path,
             code=code,
             headers=dict(exc.headers or {}),
@@ -580,8 +352,8 @@ async def _complete(
     *,
     chat: bool,
 ) -> Response:
-    rid = _request_id(request.scope)
-    audit = _audit(request.scope)
+    rid = request_id_of(request.scope)
+    audit = audit_fields(request.scope)
     engine = server.engine()
     audit.update(model=engine.model.name, backend=engine.state()["backend"])
     server.check_model(engine, body.model)
@@ -686,10 +458,13 @@ class _Call:
             self.audit["completion_tokens"] = self.tokens
         elif kind == "done":
             self.audit["completion_tokens"] = len(value.token_ids)
-            self.audit["finish_reason"] = (
-                "timeout" if self.job.cancel_reason == "timeout" else value.finish_reason
-            )
+            reason = self.job.cancel_reason
+            self.audit["finish_reason"] = "timeout" if reason == "timeout" else value.finish_reason
+            if reason == "shutdown":  # the drain grace ran out: the answer is cut, say so
+                raise shutdown_error(started=True)
         elif kind == "error":
+            if self.job.cancel_reason == "disconnect":
+                self.audit["status"] = 499  # the client left while queued: nobody got an answer
             raise value
         return kind, value
 
@@ -790,40 +565,3 @@ async def _sse_completion(
             yield "data: [DONE]\n\n"
         elif kind == "error":
             yield _sse_error(value, rid)
-
-
-# -- running it -------------------------------------------------------------------------------
-
-
-def serve(app: FastAPI, settings: ServerSettings) -> None:
-    """Run ``app`` with uvicorn until SIGINT/SIGTERM. SIGTERM drains: new /v1 requests get 503,
-    in-flight ones finish for up to ``settings.drain_grace_s``, then the process returns
-    normally (exit status 0)."""
-    import signal
-
-    import uvicorn
-
-    server_state: ServerState = app.state.server
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            server_state.worker.drain()
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.drain_grace_s,
-        lifespan="on",
-    )
-    # uvicorn re-raises the signal it caught once it has shut down; with SIGTERM's default
-    # action that would kill the process with status 143 after a clean drain. A no-op handler
-    # makes the re-raise harmless, so a drained shutdown exits 0.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        DrainingServer(config).run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)

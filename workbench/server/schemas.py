@@ -1,32 +1,84 @@
 """Request and response bodies of the HTTP API, shaped like OpenAI's (the subset the engine serves).
 
 Sampler fields are validated here (ranges as the engine's sampler accepts them), so a bad value
-is a 422 before the request is queued. ``top_k``, ``min_p`` and ``repeat_penalty`` are extensions;
-their defaults switch them off, so an OpenAI client gets OpenAI's sampling (temperature, top_p).
-Unknown fields are ignored, as OpenAI-compatible servers usually do.
+is a 400 before the request is queued. Types are strict: ``"5"`` is not an integer and ``1`` is
+not a boolean. ``top_k``, ``min_p`` and ``repeat_penalty`` are extensions; their defaults switch
+them off, so an OpenAI client gets OpenAI's sampling (temperature, top_p).
+
+OpenAI fields the engine does not serve (tools, response_format, logprobs, n > 1, ...) are
+refused with a 400 naming the field when they ask for something (`UNSUPPORTED`); a client is
+never silently given less than it asked for. Other unknown fields are ignored, as
+OpenAI-compatible servers usually do.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_SEED = 2**63 - 1  # OpenAI's seed is a signed 64-bit integer; the sampler takes >= 0
+
+
+def _given(v: Any) -> bool:
+    """A field that asks for something: not null, false, zero, empty or "none"."""
+    return v not in (None, False, 0, "", [], {}, "none")
+
+
+def _not_text(v: Any) -> bool:
+    return _given(v) and v != {"type": "text"}
+
+
+# Fields of OpenAI's API that the engine does not serve -> when a value asks for them.
+UNSUPPORTED: dict[str, Any] = {
+    "tools": _given,
+    "tool_choice": _given,
+    "functions": _given,
+    "function_call": _given,
+    "parallel_tool_calls": _given,
+    "response_format": _not_text,
+    "logprobs": _given,
+    "top_logprobs": _given,
+    "logit_bias": _given,
+    "presence_penalty": _given,
+    "frequency_penalty": _given,
+    "best_of": lambda v: _given(v) and v != 1,
+    "echo": _given,
+    "suffix": _given,
+    "audio": _given,
+    "modalities": lambda v: _given(v) and v != ["text"],
+    "prediction": _given,
+}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, asks in UNSUPPORTED.items():
+                if name in data and asks(data[name]):
+                    raise PydanticCustomError(
+                        "unsupported_field",
+                        "{field} is not supported by this server",
+                        {"field": name},
+                    )
+        return data
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+    user: str | None = None  # accepted and not stored
     # Extensions (llama.cpp's names).
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -48,18 +100,20 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
@@ -200,8 +254,19 @@ class Problem(BaseModel):
     request_id: str
     code: str | None = None
     errors: list[dict[str, Any]] | None = None
+    error: OpenAIError | None = None  # the same, as OpenAI clients read it
 
 
+class OpenAIError(BaseModel):
+    """OpenAI's error object (``{"error": {...}}``), which the official clients read."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+Problem.model_rebuild()
 _Request.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()

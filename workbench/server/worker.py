@@ -8,8 +8,13 @@ asyncio queue; the worker runs the generation and hands each message to the even
 
 Admission: one job runs, at most ``max_queue`` wait; beyond that `submit` raises a recoverable
 ``server.queue_full`` (the HTTP layer answers 503 with Retry-After). A cancelled job (client gone,
-timeout) leaves the queue at once, or, when running, stops after the token in progress
-(`Generation.cancel`); the generation then ends and its KV cache goes with it.
+timeout) leaves the queue at once, or, when running, stops after the token or prefill chunk in
+progress (`Generation.cancel`, called from whichever thread cancels); the generation then ends and
+its KV cache goes with it. The job's deadline also goes to the generation, which checks it between
+prefill chunks.
+
+`retry_after_s` estimates when a refused client should come back: the jobs ahead of it times the
+recent mean job duration.
 
 `drain` refuses new jobs and lets the queued and running ones finish; `stop` cancels what is left
 and joins the thread.
@@ -27,10 +32,13 @@ from collections.abc import Callable
 from typing import Any
 
 from workbench.errors import InternalError, RecoverableError, WorkbenchError
+from workbench.observe.profiler import Profiler
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 1.0  # what a 503 tells clients to wait when the queue is full or we are loading
+RETRY_AFTER_S = 1.0  # what a 503 tells clients to wait at least (loading, queue full, draining)
+MAX_RETRY_AFTER_S = 300.0  # the most a queue-full 503 tells clients to wait
+DURATION_SMOOTHING = 0.2  # weight of the newest job in the running mean of job durations
 WARMUP_PROMPT = "Hello"
 
 StartFn = Callable[[Any], Any]  # engine -> Generation
@@ -54,6 +62,8 @@ class Job:
         self.deadline = deadline  # time.monotonic() after which the worker cancels it
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
         self.cancel_reason: str | None = None  # "disconnect", "timeout", "shutdown"
+        self.submitted = time.monotonic()
+        self.generation: Any | None = None  # set by the worker once the generation exists
         self._cancelled = threading.Event()
         self._on_cancel: Callable[[Job], None] | None = None
 
@@ -69,6 +79,9 @@ class Job:
         self._cancelled.set()
         if self._on_cancel is not None:
             self._on_cancel(self)
+        gen = self.generation
+        if gen is not None:  # stops a prefill between chunks, a decode after its token
+            gen.cancel()
 
     def post(self, kind: str, value: Any) -> None:
         """From the worker thread: hand a message to the request's event loop."""
@@ -100,6 +113,7 @@ class Worker:
         self._cond = threading.Condition()
         self._draining = False
         self._stopping = False
+        self._mean_job_s: float | None = None  # running mean of finished jobs' durations
         self._thread = threading.Thread(target=self._main, name="workbench-worker", daemon=True)
 
     # -- state -----------------------------------------------------------------------------
@@ -123,6 +137,15 @@ class Worker:
     @property
     def running(self) -> int:
         return 0 if self._running is None else 1
+
+    def retry_after_s(self) -> float:
+        """How long a refused client should wait: the jobs ahead times the mean job time."""
+        with self._cond:
+            ahead = len(self._pending) + self.running
+            mean = self._mean_job_s
+        if mean is None:
+            return RETRY_AFTER_S
+        return min(MAX_RETRY_AFTER_S, max(RETRY_AFTER_S, ahead * mean))
 
     def idle(self) -> bool:
         with self._cond:
@@ -151,17 +174,19 @@ class Worker:
                 )
             # One job runs and max_queue wait; counting the runner also covers the moment the
             # worker is between jobs (running 0, one more waiting).
-            if len(self._pending) + self.running > self.max_queue:
-                raise RecoverableError(
-                    "server.queue_full",
-                    f"the server is busy ({self.max_queue} requests waiting); retry shortly",
-                    retry_after_s=RETRY_AFTER_S,
-                    max_queue=self.max_queue,
-                )
-            job._on_cancel = self._dequeue
-            self._pending.append(job)
-            self._publish()
-            self._cond.notify_all()
+            full = len(self._pending) + self.running > self.max_queue
+            if not full:
+                job._on_cancel = self._dequeue
+                self._pending.append(job)
+                self._publish()
+                self._cond.notify_all()
+                return
+        raise RecoverableError(
+            "server.queue_full",
+            f"the server is busy ({self.max_queue} requests waiting); retry shortly",
+            retry_after_s=self.retry_after_s(),
+            max_queue=self.max_queue,
+        )
 
     def drain(self) -> None:
         """Refuse new jobs; queued and running ones go on."""
@@ -179,7 +204,7 @@ class Worker:
             self._publish()
             self._cond.notify_all()
         for job in left:
-            job.post("error", _shutdown_error())
+            job.post("error", shutdown_error())
         if running is not None:
             running.cancel("shutdown")
         if self._thread.is_alive():
@@ -215,11 +240,19 @@ class Worker:
                 job = self._pending.popleft()
                 self._running = job
                 self._publish()
+            t0 = time.monotonic()
+            completed = False
             try:
-                self._run(job)
+                with Profiler.request(job.request_id):  # every log record carries the id
+                    completed = self._run(job)
             finally:
+                took = time.monotonic() - t0
                 with self._cond:
                     self._running = None
+                    if completed:  # a cancelled job's time says nothing of a whole one
+                        m = self._mean_job_s
+                        a = DURATION_SMOOTHING
+                        self._mean_job_s = took if m is None else (1 - a) * m + a * took
                     self._publish()
                     self._cond.notify_all()
 
@@ -253,15 +286,21 @@ class Worker:
         )
         return True
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> bool:
+        """Run ``job``; True when its generation ran to its end (not cancelled, no error)."""
         if job.cancelled:
-            return
+            return False
         if job.deadline is not None and time.monotonic() >= job.deadline:
             job.cancel("timeout")  # waited in the queue past its deadline; _dequeue is a no-op now
             job.post("error", _cancelled_error(job))
-            return
+            return False
         try:
             gen = job.start(self.engine)
+            gen.deadline = job.deadline  # checked between prefill chunks
+            gen.queued_s = time.monotonic() - job.submitted
+            job.generation = gen
+            if job.cancelled:  # cancelled while the generation was being set up
+                gen.cancel()
             job.post("start", gen)
             for event in gen:
                 job.post("token", event)
@@ -272,17 +311,21 @@ class Worker:
                         job.cancel("timeout")
                     gen.cancel()
             job.post("done", gen.result)
+            return gen.result is not None and gen.result.finish_reason != "cancelled"
         except WorkbenchError as e:
             job.post("error", e)
         except Exception as e:  # a bug: log it here, tell the client nothing of it
             log.exception("generation failed")
             job.post("error", InternalError("internal.generation_failed", f"{type(e).__name__}"))
+        return False
 
 
-def _shutdown_error() -> RecoverableError:
+def shutdown_error(*, started: bool = False) -> RecoverableError:
+    """The answer to a request the server stopped because it is shutting down."""
+    when = "before the request finished" if started else "before the request ran"
     return RecoverableError(
         "server.draining",
-        "the server shut down before the request ran; retry on another instance",
+        f"the server shut down {when}; retry on another instance",
         retry_after_s=RETRY_AFTER_S,
     )
 
