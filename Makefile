@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROMPT ?= Explain in two sentences what a GPU kernel is.
 
-.PHONY: run test lint format venv clean
+.PHONY: run test test-gpu lint format venv clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed"'
@@ -34,6 +34,17 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval-sanitize.cfg notebooks
+
+## test-gpu: on a machine with a GPU, install the CuPy build for it (ROCm or CUDA, detected) and
+## run the gpu-marked tests: every kernel against its reference, greedy tokens equal to NumPy's
+test-gpu: $(VENV)/.installed-dev
+	@if nvidia-smi -L >/dev/null 2>&1; then extra=cuda; \
+	elif [ -e /dev/kfd ] || rocminfo 2>/dev/null | grep -q gfx; then extra=rocm; \
+	else echo "test-gpu: no GPU found (nvidia-smi -L lists none; no /dev/kfd, rocminfo lists no gfx agent)"; exit 1; fi; \
+	echo "test-gpu: installing the [$$extra] extra (CuPy for $$extra)"; \
+	$(BIN)/python -m pip install --quiet -e ".[dev,$$extra]"
+	WORKBENCH_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m gpu -rs \
+		$(PYTEST_ARGS) tests/test_device_backend.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
