@@ -7,8 +7,13 @@ import os
 import numpy as np
 import pytest
 
+from workbench.backends.device import DeviceBackend
 from workbench.engine.generate import Engine, GenerationConfig
 from workbench.gguf.quants import SUPPORTED_TYPES
+from workbench.kernels import ops_kernels as ops
+from workbench.kernels import quant_kernels as qk
+from workbench.runtime import faults
+from workbench.runtime.faults import FaultInjector
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "F16"])
@@ -53,6 +58,49 @@ def test_logprobs_and_penalty_sample_on_the_host(tiny_model):
     b = Engine(tiny_model, backend="emulator").generate("an", cfg).run()
     assert a.token_ids == b.token_ids
     assert all(len(top) == 2 for _, top in b.logprobs)
+
+
+def test_every_module_is_built_at_start_with_progress():
+    """Compile errors and the compile retry act when the backend starts, never inside a forward
+    pass: all nine modules (five operation sources, four quantized operations) are built in
+    the constructor, each announced to the progress callback, a transient fault retried."""
+    seen: list[tuple[int, int, str]] = []
+    with faults.injecting(FaultInjector.from_spec("compile:once")) as injector:
+        be = DeviceBackend("emulator", progress=lambda *a: seen.append(a))
+    assert injector.injected("compile") == 1  # failed once, retried, built
+    sources = [*ops.SOURCES, *(qk.SOURCES[op] for op in qk.OPERATIONS)]
+    assert seen == [(i, 9, src) for i, src in enumerate(sources)] + [(9, 9, "")]
+    assert set(be._ops) == set(ops.SOURCES)
+
+
+def test_a_lost_device_context_is_fatal_for_the_device(tiny_model):
+    """A kernel that traps (WB_ASSERT) or faults kills the device context: that error is not
+    retried, the breaker opens at once, the request finishes on the CPU and no later request
+    touches the device."""
+    cfg = GenerationConfig(max_tokens=6, temperature=0)
+    expected = Engine(tiny_model, backend="numpy").generate("the cat", cfg).run().token_ids
+    engine = Engine(tiny_model, backend="emulator")
+    backend = engine.transformer.backend.backend
+    real, calls = backend.rmsnorm, []
+    runtime_error = type("CUDARuntimeError", (RuntimeError,), {})
+
+    def trapped(*args):
+        calls.append(1)
+        if len(calls) >= 3:  # mid-prefill: the device dies
+            raise runtime_error("hipErrorIllegalInstruction: an illegal instruction")
+        return real(*args)
+
+    engine.transformer.backend.rmsnorm = engine.transformer.backend._wrap("rmsnorm", trapped)
+    assert engine.generate("the cat", cfg).run().token_ids == expected
+    assert len(calls) == 3  # no retry of the trapped launch
+    assert engine.breaker is not None and engine.breaker.state == "open"
+    assert engine.state()["backend"] == "numpy"
+    (rec,) = engine.error_log.query(code="device.context_lost")
+    assert rec.operation == "forward"
+    assert engine.retry_stats.snapshot().get("launch", {}).get("retries", 0) == 0
+    engine.breaker.reset()  # even a closed breaker does not bring a dead device back
+    assert engine.generate("an", cfg).run().token_ids
+    assert len(calls) == 3
 
 
 # --- the CuPy backend on a real GPU (make test-gpu) ---------------------------------------------
