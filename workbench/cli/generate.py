@@ -83,8 +83,8 @@ def make_engine(args: argparse.Namespace) -> Any:
 def compile_progress(done: int, total: int, source: str) -> None:
     """A device backend building its kernel modules: one status line on stderr."""
     end = "\n" if done == total else ""
-    what = f" {source}" if source else ""
-    print(f"\rbuilding kernel modules {done}/{total}{what:<16}", end=end, file=sys.stderr, flush=True)
+    line = f"\rbuilding kernel modules {done}/{total} {source:<16}"
+    print(line, end=end, file=sys.stderr, flush=True)
 
 
 def warm_up(engine: Any) -> None:
