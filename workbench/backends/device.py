@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from workbench.errors import UserError
+from workbench.errors import UserError, WorkbenchError
 from workbench.gguf.reader import ModelSpec, Tensor
 from workbench.kernels import ops_kernels as ops
 from workbench.kernels import quant_kernels as qk
 from workbench.runtime import faults
+from workbench.runtime.classify import classify
 from workbench.runtime.retry import RetryPolicy
 
 TARGETS = ("emulator", "cupy")
@@ -91,7 +92,12 @@ class DeviceBackend:
 
         def attempt() -> Any:
             faults.maybe_fail("compile", source=source, backend=self.name)
-            return build()
+            try:
+                return build()
+            except WorkbenchError:
+                raise
+            except Exception as e:  # a driver's or compiler's own exception: ours, here
+                raise classify(e, operation="compile", source=source, backend=self.name) from e
 
         return COMPILE_RETRY.call(attempt, operation="compile")
 
