@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROMPT ?= Explain in two sentences what a GPU kernel is.
 
-.PHONY: run test tools lint format venv clean
+.PHONY: run test test-gpu tools lint format venv clean
 
 # One pytest session for the unit tests and the notebooks (nbval), so that the closing summary
 # lists every skip of the run and the strict mode of tests/conftest.py covers both.
@@ -42,6 +42,17 @@ test: tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(NBVAL) $(PYTEST_ARGS)
+
+## test-gpu: on a machine with a GPU, install the CuPy build for it (ROCm or CUDA, detected) and
+## run the gpu-marked tests: every kernel against its reference, greedy tokens equal to NumPy's
+test-gpu: $(VENV)/.installed-dev
+	@if nvidia-smi -L >/dev/null 2>&1; then extra=cuda; \
+	elif [ -e /dev/kfd ] || rocminfo 2>/dev/null | grep -q gfx; then extra=rocm; \
+	else echo "test-gpu: no GPU found (nvidia-smi -L lists none; no /dev/kfd, rocminfo lists no gfx agent)"; exit 1; fi; \
+	echo "test-gpu: installing the [$$extra] extra (CuPy for $$extra)"; \
+	$(BIN)/python -m pip install --quiet -e ".[dev,$$extra]"
+	WORKBENCH_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m gpu -rs \
+		tests/test_device_backend.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

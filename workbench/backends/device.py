@@ -7,21 +7,27 @@ once in their GGUF block form; activations and the KV cache live in `xp` arrays.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from workbench.errors import BackendError, UserError
+from workbench.errors import UserError, WorkbenchError
 from workbench.gguf.reader import ModelSpec, Tensor
 from workbench.kernels import ops_kernels as ops
 from workbench.kernels import quant_kernels as qk
 from workbench.runtime import faults
+from workbench.runtime.classify import classify
 from workbench.runtime.retry import RetryPolicy
 
 TARGETS = ("emulator", "cupy")
 COMPILE_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.05, max_delay_s=1.0)
+
+# (modules built so far, modules in all, the one being built now: a source file name).
+CompileProgress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -33,36 +39,65 @@ class DeviceWeight:
 
 
 class DeviceBackend:
-    def __init__(self, target: str = "emulator", *, warp_size: int = 64) -> None:
+    """``progress`` is called before each module is built; every module is built here, at
+    start, so compile errors (and the compile retry) happen now, never inside a forward pass."""
+
+    def __init__(
+        self,
+        target: str = "emulator",
+        *,
+        warp_size: int = 64,
+        progress: CompileProgress | None = None,
+    ) -> None:
         if target not in TARGETS:
             raise UserError("user.bad_target", f"target must be one of {TARGETS}, not {target!r}")
         self.name = target
         self.threads = 1
         if target == "cupy":
-            try:
-                import cupy
-            except ImportError as e:
-                raise BackendError(
-                    "backend.unavailable",
-                    "CuPy is not installed: pip install 'rocm-workbench[rocm]' (or [cuda])",
-                ) from e
+            from workbench.kernels.cupy_target import import_cupy
+            from workbench.kernels.cupy_target import warp_size as device_warp_size
+
+            cupy = import_cupy()
             self.xp = cupy
-            self.warp_size = int(cupy.cuda.Device().attributes["WarpSize"])
+            self.warp_size = device_warp_size(cupy)
             self._quant = qk.cupy_loader()
         else:
             self.xp = np
             self.warp_size = warp_size
             self._quant = qk.emulator_loader(warp_size)
-        self._ops = {src: self._compile(src) for src in ops.SOURCES}
+        jobs: list[tuple[str, Callable[[], Any]]] = [
+            (src, functools.partial(self._load_ops, src)) for src in ops.SOURCES
+        ]
+        jobs += [
+            (qk.SOURCES[op], functools.partial(self._quant, *qk.module_args(op)))
+            for op in qk.OPERATIONS
+        ]
+        self._ops: dict[str, Any] = {}
+        for i, (source, build) in enumerate(jobs):
+            if progress is not None:
+                progress(i, len(jobs), source)
+            module = self._compile(source, build)
+            if source in ops.SOURCES:
+                self._ops[source] = module
+        if progress is not None:
+            progress(len(jobs), len(jobs), "")
 
-    def _compile(self, source: str) -> Any:
-        """Build one operation module, retrying a transient compiler failure (the compile site)."""
+    def _load_ops(self, source: str) -> Any:
+        if self.name == "emulator":
+            return ops.load_module(source, self.name, warp_size=self.warp_size)
+        return ops.load_module(source, self.name)
+
+    def _compile(self, source: str, build: Callable[[], Any]) -> Any:
+        """Build one module, retrying a transient compiler failure (the compile site)."""
 
         def attempt() -> Any:
             faults.maybe_fail("compile", source=source, backend=self.name)
-            if self.name == "emulator":
-                return ops.load_module(source, self.name, warp_size=self.warp_size)
-            return ops.load_module(source, self.name)
+            try:
+                return build()
+            except WorkbenchError:
+                raise
+            except Exception as e:  # a driver's or compiler's own exception: ours, here
+                raise classify(e, operation="compile", source=source, backend=self.name) from e
 
         return COMPILE_RETRY.call(attempt, operation="compile")
 

@@ -72,9 +72,29 @@ def make_engine(args: argparse.Namespace) -> Any:
 
     with pull_progress() as progress:
         model = load(args.model, progress=progress)
-    engine = Engine(model, backend=args.backend, threads=args.threads)
+    engine = Engine(
+        model, backend=args.backend, threads=args.threads, compile_progress=compile_progress
+    )
+    warm_up(engine)
     engine.profiler.enabled = getattr(args, "profile", False)
     return engine
+
+
+def compile_progress(done: int, total: int, source: str) -> None:
+    """A device backend building its kernel modules: one status line on stderr."""
+    end = "\n" if done == total else ""
+    line = f"\rbuilding kernel modules {done}/{total} {source:<16}"
+    print(line, end=end, file=sys.stderr, flush=True)
+
+
+def warm_up(engine: Any) -> None:
+    """Compile (first run) or load the kernels before anything is timed, saying so on stderr
+    when it has to compile."""
+
+    def on_compile() -> None:
+        print("compiling CPU kernels (first run only)...", file=sys.stderr, flush=True)
+
+    engine.warm_up(on_compile)
 
 
 def print_profile(engine: Any) -> None:

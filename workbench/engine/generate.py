@@ -10,7 +10,7 @@ import gc
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from workbench.errors import BackendError, RecoverableError, UserError, Workbenc
 from workbench.observe.metrics import Metrics
 from workbench.observe.profiler import Profiler
 from workbench.runtime.breaker import CircuitBreaker, Transition
+from workbench.runtime.classify import CONTEXT_LOST
 from workbench.runtime.errorlog import ErrorLog
 from workbench.runtime.faults import FaultInjector
 from workbench.runtime.retry import RetryPolicy, RetryStats
@@ -203,7 +204,10 @@ class Engine:
         faults: FaultInjector | None = None,
         breaker: CircuitBreaker | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        compile_progress: Callable[[int, int, str], None] | None = None,
     ) -> None:
+        """``compile_progress(done, total, source)``: called as a device backend builds its
+        kernel modules (all of them, here: see `DeviceBackend`)."""
         if backend not in BACKENDS:
             raise UserError(
                 "user.unknown_backend",
@@ -225,7 +229,9 @@ class Engine:
         self.retry_stats = RetryStats()
         self.retry_stats.add_listener(self._on_retry)
         self.faults = faults
-        self.transformer = self._transformer(make_backend(backend, threads=threads))
+        self.transformer = self._transformer(
+            make_backend(backend, threads=threads, compile_progress=compile_progress)
+        )
         self.breaker: CircuitBreaker | None = None
         if self.transformer.backend.name != "numpy":
             self.breaker = breaker or CircuitBreaker(
@@ -234,6 +240,7 @@ class Engine:
             self.breaker.add_listener(self._on_breaker)
             self.metrics.breaker_state(self.breaker.name, self.breaker.state)
         self._fallback: Transformer | None = None
+        self._device_lost = False  # a kernel killed the device's context: CPU from now on
         self._active: Transformer = self.transformer  # the transformer of the last forward
         self._kv: KVCache | None = None  # the running generation's cache
         # Loading pulled in numba, LLVM and the tokenizer: a large heap of objects that live as
@@ -289,6 +296,25 @@ class Engine:
             },
             "device_memory": memory,
         }
+
+    def warm_up(self, on_compile: Callable[[], None] | None = None) -> float:
+        """Compile or load every kernel and start the thread pools now, so that the first
+        generation is timed at the steady-state speed (see `workbench.engine.warmup`). Returns
+        the seconds taken; ``on_compile`` is called once if a kernel has to be compiled."""
+        from workbench.engine.warmup import warm_up
+
+        profiling, self.profiler.enabled = self.profiler.enabled, False
+        try:
+            tf = self._pick()
+            if tf is not self.transformer or self.breaker is None:
+                return warm_up(tf, on_compile)
+            try:
+                return warm_up(tf, on_compile)
+            except (RecoverableError, BackendError) as e:  # the device failed: as in _forward
+                self._device_failed(e, request_id=None)
+                return warm_up(self._fallback_transformer(), on_compile)
+        finally:
+            self.profiler.enabled = profiling
 
     def _on_retry(self, operation: str, outcome: str, attempts: int, delays: list[float]) -> None:
         for _ in range(attempts - 1):
@@ -396,7 +422,7 @@ class Engine:
 
     def _pick(self) -> Transformer:
         """The transformer a new request starts on: the device unless its breaker is open."""
-        if self.breaker is not None and not self.breaker.allow():
+        if self._device_lost or (self.breaker is not None and not self.breaker.allow()):
             return self._fallback_transformer()
         return self.transformer
 
@@ -419,8 +445,7 @@ class Engine:
             try:
                 logits = tf.forward(np.asarray(tokens), run.cache)
             except (RecoverableError, BackendError) as e:
-                self.breaker.record_failure()
-                self.error_log.record(e, operation="forward", request_id=run.request_id)
+                self._device_failed(e, request_id=run.request_id)
                 self._switch_to_fallback(run)
                 return self._forward(run, tokens)
             self.breaker.record_success()
@@ -440,6 +465,18 @@ class Engine:
                 return None
             logits = self._forward(run, ids[start : start + self.prefill_chunk])
         return logits
+
+    def _device_failed(self, e: WorkbenchError, *, request_id: str | None) -> None:
+        """Count a device failure against the breaker. A lost context (a kernel trapped or
+        faulted) cannot be retried or probed: the breaker opens and the device is not used
+        again by this engine."""
+        assert self.breaker is not None
+        self.error_log.record(e, operation="forward", request_id=request_id)
+        if e.code == CONTEXT_LOST:
+            self._device_lost = True
+            self.breaker.trip("context_lost")
+        else:
+            self.breaker.record_failure()
 
     def _sample(
         self,
@@ -590,7 +627,12 @@ def gpu_available() -> bool:
         return False
 
 
-def make_backend(name: str, *, threads: int | None = None) -> Any:
+def make_backend(
+    name: str,
+    *,
+    threads: int | None = None,
+    compile_progress: Callable[[int, int, str], None] | None = None,
+) -> Any:
     """numpy (CPU), emulator (HIP kernels on the CPU emulator), cupy (GPU), or auto."""
     if name == "auto":
         name = "cupy" if gpu_available() else "numpy"
@@ -600,7 +642,7 @@ def make_backend(name: str, *, threads: int | None = None) -> Any:
         return NumpyBackend(threads=threads)
     from workbench.backends.device import DeviceBackend
 
-    return DeviceBackend(name)
+    return DeviceBackend(name, progress=compile_progress)
 
 
 @dataclass

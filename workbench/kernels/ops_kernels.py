@@ -328,7 +328,7 @@ def load_module(
     source: str, target: str = "emulator", *, warp_size: int = 32, **kwargs: Any
 ) -> Any:
     """Compile one of SOURCES: an `EmulatorModule` ("emulator", with ``warp_size`` and its other
-    keyword arguments) or a ``cupy.RawModule`` ("cupy")."""
+    keyword arguments) or a `cupy_target.CupyModule` ("cupy", compiled now)."""
     if source not in SOURCES:
         raise UserError("user.bad_argument", f"{source!r} is not one of {', '.join(SOURCES)}")
     path: Path = kernels_dir() / source
@@ -338,9 +338,9 @@ def load_module(
 
         return EmulatorModule(path=path, options=options, warp_size=warp_size, **kwargs)
     if target == "cupy":
-        import cupy
+        from workbench.kernels.cupy_target import load_module as load_gpu_module
 
-        return cupy.RawModule(code=path.read_text(), options=options, **kwargs)
+        return load_gpu_module(path, options=options, **kwargs)
     raise UserError("user.bad_argument", f"target must be 'emulator' or 'cupy', not {target!r}")
 
 

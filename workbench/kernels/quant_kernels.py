@@ -116,13 +116,14 @@ def emulator_loader(warp_size: int, cache_dir: str | Path | None = None) -> Modu
 
 
 def cupy_loader() -> ModuleLoader:
-    """A caching loader of ``cupy.RawModule``s (hiprtc on ROCm, NVRTC on CUDA)."""
-    import cupy  # only on a GPU machine
+    """A caching loader of GPU modules (hiprtc on ROCm, NVRTC on CUDA; see `cupy_target`)."""
+    from workbench.kernels.cupy_target import import_cupy, load_module
+
+    import_cupy()  # backend.unavailable now, not at the first launch
 
     @functools.cache
     def load(path: str, options: tuple[str, ...], names: tuple[str, ...]) -> Any:
-        code = Path(path).read_text()
-        return cupy.RawModule(code=code, options=options, name_expressions=names)
+        return load_module(Path(path), options=options, name_expressions=names)
 
     return load
 

@@ -1,7 +1,8 @@
 """One way to get a launchable kernel from a registry entry, on the GPU (CuPy) or the CPU emulator.
 
 Both targets give a callable with CuPy's signature ``kernel(grid, block, args, shared_mem=0)``.
-Modules are cached per (source text, options, target, warp size).
+Modules are cached per (source text, options, target, warp size); below this, each target keeps
+its own caches keyed by the included headers too (see `cupy_target` and `emulator`).
 """
 
 from __future__ import annotations
@@ -60,11 +61,10 @@ def _load(spec: KernelSpec, target: str, warp_size: int | None, exprs: Sequence[
             warp_size=warp_size or EMULATOR_WARP_SIZE,
         )
     from workbench.kernels.cupy_target import import_cupy, load_module
+    from workbench.kernels.cupy_target import warp_size as device_warp_size
 
     if warp_size is not None:
-        cupy = import_cupy()
-        device = cupy.cuda.Device()
-        actual = cupy.cuda.runtime.getDeviceProperties(device.id)["warpSize"]
+        actual = device_warp_size(import_cupy())
         if actual != warp_size:
             raise UserError(
                 "kernel.bad_launch",

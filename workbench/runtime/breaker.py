@@ -123,6 +123,17 @@ class CircuitBreaker:
                 events.append(self._move(OPEN, "threshold"))
         self._notify(events)
 
+    def trip(self, reason: str) -> None:
+        """Open now, whatever the count: for a failure that later calls cannot survive (a lost
+        device context). The cooldown and probes apply as after any opening."""
+        with self._lock:
+            events = self._tick()
+            self._counts["failures"] += 1
+            self._consecutive += 1
+            if self._state != OPEN:
+                events.append(self._move(OPEN, reason))
+        self._notify(events)
+
     def reset(self) -> None:
         """Back to closed, failures forgotten (an operator's override)."""
         with self._lock:

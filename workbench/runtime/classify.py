@@ -19,6 +19,9 @@ from workbench.errors import (
     WorkbenchError,
 )
 
+# The code of a device whose context a kernel fault destroyed (fatal for that device).
+CONTEXT_LOST = "device.context_lost"
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -38,11 +41,19 @@ RULES: tuple[Rule, ...] = (
         pattern=r"cudaErrorMemoryAllocation|hipErrorOutOfMemory|hipErrorMemoryAllocation"
         r"|CUDA_ERROR_OUT_OF_MEMORY",
     ),
+    # A kernel that trapped (WB_ASSERT), faulted or was killed by the watchdog leaves the
+    # context unusable: every later call fails too. Not retried; the engine stops using the
+    # device (its breaker opens) and continues on the CPU.
     Rule(
-        RecoverableError,
-        "device.launch_timeout",
-        "a kernel launch timed out",
-        pattern=r"cudaErrorLaunchTimeout|hipErrorLaunchTimeOut|CUDA_ERROR_LAUNCH_TIMEOUT",
+        BackendError,
+        CONTEXT_LOST,
+        "a kernel fault killed the device context",
+        pattern=r"(cuda|hip)Error(LaunchTimeOut|LaunchFailure|IllegalAddress|IllegalInstruction"
+        r"|Assert|HardwareStackError|MisalignedAddress|InvalidAddressSpace|InvalidPc"
+        r"|ECCNotCorrectable|ContextIsDestroyed|IllegalState)\b"
+        r"|CUDA_ERROR_(LAUNCH_TIMEOUT|LAUNCH_FAILED|ILLEGAL_ADDRESS|ILLEGAL_INSTRUCTION|ASSERT"
+        r"|HARDWARE_STACK_ERROR|MISALIGNED_ADDRESS|INVALID_ADDRESS_SPACE|INVALID_PC"
+        r"|CONTEXT_IS_DESTROYED)\b",
     ),
     Rule(
         BackendError,
@@ -76,8 +87,9 @@ def classify(exc: BaseException, *, operation: str, **context: Any) -> Workbench
 
     A `WorkbenchError` is returned itself, with ``operation`` and ``context`` added where its own
     context has no such key. Others become a new error (its ``__cause__`` is ``exc``) with
-    ``error_type`` and ``error_message`` in its context: device out of memory and launch timeouts
-    are recoverable, compile failures and a missing device/driver backend errors, invalid
+    ``error_type`` and ``error_message`` in its context: device out of memory is recoverable, a
+    kernel fault or launch timeout (the context is lost), compile failures and a missing
+    device/driver backend errors, invalid
     arguments internal, a host `MemoryError` recoverable ``host.out_of_memory``, anything else
     internal ``internal.unexpected``.
     """
