@@ -97,6 +97,13 @@ TOOLS: tuple[Tool, ...] = (
         "the browser test (JupyterLab in headless Chromium, via Playwright)",
     ),
     Tool(
+        "clang",
+        ("clang++",),
+        None,
+        ("clang",),
+        "the emulator's instrumented runs (sanitizer tools and memory counters: SanitizerCoverage)",
+    ),
+    Tool(
         "nvcc",
         ("nvcc",),
         None,

@@ -26,14 +26,10 @@ them (preprocessed source, options, name expressions, emulator headers, compiler
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import re
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,41 +39,59 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import BackendError, InternalError, RecoverableError, UserError
+from workbench.kernels import emulator_memory as guard
+from workbench.kernels.emulator_args import (
+    _DTYPES,
+    _MAX_BLOCK,
+    _MAX_GRID,
+    _SCALAR_FORMATS,
+    _c_name,
+    _dims,
+    _Param,
+    _params,
+)
+from workbench.kernels.emulator_build import (
+    _COMPILE_FLAGS,
+    _LOG_LIMIT,
+    _RUNTIME_FLAGS,
+    _atomic_write,
+    _build_so,
+    _discover_kernels,
+    _errors,
+    _hip_shim,
+    _parse_options,
+    _run_compiler,
+    _sha256,
+    _Toolchain,
+    _toolchain,
+    _trampoline,
+)
+from workbench.kernels.emulator_instrument import (
+    COUNTERS_FLAG,
+    IGNORE_LIST,
+    INSTRUMENT_FLAGS,
+    TOOL_FLAGS,
+    Buffer,
+    Instr,
+    LineTable,
+    bind_results,
+    build_report,
+    find_clang,
+    read_results,
+)
+from workbench.kernels.instrument import DEFAULT_TARGET, KernelReport, check_tools, target_spec
 from workbench.kernels.registry import kernels_dir
 
 # Bump when the generated wrapper or the compile flags change in a way the hashed inputs miss.
-EMULATOR_VERSION = "1"
+EMULATOR_VERSION = "2"
 
 FIBERS = ("fcontext", "ucontext")
+SCHEDULES = ("fixed", "random")
+# Read-only arguments up to this size are staged too in instrumented runs (their out-of-bounds
+# reads then return poison); larger ones (model weights) are watched in place.
+_STAGE_READONLY_BYTES = 64 << 20
 WARP_SIZES = (32, 64)
 MAX_THREADS = 8  # default cap on OS threads running blocks
-
-_COMPILE_FLAGS = (
-    "-std=c++17",
-    "-O2",
-    "-fPIC",
-    "-shared",
-    "-fvisibility=hidden",
-    # Kernels reinterpret bytes freely (GGUF blocks, float bits); GPU compilers allow it.
-    "-fno-strict-aliasing",
-    "-Wl,-z,defs",  # an undefined symbol fails the build, not the load
-    "-DWB_EMULATOR=1",
-)
-_RUNTIME_FLAGS = (
-    "-std=c++17",
-    "-O2",
-    "-fPIC",
-    "-shared",
-    "-pthread",
-    "-fvisibility=hidden",
-    # A fault leaves kernel code by siglongjmp from a fiber's stack to the thread's own, which
-    # glibc's fortified longjmp check could take for a jump into a dead frame.
-    "-U_FORTIFY_SOURCE",
-    "-D_FORTIFY_SOURCE=0",
-    "-Wl,-z,defs",
-)
-_LOG_LIMIT = 20_000  # characters of compiler output kept in an error's context
-
 
 # --- where things are -------------------------------------------------------------------------
 
@@ -87,108 +101,6 @@ def default_cache_dir() -> Path:
     from workbench.store import default_home  # the one function that reads WORKBENCH_HOME
 
     return default_home() / "emulator"
-
-
-# --- the host compiler ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Toolchain:
-    path: str
-    version: str  # first line of --version plus the target triple: part of every cache key
-
-
-_toolchains: dict[str | None, _Toolchain] = {}
-
-
-def _toolchain(compiler: str | None) -> _Toolchain:
-    if compiler in _toolchains:
-        return _toolchains[compiler]
-    names = [compiler] if compiler else ["c++", "g++", "clang++"]
-    path = next((p for p in map(shutil.which, names) if p), None)
-    if path is None:
-        raise BackendError(
-            "backend.compiler_missing",
-            f"no C++ compiler found (looked for {', '.join(names)}); the CPU emulator needs one: "
-            "on Debian/Ubuntu `apt-get install g++`",
-            compiler=compiler,
-        )
-    try:
-        version = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, check=True, timeout=60
-        ).stdout.splitlines()[0]
-        target = subprocess.run(
-            [path, "-dumpmachine"], capture_output=True, text=True, check=True, timeout=60
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError, IndexError) as e:
-        raise BackendError(
-            "backend.compiler_missing",
-            f"the C++ compiler {path} does not run: {e}",
-            compiler=path,
-        ) from e
-    tc = _Toolchain(path, f"{version} ({target})")
-    _toolchains[compiler] = tc
-    return tc
-
-
-def _run_compiler(cmd: list[str], *, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LC_ALL": "C"}  # plain ASCII diagnostics, whatever the user's locale
-    try:
-        return subprocess.run(
-            cmd, input=stdin, capture_output=True, text=True, timeout=600, env=env
-        )
-    except FileNotFoundError as e:
-        raise BackendError(
-            "backend.compiler_missing", f"the C++ compiler {cmd[0]} disappeared: {e}"
-        ) from e
-    except subprocess.TimeoutExpired as e:
-        raise BackendError(
-            "backend.compile_failed", f"the C++ compiler ran for over {e.timeout} s", command=cmd
-        ) from e
-
-
-def _sha256(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        b = p.encode() if isinstance(p, str) else p
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write through a temp file and a rename: readers see nothing or everything."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _build_so(cmd_head: list[str], source: Path, target: Path, tail: Sequence[str] = ()) -> str:
-    """Compile ``source`` into ``target`` through a temp file + atomic rename (two processes
-    building the same object both succeed, and neither sees a half-written one). Returns the
-    compiler log; raises `BackendError` ``backend.compile_failed`` on failure."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".so")
-    os.close(fd)
-    try:
-        cmd = [*cmd_head, "-o", tmp, str(source), *tail]
-        proc = _run_compiler(cmd)
-        log = proc.stdout + proc.stderr
-        if proc.returncode != 0:
-            raise BackendError(
-                "backend.compile_failed",
-                f"compiling {source.name} failed",
-                command=" ".join(cmd),
-                log=log[-_LOG_LIMIT:],
-            )
-        os.replace(tmp, target)
-        return log
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # --- the runtime (fibers, scheduler), one per fiber kind and cache ------------------------------
@@ -242,6 +154,7 @@ def _load_runtime(tc: _Toolchain, fiber: str, cache_dir: Path) -> _Runtime:
         json.dumps(flags + libs),
         source.read_bytes(),
         (emu / "wb_emu_abi.h").read_bytes(),
+        (emu / "wb_emu_instr.h").read_bytes(),
     )
     path = cache_dir / f"runtime-{fiber}-{digest[:24]}.so"
     try:
@@ -264,6 +177,7 @@ def _load_runtime(tc: _Toolchain, fiber: str, cache_dir: Path) -> _Runtime:
     api = get_api()
     head = _ApiHead.from_address(api)
     name = head.fiber_name.decode()
+    bind_results(lib)
     if name != fiber:
         raise InternalError(
             "internal.emulator_runtime", f"runtime {path} reports fiber {name!r}, not {fiber!r}"
@@ -286,6 +200,9 @@ class _LaunchDesc(ctypes.Structure):
         ("workers", ctypes.c_uint32),
         ("shared_bytes", ctypes.c_size_t),
         ("kernel_name", ctypes.c_char_p),
+        ("schedule", ctypes.c_uint32),
+        ("seed", ctypes.c_uint64),
+        ("instr", ctypes.c_void_p),
     )
 
 
@@ -324,199 +241,14 @@ class KernelError(InternalError):
     """
 
 
-# --- kernel parameters --------------------------------------------------------------------------
+class KernelBoundsError(KernelError):
+    """A kernel wrote outside a buffer argument (caught by the guard zones, or stopped by an
+    instrumented run): the kernel author's bug, so a user error; the process carries on."""
 
-# Signature codes (see wb_emu.h) -> struct format for values passed by value.
-_SCALAR_FORMATS = {
-    "i8": "b",
-    "i16": "h",
-    "i32": "i",
-    "i64": "q",
-    "u8": "B",
-    "u16": "H",
-    "u32": "I",
-    "u64": "Q",
-    "f32": "f",
-    "f64": "d",
-    "bool": "?",
-}
-_DTYPES = {
-    "i8": np.dtype(np.int8),
-    "i16": np.dtype(np.int16),
-    "i32": np.dtype(np.int32),
-    "i64": np.dtype(np.int64),
-    "u8": np.dtype(np.uint8),
-    "u16": np.dtype(np.uint16),
-    "u32": np.dtype(np.uint32),
-    "u64": np.dtype(np.uint64),
-    "f32": np.dtype(np.float32),
-    "f64": np.dtype(np.float64),
-    "bool": np.dtype(np.bool_),
-}
-_C_NAMES = {
-    "i8": "int8_t",
-    "i16": "int16_t",
-    "i32": "int32_t",
-    "i64": "int64_t",
-    "u8": "uint8_t",
-    "u16": "uint16_t",
-    "u32": "uint32_t",
-    "u64": "uint64_t",
-    "f32": "float",
-    "f64": "double",
-    "bool": "bool",
-    "void": "void",
-}
-
-
-def _c_name(code: str) -> str:
-    if code.startswith("p:"):
-        return _c_name(code[2:]) + "*"
-    if code.startswith("b") and code[1:].isdigit():
-        return f"<{code[1:]}-byte struct>"
-    return _C_NAMES.get(code, code)
-
-
-@dataclass(frozen=True)
-class _Param:
-    index: int
-    code: str
-    offset: int  # where its bytes go in the argument buffer
-    size: int
-
-
-def _params(codes: Sequence[str]) -> tuple[list[_Param], int]:
-    params, offset = [], 0
-    for i, code in enumerate(codes):
-        if code.startswith("p:"):
-            size = struct.calcsize("P")
-        elif code in _SCALAR_FORMATS:
-            size = struct.calcsize(_SCALAR_FORMATS[code])
-        elif code.startswith("b") and code[1:].isdigit():
-            size = int(code[1:])
-        else:
-            raise UserError(
-                "kernel.bad_signature",
-                f"parameter {i} has a type the emulator cannot pass ({code})",
-            )
-        params.append(_Param(i, code, offset, size))
-        offset += (size + 15) // 16 * 16
-    return params, max(offset, 16)
+    category = "user"
 
 
 # --- modules and kernels ----------------------------------------------------------------------
-
-_GLOBAL_MARK = re.compile(r"\b__wb_emu_global__\b")
-_ATTRIBUTE = re.compile(r"__attribute__\s*\(\(.*?\)\)", re.S)
-_KERNEL_NAME = re.compile(r"^\s*(?:[A-Za-z_]\w*\s+|\*\s*)*?([A-Za-z_]\w*)\s*\(", re.S)
-_TEMPLATE = re.compile(r"\btemplate\b")
-_ERROR_LINE = re.compile(
-    r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: (?P<what>.*)$", re.M
-)
-
-
-def _discover_kernels(text: str) -> list[str]:
-    """Names of the non-template kernels in preprocessed source (``__global__`` is a marker)."""
-    names: list[str] = []
-    for m in _GLOBAL_MARK.finditer(text):
-        start = max(text.rfind(c, 0, m.start()) for c in ";{}") + 1
-        if _TEMPLATE.search(text, start, m.start()):
-            continue  # reachable only through name expressions
-        rest = _ATTRIBUTE.sub(" ", text[m.end() : m.end() + 2000])
-        found = _KERNEL_NAME.match(rest)
-        if found and found.group(1) not in names:
-            names.append(found.group(1))
-    return names
-
-
-def _parse_options(options: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``-D``/``-U``/``-I`` options as CuPy takes them; GPU-only options are ignored."""
-    defines: list[str] = []
-    includes: list[str] = []
-    opts = list(options)
-    i = 0
-    while i < len(opts):
-        opt = opts[i]
-        if not isinstance(opt, str):
-            raise UserError("kernel.bad_option", f"compile options are strings, got {opt!r}")
-        if opt in ("-D", "-U", "-I") and i + 1 < len(opts):  # "-D", "NAME=1" as two items
-            opt, i = opt + opts[i + 1], i + 1
-        if opt.startswith(("-D", "-U")) and len(opt) > 2:
-            defines.append(opt)
-        elif opt.startswith("-I") and len(opt) > 2:
-            includes.append("-I" + str(Path(opt[2:]).expanduser().resolve()))
-        elif opt.startswith(("--include-path=",)):
-            includes.append("-I" + str(Path(opt.split("=", 1)[1]).expanduser().resolve()))
-        elif opt.startswith(("--define-macro=",)):
-            defines.append("-D" + opt.split("=", 1)[1])
-        elif _gpu_only_option(opt):
-            pass
-        else:
-            raise UserError(
-                "kernel.bad_option",
-                f"compile option {opt!r} is not understood by the emulator (it takes -DNAME[=VAL], "
-                "-UNAME, -IDIR and ignores GPU code-generation options such as -std=, -O3, "
-                "--use_fast_math, --gpu-architecture=)",
-                option=opt,
-            )
-        i += 1
-    return defines, includes
-
-
-def _gpu_only_option(opt: str) -> bool:
-    prefixes = (
-        "-std=",
-        "--std=",
-        "-O",
-        "--gpu-architecture",
-        "-arch",
-        "--offload-arch",
-        "-ffast-math",
-        "--use_fast_math",
-        "-use_fast_math",
-        "--fmad",
-        "-fmad",
-        "--ftz",
-        "--prec-div",
-        "--prec-sqrt",
-        "-lineinfo",
-        "--generate-line-info",
-        "-G",
-        "--device-debug",
-        "-g",
-        "-Wno-",
-        "-w",
-        "--extra-device-vectorization",
-        "--maxrregcount",
-        "-fgpu-flush-denormals-to-zero",
-        "-mcumode",
-        "-mno-cumode",
-        "-mwavefrontsize64",
-        "-mno-wavefrontsize64",
-    )
-    return opt.startswith(prefixes)
-
-
-def _errors(log: str, extra: dict[str, str]) -> list[tuple[str, str]]:
-    """(``file:line: error: what``, ``file:line: code``) for the first 10 errors in the log."""
-    out: list[tuple[str, str]] = []
-    for m in _ERROR_LINE.finditer(log):
-        file, line = m.group("file"), int(m.group("line"))
-        where = f"{file}:{line}"
-        text = extra.get(file)
-        if text is None:
-            try:
-                text = Path(file).read_text(errors="replace")
-            except OSError:
-                text = ""
-        lines = text.splitlines()
-        code = lines[line - 1].strip() if 1 <= line <= len(lines) else ""
-        entry = (f"{where}: error: {m.group('what')}", f"{where}: {code}")
-        if entry not in out:
-            out.append(entry)
-        if len(out) == 10:
-            break
-    return out
 
 
 class EmulatorModule:
@@ -530,6 +262,13 @@ class EmulatorModule:
     installed, else ucontext), ``"fcontext"`` or ``"ucontext"``. ``threads`` is the number of OS
     threads running blocks in parallel (default: the CPU count, at most 8). ``cache_dir``
     defaults to `default_cache_dir`; ``compiler`` to the first of c++, g++, clang++ on PATH.
+
+    Instrumented runs: ``tools`` (any of ``instrument.TOOLS``: memcheck, racecheck, initcheck,
+    synccheck) and ``counters=True`` (per-line memory traffic modelled on ``target``, a key of
+    ``instrument.TARGETS``) build a separate instrumented variant with clang (see
+    `workbench.kernels.emulator_instrument`); each launch then leaves a `KernelReport` in
+    ``kernel.last_report``. ``schedule="random"`` runs a block's ready threads in an order drawn
+    from ``seed`` instead of round-robin.
 
     Attributes: ``fiber`` (the implementation in use), ``fiber_note`` (why auto fell back),
     ``so_path`` (the compiled module), ``cache_hit`` (True when it came from the cache),
@@ -549,6 +288,11 @@ class EmulatorModule:
         compiler: str | None = None,
         fiber: str = "auto",
         threads: int | None = None,
+        tools: Sequence[str] = (),
+        counters: bool = False,
+        target: str = DEFAULT_TARGET,
+        schedule: str = "fixed",
+        seed: int | None = None,
     ) -> None:
         if (code is None) == (path is None):
             raise UserError("kernel.bad_source", "give exactly one of code= and path=")
@@ -561,6 +305,16 @@ class EmulatorModule:
             )
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise UserError("kernel.bad_option", f"threads must be a positive int, not {threads!r}")
+        if schedule not in SCHEDULES:
+            raise UserError(
+                "kernel.bad_option", f"schedule must be 'fixed' or 'random', not {schedule!r}"
+            )
+        self.tools = check_tools(tools)
+        self.counters = bool(counters)
+        self.target = target_spec(target)
+        self.instrumented = bool(self.tools) or self.counters
+        self.schedule = schedule
+        self.seed = 0 if seed is None else int(seed)
         self.warp_size = warp_size
         self.threads = threads or max(1, min(os.cpu_count() or 1, MAX_THREADS))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -586,7 +340,8 @@ class EmulatorModule:
 
         includes += ["-I" + str(Path(d).expanduser().resolve()) for d in include_dirs]
         kdir = kernels_dir()
-        search = [f"-I{kdir / 'emulator'}", f"-I{kdir}", *includes]
+        search = [f"-I{_hip_shim(self.cache_dir)}", f"-I{kdir / 'emulator'}", f"-I{kdir}",
+                  *includes]  # fmt: skip
         prelude = f'#include "wb_emu.h"\n#include "{source}"\n'
 
         # Discovery: preprocess (no system headers: fast) to find the kernels; the preprocessed
@@ -608,9 +363,16 @@ class EmulatorModule:
 
         emu = kdir / "emulator"
         flags = [*_COMPILE_FLAGS, *defines, *search]
+        build_tc = tc
+        if self.instrumented:
+            build_tc = _toolchain(find_clang())
+            ignore = self.cache_dir / f"sancov-ignore-{_sha256(IGNORE_LIST)[:16]}.txt"
+            if not ignore.exists():
+                _atomic_write(ignore, IGNORE_LIST)
+            flags += [*INSTRUMENT_FLAGS, f"-fsanitize-coverage-ignorelist={ignore}"]
         digest = _sha256(
             EMULATOR_VERSION,
-            tc.version,
+            build_tc.version,
             json.dumps(flags),
             json.dumps(names),
             proc.stdout,
@@ -624,7 +386,7 @@ class EmulatorModule:
             text = prelude + "\n" + "".join(_trampoline(i, n) for i, n in enumerate(names))
             _atomic_write(wrapper, text)
             try:
-                _build_so([tc.path, *flags], wrapper, self.so_path)
+                _build_so([build_tc.path, *flags], wrapper, self.so_path)
             except BackendError as e:
                 raise self._compile_error(
                     e.context.get("log", ""), e.context.get("command", ""), {str(wrapper): text}
@@ -636,6 +398,15 @@ class EmulatorModule:
                 "backend.load_failed", f"loading the emulated module {self.so_path} failed: {e}"
             ) from e
         self._kernels: dict[str, EmulatedKernel] = {}
+        self._ranges_fn = 0
+        self._lines: LineTable | None = None
+        if self.instrumented:
+            self._ranges_fn = ctypes.cast(self._lib.wb_emu_module_ranges, ctypes.c_void_p).value
+            self._lines = LineTable(self.so_path, (emu,))
+
+    def source_lines(self, file: str | Path) -> list[str]:
+        """The text lines of ``file`` (a `Finding`'s or `LineCounters`' file), for display."""
+        return Path(file).read_text(errors="replace").splitlines()
 
     def _compile_error(self, log: str, command: str, extra: dict[str, str]) -> BackendError:
         errors = _errors(log, extra)
@@ -673,42 +444,6 @@ class EmulatorModule:
         )
 
 
-def _trampoline(index: int, name: str) -> str:
-    return (
-        f"\n// {name}\n"
-        f"WB_EMU_EXPORT int wb_emu_launch_{index}(const ::wb_emu::Api* api, "
-        "const ::wb_emu::LaunchDesc* desc, void* const* argv, ::wb_emu::ErrorInfo* error) {\n"
-        f"  return ::wb_emu::launch_kernel(&{name}, api, desc, argv, error);\n"
-        "}\n"
-        f"WB_EMU_EXPORT int wb_emu_signature_{index}(char* buf, std::size_t len) {{\n"
-        f"  return ::wb_emu::signature(&{name}, buf, len);\n"
-        "}\n"
-    )
-
-
-# The GPU's limits, enforced so a launch that works here also works there.
-_MAX_GRID = (2**31 - 1, 65535, 65535)
-_MAX_BLOCK = (1024, 1024, 64)
-
-
-def _dims(value: Any, what: str, limits: tuple[int, int, int]) -> tuple[int, int, int]:
-    dims = (value,) if isinstance(value, (int, np.integer)) else value
-    ok = (
-        isinstance(dims, (tuple, list))
-        and 1 <= len(dims) <= 3
-        and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims)
-    )
-    if ok:
-        full = (*(int(d) for d in dims), *(1,) * (3 - len(dims)))
-        if all(1 <= d <= lim for d, lim in zip(full, limits)):
-            return full  # type: ignore[return-value]
-    raise UserError(
-        "kernel.bad_launch",
-        f"{what} must be a positive int or a tuple of 1 to 3 positive ints within {limits}, "
-        f"not {value!r}",
-    )
-
-
 class EmulatedKernel:
     """One kernel of an `EmulatorModule`; the counterpart of ``cupy.RawKernel``.
 
@@ -733,6 +468,7 @@ class EmulatedKernel:
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = _LAUNCH_ARGTYPES
         self._cname = name.encode()
+        self.last_report: KernelReport | None = None
 
     def __repr__(self) -> str:
         return f"EmulatedKernel({self.name}({', '.join(self.param_types)}), fiber={self.fiber!r})"
@@ -771,17 +507,118 @@ class EmulatedKernel:
         buf = ctypes.create_string_buffer(self._arg_bytes)
         for p, a in zip(self._params, args):
             self._pack(buf, p, a)
-        base = ctypes.addressof(buf)
-        argv = (ctypes.c_void_p * max(1, len(self._params)))(
-            *[base + p.offset for p in self._params]
+        mod = self.module
+        staged: list[guard.Staged] = []
+        try:
+            buffers = self._stage(buf, args, staged)
+            desc = _LaunchDesc(
+                _Dim3(*g), _Dim3(*b), self.warp_size, mod.threads, int(shared_mem), self._cname,
+                int(mod.schedule == "random"), mod.seed & (2**64 - 1), None,
+            )  # fmt: skip
+            rt = mod._runtime.lib
+            handle = rt.wb_emu_results_new() if mod.instrumented else None
+            try:
+                if mod.instrumented:
+                    instr = self._instr(buffers, handle)
+                    desc.instr = ctypes.addressof(instr)
+                base = ctypes.addressof(buf)
+                argv = (ctypes.c_void_p * max(1, len(self._params)))(
+                    *[base + p.offset for p in self._params]
+                )
+                err = _ErrorInfo()
+                rc = self._launch(mod._runtime.api, ctypes.byref(desc), argv, ctypes.byref(err))
+                if mod.instrumented:
+                    self.last_report = self._report(handle, buffers)
+            finally:
+                if handle is not None:
+                    rt.wb_emu_results_free(handle)
+            damage = [(s, d) for s in staged if (d := s.damage()) is not None]
+            if rc != 0:
+                raise self._launch_error(err, g, b, int(shared_mem), staged)
+            if damage and not mod.instrumented:  # instrumented: the findings tell it all
+                raise self._guard_error(damage, g, b)
+        finally:
+            for s in staged:
+                s.finish()
+
+    def _stage(
+        self, buf: ctypes.Array, args: Sequence[Any], staged: list[guard.Staged]
+    ) -> list[tuple[int, int, int, int, int]]:
+        """Swap guarded copies in for the arguments that need them (see emulator_memory);
+        returns (base, size, lo, hi, arg) of every pointer argument, staged or not.
+
+        An array passed twice shares one copy (an in-place operation must read its own writes);
+        arguments that partly overlap another are passed in place, unguarded."""
+        ptrs = [(p, a) for p, a in zip(self._params, args) if p.code.startswith("p:")]
+        spans = [(a.ctypes.data, a.ctypes.data + a.nbytes) for _, a in ptrs]
+        by_span: dict[tuple[int, int], guard.Staged] = {}
+        out = []
+        for (p, a), span in zip(ptrs, spans):
+            partial = any(
+                o != span and o[0] < span[1] and span[0] < o[1] for o in spans if o[1] > o[0]
+            )
+            same = [(q, b) for (q, b), o in zip(ptrs, spans) if o == span]
+            writable = any(not q.const and b.flags.writeable for q, b in same)
+            small = a.nbytes <= _STAGE_READONLY_BYTES
+            if span in by_span:
+                s = by_span[span]
+            elif not partial and (writable or (self.module.instrumented and small)):
+                s = guard.stage(a, p.index, copy_back=writable)
+                staged.append(s)
+                by_span[span] = s
+            else:
+                out.append((span[0], a.nbytes, span[0], span[1], p.index))
+                continue
+            struct.pack_into("P", buf, p.offset, s.base)
+            out.append((s.base, s.size, s.lo, s.hi, p.index))
+        return out
+
+    def _instr(self, buffers: list[tuple[int, int, int, int, int]], handle: int) -> Instr:
+        mod = self.module
+        flags = sum(TOOL_FLAGS[t] for t in mod.tools) | (COUNTERS_FLAG if mod.counters else 0)
+        arr = (Buffer * max(1, len(buffers)))(*[Buffer(*x) for x in buffers])
+        instr = Instr(
+            flags, mod.target.segment_bytes, mod.target.shared_banks, mod.target.bank_bytes,
+            arr, len(buffers), mod._ranges_fn, handle,
+        )  # fmt: skip
+        instr._keep = arr  # type: ignore[attr-defined]
+        return instr
+
+    def _report(self, handle: int, buffers: list[tuple[int, int, int, int, int]]) -> KernelReport:
+        mod = self.module
+        sites, raw = read_results(mod._runtime.lib, handle)
+        assert mod._lines is not None
+        return build_report(
+            self.name, mod.target, self.warp_size, mod.tools, mod.counters, sites, raw,
+            mod._lines, self.param_types, {x[4]: x[1] for x in buffers},
+        )  # fmt: skip
+
+    def _guard_error(
+        self, damage: list[tuple[guard.Staged, tuple[int, int]]], grid: tuple, block: tuple
+    ) -> KernelBoundsError:
+        parts = []
+        for s, (first, last) in damage:
+            arg = s.arg
+            n = s.size
+            if first >= n:
+                where = f"{first - n} to {last - n} bytes past the end"
+            elif last < 0:
+                where = f"{-first} to {-last} bytes before the start"
+            else:
+                where = f"from {-first} bytes before the start to {last - n} bytes past the end"
+            parts.append(
+                f"argument {arg} ({self.param_types[arg]}, {s.size} bytes): written {where}"
+            )
+        return KernelBoundsError(
+            "kernel.out_of_bounds",
+            f"kernel {self.name} wrote outside its buffers: {'; '.join(parts)}. The buffers "
+            "were guarded, nothing else was touched; run it with tools=('memcheck',) to see "
+            "the line, block and thread (a missing `if (i < n)`?)",
+            kernel=self.name,
+            grid=grid,
+            block=block,
+            warp_size=self.warp_size,
         )
-        desc = _LaunchDesc(
-            _Dim3(*g), _Dim3(*b), self.warp_size, self.module.threads, int(shared_mem), self._cname
-        )
-        err = _ErrorInfo()
-        rc = self._launch(self.module._runtime.api, ctypes.byref(desc), argv, ctypes.byref(err))
-        if rc != 0:
-            raise self._launch_error(err, g, b, int(shared_mem))
 
     def _pack(self, buf: ctypes.Array, p: _Param, a: Any) -> None:
         where = f"argument {p.index} of {self.name} ({_c_name(p.code)})"
@@ -848,7 +685,12 @@ class EmulatedKernel:
         return a.item() if isinstance(a, np.generic) else a
 
     def _launch_error(
-        self, err: _ErrorInfo, grid: tuple[int, ...], block: tuple[int, ...], shared: int
+        self,
+        err: _ErrorInfo,
+        grid: tuple[int, ...],
+        block: tuple[int, ...],
+        shared: int,
+        staged: Sequence[guard.Staged] = (),
     ) -> Exception:
         message = err.message.decode(errors="replace")
         where = f" [emulator: {self.fiber} fibers, warp size {self.warp_size}]"
@@ -860,10 +702,27 @@ class EmulatedKernel:
             "warp_size": self.warp_size,
             "fiber": self.fiber,
         }
-        if err.kind in _KERNEL_ERRORS:
+        if err.kind in _KERNEL_ERRORS or err.kind == 8:
             ctx["block_idx"] = (err.block.x, err.block.y, err.block.z)
             if err.has_thread:
                 ctx["thread_idx"] = (err.thread.x, err.thread.y, err.thread.z)
+            if self.last_report is not None:
+                ctx["report"] = self.last_report
+            fault = re.search(r"at address (0x[0-9a-f]+)", message)
+            owner = guard.owner_of(list(staged), int(fault.group(1), 16)) if fault else None
+            if err.kind == 8 or owner is not None:
+                if owner is not None:
+                    ctx["arg"] = owner.arg
+                    message += (
+                        f" (in the guard page of argument {owner.arg}, "
+                        f"{self.param_types[owner.arg]}, {owner.size} bytes: an index past its "
+                        "end; run with tools=('memcheck',) to see the line)"
+                    )
+                lines = [f for f in (self.last_report.findings if self.last_report else [])
+                         if f.kind == "out_of_bounds_write"]  # fmt: skip
+                if lines:
+                    message += f"; {lines[0].message}"
+                return KernelBoundsError("kernel.out_of_bounds", message + where, **ctx)
             return KernelError(_KERNEL_ERRORS[err.kind], message + where, **ctx)
         if err.kind == 5:
             return UserError("kernel.bad_launch", message, **ctx)
