@@ -8,6 +8,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+# ipywidgets' style for a control's description: its natural width, where the default cuts long
+# labels to "temperat...".
+WIDE = {"description_width": "initial"}
+
 
 class Debounce:
     """Call ``fn`` once, ``delay_s`` after the first of a burst of `trigger` calls (listeners fire
