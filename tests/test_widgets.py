@@ -294,3 +294,16 @@ def test_error_list_entries_of_one_code_are_told_apart():
     assert all("req req-7" in label and "rmsnorm" in label for label in labels)
     assert any("attempt 2" in label for label in labels)
     panel.close()
+
+
+def test_status_line_reports_steps_and_bytes_and_clears():
+    from workbench.widgets.progress import status_line
+
+    with status_line("timing kernels") as status:
+        status.steps(0, 2, "rmsnorm [n=1,dim=576]")
+        assert status.text == "rmsnorm [n=1,dim=576] (1/2)"
+        status.steps(2, 2, "")
+        assert status.text == "done"
+        status.bytes(3 * 1024 * 1024, 12 * 1024 * 1024)
+        assert status.text == "3.0 of 12.0 MB"
+    assert status.text == ""
