@@ -225,10 +225,16 @@ _LAYOUT_PROBLEMS = """() => {
             problems.push(`${where(s)}: drop-down choice ${JSON.stringify(text)} is cut`);
     }
     // Images: loaded (no broken-image icon) and inside their output area (not cut off).
+    const box_ratio = img => img.clientWidth / Math.max(img.clientHeight, 1);
     for (const img of document.querySelectorAll('.jp-OutputArea-output img')) {
         if (!shown(img)) continue;
         if (!img.complete || img.naturalWidth === 0)
             problems.push(`${where(img)}: a broken image`);
+        // Drawn at its own proportions and no larger than it is (not stretched to a neighbour).
+        else if (Math.abs(box_ratio(img) - img.naturalWidth / img.naturalHeight) > 0.02
+                 * (img.naturalWidth / img.naturalHeight) || img.clientWidth > img.naturalWidth + 1)
+            problems.push(`${where(img)}: an image is stretched (${img.clientWidth}x`
+                          + `${img.clientHeight} for ${img.naturalWidth}x${img.naturalHeight})`);
         const area = img.closest('.jp-OutputArea-output').getBoundingClientRect();
         const box = img.getBoundingClientRect();
         if (box.right > area.right + 1)
@@ -296,11 +302,11 @@ def test_notebook_runs_and_every_widget_looks_finished(lab, browser_context, nam
             assert "primary colors" in panel_output.input_value()
         elif name.startswith("02-"):
             # The timing panel after its run: a table and both charts, drawn.
-            panel = page.locator(".jp-OutputArea-output .widget-tab").last
+            panel = page.locator(WIDGET_OUTPUT).last
             assert panel.locator("table").count() > 0, "no timing table"
             assert panel.locator("img").count() == 2, "the bar chart or the roofline is missing"
         elif name.startswith("03-"):
-            tabs = page.locator(".jp-OutputArea-output .widget-tab").last
+            tabs = page.locator(WIDGET_OUTPUT).last.locator(".widget-tab").first
             for title in ("Generate", "Kernel timing", "Retries", "Errors"):
                 assert tabs.get_by_text(title, exact=False).count() > 0, f"no {title!r} tab"
     finally:

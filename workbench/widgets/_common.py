@@ -43,6 +43,14 @@ class Debounce:
                 self._timer = None
 
 
+def chart_layout(**kwargs: Any) -> Any:
+    """An Image's layout that shows a chart at its own size: a column of widgets would stretch
+    it to the column's width (and its text with it); a narrow panel shrinks it, in proportion."""
+    import ipywidgets as w
+
+    return w.Layout(max_width="100%", height="auto", align_self="flex-start", **kwargs)
+
+
 def figure_png(fig: Any) -> bytes:
     """A matplotlib Figure as PNG bytes (no pyplot: safe off the main thread)."""
     buf = io.BytesIO()

@@ -19,7 +19,7 @@ from workbench.engine import kernel_bench as kb
 from workbench.errors import WorkbenchError
 from workbench.kernels.registry import all_kernels
 from workbench.kernels.registry import get as get_kernel
-from workbench.widgets._common import WIDE, esc, figure_png, new_figure
+from workbench.widgets._common import WIDE, chart_layout, esc, figure_png, new_figure
 
 TABLE_COLUMNS = [
     "kernel", "backend", "shape", "reps", "p50_ms", "p95_ms", "gb_s", "gflop_s", "intensity",
@@ -232,11 +232,9 @@ class KernelTimingPanel(w.VBox):
         self._progress_w = w.IntProgress(min=0, max=1, layout=w.Layout(display="none"))
         self._status_w = w.HTML()
         self._table_w = w.HTML("<i>no run yet: pick kernels and press Run</i>")
-        # Each chart at its own size (never stretched to a neighbour's), shrunk to fit the panel.
         self._bars_w, self._roof_w = (
-            w.Image(format="png", layout=w.Layout(max_width="100%", height="auto", display="none"))
-            for _ in range(2)
-        )
+            w.Image(format="png", layout=chart_layout(display="none")) for _ in range(2)
+        )  # shown from the first run on: an empty Image is a broken-image icon
         self._compare_w = w.HTML("<i>two runs are needed to compare</i>")
         self._profile_w = w.HTML()
         self.views = w.Tab()

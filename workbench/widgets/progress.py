@@ -27,19 +27,17 @@ class StatusLine:
 
     def show(self, text: str) -> None:
         self.text = text
-        html = f"<span style='color:#555'>{esc(self.desc)}: {esc(text)}</span>"
+        from IPython import get_ipython
+
+        if get_ipython() is None:
+            return
+        from IPython.display import HTML, display
+
         if self._handle is None:
-            from IPython import get_ipython
-
-            if get_ipython() is None:
-                return
-            from IPython.display import HTML, display
-
-            self._handle = display(HTML(html), display_id=True)
-        else:
-            from IPython.display import HTML
-
-            self._handle.update(HTML(html))
+            # Displayed empty, then updated: the output as first sent is the output as left
+            # (cleared), so a notebook stores the same whatever the progress said.
+            self._handle = display(HTML(""), display_id=True)
+        self._handle.update(HTML(f"<span style='color:#555'>{esc(self.desc)}: {esc(text)}</span>"))
 
     def bytes(self, done: int, total: int) -> None:
         """A ``progress(done, total)`` callback in bytes (a model download)."""

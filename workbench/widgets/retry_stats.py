@@ -11,7 +11,15 @@ import traitlets as t
 from workbench.errors import WorkbenchError
 from workbench.runtime.faults import SITES, FaultInjector
 from workbench.runtime.retry import DELAY_BUCKETS_S
-from workbench.widgets._common import WIDE, Debounce, esc, figure_png, new_figure, table
+from workbench.widgets._common import (
+    WIDE,
+    Debounce,
+    chart_layout,
+    esc,
+    figure_png,
+    new_figure,
+    table,
+)
 
 COUNTER_COLUMNS = ["operation", "calls", "attempts", "retries", "recovered", "exhausted", "failed"]
 
@@ -103,7 +111,7 @@ class RetryStatsPanel(w.VBox):
         self._reset_b.on_click(lambda _: self.reset_breakers())
         self._faults_w = w.HTML()
         self._counters_w = w.HTML()
-        self._hist_w = w.Image(format="png")
+        self._hist_w = w.Image(format="png", layout=chart_layout())
         self._breakers_w = w.HTML()
         super().__init__(
             [
