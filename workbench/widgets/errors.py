@@ -78,7 +78,7 @@ class ErrorInspector(w.VBox):
         )
         self._refresh_b = w.Button(description="Refresh", icon="refresh")
         self._refresh_b.on_click(lambda _: self.refresh())
-        self._list_w = w.Select(options=[], rows=10, layout=w.Layout(width="100%"))
+        self._list_w = w.Select(options=[], rows=10, layout=w.Layout(width="auto"))
         self._list_w.observe(
             lambda c: c["new"] is not None and self.select(c["new"]), names="value"
         )

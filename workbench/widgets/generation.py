@@ -51,12 +51,12 @@ class GenerationPanel(w.VBox):
         self._lock = threading.Lock()
 
         self._mode_w = w.ToggleButtons(options=MODES, description="mode", style=WIDE)
-        self._prompt_w = w.Textarea(placeholder="prompt", layout=w.Layout(width="100%"))
+        self._prompt_w = w.Textarea(placeholder="prompt", layout=w.Layout(width="auto"))
         self._system_w = w.Text(
             description="system",
             placeholder="system prompt (chat mode)",
             style=WIDE,
-            layout=w.Layout(width="100%"),
+            layout=w.Layout(width="auto"),  # the row, less its margins (100% overflows)
         )
         sliders = [
             (
@@ -89,7 +89,7 @@ class GenerationPanel(w.VBox):
         self._stop_b.on_click(lambda _: self.stop())
         self._clear_b.on_click(lambda _: self.clear_history())
         self._output_w = w.Textarea(
-            disabled=True, layout=w.Layout(width="100%", height="12em"), placeholder="output"
+            disabled=True, layout=w.Layout(width="auto", height="12em"), placeholder="output"
         )
         self._stats_w = w.HTML()
         self._history_w = w.HTML()

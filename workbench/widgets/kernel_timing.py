@@ -51,7 +51,7 @@ def bar_chart(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
     ax.invert_yaxis()
     ax.set_xlabel("time per launch, ms (bar: p50, whisker: p95)")
     if title or rows:
-        ax.set_title(title or _timing_note(rows))
+        ax.set_title(title or _timing_note(rows), fontsize=9)
     return fig
 
 
@@ -308,7 +308,7 @@ class KernelTimingPanel(w.VBox):
         the last two runs) into ``comparison``."""
         a = self.compare_a if a is None else a
         b = self.compare_b if b is None else b
-        if len(self.history) < 2 and (a < 0 or b < 0):
+        if len(self.history) < 2:
             self.error = "compare needs two runs"
             return []
         if a < 0 or b < 0:
@@ -411,8 +411,8 @@ class KernelTimingPanel(w.VBox):
         options = [(h["label"], i) for i, h in enumerate(self.history)]
         self._a_w.options = options
         self._b_w.options = options
-        if len(options) >= 2:
-            self.compare_a, self.compare_b = len(options) - 2, len(options) - 1
+        if options:  # the last two runs (the only one, twice: a picker never shows blank)
+            self.compare_a, self.compare_b = max(len(options) - 2, 0), len(options) - 1
             self._a_w.value, self._b_w.value = self.compare_a, self.compare_b
 
     def _show_comparison(self, _: Any = None) -> None:
