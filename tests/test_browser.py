@@ -307,11 +307,12 @@ def test_notebook_runs_and_every_widget_looks_finished(lab, browser_context, nam
             assert panel.locator("img").count() == 2, "the bar chart or the roofline is missing"
             # The run pickers, on their tab: the run's label whole, not cut off.
             panel.locator(".lm-TabBar-tab", has_text="Compare").click()
-            picker = panel.locator("select").first
+            picker = panel.locator(".widget-dropdown:has-text('run A') select")
             picker.wait_for(state="visible", timeout=10_000)
-            assert "emulator: rmsnorm, swiglu" in picker.evaluate(
+            chosen = picker.evaluate(
                 "s => s.selectedIndex < 0 ? '' : s.options[s.selectedIndex].text"
             )
+            assert "emulator: rmsnorm, swiglu" in chosen.replace("\xa0", " ")  # ipywidgets' nbsp
             assert_layout(page, name)
             panel.screenshot(path=str(ARTIFACTS / "02-kernel-timing-compare.png"))
         elif name.startswith("03-"):
