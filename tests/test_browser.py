@@ -1,11 +1,12 @@
 """The notebooks in a real browser: JupyterLab on loopback, driven by headless Chromium.
 
-Opens 01-quickstart (the generation panel) and 03-resilience (the dashboard), runs every cell,
-and checks that the widgets rendered (no "Loading widget..." placeholder, no widget or cell
-error). Screenshots go to test-artifacts/ (docs/img/dashboard.png is a copy of one, refreshed
-by hand: tests never write into the source tree). Needs Debian's chromium (and Playwright from
-PyPI, which drives it: no browser is downloaded); skipped where either is missing. Uses the
-real model (smollm2).
+Opens every numbered notebook of notebooks/ (a new one is picked up by its file name), runs every
+cell, and checks what a user would see: every widget rendered (no "Loading widget..." placeholder,
+no widget or cell error), no label cut short ("temperat..."), no element wider than its output
+area, no broken image, no drop-down whose choice is cut off. Screenshots of each widget go to
+test-artifacts/ (docs/img/*.png are copies of some, refreshed by hand: tests never write into the
+source tree). Needs Debian's chromium (and Playwright from PyPI, which drives it: no browser is
+downloaded); skipped where either is missing. Uses the real model (smollm2).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from workbench import store
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
 CHROMIUM = tools.tool("chromium").found()
 TOKEN = "workbench-browser-test"
 FLAGS = [
@@ -43,6 +45,7 @@ FLAGS = [
 # The cache as the user has it: tests/conftest.py points WORKBENCH_HOME at a temporary directory
 # while a test runs, after this module is imported.
 USER_HOME = os.environ.get(store.HOME_ENV)
+RUN_TIMEOUT_S = 300  # every cell of one notebook, on 2 busy cores
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,7 +75,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("lab")
     root = tmp / "notebooks"
     root.mkdir()
-    for name in ("01-quickstart.ipynb", "03-resilience.ipynb"):
+    for name in NOTEBOOKS:
         shutil.copy(ROOT / "notebooks" / name, root / name)
     # Render every cell (JupyterLab 4 windows long notebooks: off-screen cells are not in the DOM).
     settings = tmp / "settings" / "@jupyterlab" / "notebook-extension"
@@ -111,7 +114,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.flush()
                     pytest.fail(f"JupyterLab did not start:\n{(tmp / 'lab.log').read_text()}")
-                time.sleep(0.5)
+                time.sleep(0.2)  # a poll interval under the deadline above, not a fixed wait
         yield url
     finally:
         proc.terminate()
@@ -139,8 +142,20 @@ def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object
             ctx.close()
 
 
-def run_notebook(ctx: object, url: str, name: str, timeout_s: float = 120) -> object:
-    """Open ``name`` in JupyterLab, run all cells, wait until every cell has run."""
+# An output row holding a widget view.
+WIDGET_OUTPUT = ".jp-OutputArea-child:has(.jupyter-widgets)"
+# Every widget view has drawn: none shows the "Loading widget..." placeholder, and each has a size.
+_WIDGETS_DRAWN = f"""() => {{
+    const outs = [...document.querySelectorAll('.jp-OutputArea-output')];
+    if (outs.some(o => o.textContent.includes('Loading widget'))) return false;
+    return [...document.querySelectorAll('{WIDGET_OUTPUT}')].every(
+        o => o.getBoundingClientRect().height > 0);
+}}"""
+
+
+def run_notebook(ctx: object, url: str, name: str) -> object:
+    """Open ``name`` in JupyterLab, run all cells, wait until every cell has run and every
+    widget view has drawn."""
     page = ctx.new_page()
     # A workspace of its own per notebook: JupyterLab would otherwise reopen the earlier ones.
     workspace = name.split("-")[0]
@@ -159,15 +174,17 @@ def run_notebook(ctx: object, url: str, name: str, timeout_s: float = 120) -> ob
     )
     # Clear the stored outputs first, so that what is checked is what this run rendered.
     page.evaluate("window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
-    assert page.locator(".jp-OutputArea-output").count() == 0
+    page.wait_for_function(
+        "() => document.querySelectorAll('.jp-OutputArea-output').length === 0", timeout=10_000
+    )
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     page.wait_for_function(
         """() => { const prompts = [...document.querySelectorAll(
                        '.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent.trim());
                    return prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p)); }""",
-        timeout=timeout_s * 1000,
+        timeout=RUN_TIMEOUT_S * 1000,
     )
-    page.wait_for_timeout(1500)  # let the last widget views render
+    page.wait_for_function(_WIDGETS_DRAWN, timeout=60_000)
     return page
 
 
@@ -176,41 +193,135 @@ def assert_rendered(page: object, name: str) -> None:
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     tracebacks = [t for t in errors.all_inner_texts() if "Traceback" in t or "Error" in t]
     assert not tracebacks, f"{name}: error output: {tracebacks[0][:2000]}"
-    assert "Loading widget" not in text, f"{name}: a widget did not render"
     assert "Error displaying widget" not in text, f"{name}: a widget failed to render"
-    assert page.locator(".jp-OutputArea-output .widget-button").count() > 0, f"{name}: no widgets"
 
 
-def test_quickstart_renders_the_generation_panel(lab, browser_context):
-    page = run_notebook(browser_context, lab, "01-quickstart.ipynb")
-    assert_rendered(page, "01-quickstart")
-    assert "The capital of France is Paris." in page.inner_text(".jp-NotebookPanel")
-    # The panel's streamed output reached the browser through the widget state.
-    panel_output = page.locator(".jp-OutputArea-output .widget-textarea textarea").last
-    assert "primary colors" in panel_output.input_value()
+# What a user saw broken, found in the rendered page. Only what is displayed counts (a hidden tab
+# or a collapsed element has no box). Returns one line per problem.
+_LAYOUT_PROBLEMS = """() => {
+    const problems = [];
+    const shown = e => e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden';
+    const where = e => {
+        const cell = e.closest('.jp-Cell');
+        const cells = [...document.querySelectorAll('.jp-Cell')];
+        return `cell ${cells.indexOf(cell)}`;
+    };
+    // Labels cut to "temperat...": the text is wider than the box that shows it.
+    for (const e of document.querySelectorAll(
+            '.jp-OutputArea-output .widget-label, .jp-OutputArea-output .widget-label-basic,'
+            + ' .jp-OutputArea-output .widget-inline-hbox > label,'
+            + ' .jp-OutputArea-output .lm-TabBar-tabLabel,'
+            + ' .jp-OutputArea-output .widget-button,'
+            + ' .jp-OutputArea-output .widget-toggle-button')) {
+        if (shown(e) && e.textContent.trim() && e.scrollWidth > e.clientWidth + 1)
+            problems.push(`${where(e)}: label ${JSON.stringify(e.textContent.trim())} is cut`
+                          + ` (${e.scrollWidth}px of text in ${e.clientWidth}px)`);
+    }
+    // A drop-down whose chosen option is wider than the box (the run selector).
+    const ctx = document.createElement('canvas').getContext('2d');
+    for (const s of document.querySelectorAll('.jp-OutputArea-output select:not([multiple])')) {
+        if (!shown(s) || s.selectedIndex < 0) continue;
+        const st = getComputedStyle(s);
+        ctx.font = `${st.fontSize} ${st.fontFamily}`;
+        const text = s.options[s.selectedIndex].text;
+        const room = s.clientWidth - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight) - 16;
+        if (ctx.measureText(text).width > room)
+            problems.push(`${where(s)}: drop-down choice ${JSON.stringify(text)} is cut`);
+    }
+    // Images: loaded (no broken-image icon) and inside their output area (not cut off).
+    const box_ratio = img => img.clientWidth / Math.max(img.clientHeight, 1);
+    for (const img of document.querySelectorAll('.jp-OutputArea-output img')) {
+        if (!shown(img)) continue;
+        if (!img.complete || img.naturalWidth === 0)
+            problems.push(`${where(img)}: a broken image`);
+        // Drawn at its own proportions and no larger than it is (not stretched to a neighbour).
+        else if (Math.abs(box_ratio(img) - img.naturalWidth / img.naturalHeight) > 0.02
+                 * (img.naturalWidth / img.naturalHeight) || img.clientWidth > img.naturalWidth + 1)
+            problems.push(`${where(img)}: an image is stretched (${img.clientWidth}x`
+                          + `${img.clientHeight} for ${img.naturalWidth}x${img.naturalHeight})`);
+        const area = img.closest('.jp-OutputArea-output').getBoundingClientRect();
+        const box = img.getBoundingClientRect();
+        if (box.right > area.right + 1)
+            problems.push(`${where(img)}: an image runs ${Math.round(box.right - area.right)}px`
+                          + ' past its output area');
+    }
+    // Widgets wider than their output area (clipped or scrolled sideways).
+    for (const out of document.querySelectorAll('WIDGET_OUTPUT')) {
+        const area = out.querySelector('.jp-OutputArea-output').getBoundingClientRect();
+        for (const e of out.querySelectorAll('.jupyter-widgets')) {
+            if (!shown(e)) continue;
+            const box = e.getBoundingClientRect();
+            if (box.right > area.right + 1) {
+                problems.push(`${where(e)}: ${e.className.split(' ').slice(0, 3).join(' ')} runs`
+                              + ` ${Math.round(box.right - area.right)}px past its output area`);
+                break;
+            }
+        }
+    }
+    return problems;
+}""".replace("WIDGET_OUTPUT", WIDGET_OUTPUT)
+
+
+def assert_layout(page: object, name: str) -> None:
+    problems = page.evaluate(_LAYOUT_PROBLEMS)
+    assert not problems, f"{name}: " + "; ".join(problems[:10])
+
+
+def screenshot_widgets(page: object, name: str) -> list[Path]:
+    """Each widget output of the page, scrolled into view, to test-artifacts/NAME-widget-N.png
+    (JupyterLab scrolls the notebook inside its panel: a full-page shot would show one screen)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    page.locator(".jp-OutputArea-output .widget-vbox").first.screenshot(
-        path=str(ARTIFACTS / "generation-panel.png")
-    )
-    page.screenshot(path=str(ARTIFACTS / "01-quickstart.png"), full_page=True)
+    shots = []
+    views = page.locator(WIDGET_OUTPUT)
+    for i in range(views.count()):
+        view = views.nth(i)
+        view.scroll_into_view_if_needed()
+        path = ARTIFACTS / f"{Path(name).stem}-widget-{i}.png"
+        view.screenshot(path=str(path))
+        shots.append(path)
+    return shots
+
+
+def shutdown(page: object) -> None:
     page.evaluate("window.jupyterapp.commands.execute('kernelmenu:shutdown')")
     page.close()
 
 
-def test_resilience_renders_the_dashboard(lab, browser_context):
-    page = run_notebook(browser_context, lab, "03-resilience.ipynb")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "03-resilience.png"), full_page=True)
-    assert_rendered(page, "03-resilience")
-    # The dashboard is near the end: bring it on screen, where its views attach and draw.
-    page.locator(".jp-CodeCell").last.scroll_into_view_if_needed()
-    tabs = page.locator(".jp-OutputArea-output .widget-tab").last
-    tabs.wait_for(state="visible", timeout=60_000)
-    tabs.scroll_into_view_if_needed()
-    for title in ("Generate", "Kernel timing", "Retries", "Errors"):
-        assert tabs.get_by_text(title, exact=False).count() > 0, f"no {title!r} tab"
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "dashboard.png"
-    tabs.screenshot(path=str(shot))
-    assert shot.stat().st_size > 5_000  # a rendered panel, not a blank box
-    page.close()
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_every_widget_looks_finished(lab, browser_context, name):
+    page = run_notebook(browser_context, lab, name)
+    try:
+        assert_rendered(page, name)
+        shots = screenshot_widgets(page, name)
+        assert_layout(page, name)
+        if name[:3] in ("01-", "02-", "03-"):
+            assert shots, f"{name}: no widget rendered"
+        for shot in shots:
+            assert shot.stat().st_size > 2_000, f"{shot.name}: a blank box"
+        text = page.inner_text(".jp-NotebookPanel")
+        if name.startswith("01-"):
+            assert "The capital of France is Paris." in text
+            # The panel's streamed output reached the browser through the widget state.
+            panel_output = page.locator(".jp-OutputArea-output .widget-textarea textarea").last
+            assert "primary colors" in panel_output.input_value()
+        elif name.startswith("02-"):
+            # The timing panel after its run: a table and both charts, drawn.
+            panel = page.locator(WIDGET_OUTPUT).last
+            assert panel.locator("table").count() > 0, "no timing table"
+            assert panel.locator("img").count() == 2, "the bar chart or the roofline is missing"
+            # The run pickers, on their tab: the run's label whole, not cut off.
+            panel.locator(".lm-TabBar-tab", has_text="Compare").click()
+            picker = panel.locator(".widget-dropdown:has-text('run A') select")
+            picker.wait_for(state="visible", timeout=10_000)
+            chosen = picker.evaluate(
+                "s => s.selectedIndex < 0 ? '' : s.options[s.selectedIndex].text"
+            )
+            assert "emulator: rmsnorm, swiglu" in chosen.replace("\xa0", " ")  # ipywidgets' nbsp
+            assert_layout(page, name)
+            panel.screenshot(path=str(ARTIFACTS / "02-kernel-timing-compare.png"))
+        elif name.startswith("03-"):
+            tabs = page.locator(WIDGET_OUTPUT).last.locator(".widget-tab").first
+            for title in ("Generate", "Kernel timing", "Retries", "Errors"):
+                assert tabs.get_by_text(title, exact=False).count() > 0, f"no {title!r} tab"
+    finally:
+        shutdown(page)

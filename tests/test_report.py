@@ -103,9 +103,28 @@ def test_workbench_report_writes_html_with_fingerprint_table_and_plot(tiny_model
     assert any("rmsnorm" in t and "p50_ms" in t and "gb_s" in t for t in tables)
     assert re.search(r"<img[^>]+src=\"data:image/png;base64,", page)
     assert "report.run_kernel_bench" not in page  # the code cells are left out
+    # What produced it: a title naming the model and backend, and the parameter values.
+    title = re.search(r"<title>(.*?)</title>", page, re.S).group(1)
+    assert title == f"workbench report: {tiny_model}, backend numpy"
+    params = re.search(r"parameter value.*?</table>", page, re.S).group(0)
+    for name, value in (("max_tokens", "3"), ("kernels", "rmsnorm, add"), ("rep_ms", "2")):
+        assert re.search(rf"<th[^>]*>{name}</th><td[^>]*>{re.escape(value)}</td>", params), name
+    # Token counts are integers, not 5.000000.
+    assert re.search(r"<th[^>]*>generated_tokens</th><td[^>]*>3</td>", page)
+    # It opens offline: no script or style fetched from the network.
+    assert not re.findall(r"<(?:script|link)[^>]+(?:src|href)=\"https?://", page)
     # The run records were appended, and the executed notebook was kept.
     recs = report.load_records(records)
     assert [r.kind for r in recs] == ["generate", "bench_kernels"]
     assert recs[0].params["model_path"] == str(tiny_model)
     assert len(recs[0].result["token_ids"]) == 3
     assert Path(executed).is_file()
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(5, "5"), (5.0, "5"), (0.2018451, "0.2018"), (["a", "b"], "a, b"), (None, "None"),
+     (True, "True"), ("x", "x")],
+)  # fmt: skip
+def test_value_text(value, text):
+    assert report.value_text(value) == text

@@ -16,6 +16,7 @@ from workbench.widgets import (
     KernelTimingPanel,
     RetryStatsPanel,
 )
+from workbench.widgets.kernel_timing import shape_text
 
 
 @pytest.fixture
@@ -48,6 +49,37 @@ def test_stop_cancels_a_running_generation(engine):
     panel.wait(30)
     assert panel.finish_reason == "cancelled"
     assert 0 < panel.tokens < 100_000
+
+
+def test_a_cancelled_chat_reply_stays_out_of_the_history(engine):
+    panel = GenerationPanel(engine)
+    panel.mode, panel.prompt, panel.max_tokens, panel.seed = "chat", "hello", 100_000, 2
+    assert panel.generate()
+    panel.stop()
+    panel.wait(30)
+    assert panel.finish_reason == "cancelled" and panel.output_text  # shown, marked
+    assert "finish: cancelled" in panel._stats_w.value
+    assert panel.history == []  # the fragment is not sent back as the assistant's turn
+
+
+def test_control_labels_are_never_cut_short(engine):
+    """ipywidgets cuts descriptions to a fixed width ("temperat..."); every panel's controls
+    use their natural width."""
+    from ipywidgets.widgets.widget_description import DescriptionWidget
+
+    panels = [GenerationPanel(engine), KernelTimingPanel(), RetryStatsPanel(engine),
+              ErrorInspector(engine)]  # fmt: skip
+    seen = 0
+    for panel in panels:
+        stack = [panel]
+        while stack:
+            widget = stack.pop()
+            stack.extend(getattr(widget, "children", ()))
+            if isinstance(widget, DescriptionWidget) and widget.description:
+                seen += 1
+                width = widget.style.description_width
+                assert width == "initial", f"{widget.description!r}: description width {width!r}"
+    assert seen >= 15
 
 
 def test_chat_mode_keeps_history_and_bad_settings_show_an_error(engine):
@@ -96,6 +128,48 @@ def test_kernel_timing_runs_on_the_emulator_and_compares_runs():
     assert row["kernel"] == "add" and row["speedup"] == pytest.approx(
         row["p50_ms_a"] / row["p50_ms_b"]
     )
+
+
+def test_kernel_timing_offers_only_presets_every_selected_kernel_takes():
+    from workbench.engine import kernel_bench as kb
+
+    panel = KernelTimingPanel(kernels=["rmsnorm", "swiglu"])  # different shape keys
+    assert panel.presets == [] and panel._preset_w.options == ("(representative)",)
+    panel.kernels = ["rmsnorm"]
+    assert panel.presets == ["n=1,dim=576", "n=512,dim=576"]
+    panel.kernels = ["add", "swiglu"]
+    assert panel.presets and all(p.startswith("count=") for p in panel.presets)
+    # Each preset runs: pick the smallest for both kernels, with a budget below one launch.
+    smallest = min(panel.presets, key=lambda p: int(p.split("=")[1]))
+    panel._preset_w.value = smallest
+    assert panel.shape == smallest
+    panel.backend, panel.warmup_ms, panel.rep_ms = "emulator", 0.0, 1e-6
+    seen = []
+    panel.observe(lambda c: seen.append(list(c["new"])), names="progress")
+    assert panel.run()
+    panel.wait(60)
+    assert panel.error == ""
+    assert [shape_text(r["shape"]) for r in panel.results] == [smallest, smallest]
+    # However small the budget, the percentiles come from several repetitions.
+    assert all(r["reps"] >= kb.MIN_REPS for r in panel.results)
+    assert seen[0] == [0, 2] and seen[-1] == [2, 2]
+    assert panel._progress_w.layout.display == "none" and "timing" not in panel._status_w.value
+
+
+def test_kernel_timing_shows_no_image_before_the_first_run_and_no_none_in_tables():
+    panel = KernelTimingPanel(kernels=["add"])
+    assert panel._bars_w.layout.display == "none" and panel._roof_w.layout.display == "none"
+    assert "no run yet" in panel._table_w.value
+    panel.backend, panel.warmup_ms, panel.rep_ms = "emulator", 0.0, 1.0
+    panel.run()
+    panel.wait(60)
+    assert panel._bars_w.layout.display is None and panel._roof_w.layout.display is None
+    assert "None" not in panel._table_w.value  # roof_fraction and bound: "-" on the emulator
+    titles = [panel.views.get_title(i) for i in range(len(panel.views.children))]
+    assert titles == ["Timings", "Compare", "Engine profile"]
+    extra = __import__("ipywidgets").HTML("x")
+    panel.add_view("Memory", extra)
+    assert panel.views.children[-1] is extra and panel.views.get_title(3) == "Memory"
 
 
 def test_kernel_timing_reports_a_bad_shape():
@@ -199,3 +273,34 @@ def test_dashboard_puts_four_panels_over_one_engine(engine):
     dash.generation.wait(30)
     assert dash.generation.tokens >= 1
     dash.close()
+
+
+def test_error_list_entries_of_one_code_are_told_apart():
+    from workbench.errors import RecoverableError
+
+    log = ErrorLog()
+    panel = ErrorInspector(log)
+    for attempt in (1, 2):
+        log.record(
+            RecoverableError("device.launch_failed", "injected fault"),
+            operation="launch", kernel="rmsnorm", request_id="req-7", attempts=attempt,
+        )  # fmt: skip
+    panel.refresh()
+    labels = [label for label, _ in panel._list_w.options]
+    assert len(set(labels)) == 2, labels
+    assert all("req req-7" in label and "rmsnorm" in label for label in labels)
+    assert any("attempt 2" in label for label in labels)
+    panel.close()
+
+
+def test_status_line_reports_steps_and_bytes_and_clears():
+    from workbench.widgets.progress import status_line
+
+    with status_line("timing kernels") as status:
+        status.steps(0, 2, "rmsnorm [n=1,dim=576]")
+        assert status.text == "rmsnorm [n=1,dim=576] (1/2)"
+        status.steps(2, 2, "")
+        assert status.text == "done"
+        status.bytes(3 * 1024 * 1024, 12 * 1024 * 1024)
+        assert status.text == "3.0 of 12.0 MB"
+    assert status.text == ""

@@ -298,8 +298,10 @@ def run_kernel_bench(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     fp: Fingerprint | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> RunRecord:
-    """`kernel_bench.bench_kernels` recorded; ``backend`` "numpy" means the emulator here."""
+    """`kernel_bench.bench_kernels` recorded; ``backend`` "numpy" means the emulator here.
+    ``progress`` goes to `bench_kernels` (done, total, kernel) for the caller to present."""
     from workbench.engine.kernel_bench import bench_kernels
 
     backend = kernel_backend(backend)
@@ -311,10 +313,61 @@ def run_kernel_bench(
     }
 
     def run() -> list[dict[str, Any]]:
-        results = bench_kernels(kernels, backend=backend, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        results = bench_kernels(
+            kernels, backend=backend, warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress
+        )
         return [t.to_dict() for t in results]
 
     return record("bench_kernels", params, run, fp=fp)
+
+
+def value_text(value: Any) -> str:
+    """A parameter or a measurement as a reader wants it: integers as integers (5, not
+    5.000000), other numbers to 4 significant digits, lists comma-separated, text as is."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(value_text(v) for v in value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class ValueTable:
+    """Named values shown as a two-column table (HTML in a notebook, aligned text elsewhere),
+    each value whole (pandas would cut long ones to "..."): the report's parameters and
+    timings."""
+
+    values: Mapping[str, Any]
+    title: str = "value"
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [(str(k), value_text(v)) for k, v in self.values.items()]
+
+    def _repr_html_(self) -> str:
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in self.rows()
+        )
+        return (
+            f"<table><thead><tr><th></th><th style='text-align:left'>{html.escape(self.title)}"
+            f"</th></tr></thead><tbody>{body}</tbody></table>"
+        )
+
+    def __repr__(self) -> str:
+        rows = self.rows()
+        width = max((len(k) for k, _ in rows), default=0)
+        return "\n".join([f"{'':{width}}  {self.title}", *(f"{k:{width}}  {v}" for k, v in rows)])
+
+
+def value_table(values: Mapping[str, Any], title: str = "value") -> ValueTable:
+    """``values`` (name -> value) as a `ValueTable` of `value_text`: the report notebook's
+    parameter and timing tables."""
+    return ValueTable(dict(values), title)
 
 
 def kernel_backend(engine_backend: str) -> str:
@@ -433,18 +486,46 @@ def execute_notebook(
     return dst
 
 
+# JupyterLab's HTML template without the scripts it loads from a CDN (require.js, MathJax,
+# mermaid, the widget manager): a report opens offline. Widget views in it show their text form.
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def notebook_title(nb: Any, default: str) -> str:
+    """The text of the notebook's first ``# `` heading, else ``default``."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return default
+
+
 def export_html(
     notebook: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
     include_input: bool = False,
+    title: str | None = None,
 ) -> Path:
-    """An executed notebook as one self-contained HTML page (plots embedded as PNG)."""
+    """An executed notebook as one self-contained HTML page that opens offline (plots embedded
+    as PNG, no script from the network). ``title``: the page's title (default: the notebook's
+    first heading)."""
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(notebook), as_version=4)
+    nb.metadata["title"] = title or notebook_title(nb, Path(notebook).stem)
     exporter = HTMLExporter(
+        template_name="lab",
+        extra_loaders=[jinja2.DictLoader({"workbench-offline.html.j2": _OFFLINE_TEMPLATE})],
+        template_file="workbench-offline.html.j2",
         exclude_input=not include_input,
         exclude_input_prompt=not include_input,
         exclude_output_prompt=True,
@@ -477,15 +558,22 @@ def build_report(
             "checkout (pip install -e .), or pass the notebook's path",
             path=str(src),
         )
+    values = {**notebook_parameters(src), **(parameters or {})}
+    title = None
+    if "model" in values:  # the report notebook's own: say what produced it
+        title = f"workbench report: {values['model']}"
+        if "backend" in values:
+            title += f", backend {values['backend']}"
     with tempfile.TemporaryDirectory(prefix="workbench-report-") as tmp:
         nb_out = Path(executed) if executed else Path(tmp) / src.name
         execute_notebook(src, nb_out, parameters, timeout_s=timeout_s)
-        return export_html(nb_out, output, include_input=include_input)
+        return export_html(nb_out, output, include_input=include_input, title=title)
 
 
 __all__ = [
     "Fingerprint",
     "RunRecord",
+    "ValueTable",
     "build_report",
     "device_info",
     "execute_notebook",
@@ -495,6 +583,7 @@ __all__ = [
     "kernel_backend",
     "load_records",
     "notebook_parameters",
+    "notebook_title",
     "notebooks_dir",
     "package_versions",
     "parse_param",
@@ -502,4 +591,6 @@ __all__ = [
     "run_generation",
     "run_kernel_bench",
     "save_records",
+    "value_table",
+    "value_text",
 ]

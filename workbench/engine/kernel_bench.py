@@ -35,6 +35,9 @@ from workbench.kernels.registry import get as get_kernel
 BACKENDS = ("auto", "emulator", "cupy")
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 ESTIMATE_RUNS = 5
+# Timed repetitions however small the budget: a p50 and a p95 of one sample would be the same
+# number twice (``%%hip --bench`` takes the same floor).
+MIN_REPS = 3
 
 # Kernels benchmarked without --kernel/--all: one of each family, at the decode shapes.
 DEFAULT_KERNELS = (
@@ -346,7 +349,7 @@ def bench_kernel(
     for _ in range(n_warmup):
         fn()
     target.sync()
-    reps = max(1, int(rep_ms / per_ms))
+    reps = max(MIN_REPS, int(rep_ms / per_ms))
     times = sorted(target.time_reps(fn, reps))
     return _timing(spec, target, shape, times, len(est) + n_warmup)
 
@@ -405,9 +408,12 @@ def bench_kernels(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     warp_size: int = 64,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[KernelTiming]:
     """Benchmark each selected kernel at each of ``shapes`` (overrides of its representative
-    shape; none: the representative shape itself). ``warp_size`` applies to the emulator."""
+    shape; none: the representative shape itself). ``warp_size`` applies to the emulator.
+    ``progress(done, total, label)`` is called before each benchmark (label: the kernel and its
+    shape) and once more at the end with ``done == total`` (label ""): the caller presents it."""
     if not warmup_ms >= 0 or not rep_ms > 0:
         raise UserError(
             "user.bad_argument", f"warmup_ms must be >= 0 and rep_ms > 0 ({warmup_ms}, {rep_ms})"
@@ -416,9 +422,16 @@ def bench_kernels(
         raise UserError("user.bad_argument", f"warp_size must be 32 or 64, not {warp_size}")
     specs = select_kernels(kernels, all_=all_)
     target = _Target(backend, warp_size)
+    jobs = [
+        (spec, resolve_shape(spec, override)) for spec in specs for override in shapes or (None,)
+    ]
     results = []
-    for spec in specs:
-        for override in shapes or (None,):
-            shape = resolve_shape(spec, override)
-            results.append(bench_kernel(spec, target, shape, warmup_ms=warmup_ms, rep_ms=rep_ms))
+    for i, (spec, shape) in enumerate(jobs):
+        if progress is not None:
+            progress(
+                i, len(jobs), f"{spec.name} [{','.join(f'{k}={v}' for k, v in shape.items())}]"
+            )
+        results.append(bench_kernel(spec, target, shape, warmup_ms=warmup_ms, rep_ms=rep_ms))
+    if progress is not None:
+        progress(len(jobs), len(jobs), "")
     return results

@@ -8,6 +8,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+# ipywidgets' style for a control's description: its natural width, where the default cuts long
+# labels to "temperat...".
+WIDE = {"description_width": "initial"}
+
 
 class Debounce:
     """Call ``fn`` once, ``delay_s`` after the first of a burst of `trigger` calls (listeners fire
@@ -37,6 +41,14 @@ class Debounce:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+
+def chart_layout(**kwargs: Any) -> Any:
+    """An Image's layout that shows a chart at its own size: a column of widgets would stretch
+    it to the column's width (and its text with it); a narrow panel shrinks it, in proportion."""
+    import ipywidgets as w
+
+    return w.Layout(max_width="100%", height="auto", align_self="flex-start", **kwargs)
 
 
 def figure_png(fig: Any) -> bytes:

@@ -11,7 +11,7 @@ import traitlets as t
 
 from workbench.errors import CATEGORIES
 from workbench.runtime.errorlog import ErrorLog, ErrorRecord
-from workbench.widgets._common import Debounce, esc, pre
+from workbench.widgets._common import WIDE, Debounce, esc, pre
 
 ALL = ""  # the filter value that matches everything
 
@@ -70,15 +70,15 @@ class ErrorInspector(w.VBox):
         self.error_log.add_listener(self._debounce.trigger)
 
         self._category_w = w.Dropdown(options=[("all", ALL), *[(c, c) for c in CATEGORIES]],
-                                      description="category")  # fmt: skip
-        self._code_w = w.Dropdown(options=[("all", ALL)], description="code")
+                                      description="category", style=WIDE)  # fmt: skip
+        self._code_w = w.Dropdown(options=[("all", ALL)], description="code", style=WIDE)
         w.link((self, "category"), (self._category_w, "value"))
         self._code_w.observe(
             lambda c: c["new"] is not None and setattr(self, "code", c["new"]), names="value"
         )
         self._refresh_b = w.Button(description="Refresh", icon="refresh")
         self._refresh_b.on_click(lambda _: self.refresh())
-        self._list_w = w.Select(options=[], rows=10, layout=w.Layout(width="100%"))
+        self._list_w = w.Select(options=[], rows=10, layout=w.Layout(width="auto"))
         self._list_w.observe(
             lambda c: c["new"] is not None and self.select(c["new"]), names="value"
         )
@@ -157,7 +157,13 @@ class ErrorInspector(w.VBox):
     def _label(r: ErrorRecord) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(r.time))
         first = r.message.splitlines()[0] if r.message else ""
-        return f"{when} [{r.category}] {r.code}: {first[:100]}"
+        # What tells apart records of one code: the request, the kernel, the attempt.
+        where = " ".join(
+            f"{label}{value}"
+            for label, value in (("req ", r.request_id), ("", r.kernel), ("attempt ", r.attempts))
+            if value is not None
+        )
+        return f"{when} [{r.category}] {r.code}{f' ({where})' if where else ''}: {first[:100]}"
 
     def _render(self) -> None:
         self._detail_w.value = pre(self.detail) if self.detail else "<i>no error selected</i>"

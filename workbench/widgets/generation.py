@@ -10,7 +10,7 @@ import traitlets as t
 
 from workbench.engine.generate import GenerationConfig
 from workbench.errors import WorkbenchError
-from workbench.widgets._common import esc
+from workbench.widgets._common import WIDE, esc
 
 MODES = ("prompt", "chat")
 
@@ -21,7 +21,7 @@ class GenerationPanel(w.VBox):
     `generate` starts the generation on a background thread (the notebook stays responsive) and
     streams into ``output_text``; ``ttft_ms`` and ``tok_s`` (decode rate) update as tokens arrive;
     `stop` cancels after the token in progress; `wait` joins the thread. In chat mode a finished
-    reply is appended to ``history`` with the user's message.
+    reply is appended to ``history`` with the user's message (a cancelled one is not).
     """
 
     mode = t.Unicode("prompt")
@@ -50,20 +50,33 @@ class GenerationPanel(w.VBox):
         self._generation: Any = None
         self._lock = threading.Lock()
 
-        self._mode_w = w.ToggleButtons(options=MODES, description="mode")
-        self._prompt_w = w.Textarea(placeholder="prompt", layout=w.Layout(width="100%"))
-        self._system_w = w.Text(description="system", placeholder="system prompt (chat mode)")
+        self._mode_w = w.ToggleButtons(options=MODES, description="mode", style=WIDE)
+        self._prompt_w = w.Textarea(placeholder="prompt", layout=w.Layout(width="auto"))
+        self._system_w = w.Text(
+            description="system",
+            placeholder="system prompt (chat mode)",
+            style=WIDE,
+            layout=w.Layout(width="auto"),  # the row, less its margins (100% overflows)
+        )
         sliders = [
-            ("temperature", w.FloatSlider(min=0.0, max=2.0, step=0.05, description="temperature")),
-            ("top_k", w.IntSlider(min=0, max=200, description="top_k")),
-            ("top_p", w.FloatSlider(min=0.0, max=1.0, step=0.01, description="top_p")),
-            ("min_p", w.FloatSlider(min=0.0, max=1.0, step=0.01, description="min_p")),
+            (
+                "temperature",
+                w.FloatSlider(min=0.0, max=2.0, step=0.05, description="temperature", style=WIDE),
+            ),
+            ("top_k", w.IntSlider(min=0, max=200, description="top_k", style=WIDE)),
+            ("top_p", w.FloatSlider(min=0.0, max=1.0, step=0.01, description="top_p", style=WIDE)),
+            ("min_p", w.FloatSlider(min=0.0, max=1.0, step=0.01, description="min_p", style=WIDE)),
             (
                 "repeat_penalty",
-                w.FloatSlider(min=1.0, max=2.0, step=0.05, description="repeat_penalty"),
+                w.FloatSlider(
+                    min=1.0, max=2.0, step=0.05, description="repeat_penalty", style=WIDE
+                ),
             ),
-            ("max_tokens", w.BoundedIntText(min=1, max=1_000_000, description="max_tokens")),
-            ("seed", w.IntText(description="seed (-1: random)")),
+            (
+                "max_tokens",
+                w.BoundedIntText(min=1, max=1_000_000, description="max_tokens", style=WIDE),
+            ),
+            ("seed", w.IntText(description="seed (-1: random)", style=WIDE)),
         ]
         for name, widget in [("mode", self._mode_w), ("prompt", self._prompt_w),
                              ("system_prompt", self._system_w), *sliders]:  # fmt: skip
@@ -76,7 +89,7 @@ class GenerationPanel(w.VBox):
         self._stop_b.on_click(lambda _: self.stop())
         self._clear_b.on_click(lambda _: self.clear_history())
         self._output_w = w.Textarea(
-            disabled=True, layout=w.Layout(width="100%", height="12em"), placeholder="output"
+            disabled=True, layout=w.Layout(width="auto", height="12em"), placeholder="output"
         )
         self._stats_w = w.HTML()
         self._history_w = w.HTML()
@@ -189,7 +202,9 @@ class GenerationPanel(w.VBox):
                 self.tok_s = timings.decode_tok_s
                 self.output_text = result.text
                 self.finish_reason = result.finish_reason
-                if messages is not None:
+                # A cancelled reply is a fragment: the conversation goes on without it (the
+                # output box still shows it, marked "finish: cancelled").
+                if messages is not None and result.finish_reason != "cancelled":
                     self.history = [
                         *self.history,
                         {"role": "user", "content": messages[-1]["content"]},

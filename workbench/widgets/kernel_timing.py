@@ -19,7 +19,7 @@ from workbench.engine import kernel_bench as kb
 from workbench.errors import WorkbenchError
 from workbench.kernels.registry import all_kernels
 from workbench.kernels.registry import get as get_kernel
-from workbench.widgets._common import esc, figure_png, new_figure
+from workbench.widgets._common import WIDE, chart_layout, esc, figure_png, new_figure
 
 TABLE_COLUMNS = [
     "kernel", "backend", "shape", "reps", "p50_ms", "p95_ms", "gb_s", "gflop_s", "intensity",
@@ -51,7 +51,7 @@ def bar_chart(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
     ax.invert_yaxis()
     ax.set_xlabel("time per launch, ms (bar: p50, whisker: p95)")
     if title or rows:
-        ax.set_title(title or _timing_note(rows))
+        ax.set_title(title or _timing_note(rows), fontsize=9)
     return fig
 
 
@@ -109,6 +109,15 @@ def compare_runs(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]])
     return out
 
 
+def html_table(frame: Any) -> str:
+    """A DataFrame as an HTML table: 4 significant digits, "-" for a missing value."""
+    frame = frame.copy()
+    for col in frame.columns:
+        if frame[col].dtype == object:  # na_rep does not reach a None there
+            frame[col] = frame[col].where(frame[col].notna(), "-")
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+
+
 def _timing_note(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"{rows[0]['device']}: {rows[0]['timing']}" if rows else ""
 
@@ -120,13 +129,46 @@ def available_backends() -> tuple[str, ...]:
     return ("emulator", "cupy") if gpu_available() else ("emulator",)
 
 
+REPRESENTATIVE = "(representative)"
+
+
+def common_presets(names: Sequence[str]) -> list[str]:
+    """Shapes (as ``shape_text``) that every kernel of ``names`` accepts: the representative
+    shapes of each, kept when each other kernel takes the same keys (one kernel: all of its
+    shapes; rmsnorm and swiglu, which take different keys: none)."""
+    specs = []
+    for name in names:
+        try:
+            specs.append(get_kernel(name))
+        except WorkbenchError:
+            return []
+    out: list[str] = []
+    for spec in specs:
+        for shape in spec.shapes:
+            text = shape_text(shape)
+            if text in out:
+                continue
+            try:
+                for other in specs:
+                    kb.resolve_shape(other, shape)
+            except WorkbenchError:
+                continue
+            out.append(text)
+    return out
+
+
 class KernelTimingPanel(w.VBox):
     """Pick kernels, a shape and a backend; `run` benchmarks them (on a background thread;
     `wait` joins it) into ``results`` (a list of `KernelTiming.to_dict` rows) and appends the
     run to ``history``; `compare` sets ``comparison`` from two runs of the history.
 
-    ``shape`` is ``"k=v,..."`` overriding the kernels' representative shapes ("" keeps them);
-    ``presets`` are the representative shapes of the first selected kernel.
+    ``shape`` is ``"k=v,..."`` overriding the kernels' representative shapes ("" keeps each
+    kernel's own); ``presets`` are the shapes every selected kernel accepts (`common_presets`).
+    ``progress`` is ``[done, total]`` of the running benchmark and ``progress_label`` the kernel
+    being timed.
+
+    The results are drawn in views, the tabs of ``views`` ("Timings": the table, the bar chart
+    and the roofline one under the other; "Compare"; "Engine profile"); `add_view` adds one.
     """
 
     kernels = t.List(t.Unicode(), default_value=["rmsnorm"])
@@ -138,6 +180,8 @@ class KernelTimingPanel(w.VBox):
     warp_size = t.Int(64)  # the emulator's
 
     running = t.Bool(False)
+    progress = t.List(t.Int(), default_value=[0, 0])
+    progress_label = t.Unicode("")
     results = t.List()  # the latest run's rows
     history = t.List()  # [{"run": n, "label": str, "results": rows}]
     compare_a = t.Int(-1)
@@ -153,12 +197,17 @@ class KernelTimingPanel(w.VBox):
         backends = available_backends()
         self.backend = backends[-1]
         names = sorted(all_kernels())
-        self._kernels_w = w.SelectMultiple(options=names, rows=8, description="kernels")
-        self._preset_w = w.Dropdown(options=[], description="preset")
-        self._shape_w = w.Text(description="shape", placeholder="k=v,... (empty: representative)")
-        self._backend_w = w.ToggleButtons(options=backends, description="backend")
-        self._warmup_w = w.FloatText(description="warm-up ms")
-        self._rep_w = w.FloatText(description="reps ms")
+        self._kernels_w = w.SelectMultiple(
+            options=names, rows=8, description="kernels", style=WIDE,
+            layout=w.Layout(width="auto", min_width="18em"),
+        )  # fmt: skip
+        self._preset_w = w.Dropdown(options=[], description="preset", style=WIDE)
+        self._shape_w = w.Text(
+            description="shape", placeholder="k=v,... (empty: representative)", style=WIDE
+        )
+        self._backend_w = w.ToggleButtons(options=backends, description="backend", style=WIDE)
+        self._warmup_w = w.FloatText(description="warm-up (ms)", style=WIDE)
+        self._rep_w = w.FloatText(description="repetitions (ms)", style=WIDE)
         self._kernels_w.value = tuple(self.kernels)
         w.link((self, "shape"), (self._shape_w, "value"))
         w.link((self, "backend"), (self._backend_w, "value"))
@@ -168,8 +217,9 @@ class KernelTimingPanel(w.VBox):
         self._preset_w.observe(self._pick_preset, names="value")
         self._run_b = w.Button(description="Run", button_style="primary", icon="play")
         self._run_b.on_click(lambda _: self.run())
-        self._a_w = w.Dropdown(description="run A")
-        self._b_w = w.Dropdown(description="run B")
+        wide_picker = w.Layout(width="auto", min_width="24em", flex="1 1 auto")
+        self._a_w = w.Dropdown(description="run A", style=WIDE, layout=wide_picker)
+        self._b_w = w.Dropdown(description="run B", style=WIDE, layout=wide_picker)
         for name, picker in (("compare_a", self._a_w), ("compare_b", self._b_w)):
             picker.observe(
                 lambda c, name=name: c["new"] is not None and setattr(self, name, c["new"]),
@@ -177,16 +227,24 @@ class KernelTimingPanel(w.VBox):
             )
         self._compare_b = w.Button(description="Compare", icon="columns")
         self._compare_b.on_click(lambda _: self.compare())
-        self._profile_b = w.Button(description="Engine profile", icon="list")
+        self._profile_b = w.Button(description="Refresh", icon="refresh")
         self._profile_b.on_click(lambda _: self.refresh_profile())
+        self._progress_w = w.IntProgress(min=0, max=1, layout=w.Layout(display="none"))
         self._status_w = w.HTML()
-        self._table_w = w.HTML()
-        self._bars_w = w.Image(format="png")
-        self._roof_w = w.Image(format="png")
-        self._compare_w = w.HTML()
+        self._table_w = w.HTML("<i>no run yet: pick kernels and press Run</i>")
+        self._bars_w, self._roof_w = (
+            w.Image(format="png", layout=chart_layout(display="none")) for _ in range(2)
+        )  # shown from the first run on: an empty Image is a broken-image icon
+        self._compare_w = w.HTML("<i>two runs are needed to compare</i>")
         self._profile_w = w.HTML()
+        self.views = w.Tab()
+        self.add_view("Timings", w.VBox([self._table_w, self._bars_w, self._roof_w]))
+        self.add_view(
+            "Compare", w.VBox([w.HBox([self._a_w, self._b_w, self._compare_b]), self._compare_w])
+        )
+        self.add_view("Engine profile", w.VBox([self._profile_b, self._profile_w]))
         self.observe(self._update_presets, names="kernels")
-        self.observe(self._show_status, names=["running", "error"])
+        self.observe(self._show_status, names=["running", "error", "progress", "progress_label"])
         self.observe(self._show_results, names="results")
         self.observe(self._show_history, names="history")
         self.observe(self._show_comparison, names="comparison")
@@ -204,22 +262,24 @@ class KernelTimingPanel(w.VBox):
                                 self._backend_w,
                                 self._warmup_w,
                                 self._rep_w,
+                                self._run_b,
                             ]
                         ),
                     ]
                 ),
-                w.HBox([self._run_b, self._profile_b]),
-                self._status_w,
-                self._table_w,
-                w.HBox([self._bars_w, self._roof_w]),
-                w.HBox([self._a_w, self._b_w, self._compare_b]),
-                self._compare_w,
-                self._profile_w,
+                w.HBox([self._progress_w, self._status_w]),
+                self.views,
             ],
             **kwargs,
         )
         self._update_presets()
         self._show_status()
+        self._show_profile()
+
+    def add_view(self, title: str, widget: w.Widget) -> None:
+        """Add a tab to ``views`` (a view of the runs that another module draws)."""
+        self.views.children = [*self.views.children, widget]
+        self.views.set_title(len(self.views.children) - 1, title)
 
     # -- callbacks --------------------------------------------------------------------------
     def run(self) -> bool:
@@ -248,7 +308,7 @@ class KernelTimingPanel(w.VBox):
         the last two runs) into ``comparison``."""
         a = self.compare_a if a is None else a
         b = self.compare_b if b is None else b
-        if len(self.history) < 2 and (a < 0 or b < 0):
+        if len(self.history) < 2:
             self.error = "compare needs two runs"
             return []
         if a < 0 or b < 0:
@@ -283,7 +343,7 @@ class KernelTimingPanel(w.VBox):
             shapes = [kb.parse_shape(shape)] if shape.strip() else []
             timings = kb.bench_kernels(
                 names, shapes=shapes, backend=backend, warmup_ms=warm, rep_ms=rep,
-                warp_size=self.warp_size,
+                warp_size=self.warp_size, progress=self._on_progress,
             )  # fmt: skip
             rows = [r.to_dict() for r in timings]
             label = f"#{len(self.history)} {backend}: {', '.join(names)}"
@@ -299,27 +359,39 @@ class KernelTimingPanel(w.VBox):
         finally:
             self.running = False
 
+    def _on_progress(self, done: int, total: int, label: str) -> None:
+        self.progress_label = label
+        self.progress = [done, total]
+
     # -- view -----------------------------------------------------------------------------------
     def _update_presets(self, _: Any = None) -> None:
-        presets: list[str] = []
-        if self.kernels:
-            try:
-                presets = [shape_text(s) for s in get_kernel(self.kernels[0]).shapes]
-            except WorkbenchError:
-                presets = []
-        self.presets = presets
-        self._preset_w.options = ["(representative)", *presets]
-        self._preset_w.value = "(representative)"
+        self.presets = common_presets(self.kernels)
+        self._preset_w.options = [REPRESENTATIVE, *self.presets]
+        self._preset_w.value = REPRESENTATIVE
+        self._preset_w.tooltip = (
+            "shapes every selected kernel takes"
+            if self.presets or len(self.kernels) < 2
+            else "the selected kernels take different shape keys: each runs at its own shape"
+        )
 
     def _pick_preset(self, change: Any) -> None:
         value = change["new"]
         if value is None:
             return
-        self.shape = "" if value == "(representative)" else value
+        self.shape = "" if value == REPRESENTATIVE else value
 
     def _show_status(self, _: Any = None) -> None:
         self._run_b.disabled = self.running
-        text = "running..." if self.running else ""
+        done, total = self.progress
+        text = ""
+        if self.running:
+            self._progress_w.max, self._progress_w.value = max(total, 1), done
+            self._progress_w.layout.display = None
+            text = (
+                f"timing {esc(self.progress_label)} ({done + 1}/{total})" if total else "starting"
+            )
+        else:
+            self._progress_w.layout.display = "none"
         if self.error:
             text += f"<div style='color:#b00'>{esc(self.error)}</div>"
         self._status_w.value = text
@@ -330,16 +402,17 @@ class KernelTimingPanel(w.VBox):
             return
         frame = timings_frame(rows)
         note = f"<div><i>{esc(_timing_note(rows))}</i></div>"
-        self._table_w.value = frame.to_html(index=False, float_format=lambda v: f"{v:.4g}") + note
+        self._table_w.value = html_table(frame) + note
         self._bars_w.value = figure_png(bar_chart(rows))
         self._roof_w.value = figure_png(roofline_plot(rows))
+        self._bars_w.layout.display = self._roof_w.layout.display = None
 
     def _show_history(self, _: Any = None) -> None:
         options = [(h["label"], i) for i, h in enumerate(self.history)]
         self._a_w.options = options
         self._b_w.options = options
-        if len(options) >= 2:
-            self.compare_a, self.compare_b = len(options) - 2, len(options) - 1
+        if options:  # the last two runs (the only one, twice: a picker never shows blank)
+            self.compare_a, self.compare_b = max(len(options) - 2, 0), len(options) - 1
             self._a_w.value, self._b_w.value = self.compare_a, self.compare_b
 
     def _show_comparison(self, _: Any = None) -> None:
@@ -348,7 +421,7 @@ class KernelTimingPanel(w.VBox):
         cols = ["kernel", "shape", "p50_ms_a", "p50_ms_b", "speedup"]
         frame = pd.DataFrame(self.comparison, columns=cols)
         self._compare_w.value = f"<b>{esc(self.comparison_label)}</b>" + (
-            frame.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+            html_table(frame)
             if self.comparison
             else "<div><i>no kernel at the same shape in both runs</i></div>"
         )
@@ -358,9 +431,7 @@ class KernelTimingPanel(w.VBox):
 
         cols = ["name", "backend", "count", "total_s", "p50_s", "p95_s", "gb_s", "gflop_s"]
         self._profile_w.value = (
-            pd.DataFrame(self.profile, columns=cols).to_html(
-                index=False, float_format=lambda v: f"{v:.4g}"
-            )
+            html_table(pd.DataFrame(self.profile, columns=cols))
             if self.profile
             else "<i>the engine's profiler has no launches yet</i>"
         )

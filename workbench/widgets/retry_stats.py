@@ -11,7 +11,15 @@ import traitlets as t
 from workbench.errors import WorkbenchError
 from workbench.runtime.faults import SITES, FaultInjector
 from workbench.runtime.retry import DELAY_BUCKETS_S
-from workbench.widgets._common import Debounce, esc, figure_png, new_figure, table
+from workbench.widgets._common import (
+    WIDE,
+    Debounce,
+    chart_layout,
+    esc,
+    figure_png,
+    new_figure,
+    table,
+)
 
 COUNTER_COLUMNS = ["operation", "calls", "attempts", "retries", "recovered", "exhausted", "failed"]
 
@@ -82,11 +90,13 @@ class RetryStatsPanel(w.VBox):
         for b in self._breakers:
             b.add_listener(self._debounce.trigger)
 
-        self._site_w = w.Dropdown(options=SITES, description="site")
+        self._site_w = w.Dropdown(options=SITES, description="site", style=WIDE)
         self._rate_w = w.Combobox(
-            options=["0.01", "0.1", "0.5", "once", "always", "never"], description="rate"
+            options=["0.01", "0.1", "0.5", "once", "always", "never"],
+            description="rate",
+            style=WIDE,
         )
-        self._seed_w = w.IntText(description="seed")
+        self._seed_w = w.IntText(description="seed", style=WIDE)
         for name, widget in (("fault_site", self._site_w), ("fault_rate", self._rate_w),
                              ("fault_seed", self._seed_w)):  # fmt: skip
             widget.value = getattr(self, name)
@@ -101,7 +111,7 @@ class RetryStatsPanel(w.VBox):
         self._reset_b.on_click(lambda _: self.reset_breakers())
         self._faults_w = w.HTML()
         self._counters_w = w.HTML()
-        self._hist_w = w.Image(format="png")
+        self._hist_w = w.Image(format="png", layout=chart_layout())
         self._breakers_w = w.HTML()
         super().__init__(
             [
