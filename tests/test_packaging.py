@@ -25,7 +25,11 @@ def test_package_list_matches_the_tree():
         ".".join(p.parent.relative_to(ROOT).parts)
         for p in (ROOT / "workbench").rglob("__init__.py")
     }
-    assert listed == on_disk | {"workbench._kernels", "workbench._kernels.emulator"}
+    assert listed == on_disk | {
+        "workbench._kernels",
+        "workbench._kernels.emulator",
+        "workbench._notebooks",
+    }
 
 
 @pytest.mark.slow
@@ -41,3 +45,5 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
         assert f"workbench/_kernels/{name}" in names, name
     for p in (ROOT / "kernels" / "emulator").iterdir():
         assert f"workbench/_kernels/emulator/{p.name}" in names, p.name
+    # `workbench report` runs the report notebook from the package
+    assert "workbench/_notebooks/05-reproducible-report.ipynb" in names

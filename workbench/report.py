@@ -405,8 +405,11 @@ def load_records(path: str | os.PathLike[str]) -> list[RunRecord]:
 
 
 def notebooks_dir() -> Path:
-    """``notebooks/`` of the source checkout this package runs from."""
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    """The notebooks: ``workbench/_notebooks`` in an installed wheel, ``notebooks/`` of the
+    source checkout otherwise."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "_notebooks"
+    return shipped if (shipped / REPORT_NOTEBOOK).is_file() else here.parent / "notebooks"
 
 
 def parse_param(text: str) -> tuple[str, Any]:

@@ -13,9 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run notebooks/05-reproducible-report.ipynb with papermill (--model, "
         "--backend and each --param go to its `parameters` cell) and export the executed "
         "notebook to HTML with nbconvert, without the code cells; the page is titled with the "
-        "model and backend, lists the parameter values, and opens offline. The notebook is "
-        "found in a source checkout (pip install -e .); from an installed wheel pass it with "
-        "--notebook. Needs the `lab` extra (papermill, nbconvert, ipykernel, matplotlib).",
+        "model and backend, lists the parameter values, and opens offline. The notebook "
+        "ships with the package (or comes from the source checkout); --notebook runs another. "
+        "Needs the `lab` extra (papermill, nbconvert, ipykernel, matplotlib).",
     )
     p.add_argument("--output", "-o", default="report.html", help="HTML file (default report.html)")
     p.add_argument("--model", "-m", help="GGUF file or known model name (default: smollm2)")

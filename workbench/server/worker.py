@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1.0  # what a 503 tells clients to wait at least (loading, queue full, draining)
 MAX_RETRY_AFTER_S = 300.0  # the most a queue-full 503 tells clients to wait
 DURATION_SMOOTHING = 0.2  # weight of the newest job in the running mean of job durations
-WARMUP_PROMPT = "Hello"
 
 StartFn = Callable[[Any], Any]  # engine -> Generation
 Message = tuple[str, Any]
@@ -257,15 +256,11 @@ class Worker:
                     self._cond.notify_all()
 
     def _load(self) -> bool:
-        from workbench.engine.generate import GenerationConfig
-
         t0 = time.perf_counter()
         try:
             engine = self._factory()
             if self.warmup:  # compile, allocate and page in the weights before the first user
-                engine.generate(
-                    WARMUP_PROMPT, GenerationConfig(max_tokens=1, temperature=0.0)
-                ).run()
+                engine.warm_up()
         except WorkbenchError as e:
             log.error("model load failed: %s", e.message, extra={"code": e.code})
             self.load_error = e
