@@ -3,6 +3,8 @@ assert on its traits and data."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from workbench.engine.generate import Engine, GenerationConfig
@@ -45,6 +47,10 @@ def test_stop_cancels_a_running_generation(engine):
     panel.prompt, panel.max_tokens, panel.seed = "once upon", 100_000, 1
     assert panel.generate()
     assert panel.running and not panel.generate()  # one at a time
+    # Stop once tokens flow: a stop during the prefill would end it with none (also right).
+    deadline = time.monotonic() + 60
+    while panel.tokens == 0 and panel.running and time.monotonic() < deadline:
+        time.sleep(0.01)
     panel.stop()
     panel.wait(30)
     assert panel.finish_reason == "cancelled"
