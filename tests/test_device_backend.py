@@ -24,7 +24,17 @@ def test_emulator_logits_match_numpy(tiny_models, kind):
     dev.prefill(tokens[:5], cb)
     for t in tokens[5:]:  # decode: matvec and single-query attention kernels
         x, y = ref.decode_one_token(int(t), ca), dev.decode_one_token(int(t), cb)
-        assert np.abs(x - y).max() / np.abs(x).max() < 1e-4
+        if kind == "F16":
+            assert np.abs(x - y).max() / np.abs(x).max() < 1e-4
+        else:  # quantized matvecs round x to 8 bits per token (Q8_1, as ggml): the issue's bar
+            assert _kl(x, y) < 0.01 and np.abs(x - y).max() / np.abs(x).max() < 0.05
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(softmax(p) || softmax(q)) in float64."""
+    lp = p_logits.astype(np.float64) - np.logaddexp.reduce(p_logits.astype(np.float64))
+    lq = q_logits.astype(np.float64) - np.logaddexp.reduce(q_logits.astype(np.float64))
+    return float(np.sum(np.exp(lp) * (lp - lq)))
 
 
 def test_emulator_generates_the_numpy_greedy_tokens(tiny_model):
