@@ -170,7 +170,9 @@ struct wb_matvec {
         const unsigned long long src =
             lo + (unsigned long long)(row0 + rr) * row_bytes + (unsigned long long)b0 * T::BYTES;
         const unsigned long long g = (src & ~15ull) + 16ull * c;
-        if (g < src + span) wb_stage16(sw + rr * STRIDE + 16 * c, W, g - lo, src - lo, span, hi - lo);
+        if (g < src + span) {
+          wb_stage16(sw + rr * STRIDE + 16 * c, W, g - lo, src - lo, span, hi - lo);
+        }
       }
       const uint8_t* xt = xq + b0 * T::QK;
       for (int i = tid; i < units * 2; i += WB_MV_THREADS)

@@ -227,11 +227,11 @@ WB_DEVICE int wb_warp_id() { return wb_thread_linear() / warpSize; }
 #if defined(WB_EMULATOR)
 #define WB_HAS_DOT4 1
 #define WB_DOT4_I8(a, b, c) __builtin_amdgcn_sdot4((a), (b), (c), false)
-#elif defined(WB_HIP) &&                                                                   \\
-    (defined(__gfx906__) || defined(__gfx908__) || defined(__gfx90a__) ||                  \\
-     defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) ||                  \\
-     defined(__gfx950__) || defined(__gfx1030__) || defined(__gfx1031__) ||                \\
-     defined(__gfx1032__) || defined(__gfx1033__) || defined(__gfx1034__) ||               \\
+#elif defined(WB_HIP) &&                                                                   \
+    (defined(__gfx906__) || defined(__gfx908__) || defined(__gfx90a__) ||                  \
+     defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) ||                  \
+     defined(__gfx950__) || defined(__gfx1030__) || defined(__gfx1031__) ||                \
+     defined(__gfx1032__) || defined(__gfx1033__) || defined(__gfx1034__) ||               \
      defined(__gfx1035__) || defined(__gfx1036__))
 #define WB_HAS_DOT4 1
 #define WB_DOT4_I8(a, b, c) __builtin_amdgcn_sdot4((a), (b), (c), false)

@@ -161,6 +161,25 @@ def test_attention_decode(modules, warp: int, t: int, hd: int) -> None:
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=3e-6)
 
 
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "t"), [(20, 2, 300), (4, 4, 70), (8, 1, 1), (9, 3, 1500)]
+)
+def test_attention_decode_chunks_and_groups(modules, warp: int, heads: int, kv_heads: int, t: int):
+    """Flash-decoding: several key chunks (a ragged last one), a GQA group wider than one block
+    (10 heads: slices of 8 and 2), one head per KV head, one key."""
+    rng = rng_for(f"decode chunks heads={heads} kv={kv_heads} t={t}")
+    hd = 32
+    q = randn(rng, 1, heads, hd, scale=2.0)
+    k, v = kv_cache(rng, kv_heads, t + 3, hd, t)
+    launch = ops._decode_launch(heads, kv_heads, t)
+    assert launch.grid[1] == -(-t // ops.decode_chunk(t, heads, kv_heads))
+    out = ops.attention(modules("attention.hip", warp), q, k, v, t - 1,
+                        out=nan_like((1, heads * hd)))  # fmt: skip
+    expect = ops.attention_reference(q, k, v, t - 1)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=3e-6)
+
+
 def test_attention_reference_is_the_engine() -> None:
     rng = rng_for("attention reference")
     q = randn(rng, 5, 6, 8)

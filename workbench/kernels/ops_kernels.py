@@ -31,6 +31,9 @@ GRID_CAP = 4096  # grid-stride kernels never need more blocks than this to fill 
 ATTN_HD_MAX = 128  # attention.hip sizes its shared tiles for head_dim up to this
 PREFILL_QUERIES = 16  # attention_prefill: query positions per block
 ATTN_THREADS = 256  # both attention kernels are written for exactly 256 threads
+DECODE_TILE = 32  # attention_decode: keys per tile (attention.hip's DC_TK)
+DECODE_HEADS = 8  # attention_decode: query heads per block (attention.hip's DC_GMAX)
+DECODE_BLOCKS = 1024  # attention_decode splits the keys until about this many blocks
 SAMPLE_MAX_K = 128  # sampling.hip keeps at most this many top-k candidates
 
 SOURCES = ("rmsnorm.hip", "rope.hip", "attention.hip", "elementwise.hip", "sampling.hip")
@@ -219,13 +222,28 @@ def _prefill_cost(n: int, heads: int, head_dim: int, start: int = 0, **_: int) -
     )
 
 
-def _decode_launch(heads: int, **_: int) -> Launch:
-    return Launch((heads, 1, 1), (ATTN_THREADS, 1, 1))
+def decode_chunk(t: int, heads: int, kv_heads: int) -> int:
+    """Keys per chunk of flash-decoding: a multiple of DECODE_TILE, small enough that about
+    DECODE_BLOCKS blocks share the work (a long context fills the GPU), never below one tile."""
+    groups = -(-(heads // kv_heads) // DECODE_HEADS)
+    chunks = max(1, DECODE_BLOCKS // (kv_heads * groups))
+    tiles = -(-t // DECODE_TILE)
+    return DECODE_TILE * max(1, -(-tiles // chunks))
 
 
-def _decode_cost(heads: int, head_dim: int, t: int, **_: int) -> Cost:
-    # every query head's block reads its KV head's t keys and values
-    return Cost(bytes=4 * head_dim * heads * (2 + 2 * t), flops=4 * head_dim * heads * t)
+def _decode_launch(heads: int, kv_heads: int = 1, t: int = 1, **_: int) -> Launch:
+    groups = -(-(heads // kv_heads) // DECODE_HEADS)
+    chunks = -(-t // decode_chunk(t, heads, kv_heads))
+    return Launch((kv_heads, chunks, groups), (ATTN_THREADS, 1, 1))
+
+
+def _decode_cost(heads: int, head_dim: int, t: int, kv_heads: int = 1, **_: int) -> Cost:
+    # each KV head's t keys and values once per group slice, q, out, and the chunks' partials
+    groups = -(-(heads // kv_heads) // DECODE_HEADS)
+    chunks = -(-t // decode_chunk(t, heads, kv_heads))
+    kv = 2 * t * head_dim * kv_heads * groups
+    partials = 2 * heads * chunks * (head_dim + 2)  # written, then read by the reduction
+    return Cost(bytes=4 * (kv + 2 * heads * head_dim + partials), flops=4 * head_dim * heads * t)
 
 
 def _flat_launch(count: int, **_: int) -> Launch:
@@ -274,7 +292,7 @@ _SPECS = (
     KernelSpec(
         "attention_decode", "attention.hip", "attention_decode", _decode_launch,
         attention_reference, _decode_cost,
-        "single-query GQA attention over the cache, 32-key tiles, one block per head",
+        "flash-decoding: key chunks x GQA groups (K/V read once per group), then a merge",
         shapes=({**_ATTN, "t": 128}, {**_ATTN, "t": 2048}),
     ),
     KernelSpec(
@@ -444,9 +462,14 @@ def attention(
     _check("out", out, (n, heads * hd))
     scale = np.float32(1.0 / math.sqrt(hd))  # as the reference: float32(1/sqrt(hd))
     if n == 1:
-        launch = _decode_launch(heads)
-        dims = _i32(heads, kv_heads, hd, ctx, start + 1)
-        _launch(module, "attention_decode", launch, (q, k_cache, v_cache, out, *dims, scale))
+        t = start + 1
+        launch = _decode_launch(heads, kv_heads, t)
+        chunks = launch.grid[1]
+        part = _xp(q).empty((heads, chunks, hd + 2), dtype=np.float32)  # (o, m, l) per chunk
+        dims = _i32(heads, kv_heads, hd, ctx, t, decode_chunk(t, heads, kv_heads))
+        _launch(module, "attention_decode", launch, (q, k_cache, v_cache, part, *dims, scale))
+        reduce = Launch((heads, 1, 1), (ATTN_THREADS, 1, 1))
+        _launch(module, "attention_decode_reduce", reduce, (part, out, *_i32(heads, hd, chunks)))
     else:
         launch = _prefill_launch(n, heads)
         dims = _i32(n, heads, kv_heads, hd, ctx, start)
