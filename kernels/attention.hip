@@ -6,7 +6,9 @@
 //
 // Layouts (the NumPy engine's):
 //   q    (n, heads, hd)        float32, the queries at positions start..start+n-1
-//   k, v (kv_heads, ctx, hd)   float32, one layer of the cache; rows 0..t-1 are used, t = start+n
+//   k, v (kv_heads, ctx, hd)   float32, or fp16 (uint16 bits) when kv_half != 0: one layer of the
+//                              cache; rows 0..t-1 are used, t = start+n. fp16 halves the KV
+//                              traffic; scores and sums stay float32.
 //   out  (n, heads * hd)       float32
 // Query head h reads KV head h / (heads / kv_heads) (heads = g * group + j share KV head g).
 // scale is 1/sqrt(hd) as a float32 (the score is (q . k) * scale, as the reference).
@@ -30,10 +32,16 @@
 
 WB_DEVICE float attn_neg_inf() { return wb_bits_to_float(0xff800000u); }
 
+// Element i of a KV cache layer stored as float32 or, when half != 0, fp16.
+WB_DEVICE float attn_kv(const void* p, size_t i, int half) {
+  return half ? wb_half_to_float(reinterpret_cast<const uint16_t*>(p)[i])
+              : reinterpret_cast<const float*>(p)[i];
+}
+
 WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
-    const float* WB_RESTRICT q, const float* WB_RESTRICT k, const float* WB_RESTRICT v,
+    const float* WB_RESTRICT q, const void* WB_RESTRICT k, const void* WB_RESTRICT v,
     float* WB_RESTRICT out, int n, int heads, int kv_heads, int hd, int ctx, int start,
-    float scale) {
+    float scale, int kv_half) {
   __shared__ float qs[PF_BQ][ATTN_HD_MAX];      // this block's query rows (zeros past n)
   __shared__ float ks[PF_TK][ATTN_HD_MAX + 1];  // key tile; +1 pads rows apart in the banks:
                                                 // the 16 lanes of a row read 16 keys at one d
@@ -49,8 +57,7 @@ WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
   const int rows = min(PF_BQ, n - i0);  // valid query rows of this block
   const int t = start + n;
   const int kend = min(t, start + i0 + rows);  // the last valid row sees keys < kend
-  const float* kh = k + (size_t)g * ctx * hd;    // (t, hd) of KV head g
-  const float* vh = v + (size_t)g * ctx * hd;
+  const size_t kv0 = (size_t)g * ctx * hd;    // (t, hd) of KV head g starts here
 
   for (int e = tid; e < PF_BQ * hd; e += PF_THREADS) {
     const int r = e / hd, d = e % hd;
@@ -72,8 +79,8 @@ WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
     for (int e = tid; e < PF_TK * hd; e += PF_THREADS) {
       const int jj = e / hd, d = e % hd;
       const bool in = j0 + jj < kend;  // zero past the end: p is 0 there, and 0 * 0 stays 0
-      ks[jj][d] = in ? kh[(size_t)(j0 + jj) * hd + d] : 0.0f;
-      vs[jj][d] = in ? vh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+      ks[jj][d] = in ? attn_kv(k, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
+      vs[jj][d] = in ? attn_kv(v, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
     }
     __syncthreads();
 
@@ -142,9 +149,9 @@ WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
 #define DC_GMAX 8  // query heads per decode block (one GQA group, or a slice of a larger one)
 
 WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
-    const float* WB_RESTRICT q, const float* WB_RESTRICT k, const float* WB_RESTRICT v,
+    const float* WB_RESTRICT q, const void* WB_RESTRICT k, const void* WB_RESTRICT v,
     float* WB_RESTRICT part, int heads, int kv_heads, int hd, int ctx, int t, int chunk,
-    float scale) {
+    float scale, int kv_half) {
   __shared__ float qs[DC_GMAX][ATTN_HD_MAX];    // the block's queries
   __shared__ float ks[DC_TK][ATTN_HD_MAX + 1];  // key tile (padded: 8 keys at one d per warp step)
   __shared__ float vs[DC_TK][ATTN_HD_MAX];      // value tile
@@ -160,8 +167,7 @@ WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
                                                              : DC_GMAX;
   const int chunks = (int)gridDim.y;
   const int j_begin = c * chunk, j_end = j_begin + chunk < t ? j_begin + chunk : t;
-  const float* kh = k + (size_t)g * ctx * hd;  // (t, hd) of KV head g
-  const float* vh = v + (size_t)g * ctx * hd;
+  const size_t kv0 = (size_t)g * ctx * hd;  // (t, hd) of KV head g starts here
   for (int e = tid; e < nh * hd; e += DC_THREADS) qs[e / hd][e % hd] = q[(size_t)h0 * hd + e];
 
   const int key_lane = tid % DC_LANES_PER_KEY, key_slot = tid / DC_LANES_PER_KEY;
@@ -175,8 +181,8 @@ WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
     for (int e = tid; e < DC_TK * hd; e += DC_THREADS) {
       const int jj = e / hd, d = e % hd;
       const bool in = j0 + jj < j_end;
-      ks[jj][d] = in ? kh[(size_t)(j0 + jj) * hd + d] : 0.0f;
-      vs[jj][d] = in ? vh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+      ks[jj][d] = in ? attn_kv(k, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
+      vs[jj][d] = in ? attn_kv(v, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
     }
     __syncthreads();
     for (int j = 0; j < nh; ++j) {

@@ -328,3 +328,43 @@ def test_rmsnorm_registry_launch_covers_every_row():
     spec = get("rmsnorm")
     for shape in spec.shapes:
         assert spec.launch(**shape).grid[0] == shape["n"]
+
+
+# --- fp16 KV cache ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warp", WARPS)
+def test_kv_append_fp16_rounds_as_numpy(modules, warp: int) -> None:
+    """An fp16 cache receives k, v rounded to nearest even, bit for bit NumPy's astype."""
+    rng = rng_for("kv_append fp16")
+    n, kv_heads, hd, ctx, start = 3, 2, 40, 9, 4
+    k, v = randn(rng, n, kv_heads, hd, scale=300.0), randn(rng, n, kv_heads, hd)
+    kc = np.full((kv_heads, ctx, hd), np.nan, np.float16)
+    vc = np.full((kv_heads, ctx, hd), np.nan, np.float16)
+    ek, ev = ops.kv_append_reference(k, v, kc, vc, start)
+    ops.kv_append(modules("elementwise.hip", warp), k, v, kc, vc, start)
+    np.testing.assert_array_equal(kc.view(np.uint16), ek.view(np.uint16))
+    np.testing.assert_array_equal(vc.view(np.uint16), ev.view(np.uint16))
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("n", "start"), [(1, 0), (1, 200), (5, 30)])
+def test_attention_reads_an_fp16_cache(modules, warp: int, n: int, start: int) -> None:
+    """Decode (n = 1, several chunks) and prefill on an fp16 cache equal the float32 reference
+    on the same values widened: only the storage changes, not the arithmetic."""
+    rng = rng_for(f"attention fp16 n={n} start={start}")
+    heads, kv_heads, hd, t = 6, 2, 64, start + n
+    q = randn(rng, n, heads, hd, scale=2.0)
+    k, v = kv_cache(rng, kv_heads, t + 3, hd, t)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    out = ops.attention(modules("attention.hip", warp), q, k16, v16, start,
+                        out=nan_like((n, heads * hd)))  # fmt: skip
+    expect = ops.attention_reference(q, k16.astype(np.float32), v16.astype(np.float32), start)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=3e-6)
+
+
+def test_kv_cache_of_another_type_is_refused(modules) -> None:
+    q = np.zeros((1, 2, 8), np.float32)
+    k = np.zeros((1, 4, 8), np.float64)
+    with pytest.raises(UserError, match="float32 or float16"):
+        ops.attention(modules("attention.hip", 32), q, k, k, 0)

@@ -21,6 +21,7 @@ from workbench.runtime import faults
 from workbench.runtime.retry import RetryPolicy
 
 TARGETS = ("emulator", "cupy")
+KV_DTYPES = ("float16", "float32")  # the KV cache's element type; fp16 halves attention's traffic
 COMPILE_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.05, max_delay_s=1.0)
 
 
@@ -33,9 +34,16 @@ class DeviceWeight:
 
 
 class DeviceBackend:
-    def __init__(self, target: str = "emulator", *, warp_size: int = 64) -> None:
+    def __init__(
+        self, target: str = "emulator", *, warp_size: int = 64, kv_dtype: str = "float16"
+    ) -> None:
         if target not in TARGETS:
             raise UserError("user.bad_target", f"target must be one of {TARGETS}, not {target!r}")
+        if kv_dtype not in KV_DTYPES:
+            raise UserError(
+                "user.bad_option", f"kv_dtype must be one of {KV_DTYPES}, not {kv_dtype!r}"
+            )
+        self.kv_dtype = np.dtype(kv_dtype)  # KVCache allocates (layer, kv_heads, ctx, hd) of it
         self.name = target
         self.threads = 1
         if target == "cupy":

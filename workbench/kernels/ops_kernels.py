@@ -435,12 +435,25 @@ def rope(
     return x
 
 
+KV_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # the KV cache's element types
+
+
+def _kv_half(k_cache: Array) -> np.int32:
+    """The kernels' kv_half flag: 1 for an fp16 cache, 0 for float32; anything else refused."""
+    if k_cache.dtype not in KV_DTYPES:
+        raise UserError(
+            "user.bad_argument", f"the KV cache must be float32 or float16, not {k_cache.dtype}"
+        )
+    return np.int32(k_cache.dtype == np.float16)
+
+
 def _check_attention(q: Array, k_cache: Array, v_cache: Array, start: int) -> tuple[int, ...]:
     n, heads, hd = q.shape
     kv_heads, ctx, _ = k_cache.shape
     _check("q", q)
-    _check("k_cache", k_cache, (kv_heads, ctx, hd))
-    _check("v_cache", v_cache, (kv_heads, ctx, hd))
+    _kv_half(k_cache)
+    _check("k_cache", k_cache, (kv_heads, ctx, hd), k_cache.dtype)
+    _check("v_cache", v_cache, (kv_heads, ctx, hd), k_cache.dtype)
     if hd > ATTN_HD_MAX:
         raise UserError(
             "user.bad_argument", f"attention kernels support head_dim <= {ATTN_HD_MAX}, not {hd}"
@@ -467,13 +480,15 @@ def attention(
         chunks = launch.grid[1]
         part = _xp(q).empty((heads, chunks, hd + 2), dtype=np.float32)  # (o, m, l) per chunk
         dims = _i32(heads, kv_heads, hd, ctx, t, decode_chunk(t, heads, kv_heads))
-        _launch(module, "attention_decode", launch, (q, k_cache, v_cache, part, *dims, scale))
+        args = (q, k_cache, v_cache, part, *dims, scale, _kv_half(k_cache))
+        _launch(module, "attention_decode", launch, args)
         reduce = Launch((heads, 1, 1), (ATTN_THREADS, 1, 1))
         _launch(module, "attention_decode_reduce", reduce, (part, out, *_i32(heads, hd, chunks)))
     else:
         launch = _prefill_launch(n, heads)
         dims = _i32(n, heads, kv_heads, hd, ctx, start)
-        _launch(module, "attention_prefill", launch, (q, k_cache, v_cache, out, *dims, scale))
+        args = (q, k_cache, v_cache, out, *dims, scale, _kv_half(k_cache))
+        _launch(module, "attention_prefill", launch, args)
     return out
 
 
@@ -486,7 +501,7 @@ def attention_prefill(
     _check("out", out, (n, heads * hd))
     args = (q, k_cache, v_cache, out, *_i32(n, heads, kv_heads, hd, ctx, start))
     _launch(module, "attention_prefill", _prefill_launch(n, heads),
-            (*args, np.float32(1.0 / math.sqrt(hd))))  # fmt: skip
+            (*args, np.float32(1.0 / math.sqrt(hd)), _kv_half(k_cache)))  # fmt: skip
     return out
 
 
@@ -516,11 +531,12 @@ def kv_append(module: Any, k: Array, v: Array, k_cache: Array, v_cache: Array, s
     ctx = k_cache.shape[1]
     _check("k", k)
     _check("v", v, (n, kv_heads, hd))
-    _check("k_cache", k_cache, (kv_heads, ctx, hd))
-    _check("v_cache", v_cache, (kv_heads, ctx, hd))
+    kv_half = _kv_half(k_cache)
+    _check("k_cache", k_cache, (kv_heads, ctx, hd), k_cache.dtype)
+    _check("v_cache", v_cache, (kv_heads, ctx, hd), k_cache.dtype)
     if start < 0 or start + n > ctx:
         raise UserError("user.context_overflow", f"{start + n} positions do not fit {ctx}")
-    args = (k, v, k_cache, v_cache, *_i32(n, kv_heads, hd, ctx, start))
+    args = (k, v, k_cache, v_cache, *_i32(n, kv_heads, hd, ctx, start), kv_half)
     _launch(module, "kv_append", _kv_append_launch(n, kv_heads, hd), args)
 
 
