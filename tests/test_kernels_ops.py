@@ -105,9 +105,26 @@ def test_rope(modules, warp: int, mode: str, case: tuple) -> None:
     got = x.copy()
     ops.rope(modules("rope.hip", warp), got, pos0, mode=mode, rope_dim=rope_dim, base=base,
              rope_scale=scale, freq_factors=ff)  # fmt: skip
-    # reduced angle rounded to float, then float sincos: a few 1e-7 per unit of |x|
+    # the same float32 cos/sin as the reference; only a fused multiply-add may differ (an ulp)
     np.testing.assert_allclose(got, expect, rtol=0, atol=2e-6)
     np.testing.assert_array_equal(got[..., rope_dim:], x[..., rope_dim:])  # untouched
+
+
+@pytest.mark.parametrize("warp", WARPS)
+def test_rope_from_a_whole_context_table(modules, warp: int) -> None:
+    """A backend's table for positions 0.. gives the bits of the per-call table at any offset,
+    and a table that misses the positions is refused."""
+    rng = rng_for("rope table")
+    x = randn(rng, 3, 2, 16)
+    ff = rng.uniform(0.5, 4.0, 6).astype(np.float32)
+    table = ops.rope_table(600, 12, 500000.0, 2.0, ff)  # (600, 6, 2)
+    a, b = x.copy(), x.copy()
+    kw = dict(mode="norm", rope_dim=12, base=500000.0, rope_scale=2.0, freq_factors=ff)
+    ops.rope(modules("rope.hip", warp), a, 597, **kw)
+    ops.rope(modules("rope.hip", warp), b, 597, **kw, table=table)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match=r"covers positions 0\.\.599"):
+        ops.rope(modules("rope.hip", warp), b, 598, **kw, table=table)
 
 
 @pytest.mark.parametrize("mode", ["norm", "neox"])

@@ -62,6 +62,7 @@ class DeviceBackend:
             self.warp_size = warp_size
             self._quant = qk.emulator_loader(warp_size)
         self._ops = {src: self._compile(src) for src in ops.SOURCES}
+        self._rope_tables: dict[tuple, Any] = {}  # (rope_dim, base, scale, factors) -> table
 
     def _compile(self, source: str) -> Any:
         """Build one operation module, retrying a transient compiler failure (the compile site)."""
@@ -120,8 +121,25 @@ class DeviceBackend:
             rope_dim=spec.rope_dim,
             base=spec.rope_base,
             rope_scale=spec.rope_scale,
-            freq_factors=None if factors is None else factors.data,
+            table=self._rope_table(spec, factors, start + x.shape[0]),
         )
+
+    def _rope_table(self, spec: ModelSpec, factors: DeviceWeight | None, positions: int) -> Any:
+        """The (cos, sin) table of positions 0.. for this model, kept on the device and grown
+        by doubling as the context does (rows are computed once, not per token)."""
+        key = (
+            spec.rope_dim,
+            spec.rope_base,
+            spec.rope_scale,
+            None if factors is None else factors.name,
+        )
+        table = self._rope_tables.get(key)
+        if table is None or table.shape[0] < positions:
+            rows = max(positions, 256, 2 * (0 if table is None else table.shape[0]))
+            ff = None if factors is None else np.asarray(self.to_host(factors.data))
+            host = ops.rope_table(rows, spec.rope_dim, spec.rope_base, spec.rope_scale, ff)
+            table = self._rope_tables[key] = self.xp.asarray(host)  # (rows, rope_dim/2, 2)
+        return table
 
     def kv_append(self, k_cache: Any, v_cache: Any, k: Any, v: Any, start: int) -> None:
         xp = self.xp

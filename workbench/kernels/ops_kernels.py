@@ -59,6 +59,23 @@ def rope_inv_freq(
     return inv / rope_scale
 
 
+def rope_table(
+    positions: int,
+    rope_dim: int,
+    base: float,
+    rope_scale: float = 1.0,
+    freq_factors: np.ndarray | None = None,
+    pos0: int = 0,
+) -> np.ndarray:
+    """(positions, rope_dim/2, 2) float32: (cos, sin) of positions pos0.. for the rope kernels,
+    computed in float64 and rounded once (the same bits as `rope_reference` uses)."""
+    angles = np.outer(
+        np.arange(pos0, pos0 + positions, dtype=np.float64),
+        rope_inv_freq(rope_dim, base, rope_scale, freq_factors),
+    )  # (positions, rope_dim/2)
+    return np.ascontiguousarray(np.stack([np.cos(angles), np.sin(angles)], axis=-1), np.float32)
+
+
 def rope_reference(
     x: np.ndarray,
     pos0: int,
@@ -414,25 +431,41 @@ def rope(
     base: float,
     rope_scale: float = 1.0,
     freq_factors: Array | None = None,
+    table: Array | None = None,
+    table_pos0: int = 0,
 ) -> Array:
-    """Rotate x (n, heads, head_dim) in place for positions pos0..; returns x."""
+    """Rotate x (n, heads, head_dim) in place for positions pos0..; returns x.
+
+    ``table`` (`rope_table` for positions table_pos0..) is what a backend keeps for a model's
+    whole context; without it this call's rows are computed here (base, rope_scale and
+    freq_factors are then the table's parameters)."""
     n, heads, head_dim = x.shape
     _check("x", x)
     if mode not in ("norm", "neox"):
         raise UserError("user.bad_argument", f"RoPE mode must be 'norm' or 'neox', not {mode!r}")
     if rope_dim % 2 or not 0 < rope_dim <= head_dim:
         raise UserError("user.bad_argument", f"rope_dim {rope_dim} must be even, <= {head_dim}")
-    if freq_factors is not None:
-        _check("freq_factors", freq_factors, (rope_dim // 2,))
     launch = _rope_launch(n, heads, rope_dim)
-    # The kernel takes a null pointer for "no factors", but the emulator refuses anything but an
-    # array for a pointer parameter; dividing by 1.0 is exact, so ones give the same bits.
-    ff = freq_factors
-    if ff is None:
-        ff = _xp(x).ones((rope_dim // 2,), dtype=np.float32)
-    args = (x, *_i32(n, heads, head_dim, rope_dim, pos0), np.float32(base))
-    _launch(module, f"rope_{mode}", launch, (*args, np.float32(rope_scale), ff))
+    if table is None:  # this call's positions only
+        ff = None if freq_factors is None else _host(freq_factors)
+        table = _xp(x).asarray(rope_table(n, rope_dim, base, rope_scale, ff, pos0))
+        table_pos0 = pos0
+    _check("table", table)
+    if table.ndim != 3 or table.shape[1:] != (rope_dim // 2, 2):
+        raise UserError("user.bad_argument", f"RoPE table has shape {table.shape}")
+    if not table_pos0 <= pos0 or pos0 + n - table_pos0 > table.shape[0]:
+        raise UserError(
+            "user.bad_argument",
+            f"RoPE table covers positions {table_pos0}..{table_pos0 + table.shape[0] - 1}, "
+            f"not {pos0}..{pos0 + n - 1}",
+        )
+    args = (x, *_i32(n, heads, head_dim, rope_dim, pos0), table, np.int32(table_pos0))
+    _launch(module, f"rope_{mode}", launch, args)
     return x
+
+
+def _host(a: Array) -> np.ndarray:
+    return a.get() if _xp(a) is not np else np.asarray(a)
 
 
 KV_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # the KV cache's element types
