@@ -297,6 +297,23 @@ def test_sample(modules, warp: int, case: tuple) -> None:
         assert got == ops.sample_reference(logits, **kw), u
 
 
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("vocab", "top_k"), [(3000, 1), (3000, 7), (3000, 128), (50, 50)])
+def test_sample_radix_select_on_plateaus(modules, warp: int, vocab: int, top_k: int) -> None:
+    """The radix select's hard cases: few distinct values (the k-th one shared by many tokens, of
+    which the lowest indices are taken), -inf tokens, -0.0 equal to +0.0, k = vocab. Every
+    candidate is reachable by some u, so sweeping u checks the whole selected set and order."""
+    rng = rng_for(f"sample plateaus {vocab} {top_k}")
+    logits = (rng.integers(-3, 3, vocab) * 0.5).astype(np.float32)
+    logits[rng.integers(0, vocab, vocab // 10)] = -np.inf
+    logits[rng.integers(0, vocab, vocab // 10)] = -0.0
+    mod = modules("sampling.hip", warp)
+    for u in np.linspace(0.0, 0.999, 24):
+        kw = dict(top_k=top_k, top_p=1.0, min_p=0.0, temperature=1.0, u=float(u))
+        got = int(ops.sample(mod, logits, **kw)[0])
+        assert got == ops.sample_reference(logits, **kw), (u, got)
+
+
 def test_sample_reference_is_the_engine_sampler() -> None:
     """With u = the generator's next random(), the reference picks what Sampler picks."""
     rng = rng_for("sampler")
