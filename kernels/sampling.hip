@@ -142,7 +142,7 @@ WB_DEVICE int smp_block_scan(int x, int* red, int* total) {
     if (w < warp) before += r;
     all += r;
   }
-  __syncthreads();  // red is rewritten by the next call
+  __syncthreads();  // the next call rewrites red: without it, a write-after-read race
   *total = all;
   return before + inc - x;
 }
