@@ -35,6 +35,7 @@ DECODE_TILE = 32  # attention_decode: keys per tile (attention.hip's DC_TK)
 DECODE_HEADS = 8  # attention_decode: query heads per block (attention.hip's DC_GMAX)
 DECODE_BLOCKS = 1024  # attention_decode splits the keys until about this many blocks
 SAMPLE_MAX_K = 128  # sampling.hip keeps at most this many top-k candidates
+SAMPLE_PASSES = 5  # sample_top_k_top_p's passes over the vocabulary (radix select + gather)
 
 SOURCES = ("rmsnorm.hip", "rope.hip", "attention.hip", "elementwise.hip", "sampling.hip")
 
@@ -347,7 +348,8 @@ _SPECS = (
     KernelSpec(
         "sample_top_k_top_p", "sampling.hip", "sample_top_k_top_p", _sampling_launch,
         sample_reference,
-        lambda vocab, top_k, **_: Cost(4 * vocab * top_k, vocab * top_k),
+        # 4 radix-select histogram passes and the gather pass read the logits: 5 passes, any k
+        lambda vocab, top_k, **_: Cost(4 * vocab * SAMPLE_PASSES, vocab * SAMPLE_PASSES),
         f"top-k (k <= {SAMPLE_MAX_K}), top-p, min-p, temperature, draw from a given u",
         shapes=({"vocab": 49152, "top_k": 40},),
     ),
