@@ -6,7 +6,9 @@
 //
 // Layouts (the NumPy engine's):
 //   q    (n, heads, hd)        float32, the queries at positions start..start+n-1
-//   k, v (kv_heads, ctx, hd)   float32, one layer of the cache; rows 0..t-1 are used, t = start+n
+//   k, v (kv_heads, ctx, hd)   float32, or fp16 (uint16 bits) when kv_half != 0: one layer of the
+//                              cache; rows 0..t-1 are used, t = start+n. fp16 halves the KV
+//                              traffic; scores and sums stay float32.
 //   out  (n, heads * hd)       float32
 // Query head h reads KV head h / (heads / kv_heads) (heads = g * group + j share KV head g).
 // scale is 1/sqrt(hd) as a float32 (the score is (q . k) * scale, as the reference).
@@ -14,8 +16,8 @@
 //
 //   attention_prefill  grid (ceil(n / 16), heads), block (256,): a tile of 16 query positions of
 //                      one head per block, keys in tiles of 16; row i sees keys <= start + i.
-//   attention_decode   grid (heads,), block (256,): one query (n = 1) per head, keys in tiles
-//                      of 32; the query sees all t keys.
+//   attention_decode   flash-decoding over chunks of the keys for one query (n = 1), GQA
+//                      groups sharing their K/V reads, then attention_decode_reduce (below).
 // Reference: workbench.kernels.ops_kernels.attention_reference (= NumpyBackend.attention).
 #include "wb.h"
 
@@ -30,10 +32,16 @@
 
 WB_DEVICE float attn_neg_inf() { return wb_bits_to_float(0xff800000u); }
 
+// Element i of a KV cache layer stored as float32 or, when half != 0, fp16.
+WB_DEVICE float attn_kv(const void* p, size_t i, int half) {
+  return half ? wb_half_to_float(reinterpret_cast<const uint16_t*>(p)[i])
+              : reinterpret_cast<const float*>(p)[i];
+}
+
 WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
-    const float* WB_RESTRICT q, const float* WB_RESTRICT k, const float* WB_RESTRICT v,
+    const float* WB_RESTRICT q, const void* WB_RESTRICT k, const void* WB_RESTRICT v,
     float* WB_RESTRICT out, int n, int heads, int kv_heads, int hd, int ctx, int start,
-    float scale) {
+    float scale, int kv_half) {
   __shared__ float qs[PF_BQ][ATTN_HD_MAX];      // this block's query rows (zeros past n)
   __shared__ float ks[PF_TK][ATTN_HD_MAX + 1];  // key tile; +1 pads rows apart in the banks:
                                                 // the 16 lanes of a row read 16 keys at one d
@@ -49,8 +57,7 @@ WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
   const int rows = min(PF_BQ, n - i0);  // valid query rows of this block
   const int t = start + n;
   const int kend = min(t, start + i0 + rows);  // the last valid row sees keys < kend
-  const float* kh = k + (size_t)g * ctx * hd;    // (t, hd) of KV head g
-  const float* vh = v + (size_t)g * ctx * hd;
+  const size_t kv0 = (size_t)g * ctx * hd;    // (t, hd) of KV head g starts here
 
   for (int e = tid; e < PF_BQ * hd; e += PF_THREADS) {
     const int r = e / hd, d = e % hd;
@@ -72,8 +79,8 @@ WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
     for (int e = tid; e < PF_TK * hd; e += PF_THREADS) {
       const int jj = e / hd, d = e % hd;
       const bool in = j0 + jj < kend;  // zero past the end: p is 0 there, and 0 * 0 stays 0
-      ks[jj][d] = in ? kh[(size_t)(j0 + jj) * hd + d] : 0.0f;
-      vs[jj][d] = in ? vh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+      ks[jj][d] = in ? attn_kv(k, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
+      vs[jj][d] = in ? attn_kv(v, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
     }
     __syncthreads();
 
@@ -122,81 +129,121 @@ WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
   }
 }
 
-// Decode: q (heads, hd) (the n = 1 query), out (heads * hd), keys 0..t-1 of the cache.
-// Per tile: 8 lanes per key compute the 32 scores into shared memory; then every thread owns
-// one output element (dim d, part p) and accumulates the keys jj = p, p + P, ... of the tile,
-// P = 256 / hd parts, with its own running sum of exp; the parts are combined at the end.
-// The running max is the same in every thread (each reads all 32 scores of the tile).
+// Decode, flash-decoding style: the keys 0..t-1 are cut into chunks of `chunk` keys (a multiple of
+// DC_TK), and block (g, c, z) runs the online softmax of up to DC_GMAX query heads of KV head g's
+// group (heads z * DC_GMAX ...) over chunk c only; attention_decode_reduce then merges the chunks.
+// Long contexts thus fill the GPU (kv_heads x chunks x groups blocks instead of heads), and each KV
+// head's keys and values are read once for its whole GQA group instead of once per query head.
+//
+//   attention_decode         grid (kv_heads, chunks, ceil(group / DC_GMAX)), block (256,)
+//                            part (heads, chunks, hd + 2): per head and chunk the unnormalized
+//                            output sum_j exp(s_j - m) v_j, then m (the chunk's max score) and
+//                            l = sum_j exp(s_j - m)
+//   attention_decode_reduce  grid (heads,), block (256,): out = sum_c e^(m_c - M) o_c /
+//                            sum_c e^(m_c - M) l_c, M = max_c m_c
+//
+// Per tile of DC_TK keys: 8 lanes per key compute the scores of every query head of the block
+// (ss); thread (j, jj) = (tid / 32, tid % 32) keeps head j's running max and turns score jj into
+// p = exp(s - m_new) (ps), and its lane jj = 0 keeps the running sum; then every thread updates the
+// output elements it owns (e = tid + 256 i of the block's (heads, hd)) by corr and the p's.
+#define DC_GMAX 8  // query heads per decode block (one GQA group, or a slice of a larger one)
+
 WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
-    const float* WB_RESTRICT q, const float* WB_RESTRICT k, const float* WB_RESTRICT v,
-    float* WB_RESTRICT out, int heads, int kv_heads, int hd, int ctx, int t, float scale) {
-  __shared__ float qs[ATTN_HD_MAX];             // the query of head h
+    const float* WB_RESTRICT q, const void* WB_RESTRICT k, const void* WB_RESTRICT v,
+    float* WB_RESTRICT part, int heads, int kv_heads, int hd, int ctx, int t, int chunk,
+    float scale, int kv_half) {
+  __shared__ float qs[DC_GMAX][ATTN_HD_MAX];    // the block's queries
   __shared__ float ks[DC_TK][ATTN_HD_MAX + 1];  // key tile (padded: 8 keys at one d per warp step)
   __shared__ float vs[DC_TK][ATTN_HD_MAX];      // value tile
-  __shared__ float ss[DC_TK];                   // scores of the tile (-inf past t)
-  __shared__ float part_acc[DC_THREADS];        // (parts, hd) partial outputs
-  __shared__ float part_sum[DC_THREADS];        // (parts,) partial softmax sums
+  __shared__ float ss[DC_GMAX][DC_TK];          // scores of the tile (-inf past the chunk)
+  __shared__ float ps[DC_GMAX][DC_TK];          // exp(score - running max)
+  __shared__ float corr[DC_GMAX];               // exp(old max - new max) per head
 
-  const int tid = threadIdx.x;
-  const int h = blockIdx.x;
-  const int g = h / (heads / kv_heads);
-  const float* kh = k + (size_t)g * ctx * hd;  // (t, hd) of KV head g
-  const float* vh = v + (size_t)g * ctx * hd;
-  for (int d = tid; d < hd; d += DC_THREADS) qs[d] = q[(size_t)h * hd + d];
+  const int tid = (int)threadIdx.x;
+  const int group = heads / kv_heads;
+  const int g = (int)blockIdx.x, c = (int)blockIdx.y;
+  const int h0 = g * group + (int)blockIdx.z * DC_GMAX;  // first query head of the block
+  const int nh = group - (int)blockIdx.z * DC_GMAX < DC_GMAX ? group - (int)blockIdx.z * DC_GMAX
+                                                             : DC_GMAX;
+  const int chunks = (int)gridDim.y;
+  const int j_begin = c * chunk, j_end = j_begin + chunk < t ? j_begin + chunk : t;
+  const size_t kv0 = (size_t)g * ctx * hd;  // (t, hd) of KV head g starts here
+  for (int e = tid; e < nh * hd; e += DC_THREADS) qs[e / hd][e % hd] = q[(size_t)h0 * hd + e];
 
-  const int parts = DC_THREADS / hd;  // >= 2 for hd <= 128
-  const int d_own = tid % hd, p_own = tid / hd;
-  const bool owner = p_own < parts;  // threads past parts * hd only help with scores
   const int key_lane = tid % DC_LANES_PER_KEY, key_slot = tid / DC_LANES_PER_KEY;
-  float m = attn_neg_inf();
-  float l = 0.0f, acc = 0.0f;
+  const int pj = tid / DC_TK, pjj = tid % DC_TK;  // the (head, key) this thread turns into p
+  float m = attn_neg_inf(), l = 0.0f;             // head pj's running max and (lane 0) sum
+  float acc[DC_GMAX * ATTN_HD_MAX / DC_THREADS];  // owned outputs e = tid + DC_THREADS * i
+  for (int i = 0; i < DC_GMAX * ATTN_HD_MAX / DC_THREADS; ++i) acc[i] = 0.0f;
 
-  for (int j0 = 0; j0 < t; j0 += DC_TK) {
+  for (int j0 = j_begin; j0 < j_end; j0 += DC_TK) {
     __syncthreads();  // the previous tile is consumed (and, the first time, qs is written)
     for (int e = tid; e < DC_TK * hd; e += DC_THREADS) {
       const int jj = e / hd, d = e % hd;
-      const bool in = j0 + jj < t;
-      ks[jj][d] = in ? kh[(size_t)(j0 + jj) * hd + d] : 0.0f;
-      vs[jj][d] = in ? vh[(size_t)(j0 + jj) * hd + d] : 0.0f;
+      const bool in = j0 + jj < j_end;
+      ks[jj][d] = in ? attn_kv(k, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
+      vs[jj][d] = in ? attn_kv(v, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
     }
     __syncthreads();
-
-    float dot = 0.0f;
-    for (int d = key_lane; d < hd; d += DC_LANES_PER_KEY) dot = fmaf(qs[d], ks[key_slot][d], dot);
-    for (int o = DC_LANES_PER_KEY / 2; o > 0; o /= 2) {
-      dot += WB_SHFL_XOR_W(dot, o, DC_LANES_PER_KEY);
-    }
-    if (key_lane == 0) ss[key_slot] = j0 + key_slot < t ? dot * scale : attn_neg_inf();
-    __syncthreads();
-
-    float mt = ss[0];
-    for (int jj = 1; jj < DC_TK; ++jj) mt = fmaxf(mt, ss[jj]);
-    const float m_new = fmaxf(m, mt);  // finite: key 0 is in the first tile
-    const float corr = expf(m - m_new);
-    m = m_new;
-    if (owner) {
-      float a = acc * corr, ls = l * corr;
-      for (int jj = p_own; jj < DC_TK; jj += parts) {
-        const float p = expf(ss[jj] - m_new);
-        ls += p;
-        a = fmaf(p, vs[jj][d_own], a);
+    for (int j = 0; j < nh; ++j) {
+      float dot = 0.0f;
+      for (int d = key_lane; d < hd; d += DC_LANES_PER_KEY) {
+        dot = fmaf(qs[j][d], ks[key_slot][d], dot);
       }
-      acc = a;
-      l = ls;
+      for (int o = DC_LANES_PER_KEY / 2; o > 0; o /= 2) {
+        dot += WB_SHFL_XOR_W(dot, o, DC_LANES_PER_KEY);
+      }
+      if (key_lane == 0) ss[j][key_slot] = j0 + key_slot < j_end ? dot * scale : attn_neg_inf();
+    }
+    __syncthreads();
+    if (pj < nh) {
+      float mt = ss[pj][0];
+      for (int jj = 1; jj < DC_TK; ++jj) mt = fmaxf(mt, ss[pj][jj]);
+      const float m_new = fmaxf(m, mt);  // finite: key j0 < j_end is in every tile
+      ps[pj][pjj] = expf(ss[pj][pjj] - m_new);
+      if (pjj == 0) corr[pj] = expf(m - m_new);
+      m = m_new;
+    }
+    __syncthreads();
+    if (pj < nh && pjj == 0) {
+      float sum = 0.0f;
+      for (int jj = 0; jj < DC_TK; ++jj) sum += ps[pj][jj];
+      l = fmaf(l, corr[pj], sum);
+    }
+    for (int i = 0; i < DC_GMAX * ATTN_HD_MAX / DC_THREADS; ++i) {
+      const int e = tid + DC_THREADS * i, j = e / hd, d = e % hd;
+      if (j >= nh) break;
+      float a = acc[i] * corr[j];
+      for (int jj = 0; jj < DC_TK; ++jj) a = fmaf(ps[j][jj], vs[jj][d], a);
+      acc[i] = a;
     }
   }
+  for (int i = 0; i < DC_GMAX * ATTN_HD_MAX / DC_THREADS; ++i) {
+    const int e = tid + DC_THREADS * i, j = e / hd, d = e % hd;
+    if (j >= nh) break;
+    part[((size_t)(h0 + j) * chunks + c) * (hd + 2) + d] = acc[i];
+  }
+  if (pj < nh && pjj == 0) {
+    float* mh = part + ((size_t)(h0 + pj) * chunks + c) * (hd + 2) + hd;
+    mh[0] = m;
+    mh[1] = l;
+  }
+}
 
-  if (owner) {
-    part_acc[p_own * hd + d_own] = acc;
-    if (d_own == 0) part_sum[p_own] = l;
-  }
-  __syncthreads();
-  if (tid < hd) {
+WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode_reduce(
+    const float* WB_RESTRICT part, float* WB_RESTRICT out, int heads, int hd, int chunks) {
+  const int h = (int)blockIdx.x;
+  const float* ph = part + (size_t)h * chunks * (hd + 2);  // (chunks, hd + 2)
+  float mx = attn_neg_inf();
+  for (int c = 0; c < chunks; ++c) mx = fmaxf(mx, ph[(size_t)c * (hd + 2) + hd]);
+  for (int d = (int)threadIdx.x; d < hd; d += DC_THREADS) {
     float o = 0.0f, s = 0.0f;
-    for (int p = 0; p < parts; ++p) {
-      o += part_acc[p * hd + tid];
-      s += part_sum[p];
+    for (int c = 0; c < chunks; ++c) {
+      const float* pc = ph + (size_t)c * (hd + 2);
+      const float w = expf(pc[hd] - mx);
+      o = fmaf(w, pc[d], o);
+      s = fmaf(w, pc[hd + 1], s);
     }
-    out[(size_t)h * hd + tid] = o / s;
+    out[(size_t)h * hd + d] = o / s;
   }
 }

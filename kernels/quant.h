@@ -30,8 +30,10 @@
 // build if a struct here and the table disagree. An offline compile without those defines skips
 // the check (the registry's builds, emulated and on the GPU, always carry them).
 //
-// Reads are byte loads: blocks of 18, 22, 34, 110 ... bytes leave multi-byte fields unaligned
-// (Q5_0's 32-bit qh sits at byte 2 of a 22-byte block), which a wider load cannot assume.
+// The traits read bytes: blocks of 18, 22, 34, 110 ... bytes leave multi-byte fields unaligned
+// (Q5_0's 32-bit qh sits at byte 2 of a 22-byte block), which a wider load cannot assume. Kernels
+// that want wide global loads stage whole rows with aligned 16-byte loads (wb_ld16, see
+// matvec.hip) and decode from shared memory.
 #ifndef WB_QUANT_H
 #define WB_QUANT_H
 
@@ -309,6 +311,29 @@ template <int QT>
 WB_DEVICE float wb_row_value(const uint8_t* row, int col) {
   typedef wb_q<QT> T;
   return wb_decode<QT>::value(row + (size_t)(col / T::QK) * T::BYTES, col % T::QK);
+}
+
+// --- wide loads and the Q8_1 activations ---------------------------------------------------------
+
+// 16 bytes, one vector load (global_load_dwordx4 / ld.global.v4.u32) from a 16-aligned address.
+// A GCC/clang vector type rather than a struct: the emulator's host compiler then makes it one
+// 16-byte access too (a struct copy may become two 8-byte ones, which the counters would see).
+#if defined(WB_CUDA)
+typedef uint4 wb_u32x4;
+#else
+typedef uint32_t wb_u32x4 __attribute__((vector_size(16)));
+#endif
+WB_DEVICE wb_u32x4 wb_ld16(const uint8_t* p) { return *reinterpret_cast<const wb_u32x4*>(p); }
+WB_DEVICE unsigned long long wb_addr(const void* p) { return (unsigned long long)p; }
+
+// x quantized for the integer dot products, with the fields of ggml's block_q8_1 { half2 ds;
+// int8_t qs[32]; } per 32 elements: d = max|x| / 127, q = round(x / d) (half away from zero;
+// q = 0 when d = 0), s = d * sum(q), d and s as fp16. The two fields live in two arrays of one
+// buffer, so that the codes are read with aligned 16-byte loads:
+//   xq = [qs (cols,) int8][ds (cols / 32,) uint32: fp16 d | fp16 s << 16]   (16-aligned)
+#define WB_Q8_1_QK 32
+WB_DEVICE const uint32_t* wb_q8_1_ds(const uint8_t* xq, int cols) {
+  return reinterpret_cast<const uint32_t*>(xq + cols);
 }
 
 // --- the sizes, checked against gguf's table ----------------------------------------------------

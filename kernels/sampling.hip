@@ -112,33 +112,105 @@ WB_KERNEL WB_LAUNCH_BOUNDS(1024) void softmax(const float* WB_RESTRICT x, float*
 //   4. temperature: q_c = exp((z_c - z_0) / T) over the kept ones, and return the first
 //      candidate whose cumulative q exceeds u * sum(q) (u in [0, 1)), which is what
 //      numpy's Generator.choice does with the u it draws.
-// Step 1 runs k block-wide argmax passes over the vocabulary, each finding the best element
-// after the previous winner in the selection order (no mask needed, and ties cannot repeat);
-// k * vocab / B loads per thread, fine for one token per step. Steps 2-4 are serial on thread 0
-// over at most 128 candidates.
+// Step 1 is a radix select in a constant number of passes over the vocabulary, whatever k:
+// each logit maps to a 32-bit key that orders like smp_before (larger first; NaN above
+// everything; -0 as +0), four passes of a 256-bin histogram (one byte of the key each, from the
+// top) find the key K of the k-th element and how many elements with key K it takes (the ones
+// with the lowest indices, as ties go); a fifth pass gathers the candidates in index order with
+// a block-wide prefix count; a rank sort (thread c counts the candidates before candidate c)
+// puts them in selection order. Steps 2-4 are serial on thread 0 over at most 128 candidates.
+WB_DEVICE uint32_t smp_key(float v) {
+  if (smp_isnan(v)) return 0xffffffffu;
+  const uint32_t b = v == 0.0f ? 0u : wb_float_to_bits(v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Exclusive prefix sum of x over the block in thread order; *total gets the sum. red: (warps,).
+WB_DEVICE int smp_block_scan(int x, int* red, int* total) {
+  const int lane = wb_lane_id(), warp = wb_warp_id();
+  const int n_warps = (int)blockDim.x / warpSize;
+  int inc = x;
+  for (int o = 1; o < warpSize; o *= 2) {
+    const int y = WB_SHFL_UP(inc, o);
+    if (lane >= o) inc += y;
+  }
+  if (lane == warpSize - 1) red[warp] = inc;
+  __syncthreads();
+  int before = 0, all = 0;
+  for (int w = 0; w < n_warps; ++w) {
+    const int r = red[w];
+    if (w < warp) before += r;
+    all += r;
+  }
+  __syncthreads();  // the next call rewrites red: without it, a write-after-read race
+  *total = all;
+  return before + inc - x;
+}
+
 WB_KERNEL WB_LAUNCH_BOUNDS(1024) void sample_top_k_top_p(const float* WB_RESTRICT logits,
                                                          int vocab, int top_k, float top_p,
                                                          float min_p, float temperature, float u,
                                                          int* WB_RESTRICT out) {
-  __shared__ float sv[WB_MAX_WARPS_PER_BLOCK];  // (warps,) partial best values
-  __shared__ int si[WB_MAX_WARPS_PER_BLOCK];    // (warps,) their indices
+  __shared__ int hist[256];                     // one byte of the key
+  __shared__ int red[WB_MAX_WARPS_PER_BLOCK];   // (warps,) scan partials
+  __shared__ uint32_t sel[2];                   // (digit chosen, elements still to take)
+  __shared__ float gat_v[SAMPLE_MAX_K];         // (k,) candidates in index order
+  __shared__ int gat_i[SAMPLE_MAX_K];
   __shared__ float cand_v[SAMPLE_MAX_K];        // (k,) selected logits, best first
   __shared__ int cand_i[SAMPLE_MAX_K];          // (k,) their token ids
   const int k = min(min(top_k, vocab), SAMPLE_MAX_K);
+  const int tid = (int)threadIdx.x;
 
-  float last_v = 0.0f;
-  int last_i = -1;  // -1: nothing selected yet, every element is eligible
-  for (int c = 0; c < k; ++c) {
-    float v = smp_neg_inf();
-    int i = 0x7fffffff;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-      const float x = logits[j];
-      if ((last_i < 0 || smp_before(last_v, last_i, x, j)) && smp_before(x, j, v, i)) v = x, i = j;
+  uint32_t prefix = 0, mask = 0;
+  int remaining = k;  // elements still to take among those matching prefix under mask
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int d = tid; d < 256; d += (int)blockDim.x) hist[d] = 0;
+    __syncthreads();
+    for (int j = tid; j < vocab; j += (int)blockDim.x) {
+      const uint32_t key = smp_key(logits[j]);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
     }
-    smp_block_best(&v, &i, sv, si);
-    if (threadIdx.x == 0) cand_v[c] = v, cand_i[c] = i;
-    last_v = v;
-    last_i = i;
+    __syncthreads();
+    if (tid == 0) {
+      int cum = 0, d = 255;
+      for (; d > 0; --d) {
+        if (cum + hist[d] >= remaining) break;
+        cum += hist[d];
+      }
+      sel[0] = (uint32_t)d;
+      sel[1] = (uint32_t)(remaining - cum);
+    }
+    __syncthreads();
+    prefix |= sel[0] << shift;
+    mask |= 255u << shift;
+    remaining = (int)sel[1];
+    __syncthreads();  // sel and hist are rewritten by the next pass
+  }
+  // prefix is the k-th key: every element above it is a candidate, plus the first `remaining`
+  // (by index) of those equal to it. Gathered in index order, tile by tile of blockDim.x.
+  int n_above = 0, n_equal = 0;
+  for (int j0 = 0; j0 < vocab && n_above + n_equal < k; j0 += (int)blockDim.x) {
+    const int j = j0 + tid;
+    const float x = j < vocab ? logits[j] : 0.0f;
+    const uint32_t key = j < vocab ? smp_key(x) : 0u;
+    const bool above = j < vocab && key > prefix;
+    const bool equal = j < vocab && key == prefix;
+    int t_above, t_equal;
+    const int p_above = smp_block_scan(above ? 1 : 0, red, &t_above);
+    const int p_equal = smp_block_scan(equal ? 1 : 0, red, &t_equal);
+    if (above) gat_v[n_above + p_above] = x, gat_i[n_above + p_above] = j;
+    if (equal && n_equal + p_equal < remaining) {
+      const int slot = (k - remaining) + n_equal + p_equal;  // after every element above
+      gat_v[slot] = x, gat_i[slot] = j;
+    }
+    n_above += t_above;
+    n_equal = min(n_equal + t_equal, remaining);
+  }
+  __syncthreads();
+  for (int c = tid; c < k; c += (int)blockDim.x) {
+    int rank = 0;
+    for (int o = 0; o < k; ++o) rank += smp_before(gat_v[o], gat_i[o], gat_v[c], gat_i[c]) ? 1 : 0;
+    cand_v[rank] = gat_v[c], cand_i[rank] = gat_i[c];
   }
   __syncthreads();
   if (threadIdx.x != 0) return;

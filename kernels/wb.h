@@ -36,6 +36,11 @@
 //   wb_float_to_bf16(float)        pure-integer conversions: GGUF fp16 scales are read as
 //                                  uint16_t, so no compiler's half type is needed
 //   WB_TRAP(), WB_ASSERT(cond)     stop the kernel (the emulator names the block and thread)
+//   WB_DOT4_I8(a, b, c)            c + the four products of the signed bytes of the ints a and b
+//                                  (int32, wrapping): v_dot4_i32_i8 on AMD targets that have it,
+//                                  __dp4a on sm_61+, the emulator's exact model of the AMD
+//                                  builtin, and an exact scalar form elsewhere; WB_HAS_DOT4 says
+//                                  whether it is one instruction
 #ifndef WB_H
 #define WB_H
 
@@ -215,6 +220,36 @@ WB_DEVICE int wb_warp_id() { return wb_thread_linear() / warpSize; }
     }                                                                                         \
   } while (0)
 #endif
+
+// --- integer dot product of four bytes ---------------------------------------------------------
+// The AMD targets with v_dot4_i32_i8 (LLVM's dot1/dot7 features: gfx906, CDNA gfx908/gfx90a/
+// gfx94x/gfx950, RDNA2 gfx103x); ggml's HIP backend uses the same builtin on the same families.
+#if defined(WB_EMULATOR)
+#define WB_HAS_DOT4 1
+#define WB_DOT4_I8(a, b, c) __builtin_amdgcn_sdot4((a), (b), (c), false)
+#elif defined(WB_HIP) &&                                                                   \
+    (defined(__gfx906__) || defined(__gfx908__) || defined(__gfx90a__) ||                  \
+     defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) ||                  \
+     defined(__gfx950__) || defined(__gfx1030__) || defined(__gfx1031__) ||                \
+     defined(__gfx1032__) || defined(__gfx1033__) || defined(__gfx1034__) ||               \
+     defined(__gfx1035__) || defined(__gfx1036__))
+#define WB_HAS_DOT4 1
+#define WB_DOT4_I8(a, b, c) __builtin_amdgcn_sdot4((a), (b), (c), false)
+#elif defined(WB_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 610
+#define WB_HAS_DOT4 1
+#define WB_DOT4_I8(a, b, c) __dp4a((int)(a), (int)(b), (int)(c))
+#else
+#define WB_HAS_DOT4 0
+#define WB_DOT4_I8(a, b, c) wb_dot4_i8_scalar((a), (b), (c))
+#endif
+
+// The exact scalar form: each product fits 16 bits, the sum wraps like the instruction's.
+WB_DEVICE int wb_dot4_i8_scalar(int a, int b, int c) {
+  uint32_t s = (uint32_t)c;
+#pragma unroll
+  for (int k = 0; k < 32; k += 8) s += (uint32_t)((int)(int8_t)(a >> k) * (int)(int8_t)(b >> k));
+  return (int)s;
+}
 
 // --- fp16 / bf16 <-> fp32 with integer operations only -----------------------------------------
 // The same bits on every compiler; no __half, no hip_fp16.h.

@@ -22,6 +22,7 @@ def test_emulator_logits_match_numpy(tiny_models, kind, rng):
     tokens = rng.integers(3, 200, size=9)
     ref = Engine(path, backend="numpy").transformer
     dev = Engine(path, backend="emulator").transformer
+    dev.backend.kv_dtype = np.dtype(np.float32)  # the kernels' arithmetic, not fp16 storage
     a = ref.forward(tokens, ref.new_cache(), all_logits=True)  # prefill: matmul kernels
     b = dev.forward(tokens, dev.new_cache(), all_logits=True)
     assert np.abs(a - b).max() / np.abs(a).max() < 1e-4
@@ -30,7 +31,31 @@ def test_emulator_logits_match_numpy(tiny_models, kind, rng):
     dev.prefill(tokens[:5], cb)
     for t in tokens[5:]:  # decode: matvec and single-query attention kernels
         x, y = ref.decode_one_token(int(t), ca), dev.decode_one_token(int(t), cb)
-        assert np.abs(x - y).max() / np.abs(x).max() < 1e-4
+        if kind == "F16":
+            assert np.abs(x - y).max() / np.abs(x).max() < 1e-4
+        else:  # quantized matvecs round x to 8 bits per token (Q8_1, as ggml): the issue's bar
+            assert _kl(x, y) < 0.01 and np.abs(x - y).max() / np.abs(x).max() < 0.05
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(softmax(p) || softmax(q)) in float64."""
+    lp = p_logits.astype(np.float64) - np.logaddexp.reduce(p_logits.astype(np.float64))
+    lq = q_logits.astype(np.float64) - np.logaddexp.reduce(q_logits.astype(np.float64))
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+def test_fp16_kv_cache_is_the_default_and_stays_close(tiny_model):
+    """The device backend stores K/V as fp16 unless told otherwise; logits stay within KL 0.01."""
+    tokens = np.random.default_rng().integers(3, 200, size=7)
+    ref = Engine(tiny_model, backend="numpy").transformer
+    dev = Engine(tiny_model, backend="emulator").transformer
+    ca, cb = ref.new_cache(), dev.new_cache()
+    assert cb.k.dtype == np.float16 and ca.k.dtype == np.float32
+    a = ref.forward(tokens[:5], ca, all_logits=True)
+    b = dev.forward(tokens[:5], cb, all_logits=True)
+    assert all(_kl(x, y) < 0.01 for x, y in zip(a, b, strict=True))
+    for t in tokens[5:]:
+        assert _kl(ref.decode_one_token(int(t), ca), dev.decode_one_token(int(t), cb)) < 0.01
 
 
 def test_emulator_generates_the_numpy_greedy_tokens(tiny_model):

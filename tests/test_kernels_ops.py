@@ -105,9 +105,26 @@ def test_rope(modules, warp: int, mode: str, case: tuple) -> None:
     got = x.copy()
     ops.rope(modules("rope.hip", warp), got, pos0, mode=mode, rope_dim=rope_dim, base=base,
              rope_scale=scale, freq_factors=ff)  # fmt: skip
-    # reduced angle rounded to float, then float sincos: a few 1e-7 per unit of |x|
+    # the same float32 cos/sin as the reference; only a fused multiply-add may differ (an ulp)
     np.testing.assert_allclose(got, expect, rtol=0, atol=2e-6)
     np.testing.assert_array_equal(got[..., rope_dim:], x[..., rope_dim:])  # untouched
+
+
+@pytest.mark.parametrize("warp", WARPS)
+def test_rope_from_a_whole_context_table(modules, warp: int) -> None:
+    """A backend's table for positions 0.. gives the bits of the per-call table at any offset,
+    and a table that misses the positions is refused."""
+    rng = rng_for("rope table")
+    x = randn(rng, 3, 2, 16)
+    ff = rng.uniform(0.5, 4.0, 6).astype(np.float32)
+    table = ops.rope_table(600, 12, 500000.0, 2.0, ff)  # (600, 6, 2)
+    a, b = x.copy(), x.copy()
+    kw = dict(mode="norm", rope_dim=12, base=500000.0, rope_scale=2.0, freq_factors=ff)
+    ops.rope(modules("rope.hip", warp), a, 597, **kw)
+    ops.rope(modules("rope.hip", warp), b, 597, **kw, table=table)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match=r"covers positions 0\.\.599"):
+        ops.rope(modules("rope.hip", warp), b, 598, **kw, table=table)
 
 
 @pytest.mark.parametrize("mode", ["norm", "neox"])
@@ -155,6 +172,25 @@ def test_attention_decode(modules, warp: int, t: int, hd: int) -> None:
     heads, kv_heads = 9, 3
     q = randn(rng, 1, heads, hd, scale=2.0)  # sharper softmax: the running max matters
     k, v = kv_cache(rng, kv_heads, t + 5, hd, t)
+    out = ops.attention(modules("attention.hip", warp), q, k, v, t - 1,
+                        out=nan_like((1, heads * hd)))  # fmt: skip
+    expect = ops.attention_reference(q, k, v, t - 1)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=3e-6)
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "t"), [(20, 2, 300), (4, 4, 70), (8, 1, 1), (9, 3, 1500)]
+)
+def test_attention_decode_chunks_and_groups(modules, warp: int, heads: int, kv_heads: int, t: int):
+    """Flash-decoding: several key chunks (a ragged last one), a GQA group wider than one block
+    (10 heads: slices of 8 and 2), one head per KV head, one key."""
+    rng = rng_for(f"decode chunks heads={heads} kv={kv_heads} t={t}")
+    hd = 32
+    q = randn(rng, 1, heads, hd, scale=2.0)
+    k, v = kv_cache(rng, kv_heads, t + 3, hd, t)
+    launch = ops._decode_launch(heads, kv_heads, t)
+    assert launch.grid[1] == -(-t // ops.decode_chunk(t, heads, kv_heads))
     out = ops.attention(modules("attention.hip", warp), q, k, v, t - 1,
                         out=nan_like((1, heads * hd)))  # fmt: skip
     expect = ops.attention_reference(q, k, v, t - 1)
@@ -261,6 +297,23 @@ def test_sample(modules, warp: int, case: tuple) -> None:
         assert got == ops.sample_reference(logits, **kw), u
 
 
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("vocab", "top_k"), [(3000, 1), (3000, 7), (3000, 128), (50, 50)])
+def test_sample_radix_select_on_plateaus(modules, warp: int, vocab: int, top_k: int) -> None:
+    """The radix select's hard cases: few distinct values (the k-th one shared by many tokens, of
+    which the lowest indices are taken), -inf tokens, -0.0 equal to +0.0, k = vocab. Every
+    candidate is reachable by some u, so sweeping u checks the whole selected set and order."""
+    rng = rng_for(f"sample plateaus {vocab} {top_k}")
+    logits = (rng.integers(-3, 3, vocab) * 0.5).astype(np.float32)
+    logits[rng.integers(0, vocab, vocab // 10)] = -np.inf
+    logits[rng.integers(0, vocab, vocab // 10)] = -0.0
+    mod = modules("sampling.hip", warp)
+    for u in np.linspace(0.0, 0.999, 24):
+        kw = dict(top_k=top_k, top_p=1.0, min_p=0.0, temperature=1.0, u=float(u))
+        got = int(ops.sample(mod, logits, **kw)[0])
+        assert got == ops.sample_reference(logits, **kw), (u, got)
+
+
 def test_sample_reference_is_the_engine_sampler() -> None:
     """With u = the generator's next random(), the reference picks what Sampler picks."""
     rng = rng_for("sampler")
@@ -309,3 +362,43 @@ def test_rmsnorm_registry_launch_covers_every_row():
     spec = get("rmsnorm")
     for shape in spec.shapes:
         assert spec.launch(**shape).grid[0] == shape["n"]
+
+
+# --- fp16 KV cache ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warp", WARPS)
+def test_kv_append_fp16_rounds_as_numpy(modules, warp: int) -> None:
+    """An fp16 cache receives k, v rounded to nearest even, bit for bit NumPy's astype."""
+    rng = rng_for("kv_append fp16")
+    n, kv_heads, hd, ctx, start = 3, 2, 40, 9, 4
+    k, v = randn(rng, n, kv_heads, hd, scale=300.0), randn(rng, n, kv_heads, hd)
+    kc = np.full((kv_heads, ctx, hd), np.nan, np.float16)
+    vc = np.full((kv_heads, ctx, hd), np.nan, np.float16)
+    ek, ev = ops.kv_append_reference(k, v, kc, vc, start)
+    ops.kv_append(modules("elementwise.hip", warp), k, v, kc, vc, start)
+    np.testing.assert_array_equal(kc.view(np.uint16), ek.view(np.uint16))
+    np.testing.assert_array_equal(vc.view(np.uint16), ev.view(np.uint16))
+
+
+@pytest.mark.parametrize("warp", WARPS)
+@pytest.mark.parametrize(("n", "start"), [(1, 0), (1, 200), (5, 30)])
+def test_attention_reads_an_fp16_cache(modules, warp: int, n: int, start: int) -> None:
+    """Decode (n = 1, several chunks) and prefill on an fp16 cache equal the float32 reference
+    on the same values widened: only the storage changes, not the arithmetic."""
+    rng = rng_for(f"attention fp16 n={n} start={start}")
+    heads, kv_heads, hd, t = 6, 2, 64, start + n
+    q = randn(rng, n, heads, hd, scale=2.0)
+    k, v = kv_cache(rng, kv_heads, t + 3, hd, t)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    out = ops.attention(modules("attention.hip", warp), q, k16, v16, start,
+                        out=nan_like((n, heads * hd)))  # fmt: skip
+    expect = ops.attention_reference(q, k16.astype(np.float32), v16.astype(np.float32), start)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=3e-6)
+
+
+def test_kv_cache_of_another_type_is_refused(modules) -> None:
+    q = np.zeros((1, 2, 8), np.float32)
+    k = np.zeros((1, 4, 8), np.float64)
+    with pytest.raises(UserError, match="float32 or float16"):
+        ops.attention(modules("attention.hip", 32), q, k, k, 0)

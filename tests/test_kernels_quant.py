@@ -185,6 +185,9 @@ def test_get_rows_rejects_bad_id(warp: Warp, rng: np.random.Generator) -> None:
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_matvec(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None:
+    """Float types: W @ x. Quantized types: W @ x8 (x rounded to Q8_1, integer dot products),
+    checked against that exact product under the float32 bound, and against W @ x under the
+    rounding of x alone (|W| @ d/2 per element): nothing else may move the result."""
     warp_size, loader = warp
     rng, seed = seeded
     for rows in (1, 7, 33):
@@ -194,12 +197,33 @@ def test_matvec(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None
             out, buf = _poisoned((rows,))
             qk.launch_matvec(loader, qtype, raw, x, out, warp_size)
             w = qk.dequant_reference(raw, qtype).astype(np.float64)
-            ref = qk.matvec_reference(raw, x, qtype)
-            err = np.abs(out - ref)
-            tol = _dot_tolerance(w, x.astype(np.float64), cols)
-            msg = f"{seed} {qtype.name} {rows}x{cols} wave{warp_size}: max err {err.max()}"
-            assert np.all(err <= tol), msg
-            assert _guard_intact(buf), f"{seed} {qtype.name}: wrote past the output"
+            msg = f"{seed} {qtype.name} {rows}x{cols} wave{warp_size}"
+            assert _guard_intact(buf), f"{msg}: wrote past the output"
+            exact = qk.matvec_reference(raw, x, qtype)
+            if not qk.is_integer_path(qtype):
+                err = np.abs(out - exact)
+                assert np.all(err <= _dot_tolerance(w, x.astype(np.float64), cols)), msg
+                continue
+            x8, d = _q8_1_values(x)
+            tol = _dot_tolerance(w, x8, cols)
+            if qtype in (Q.Q4_1, Q.Q5_1):  # the offset term m * s (s: fp16 sum of x8)
+                m = raw.reshape(rows, -1, block_layout(qtype)[1])[:, :, 2:4].copy()
+                m = np.abs(m.view(np.float16)[..., 0].astype(np.float64))  # (rows, blocks)
+                tol += 4 * 2.0**-24 * (m @ np.abs(x8.reshape(-1, 32)).sum(axis=1))
+            err = np.abs(out - qk.matvec_q8_reference(raw, x, qtype))
+            assert np.all(err <= tol), f"{msg}: max err {err.max()} vs W @ x8"
+            x_err = np.abs(w) @ np.repeat(d / 2, 32)  # |x - x8| <= d/2 per element
+            if qtype in (Q.Q4_1, Q.Q5_1):  # plus m times the fp16 rounding of s
+                x_err += 2.0**-11 * (m @ np.abs(x8.reshape(-1, 32)).sum(axis=1))
+            assert np.all(np.abs(out - exact) <= x_err + tol), f"{msg}: vs W @ x"
+
+
+def _q8_1_values(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x8 (cols,) float64: x rounded to Q8_1, d (cols / 32,) float64: its scales)."""
+    xq = qk.quantize_q8_1_reference(x)
+    cols = x.shape[0]
+    d = xq[cols:].view(np.float16).reshape(-1, 2)[:, 0].astype(np.float64)
+    return xq[:cols].view(np.int8).astype(np.float64) * np.repeat(d, 32), d
 
 
 # --- matmul -------------------------------------------------------------------------------------
@@ -248,13 +272,16 @@ def test_registry_entries() -> None:
     assert {"rows": 49152, "cols": 576} in kernels["matvec_q8_0"].shapes
     assert all(s["cols"] == 1536 for s in kernels["matvec_q4_k"].shapes)
     assert kernels["matvec_q4_1"].cost(rows=576, cols=576).flops == 2 * 576 * 576
-    assert kernels["matvec_q4_1"].launch(rows=9, cols=32, warp_size=32).grid == (3, 1, 1)
+    assert kernels["matvec_q4_1"].launch(rows=17, cols=32, warp_size=32).grid == (2, 1, 1)
 
 
-def test_matvec_launch_follows_warp_width() -> None:
+def test_matvec_launch_is_the_same_at_every_warp_width() -> None:
+    """A row's lanes (MATVEC_THREADS / MATVEC_ROWS_PER_BLOCK) fit in the narrowest warp, so one
+    geometry serves wave32 and wave64."""
     for warp_size in (32, 64):
         launch = qk.matvec_launch(rows=576, warp_size=warp_size)
-        assert launch.block[0] == qk.MATVEC_ROWS_PER_BLOCK * warp_size
+        assert launch == qk.matvec_launch(rows=576)
+        assert qk.MATVEC_THREADS // qk.MATVEC_ROWS_PER_BLOCK <= 32
         assert launch.grid[0] * qk.MATVEC_ROWS_PER_BLOCK >= 576
 
 

@@ -78,7 +78,9 @@ def test_generate_end_to_end_stops_at_end_of_turn(engine):
 
 
 def test_one_decode_position_on_the_emulator_matches_numpy(engine):
-    """The HIP kernels (run by the CPU emulator) on the real model: one decode step."""
+    """The HIP kernels (run by the CPU emulator) on the real model: one decode step. The
+    quantized matvecs round x to Q8_1 (as llama.cpp's) and the cache is fp16: the bar is the
+    issue's, KL to the float path under 0.01 (measured about 2e-3 to 4e-3), and the same argmax."""
     from workbench.backends.device import DeviceBackend
     from workbench.engine.model import Transformer
 
@@ -92,5 +94,8 @@ def test_one_decode_position_on_the_emulator_matches_numpy(engine):
     token = REFERENCE[0]["greedy"][0]
     ref = tf.decode_one_token(token, cache)
     got = dev.decode_one_token(token, dev_cache)
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+    lp = ref.astype(np.float64) - np.logaddexp.reduce(ref.astype(np.float64))
+    lq = got.astype(np.float64) - np.logaddexp.reduce(got.astype(np.float64))
+    kl = float(np.sum(np.exp(lp) * (lp - lq)))
+    assert kl < 0.01, kl
     assert int(np.argmax(got)) == int(np.argmax(ref))

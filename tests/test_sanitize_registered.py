@@ -19,10 +19,7 @@ pytestmark = pytest.mark.tool("clang")
 
 # The barrier at the end of smp_block_best: without it, lane 0 of the next top-k pass writes
 # sv/si while slower threads still read the previous pass's values.
-BARRIER = (
-    "  __syncthreads();  // the next call's lane 0 rewrites sv, si: without it, a write-after-read"
-    " race\n"
-)
+BARRIER = "  __syncthreads();  // the next call rewrites red: without it, a write-after-read race\n"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +71,9 @@ def test_racecheck_catches_the_sampling_barrier_removed(tmp_path: Path, warp: in
     ops.sample(mod, logits, top_k=5, top_p=0.9, temperature=0.8, u=0.5)
     report = mod.get_function("sample_top_k_top_p").last_report
     lines = broken.read_text().splitlines()
-    write = next(i + 1 for i, s in enumerate(lines) if re.search(r"sv\[warp\] = \*v", s))
-    read = next(i + 1 for i, s in enumerate(lines) if re.search(r"\*v = lane < n_warps", s))
+    # smp_block_scan, called twice per gathered tile: the second call's partial sums overwrite
+    # the first call's while other warps may still read them
+    write = next(i + 1 for i, s in enumerate(lines) if re.search(r"red\[warp\] = inc", s))
+    read = next(i + 1 for i, s in enumerate(lines) if re.search(r"const int r = red\[w\]", s))
     found = {(f.kind, f.line, f.other_line) for f in report.findings}
     assert ("shared_race_war", write, read) in found, f"seed {seed}: {report.findings}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,17 @@ def _assert_all_compiled(arch: str) -> None:
 def test_every_registered_kernel_compiles_for_amd(arch: str) -> None:
     """CI fails when any kernel does not build for any AMD target the issue names."""
     _assert_all_compiled(arch)
+
+
+@needs_hipcc
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k",
+                                   "q5_k", "q6_k"])  # fmt: skip
+def test_integer_matvec_isa_uses_dot4(qtype: str) -> None:
+    """Every quantized matvec dots its codes with v_dot4 on gfx90a (WB_DOT4_I8), and reads the
+    staged weights with 16-byte loads."""
+    text = toolchain.asm(f"matvec_{qtype}", "gfx90a")
+    assert re.search(r"\bv_dot4c?_i32_i8", text), f"matvec_{qtype}: no v_dot4 on gfx90a"
+    assert "global_load_dwordx4" in text, f"matvec_{qtype}: no 16-byte global loads"
 
 
 @needs_nvcc

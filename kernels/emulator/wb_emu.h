@@ -710,4 +710,39 @@ WB_EMU_EXPORT void wb_emu_module_ranges(::wb_emu::ModuleRanges* out) {
 #define assert(e) ((e) ? (void)0 : ::wb_emu::trap("assert(" #e ") failed", __FILE__, __LINE__))
 #endif
 
+// Integer dot-product builtins, with the exact semantics of the instructions they name:
+//   __builtin_amdgcn_sdot4(a, b, c, clamp)  v_dot4_i32_i8 (AMD, gfx906+ / gfx908+ / RDNA2):
+//       c + the four products of the signed bytes of a and b; clamp=false wraps modulo 2^32,
+//       clamp=true saturates to the int32 range
+//   __builtin_amdgcn_udot4(a, b, c, clamp)  v_dot4_u32_u8: the same on unsigned bytes, uint32
+//   __dp4a(a, b, c)                         CUDA sm_61+ (int: signed bytes; unsigned: unsigned
+//                                           bytes), wrapping: PTX dp4a is modulo 2^32
+// The sum is formed exactly in 64 bits, then wrapped or saturated once, as the hardware does.
+namespace wb_emu {
+inline int64_t dot4_exact(uint32_t a, uint32_t b, bool is_signed) {
+  int64_t s = 0;
+  for (int k = 0; k < 32; k += 8) {
+    const int64_t x = is_signed ? (int64_t)(int8_t)(a >> k) : (int64_t)(uint8_t)(a >> k);
+    const int64_t y = is_signed ? (int64_t)(int8_t)(b >> k) : (int64_t)(uint8_t)(b >> k);
+    s += x * y;
+  }
+  return s;
+}
+inline int sdot4(int a, int b, int c, bool clamp) {
+  const int64_t s = dot4_exact((uint32_t)a, (uint32_t)b, true) + (int64_t)c;
+  if (clamp) return s > INT32_MAX ? INT32_MAX : s < INT32_MIN ? INT32_MIN : (int)s;
+  return (int)(uint32_t)(uint64_t)s;
+}
+inline unsigned udot4(unsigned a, unsigned b, unsigned c, bool clamp) {
+  const int64_t s = dot4_exact(a, b, false) + (int64_t)c;
+  if (clamp) return s > (int64_t)UINT32_MAX ? UINT32_MAX : (unsigned)s;
+  return (unsigned)(uint64_t)s;
+}
+inline int dp4a(int a, int b, int c) { return sdot4(a, b, c, false); }
+inline unsigned dp4a(unsigned a, unsigned b, unsigned c) { return udot4(a, b, c, false); }
+}  // namespace wb_emu
+#define __builtin_amdgcn_sdot4(a, b, c, clamp) ::wb_emu::sdot4((a), (b), (c), (clamp))
+#define __builtin_amdgcn_udot4(a, b, c, clamp) ::wb_emu::udot4((a), (b), (c), (clamp))
+#define __dp4a(a, b, c) ::wb_emu::dp4a((a), (b), (c))
+
 #endif  // WB_EMU_H

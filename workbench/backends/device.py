@@ -24,6 +24,7 @@ from workbench.runtime.classify import classify
 from workbench.runtime.retry import RetryPolicy
 
 TARGETS = ("emulator", "cupy")
+KV_DTYPES = ("float16", "float32")  # the KV cache's element type; fp16 halves attention's traffic
 COMPILE_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.05, max_delay_s=1.0)
 
 # (modules built so far, modules in all, the one being built now: a source file name).
@@ -40,17 +41,24 @@ class DeviceWeight:
 
 class DeviceBackend:
     """``progress`` is called before each module is built; every module is built here, at
-    start, so compile errors (and the compile retry) happen now, never inside a forward pass."""
+    start, so compile errors (and the compile retry) happen now, never inside a forward pass.
+    ``kv_dtype`` is the KV cache's element type (`KV_DTYPES`)."""
 
     def __init__(
         self,
         target: str = "emulator",
         *,
         warp_size: int = 64,
+        kv_dtype: str = "float16",
         progress: CompileProgress | None = None,
     ) -> None:
         if target not in TARGETS:
             raise UserError("user.bad_target", f"target must be one of {TARGETS}, not {target!r}")
+        if kv_dtype not in KV_DTYPES:
+            raise UserError(
+                "user.bad_option", f"kv_dtype must be one of {KV_DTYPES}, not {kv_dtype!r}"
+            )
+        self.kv_dtype = np.dtype(kv_dtype)  # KVCache allocates (layer, kv_heads, ctx, hd) of it
         self.name = target
         self.threads = 1
         if target == "cupy":
@@ -81,6 +89,7 @@ class DeviceBackend:
                 self._ops[source] = module
         if progress is not None:
             progress(len(jobs), len(jobs), "")
+        self._rope_tables: dict[tuple, Any] = {}  # (rope_dim, base, scale, factors) -> table
 
     def _load_ops(self, source: str) -> Any:
         if self.name == "emulator":
@@ -147,8 +156,25 @@ class DeviceBackend:
             rope_dim=spec.rope_dim,
             base=spec.rope_base,
             rope_scale=spec.rope_scale,
-            freq_factors=None if factors is None else factors.data,
+            table=self._rope_table(spec, factors, start + x.shape[0]),
         )
+
+    def _rope_table(self, spec: ModelSpec, factors: DeviceWeight | None, positions: int) -> Any:
+        """The (cos, sin) table of positions 0.. for this model, kept on the device and grown
+        by doubling as the context does (rows are computed once, not per token)."""
+        key = (
+            spec.rope_dim,
+            spec.rope_base,
+            spec.rope_scale,
+            None if factors is None else factors.name,
+        )
+        table = self._rope_tables.get(key)
+        if table is None or table.shape[0] < positions:
+            rows = max(positions, 256, 2 * (0 if table is None else table.shape[0]))
+            ff = None if factors is None else np.asarray(self.to_host(factors.data))
+            host = ops.rope_table(rows, spec.rope_dim, spec.rope_base, spec.rope_scale, ff)
+            table = self._rope_tables[key] = self.xp.asarray(host)  # (rows, rope_dim/2, 2)
+        return table
 
     def kv_append(self, k_cache: Any, v_cache: Any, k: Any, v: Any, start: int) -> None:
         xp = self.xp

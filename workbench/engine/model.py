@@ -40,11 +40,13 @@ class KVCache:
     long context costs memory only when it is used.
     """
 
-    def __init__(self, spec: ModelSpec, xp: Any = np, capacity: int | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, xp: Any = np, capacity: int | None = None, dtype: Any = np.float32
+    ) -> None:
         self.capacity = capacity or spec.context_length
         shape = (spec.n_layers, spec.n_kv_heads, self.capacity, spec.head_dim)
-        self.k = xp.zeros(shape, dtype=xp.float32)  # (layer, kv_heads, ctx, hd)
-        self.v = xp.zeros(shape, dtype=xp.float32)  # (layer, kv_heads, ctx, hd)
+        self.k = xp.zeros(shape, dtype=dtype)  # (layer, kv_heads, ctx, hd)
+        self.v = xp.zeros(shape, dtype=dtype)  # (layer, kv_heads, ctx, hd)
         self.length = 0  # positions filled (for all layers, once a forward pass completes)
 
     def reset(self) -> None:
@@ -73,7 +75,9 @@ class Transformer:
         )  # (rope_dim/2,)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        return KVCache(self.spec, self.backend.xp, capacity)
+        # The backend's cache element type: float32, or float16 on the device backend (default).
+        dtype = getattr(self.backend, "kv_dtype", np.float32)
+        return KVCache(self.spec, self.backend.xp, capacity, dtype)
 
     def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> Any:
         """Run tokens (n,) at positions cache.length.. and return logits.

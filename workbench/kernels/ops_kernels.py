@@ -31,7 +31,11 @@ GRID_CAP = 4096  # grid-stride kernels never need more blocks than this to fill 
 ATTN_HD_MAX = 128  # attention.hip sizes its shared tiles for head_dim up to this
 PREFILL_QUERIES = 16  # attention_prefill: query positions per block
 ATTN_THREADS = 256  # both attention kernels are written for exactly 256 threads
+DECODE_TILE = 32  # attention_decode: keys per tile (attention.hip's DC_TK)
+DECODE_HEADS = 8  # attention_decode: query heads per block (attention.hip's DC_GMAX)
+DECODE_BLOCKS = 1024  # attention_decode splits the keys until about this many blocks
 SAMPLE_MAX_K = 128  # sampling.hip keeps at most this many top-k candidates
+SAMPLE_PASSES = 5  # sample_top_k_top_p's passes over the vocabulary (radix select + gather)
 
 SOURCES = ("rmsnorm.hip", "rope.hip", "attention.hip", "elementwise.hip", "sampling.hip")
 
@@ -54,6 +58,23 @@ def rope_inv_freq(
     if freq_factors is not None:
         inv = inv / np.asarray(freq_factors).astype(np.float64)
     return inv / rope_scale
+
+
+def rope_table(
+    positions: int,
+    rope_dim: int,
+    base: float,
+    rope_scale: float = 1.0,
+    freq_factors: np.ndarray | None = None,
+    pos0: int = 0,
+) -> np.ndarray:
+    """(positions, rope_dim/2, 2) float32: (cos, sin) of positions pos0.. for the rope kernels,
+    computed in float64 and rounded once (the same bits as `rope_reference` uses)."""
+    angles = np.outer(
+        np.arange(pos0, pos0 + positions, dtype=np.float64),
+        rope_inv_freq(rope_dim, base, rope_scale, freq_factors),
+    )  # (positions, rope_dim/2)
+    return np.ascontiguousarray(np.stack([np.cos(angles), np.sin(angles)], axis=-1), np.float32)
 
 
 def rope_reference(
@@ -219,13 +240,28 @@ def _prefill_cost(n: int, heads: int, head_dim: int, start: int = 0, **_: int) -
     )
 
 
-def _decode_launch(heads: int, **_: int) -> Launch:
-    return Launch((heads, 1, 1), (ATTN_THREADS, 1, 1))
+def decode_chunk(t: int, heads: int, kv_heads: int) -> int:
+    """Keys per chunk of flash-decoding: a multiple of DECODE_TILE, small enough that about
+    DECODE_BLOCKS blocks share the work (a long context fills the GPU), never below one tile."""
+    groups = -(-(heads // kv_heads) // DECODE_HEADS)
+    chunks = max(1, DECODE_BLOCKS // (kv_heads * groups))
+    tiles = -(-t // DECODE_TILE)
+    return DECODE_TILE * max(1, -(-tiles // chunks))
 
 
-def _decode_cost(heads: int, head_dim: int, t: int, **_: int) -> Cost:
-    # every query head's block reads its KV head's t keys and values
-    return Cost(bytes=4 * head_dim * heads * (2 + 2 * t), flops=4 * head_dim * heads * t)
+def _decode_launch(heads: int, kv_heads: int = 1, t: int = 1, **_: int) -> Launch:
+    groups = -(-(heads // kv_heads) // DECODE_HEADS)
+    chunks = -(-t // decode_chunk(t, heads, kv_heads))
+    return Launch((kv_heads, chunks, groups), (ATTN_THREADS, 1, 1))
+
+
+def _decode_cost(heads: int, head_dim: int, t: int, kv_heads: int = 1, **_: int) -> Cost:
+    # each KV head's t keys and values once per group slice, q, out, and the chunks' partials
+    groups = -(-(heads // kv_heads) // DECODE_HEADS)
+    chunks = -(-t // decode_chunk(t, heads, kv_heads))
+    kv = 2 * t * head_dim * kv_heads * groups
+    partials = 2 * heads * chunks * (head_dim + 2)  # written, then read by the reduction
+    return Cost(bytes=4 * (kv + 2 * heads * head_dim + partials), flops=4 * head_dim * heads * t)
 
 
 def _flat_launch(count: int, **_: int) -> Launch:
@@ -274,7 +310,7 @@ _SPECS = (
     KernelSpec(
         "attention_decode", "attention.hip", "attention_decode", _decode_launch,
         attention_reference, _decode_cost,
-        "single-query GQA attention over the cache, 32-key tiles, one block per head",
+        "flash-decoding: key chunks x GQA groups (K/V read once per group), then a merge",
         shapes=({**_ATTN, "t": 128}, {**_ATTN, "t": 2048}),
     ),
     KernelSpec(
@@ -312,7 +348,8 @@ _SPECS = (
     KernelSpec(
         "sample_top_k_top_p", "sampling.hip", "sample_top_k_top_p", _sampling_launch,
         sample_reference,
-        lambda vocab, top_k, **_: Cost(4 * vocab * top_k, vocab * top_k),
+        # 4 radix-select histogram passes and the gather pass read the logits: 5 passes, any k
+        lambda vocab, top_k, **_: Cost(4 * vocab * SAMPLE_PASSES, vocab * SAMPLE_PASSES),
         f"top-k (k <= {SAMPLE_MAX_K}), top-p, min-p, temperature, draw from a given u",
         shapes=({"vocab": 49152, "top_k": 40},),
     ),
@@ -396,33 +433,62 @@ def rope(
     base: float,
     rope_scale: float = 1.0,
     freq_factors: Array | None = None,
+    table: Array | None = None,
+    table_pos0: int = 0,
 ) -> Array:
-    """Rotate x (n, heads, head_dim) in place for positions pos0..; returns x."""
+    """Rotate x (n, heads, head_dim) in place for positions pos0..; returns x.
+
+    ``table`` (`rope_table` for positions table_pos0..) is what a backend keeps for a model's
+    whole context; without it this call's rows are computed here (base, rope_scale and
+    freq_factors are then the table's parameters)."""
     n, heads, head_dim = x.shape
     _check("x", x)
     if mode not in ("norm", "neox"):
         raise UserError("user.bad_argument", f"RoPE mode must be 'norm' or 'neox', not {mode!r}")
     if rope_dim % 2 or not 0 < rope_dim <= head_dim:
         raise UserError("user.bad_argument", f"rope_dim {rope_dim} must be even, <= {head_dim}")
-    if freq_factors is not None:
-        _check("freq_factors", freq_factors, (rope_dim // 2,))
     launch = _rope_launch(n, heads, rope_dim)
-    # The kernel takes a null pointer for "no factors", but the emulator refuses anything but an
-    # array for a pointer parameter; dividing by 1.0 is exact, so ones give the same bits.
-    ff = freq_factors
-    if ff is None:
-        ff = _xp(x).ones((rope_dim // 2,), dtype=np.float32)
-    args = (x, *_i32(n, heads, head_dim, rope_dim, pos0), np.float32(base))
-    _launch(module, f"rope_{mode}", launch, (*args, np.float32(rope_scale), ff))
+    if table is None:  # this call's positions only
+        ff = None if freq_factors is None else _host(freq_factors)
+        table = _xp(x).asarray(rope_table(n, rope_dim, base, rope_scale, ff, pos0))
+        table_pos0 = pos0
+    _check("table", table)
+    if table.ndim != 3 or table.shape[1:] != (rope_dim // 2, 2):
+        raise UserError("user.bad_argument", f"RoPE table has shape {table.shape}")
+    if not table_pos0 <= pos0 or pos0 + n - table_pos0 > table.shape[0]:
+        raise UserError(
+            "user.bad_argument",
+            f"RoPE table covers positions {table_pos0}..{table_pos0 + table.shape[0] - 1}, "
+            f"not {pos0}..{pos0 + n - 1}",
+        )
+    args = (x, *_i32(n, heads, head_dim, rope_dim, pos0), table, np.int32(table_pos0))
+    _launch(module, f"rope_{mode}", launch, args)
     return x
+
+
+def _host(a: Array) -> np.ndarray:
+    return a.get() if _xp(a) is not np else np.asarray(a)
+
+
+KV_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # the KV cache's element types
+
+
+def _kv_half(k_cache: Array) -> np.int32:
+    """The kernels' kv_half flag: 1 for an fp16 cache, 0 for float32; anything else refused."""
+    if k_cache.dtype not in KV_DTYPES:
+        raise UserError(
+            "user.bad_argument", f"the KV cache must be float32 or float16, not {k_cache.dtype}"
+        )
+    return np.int32(k_cache.dtype == np.float16)
 
 
 def _check_attention(q: Array, k_cache: Array, v_cache: Array, start: int) -> tuple[int, ...]:
     n, heads, hd = q.shape
     kv_heads, ctx, _ = k_cache.shape
     _check("q", q)
-    _check("k_cache", k_cache, (kv_heads, ctx, hd))
-    _check("v_cache", v_cache, (kv_heads, ctx, hd))
+    _kv_half(k_cache)
+    _check("k_cache", k_cache, (kv_heads, ctx, hd), k_cache.dtype)
+    _check("v_cache", v_cache, (kv_heads, ctx, hd), k_cache.dtype)
     if hd > ATTN_HD_MAX:
         raise UserError(
             "user.bad_argument", f"attention kernels support head_dim <= {ATTN_HD_MAX}, not {hd}"
@@ -444,13 +510,20 @@ def attention(
     _check("out", out, (n, heads * hd))
     scale = np.float32(1.0 / math.sqrt(hd))  # as the reference: float32(1/sqrt(hd))
     if n == 1:
-        launch = _decode_launch(heads)
-        dims = _i32(heads, kv_heads, hd, ctx, start + 1)
-        _launch(module, "attention_decode", launch, (q, k_cache, v_cache, out, *dims, scale))
+        t = start + 1
+        launch = _decode_launch(heads, kv_heads, t)
+        chunks = launch.grid[1]
+        part = _xp(q).empty((heads, chunks, hd + 2), dtype=np.float32)  # (o, m, l) per chunk
+        dims = _i32(heads, kv_heads, hd, ctx, t, decode_chunk(t, heads, kv_heads))
+        args = (q, k_cache, v_cache, part, *dims, scale, _kv_half(k_cache))
+        _launch(module, "attention_decode", launch, args)
+        reduce = Launch((heads, 1, 1), (ATTN_THREADS, 1, 1))
+        _launch(module, "attention_decode_reduce", reduce, (part, out, *_i32(heads, hd, chunks)))
     else:
         launch = _prefill_launch(n, heads)
         dims = _i32(n, heads, kv_heads, hd, ctx, start)
-        _launch(module, "attention_prefill", launch, (q, k_cache, v_cache, out, *dims, scale))
+        args = (q, k_cache, v_cache, out, *dims, scale, _kv_half(k_cache))
+        _launch(module, "attention_prefill", launch, args)
     return out
 
 
@@ -463,7 +536,7 @@ def attention_prefill(
     _check("out", out, (n, heads * hd))
     args = (q, k_cache, v_cache, out, *_i32(n, heads, kv_heads, hd, ctx, start))
     _launch(module, "attention_prefill", _prefill_launch(n, heads),
-            (*args, np.float32(1.0 / math.sqrt(hd))))  # fmt: skip
+            (*args, np.float32(1.0 / math.sqrt(hd)), _kv_half(k_cache)))  # fmt: skip
     return out
 
 
@@ -493,11 +566,12 @@ def kv_append(module: Any, k: Array, v: Array, k_cache: Array, v_cache: Array, s
     ctx = k_cache.shape[1]
     _check("k", k)
     _check("v", v, (n, kv_heads, hd))
-    _check("k_cache", k_cache, (kv_heads, ctx, hd))
-    _check("v_cache", v_cache, (kv_heads, ctx, hd))
+    kv_half = _kv_half(k_cache)
+    _check("k_cache", k_cache, (kv_heads, ctx, hd), k_cache.dtype)
+    _check("v_cache", v_cache, (kv_heads, ctx, hd), k_cache.dtype)
     if start < 0 or start + n > ctx:
         raise UserError("user.context_overflow", f"{start + n} positions do not fit {ctx}")
-    args = (k, v, k_cache, v_cache, *_i32(n, kv_heads, hd, ctx, start))
+    args = (k, v, k_cache, v_cache, *_i32(n, kv_heads, hd, ctx, start), kv_half)
     _launch(module, "kv_append", _kv_append_launch(n, kv_heads, hd), args)
 
 

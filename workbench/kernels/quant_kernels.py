@@ -8,13 +8,18 @@ operation  symbol                            what
 =========  ================================  ====================================================
 dequant    ``dequant<WB_Q4_1>``              raw (rows, row_bytes) -> (rows, cols) float32
 get_rows   ``get_rows<WB_Q4_1>``             ids (n,), raw table -> (n, cols) float32
-matvec     ``matvec<WB_Q4_1>``               raw (rows, row_bytes), x (cols,) -> y (rows,)
+matvec     ``matvec<WB_Q4_1>``               raw (rows, row_bytes), x (cols,) -> y (rows,);
+                                             quantized types first quantize x to Q8_1
+                                             (``quantize_q8_1``, in matvec.hip) and dot
+                                             integer codes
 matmul     ``matmul<WB_Q4_1>``               x (n, cols), raw W (rows, row_bytes) -> (n, rows)
 =========  ================================  ====================================================
 
 Registry names are ``<operation>_<type>``, e.g. ``matvec_q4_1``. dequant and get_rows are
 bit-identical to ``gguf.quants.dequantize``; matvec and matmul accumulate in float32 (see the
-sources for the order) and their references are float64.
+sources for the order) and their references are float64. The quantized types' matvec computes
+W @ x8, x8 being x rounded to Q8_1 (`quantize_q8_1_reference`, bit-identical to the kernel), so its
+reference is `matvec_q8_reference`; `matvec_reference` (float x) is the model's exact product.
 
 The launch wrappers (`launch_dequant`, ...) work with NumPy arrays and an `EmulatorModule` as well
 as with CuPy arrays and a ``cupy.RawModule``: both take ``kernel(grid, block, args,
@@ -50,7 +55,9 @@ __all__ = [
     "launch_get_rows",
     "launch_matmul",
     "launch_matvec",
+    "matvec_q8_reference",
     "module_args",
+    "quantize_q8_1_reference",
     "symbol",
 ]
 
@@ -59,7 +66,9 @@ SOURCES = {op: f"{op}.hip" for op in OPERATIONS}
 
 # Launch constants; they must match the sources.
 ELEMENTWISE_THREADS = 256  # dequant, get_rows: threads per block along a row
-MATVEC_ROWS_PER_BLOCK = 4  # matvec: warps (= rows) per block
+MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 256, 16  # matvec.hip's WB_MV_THREADS, WB_MV_ROWS
+Q8_1_QK = 32  # elements per Q8_1 block (quant.h's WB_Q8_1_QK)
+QUANTIZE_THREADS = 256  # quantize_q8_1: 8 lanes per Q8_1 block
 MM_TM, MM_TN, MM_THREADS = 32, 64, 256  # matmul.hip's WB_MM_TM, WB_MM_TN, WB_MM_THREADS
 
 # A module: ``get_function(name)`` returns a kernel callable as ``(grid, block, args,
@@ -143,9 +152,18 @@ def get_rows_launch(*, n: int, cols: int, **_: Any) -> Launch:
     return Launch((n, _cdiv(cols, ELEMENTWISE_THREADS), 1), (ELEMENTWISE_THREADS, 1, 1))
 
 
-def matvec_launch(*, rows: int, warp_size: int, **_: Any) -> Launch:
-    block = MATVEC_ROWS_PER_BLOCK * warp_size  # one warp per row
-    return Launch((_cdiv(rows, MATVEC_ROWS_PER_BLOCK), 1, 1), (block, 1, 1))
+def matvec_launch(*, rows: int, **_: Any) -> Launch:
+    """MATVEC_ROWS_PER_BLOCK rows per block at any warp width (a row's lanes never span warps)."""
+    return Launch((_cdiv(rows, MATVEC_ROWS_PER_BLOCK), 1, 1), (MATVEC_THREADS, 1, 1))
+
+
+def quantize_launch(*, cols: int, **_: Any) -> Launch:
+    return Launch((_cdiv(cols // Q8_1_QK * 8, QUANTIZE_THREADS), 1, 1), (QUANTIZE_THREADS, 1, 1))
+
+
+def is_integer_path(qtype: GGMLQuantizationType) -> bool:
+    """True where matvec dots Q8_1 codes (every quantized type); False for F32/F16/BF16."""
+    return qtype not in (Q.F32, Q.F16, Q.BF16)
 
 
 def matmul_launch(*, n: int, rows: int, **_: Any) -> Launch:
@@ -170,6 +188,43 @@ def get_rows_reference(
 def matvec_reference(raw: np.ndarray, x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """raw (rows, row_bytes), x (cols,) -> W @ x (rows,) in float64 from the float32 weights."""
     return dequant_reference(raw, qtype).astype(np.float64) @ x.astype(np.float64)
+
+
+def quantize_q8_1_reference(x: np.ndarray) -> np.ndarray:
+    """x (cols,) float32 -> xq (cols + cols // 8,) uint8: quantize_q8_1's output, bit for bit
+    (codes, then (fp16 d, fp16 s) per 32 elements; see kernels/quant.h)."""
+    xb = np.asarray(x, np.float32).reshape(-1, Q8_1_QK)  # (blocks, 32)
+    amax = np.abs(xb).max(axis=1)  # (blocks,)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = (xb / d[:, None]).astype(np.float32)
+    q = np.where(amax[:, None] == 0, 0, np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)))
+    q = q.astype(np.int32)  # round half away from zero, as roundf
+    s = (d * q.sum(axis=1).astype(np.float32)).astype(np.float32)
+    ds = np.stack([d.astype(np.float16), s.astype(np.float16)], axis=1)  # (blocks, 2)
+    codes = q.astype(np.int8).reshape(-1).view(np.uint8)  # (cols,)
+    return np.concatenate([codes, ds.reshape(-1).view(np.uint8)])
+
+
+def _q8_1_fields(xq: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (cols,) int8, d (blocks,) float64, s (blocks,) float64) of a Q8_1 buffer."""
+    ds = xq[cols:].view(np.float16).reshape(-1, 2).astype(np.float64)
+    return xq[:cols].view(np.int8), ds[:, 0], ds[:, 1]
+
+
+def matvec_q8_reference(raw: np.ndarray, x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """What the integer path computes, exactly (float64): W @ x8 with x8 = x rounded to Q8_1;
+    Q4_1/Q5_1 take each block's sum of x8 from the fp16 s field (as the kernel and ggml do)."""
+    cols = x.shape[0]
+    q, d, s = _q8_1_fields(quantize_q8_1_reference(x), cols)
+    x8 = q.reshape(-1, Q8_1_QK).astype(np.float64) * d[:, None]  # (blocks, 32)
+    w = dequant_reference(raw, qtype).astype(np.float64)  # (rows, cols)
+    y = w @ x8.reshape(-1)
+    if qtype in (Q.Q4_1, Q.Q5_1):  # m * (s - exact sum): m is the fp16 at byte 2 of each block
+        nbytes = block_layout(qtype)[1]
+        m = raw.reshape(raw.shape[0], -1, nbytes)[:, :, 2:4].copy().view(np.float16)[..., 0]
+        y += m.astype(np.float64) @ (s - x8.sum(axis=1))
+    return y
 
 
 def matmul_reference(x: np.ndarray, raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -215,7 +270,7 @@ def _shapes(op: str, qtype: GGMLQuantizationType) -> tuple[Mapping[str, int], ..
 _DESCRIPTIONS = {
     "dequant": "GGUF {t} blocks -> float32, bit-identical to gguf.quants.dequantize",
     "get_rows": "embedding lookup from a {t} table, bit-identical to gguf's dequantize",
-    "matvec": "y = W @ x on {t} blocks, one warp per row, float32 accumulation",
+    "matvec": "y = W @ x on {t} blocks: x as Q8_1, 16-byte staged loads, integer dot products",
     "matmul": "y = x @ W.T, {t} tiles dequantized into shared memory, float32 accumulation",
 }
 _LAUNCHES = {
@@ -232,6 +287,12 @@ _REFERENCES = {
 }
 
 
+def _reference(op: str, qtype: GGMLQuantizationType) -> Callable[..., np.ndarray]:
+    if op == "matvec" and is_integer_path(qtype):
+        return matvec_q8_reference
+    return _REFERENCES[op]
+
+
 def _register_all() -> None:
     for op in OPERATIONS:
         for q in SUPPORTED_TYPES:
@@ -241,7 +302,7 @@ def _register_all() -> None:
                     source=SOURCES[op],
                     symbol=symbol(op, q),
                     launch=_LAUNCHES[op],
-                    reference=functools.partial(_REFERENCES[op], qtype=q),
+                    reference=functools.partial(_reference(op, q), qtype=q),
                     cost=_cost_fn(op, q),
                     description=_DESCRIPTIONS[op].format(t=q.name),
                     defines=gguf_defines(),
@@ -324,17 +385,36 @@ def launch_matvec(
 ) -> Any:
     """raw (rows, row_bytes) uint8, x (cols,) float32 -> out (rows,) float32 = W @ x.
 
-    ``warp_size`` is the device's (64 on CDNA, 32 on RDNA and NVIDIA; the emulator's setting):
-    the block holds one warp per row."""
+    Quantized types: x is first quantized to Q8_1 (one ``quantize_q8_1`` launch), and ``out`` is
+    W @ x8 (`matvec_q8_reference`). ``warp_size`` is the device's (64 on CDNA, 32 on RDNA and
+    NVIDIA); the launch geometry does not depend on it."""
+    del warp_size  # kept for callers: the geometry is the same at every warp width
     cols = _cols(qtype, raw)
     rows = raw.shape[0]
     _check("raw", raw, np.uint8, tuple(raw.shape))
     _check("x", x, np.float32, (cols,))
     _check("out", out, np.float32, (rows,))
-    args = (raw, x, out, np.int32(rows), np.int32(cols), np.int32(raw.shape[1]))
-    launch = matvec_launch(rows=rows, warp_size=warp_size)
-    _run(_kernel(loader, "matvec", qtype), launch, args)
+    xq = x  # the float types never read it
+    if is_integer_path(qtype) and cols:
+        xq = _aligned_bytes(x, cols + cols // 8)  # (cols + cols / 8,) Q8_1
+        module = loader(*module_args("matvec"))
+        _run(module.get_function("quantize_q8_1"), quantize_launch(cols=cols),
+             (x, xq, np.int32(cols)))  # fmt: skip
+    args = (raw, x, xq, out, np.int32(rows), np.int32(cols), np.int32(raw.shape[1]))
+    _run(_kernel(loader, "matvec", qtype), matvec_launch(rows=rows), args)
     return out
+
+
+def _aligned_bytes(like: Any, n: int) -> Any:
+    """An (n,) uint8 buffer in ``like``'s array library, 16-byte aligned (the kernels read it
+    with 16-byte loads; CuPy allocations are 256-aligned, NumPy's only usually 16)."""
+    if isinstance(like, np.ndarray):
+        buf = np.empty(n + 16, np.uint8)
+        start = -buf.ctypes.data % 16
+        return buf[start : start + n]
+    import cupy
+
+    return cupy.empty(n, cupy.uint8)
 
 
 def launch_matmul(
