@@ -42,16 +42,21 @@ def test_generate_streams_text_and_timings(engine):
     assert "tok/s" in panel._stats_w.value
 
 
+def _stop_once_tokens_flow(panel: GenerationPanel) -> None:
+    """Stop a running panel after its first token: a stop during the prefill would end it with
+    no token at all (also right, but not what these tests look at)."""
+    deadline = time.monotonic() + 60
+    while panel.tokens == 0 and panel.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    panel.stop()
+
+
 def test_stop_cancels_a_running_generation(engine):
     panel = GenerationPanel(engine)
     panel.prompt, panel.max_tokens, panel.seed = "once upon", 100_000, 1
     assert panel.generate()
     assert panel.running and not panel.generate()  # one at a time
-    # Stop once tokens flow: a stop during the prefill would end it with none (also right).
-    deadline = time.monotonic() + 60
-    while panel.tokens == 0 and panel.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    panel.stop()
+    _stop_once_tokens_flow(panel)
     panel.wait(30)
     assert panel.finish_reason == "cancelled"
     assert 0 < panel.tokens < 100_000
@@ -61,7 +66,7 @@ def test_a_cancelled_chat_reply_stays_out_of_the_history(engine):
     panel = GenerationPanel(engine)
     panel.mode, panel.prompt, panel.max_tokens, panel.seed = "chat", "hello", 100_000, 2
     assert panel.generate()
-    panel.stop()
+    _stop_once_tokens_flow(panel)
     panel.wait(30)
     assert panel.finish_reason == "cancelled" and panel.output_text  # shown, marked
     assert "finish: cancelled" in panel._stats_w.value
