@@ -41,6 +41,8 @@ class Batcher:
         self.lock = threading.RLock()
         self.computed_positions = 0  # positions run through the model, over all steps
         self.steps = 0
+        self._seen = (0, 0)  # prefix hits and preemptions already counted in the metrics
+        self._seqs: dict[int, Sequence] = {}  # id(generation) -> its sequence, until drained
 
     @property
     def backend_name(self) -> str:
@@ -60,6 +62,8 @@ class Batcher:
             self.scheduler.add(seq)
         e.metrics.request_started(e.model.name, self.backend_name)
         e.metrics.tokens(e.model.name, self.backend_name, prompt=len(ids))
+        with self.lock:
+            self._seqs[id(gen)] = seq
         gen._events = self._stream(seq)
         return gen
 
@@ -72,6 +76,8 @@ class Batcher:
                     ev = seq.events.popleft() if seq.events else None
                     error = seq.error
                 if ev is None:
+                    with self.lock:
+                        self._seqs.pop(id(seq.gen), None)
                     if error is not None:
                         raise error
                     return
@@ -121,6 +127,7 @@ class Batcher:
                     self._end(seq, "error")
                 return len(work)
             self.steps += 1
+            self._publish(len(work))
             eog = self.engine.tokenizer.eog_ids
             for (seq, n), lg in zip(work, logits, strict=True):
                 self.computed_positions += n
@@ -130,6 +137,35 @@ class Batcher:
                     if seq.finished:
                         self._end(seq, seq.gen.result.finish_reason)  # type: ignore[union-attr]
             return len(work)
+
+    def _publish(self, size: int) -> None:
+        s, pool = self.scheduler, self.pool
+        self.engine.metrics.batch_step(
+            self.engine.model.name,
+            size=size,
+            running=len(s.running),
+            waiting=len(s.waiting),
+            pages_used=pool.used,
+            pages_total=pool.n_pages,
+            new_hit_tokens=pool.hit_tokens - self._seen[0],
+            new_preemptions=s.preemptions - self._seen[1],
+        )
+        self._seen = (pool.hit_tokens, s.preemptions)
+
+    def take(self, gen: Generation) -> list[TokenEvent]:
+        """The events a submitted generation has ready, without stepping. Once it has ended
+        and every event is taken: [] (its result is set), or the error that ended it."""
+        with self.lock:
+            seq = self._seqs.get(id(gen))
+            if seq is None:
+                return []
+            events = list(seq.events)
+            seq.events.clear()
+            if seq.finished and not events:
+                del self._seqs[id(gen)]
+                if seq.error is not None:
+                    raise seq.error
+            return events
 
     def _end(self, seq: Sequence, reason: str) -> None:
         seq.finish(reason)

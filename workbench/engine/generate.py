@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from workbench.engine.batching import Batcher
+from workbench.engine.defaults import MAX_BATCH
 from workbench.engine.launcher import Launcher
 from workbench.engine.loader import Model, load
 from workbench.engine.model import KVCache, Transformer
@@ -60,9 +61,6 @@ DEVICE_SAMPLE_MAX_K = 128
 # SmolLM2-135M on the CPU are about 0.2 s, leaving room for the attention over every earlier
 # position at the end of a 5,000-token prompt.
 PREFILL_CHUNK = 64
-
-# Generations that `Engine.submit` runs together; more wait in its queue.
-MAX_BATCH = 8
 
 
 class Engine:
@@ -188,6 +186,7 @@ class Engine:
                 "bytes": used * per_token,
             },
             "device_memory": memory,
+            "batch": self._batcher.state() if self._batcher is not None else None,
         }
 
     def warm_up(self, on_compile: Callable[[], None] | None = None) -> float:
