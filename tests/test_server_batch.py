@@ -56,3 +56,18 @@ def test_concurrent_requests_share_steps_and_match_the_engine(tiny_model: Path, 
         health = httpx.get(f"{live.url}/health").json()
         assert health["requests"]["max_batch"] == 4
         assert health["engine"]["batch"]["pages_used"] == 0
+
+
+def test_bench_serve_reports_every_level(tiny_model: Path):
+    from workbench.server.bench import bench_serve
+
+    engine = Engine(tiny_model, backend="numpy")
+    r = bench_serve(engine, [1, 2], prompt_tokens=8, gen_tokens=6, requests=2)
+    assert [lv.clients for lv in r.levels] == [1, 2] and r.url == "in-process"
+    for lv in r.levels:
+        assert lv.requests == 2 * lv.clients
+        assert 0 < lv.tokens <= 6 * lv.requests
+        assert lv.tok_s > 0 and lv.ttft_p50_s <= lv.ttft_p99_s
+    assert engine.batcher.max_batch >= 2
+    d = r.to_dict()
+    assert set(d["levels"][0]) >= {"tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"}
