@@ -89,17 +89,19 @@ class Batcher:
             raise
 
     def state(self) -> dict[str, int]:
-        """Running and waiting sequences, pages used and total, prefix hits, preemptions."""
-        with self.lock:
-            s = self.scheduler
-            return {
-                "running": len(s.running),
-                "waiting": len(s.waiting),
-                "pages_used": self.pool.used,
-                "pages_total": self.pool.n_pages,
-                "prefix_hit_tokens": self.pool.hit_tokens,
-                "preemptions": s.preemptions,
-            }
+        """Running and waiting sequences, pages used and total, prefix hits, preemptions.
+
+        Read without the lock (a step can hold it for a while, and the server's event loop
+        asks): each figure is current, together they may straddle a step."""
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "pages_used": self.pool.used,
+            "pages_total": self.pool.n_pages,
+            "prefix_hit_tokens": self.pool.hit_tokens,
+            "preemptions": s.preemptions,
+        }
 
     def step(self) -> int:
         """One forward pass over the scheduled work; returns how many sequences ran."""
