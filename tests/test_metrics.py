@@ -34,6 +34,10 @@ def _exercise(m: Metrics) -> None:
     m.fallback("cupy", "numpy")
     m.breaker_state("cupy", "half-open")
     m.kv_cache("smollm2", used_tokens=19, capacity_tokens=2048, nbytes=1 << 20)
+    m.batch_step(
+        "smollm2", size=3, running=3, waiting=2, pages_used=10, pages_total=64,
+        new_hit_tokens=32, new_preemptions=1,
+    )  # fmt: skip
 
 
 def test_names_are_prefixed_and_conventional() -> None:
@@ -41,8 +45,8 @@ def test_names_are_prefixed_and_conventional() -> None:
         assert d.name.startswith(PREFIX), d.name
         assert re.fullmatch(r"[a-z_][a-z0-9_]*", d.name)
         assert d.name.endswith("_total") == (d.kind == "counter"), d.name
-        if d.kind == "histogram":
-            assert d.name.endswith("_seconds"), d.name
+        if d.kind == "histogram":  # named by the unit observed
+            assert d.name.endswith(("_seconds", "_sequences")), d.name
         assert key in d.name
 
 

@@ -449,7 +449,7 @@ def test_request_id_is_echoed_when_sane(live: LiveServer) -> None:
 def test_health_details(live: LiveServer) -> None:
     h = httpx.get(f"{live.url}/health").json()
     assert h["status"] == "ok" and h["ready"] is True
-    assert h["requests"] == {"running": 0, "queued": 0, "max_queue": 4}
+    assert h["requests"] == {"running": 0, "queued": 0, "max_queue": 4, "max_batch": 1}
     eng = h["engine"]
     assert eng["model"] == "tiny-test-llama" and eng["backend"] == "numpy"
     assert {"used_tokens", "capacity_tokens", "bytes"} <= set(eng["kv_cache"])

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--output", "-o", help="also write the JSON object to this file")
     g.set_defaults(func=cmd_bench_generate)
     register_kernels(bsub)
+    register_serve(bsub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -126,4 +127,78 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(row, widths))))  # fmt: skip
+    return 0
+
+
+def register_serve(bsub: argparse._SubParsersAction) -> None:
+    s = bsub.add_parser(
+        "serve",
+        help="aggregate tok/s, TTFT and ITL of concurrent clients against the server",
+        description="Run 1, 2, 4, 8 (--clients) concurrent streaming clients against a server "
+        "started in this process (or --url, a running one), each sending --requests greedy "
+        "completions in turn; report per level the aggregate generated tokens/s, the time to "
+        "first token and the inter-token latency (p50, p99). The in-process server runs the "
+        "largest level as one continuous batch. Prompts are distinct (no prefix sharing).",
+    )
+    add_model_args(s)
+    s.add_argument(
+        "--clients", default="1,2,4,8", metavar="N,N,...", help="concurrency levels (1,2,4,8)"
+    )
+    s.add_argument("--url", help="benchmark this running server instead (e.g. http://host:8000)")
+    s.add_argument("--api-key", help="bearer key for --url (default: $WORKBENCH_API_KEY)")
+    s.add_argument(
+        "--prompt-tokens", type=int, default=64, help="about this many prompt tokens (64)"
+    )
+    s.add_argument("--gen-tokens", type=int, default=64, help="max tokens per request (64)")
+    s.add_argument("--requests", type=int, default=2, help="requests per client per level (2)")
+    s.add_argument(
+        "--kv-cache-mb", type=float, metavar="MIB", help="the in-process server's KV budget"
+    )
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--output", "-o", help="also write the JSON object to this file")
+    s.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from workbench.errors import UserError
+    from workbench.server.bench import ServeLevel, bench_serve
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise UserError("user.bad_clients", f"--clients wants N,N,...: {args.clients!r}") from None
+    engine = None
+    if args.url is None:
+        engine = make_engine(args)
+        engine.kv_cache_mb = args.kv_cache_mb
+
+    def progress(level: ServeLevel) -> None:
+        if not args.json:
+            print(
+                f"{level.clients:>3} clients: {level.tok_s:8.1f} tok/s  "
+                f"TTFT p50 {level.ttft_p50_s * 1000:7.1f} ms p99 {level.ttft_p99_s * 1000:7.1f} ms"
+                f"  ITL p50 {level.itl_p50_s * 1000:6.1f} ms p99 {level.itl_p99_s * 1000:6.1f} ms"
+                f"  ({level.tokens} tokens, {level.requests} requests, {level.wall_s:.1f} s)",
+                flush=True,
+            )
+
+    r = bench_serve(
+        engine,
+        clients,
+        url=args.url,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        requests=args.requests,
+        api_key=args.api_key or os.environ.get("WORKBENCH_API_KEY"),
+        progress=progress,
+    )
+    obj = r.to_dict()
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(obj, f, indent=2)
+    if args.json:
+        json.dump(obj, sys.stdout)
+        print()
     return 0

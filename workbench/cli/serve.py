@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.cli.generate import add_model_args
+from workbench.engine.defaults import MAX_BATCH
 
 API_KEY_ENV = "WORKBENCH_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -30,8 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, "
-        "/health, /ready and /metrics. One generation runs at a time; up to --max-queue more "
-        "wait, beyond that requests get 503 with Retry-After. SIGTERM drains: new requests get "
+        "/health, /ready and /metrics. Up to --max-batch generations run together (continuous "
+        "batching over a paged KV cache with prefix caching, on the numpy backend; other "
+        "backends run one at a time); up to --max-queue more wait, beyond that requests get "
+        "503 with Retry-After. SIGTERM drains: new requests get "
         "503, in-flight ones finish (up to --drain-grace seconds), then the server exits 0. "
         "Environment: WORKBENCH_HOME, WORKBENCH_API_KEY, WORKBENCH_LOG_LEVEL, "
         "WORKBENCH_LOG_FORMAT, WORKBENCH_LOG_FILE, WORKBENCH_FAULTS, WORKBENCH_FAULTS_SEED.",
@@ -45,7 +48,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"(default: ${API_KEY_ENV}; none: no key required)",
     )
     p.add_argument(
-        "--max-queue", type=int, default=8, help="requests waiting beyond the running one (8)"
+        "--max-queue", type=int, default=8, help="requests waiting beyond the running ones (8)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=MAX_BATCH,
+        metavar="N",
+        help=f"requests generated together, each step advancing all of them (numpy backend; "
+        f"default: {MAX_BATCH}; 1: one at a time)",
+    )
+    p.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        metavar="MIB",
+        help="memory budget of the paged KV cache the batch shares; requests wait for pages "
+        "and the newest is preempted when they run out (default: room for --max-batch "
+        "sequences of 2048 tokens, at most 512)",
     )
     p.add_argument(
         "--request-timeout",
@@ -140,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=api_key,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
         drain_grace_s=args.drain_grace,
@@ -172,6 +192,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend=args.backend,
             threads=args.threads,
             faults=faults if faults.enabled else None,
+            max_batch=args.max_batch,
+            kv_cache_mb=args.kv_cache_mb,
         )
 
     serve(create_app(make_engine, settings), settings)

@@ -17,10 +17,23 @@ from typing import Any
 
 import numpy as np
 
+from workbench.engine.batching import Batcher
+from workbench.engine.defaults import MAX_BATCH
 from workbench.engine.launcher import Launcher
 from workbench.engine.loader import Model, load
 from workbench.engine.model import KVCache, Transformer
-from workbench.engine.sampler import Sampler, SamplerConfig, log_softmax
+from workbench.engine.results import (  # re-exported: the API's home stays here
+    FLUSH_ID,
+    Generation,
+    GenerationConfig,
+    GenerationResult,
+    StopMatcher,
+    Timings,
+    TokenEvent,
+    TopLogprob,
+)
+from workbench.engine.sampler import Sampler
+from workbench.engine.sequence import token_logprobs
 from workbench.errors import BackendError, RecoverableError, UserError, WorkbenchError
 from workbench.observe.metrics import Metrics
 from workbench.observe.profiler import Profiler
@@ -41,9 +54,6 @@ BACKENDS = ("auto", "numpy", "emulator", "cupy")
 # The sampling kernel keeps its candidates in shared memory: top_k above this samples on the host.
 DEVICE_SAMPLE_MAX_K = 128
 
-# TokenEvent.id of the last event when it only releases held-back text (no new token).
-FLUSH_ID = -1
-
 # Prompt tokens per prefill pass: between passes a cancelled or expired generation stops, so a
 # long prompt holds the engine at most one chunk after its client has gone. Chunks keep the
 # batched matmuls at full speed (a 1,024-token prompt prefilled no slower in chunks of 128 than
@@ -51,138 +61,6 @@ FLUSH_ID = -1
 # SmolLM2-135M on the CPU are about 0.2 s, leaving room for the attention over every earlier
 # position at the end of a 5,000-token prompt.
 PREFILL_CHUNK = 64
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
-    logprobs: int = 0  # top-N log-probabilities reported at each generated position
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise UserError(
-                "user.bad_max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"
-            )
-        if not 0 <= self.logprobs <= 20:
-            raise UserError(
-                "user.bad_logprobs", f"logprobs must be in [0, 20], got {self.logprobs}"
-            )
-        if any(not s for s in self.stop):
-            raise UserError("user.bad_stop", "stop strings must not be empty")
-        _ = self.sampler  # builds a SamplerConfig, which validates the sampling fields
-
-    @property
-    def sampler(self) -> SamplerConfig:
-        return SamplerConfig(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty,
-            repeat_last_n=self.repeat_last_n,
-            seed=self.seed,
-        )
-
-
-@dataclass(frozen=True)
-class TopLogprob:
-    id: int
-    piece: str
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token and the text it releases; a last event with id FLUSH_ID may follow."""
-
-    index: int  # 0 for the first generated token
-    id: int
-    text: str  # text released with this token (held back while it may start a stop string)
-    logprob: float  # under the model, before sampling transforms; NaN if drawn on the device
-    top_logprobs: tuple[TopLogprob, ...]  # empty unless GenerationConfig.logprobs > 0
-    elapsed_s: float  # since generate() started
-    step_s: float  # forward pass and sampling for this token
-
-
-@dataclass
-class Timings:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_s: float = 0.0
-    ttft_s: float = 0.0  # start to first generated token
-    decode_s: float = 0.0  # after the first token to the last
-    total_s: float = 0.0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        n = self.generated_tokens - 1  # the first token comes from the prefill
-        return n / self.decode_s if n > 0 and self.decode_s else 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-            "prefill_s": self.prefill_s,
-            "ttft_s": self.ttft_s,
-            "decode_s": self.decode_s,
-            "total_s": self.total_s,
-            "prefill_tok_s": self.prefill_tok_s,
-            "decode_tok_s": self.decode_tok_s,
-        }
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (EOG token or stop string), "length", "cancelled"
-    timings: Timings
-    logprobs: list[tuple[float, tuple[TopLogprob, ...]]] = field(default_factory=list)
-
-
-class Generation:
-    """An iterable of TokenEvents; `.result` is set once iteration ends."""
-
-    def __init__(self, events: Iterator[TokenEvent], prompt_ids: list[int]) -> None:
-        self._events = events
-        self.prompt_token_ids = prompt_ids
-        self.result: GenerationResult | None = None
-        self.cancelled = False
-        self.request_id = ""
-        self.deadline: float | None = None  # time.monotonic() past which prefill stops
-        self.queued_s = 0.0  # waited before it started (counted in the time-to-first-token)
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return self._events
-
-    def cancel(self) -> None:
-        """Stop after the token or prefill chunk in progress; the finish reason is "cancelled".
-        Thread-safe (it sets a flag the generating thread reads)."""
-        self.cancelled = True
-
-    def stopping(self) -> bool:
-        """Cancelled, or past its deadline."""
-        return self.cancelled or (self.deadline is not None and time.monotonic() >= self.deadline)
-
-    def run(self) -> GenerationResult:
-        """Consume every event and return the result."""
-        for _ in self._events:
-            pass
-        assert self.result is not None
-        return self.result
 
 
 class Engine:
@@ -204,10 +82,16 @@ class Engine:
         faults: FaultInjector | None = None,
         breaker: CircuitBreaker | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        max_batch: int = MAX_BATCH,
+        kv_cache_mb: float | None = None,
         compile_progress: Callable[[int, int, str], None] | None = None,
     ) -> None:
         """``compile_progress(done, total, source)``: called as a device backend builds its
-        kernel modules (all of them, here: see `DeviceBackend`)."""
+        kernel modules (all of them, here: see `DeviceBackend`).
+
+        ``max_batch`` and ``kv_cache_mb`` size the batch of `submit`ted generations: how many
+        run together, and the budget of the paged KV cache they share (None: a default from
+        the model, `workbench.engine.pages.default_kv_cache_mb`)."""
         if backend not in BACKENDS:
             raise UserError(
                 "user.unknown_backend",
@@ -218,6 +102,13 @@ class Engine:
                 "user.bad_prefill_chunk", f"prefill_chunk must be >= 1, got {prefill_chunk}"
             )
         self.prefill_chunk = prefill_chunk
+        if max_batch < 1:
+            raise UserError("user.bad_max_batch", f"max_batch must be >= 1, got {max_batch}")
+        if kv_cache_mb is not None and not kv_cache_mb > 0:
+            raise UserError("user.bad_kv_cache_mb", f"kv_cache_mb must be > 0, got {kv_cache_mb}")
+        self.max_batch = max_batch
+        self.kv_cache_mb = kv_cache_mb
+        self._batcher: Batcher | None = None
         self.model = model if isinstance(model, Model) else load(model)
         self.requested_backend = backend
         self.threads = threads
@@ -295,6 +186,7 @@ class Engine:
                 "bytes": used * per_token,
             },
             "device_memory": memory,
+            "batch": self._batcher.state() if self._batcher is not None else None,
         }
 
     def warm_up(self, on_compile: Callable[[], None] | None = None) -> float:
@@ -350,13 +242,14 @@ class Engine:
         request_id: str | None = None,
     ) -> Generation:
         """Generate from a raw prompt (text, or token ids as they are)."""
+        return self._start(self._prompt_ids(prompt), config or GenerationConfig(), request_id)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise UserError("user.empty_prompt", "the prompt is empty")
-            ids = self.encode_prompt(prompt)
-        else:
-            ids = [int(i) for i in prompt]
-        return self._start(ids, config or GenerationConfig(), request_id)
+            return self.encode_prompt(prompt)
+        return [int(i) for i in prompt]
 
     def chat(
         self,
@@ -370,9 +263,54 @@ class Engine:
             raise UserError("user.empty_prompt", "the conversation has no content")
         return self._start(self.format_chat(messages), config or GenerationConfig(), request_id)
 
+    @property
+    def batcher(self) -> Batcher:
+        """The continuous batch of `submit`ted generations (its page pool made on first use)."""
+        if self._batcher is None:
+            self._batcher = Batcher(self, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb)
+        return self._batcher
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Generation:
+        """Queue a generation into the continuous batch (raw prompt: text or token ids).
+
+        Iterating the returned `Generation` steps the whole batch whenever it has no event
+        ready; `step` does the same explicitly. Thread-safe (steps are serialised). Runs on the
+        engine's own backend, without the single-caller path's device fallback."""
+        gen = self._new_generation(self._prompt_ids(prompt), request_id)
+        return self.batcher.submit(gen, config or GenerationConfig())
+
+    def submit_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        config: GenerationConfig | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Generation:
+        """`submit` for a conversation, formatted by the chat template."""
+        if not messages or not any(m.get("content") for m in messages):
+            raise UserError("user.empty_prompt", "the conversation has no content")
+        gen = self._new_generation(self.format_chat(messages), request_id)
+        return self.batcher.submit(gen, config or GenerationConfig())
+
+    def step(self) -> int:
+        """Run one step of the continuous batch; returns how many sequences it advanced."""
+        return self.batcher.step()
+
     def _start(
         self, ids: list[int], config: GenerationConfig, request_id: str | None
     ) -> Generation:
+        gen = self._new_generation(ids, request_id)
+        gen._events = self._run(gen, ids, config)
+        return gen
+
+    def _new_generation(self, ids: list[int], request_id: str | None) -> Generation:
+        """A Generation with no events yet, after checking the prompt against the model."""
         ctx = self.spec.context_length
         if not ids:
             raise UserError("user.empty_prompt", "the prompt has no tokens")
@@ -389,7 +327,6 @@ class Engine:
             raise UserError("user.bad_token_id", f"prompt token ids must be in [0, {vocab})")
         gen = Generation(iter(()), ids)
         gen.request_id = request_id or uuid.uuid4().hex
-        gen._events = self._run(gen, ids, config)
         return gen
 
     def _run(
@@ -607,14 +544,7 @@ class Engine:
     def _logprobs(
         self, logits: np.ndarray, token: int, n: int
     ) -> tuple[float, tuple[TopLogprob, ...]]:
-        lps = log_softmax(logits)
-        top: tuple[TopLogprob, ...] = ()
-        if n:
-            best = np.argpartition(-lps, n - 1)[:n]
-            best = best[np.argsort(-lps[best], kind="stable")]
-            piece = self.tokenizer.piece
-            top = tuple(TopLogprob(int(i), piece(int(i)), float(lps[i])) for i in best)
-        return float(lps[token]), top
+        return token_logprobs(logits, token, n, self.tokenizer.piece)
 
 
 def gpu_available() -> bool:
@@ -653,43 +583,3 @@ class _Run:
     cache: KVCache
     request_id: str
     done: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
-
-
-class StopMatcher:
-    """Releases streamed text while holding back any tail that may begin a stop string."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(stops)
-        self.text = ""  # released text
-        self._pending = ""
-        self.matched = False
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add decoded text; return (text safe to release now, whether a stop string matched)."""
-        buf = self._pending + piece
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.matched = True
-            return self._release(buf[: min(hits)], ""), True
-        hold = max((_overlap(buf, s) for s in self.stops), default=0)
-        return self._release(buf[: len(buf) - hold], buf[len(buf) - hold :]), False
-
-    def flush(self, piece: str = "") -> str:
-        """End of generation: release what was held back (it matched no stop string)."""
-        if self.matched:
-            return ""
-        released, _ = self.feed(piece)
-        return released + self._release(self._pending, "")
-
-    def _release(self, out: str, pending: str) -> str:
-        self.text += out
-        self._pending = pending
-        return out
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of stop."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0

@@ -37,6 +37,7 @@ RETRY_OUTCOMES = ("retry", "recovered", "exhausted")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 # Kernel launches: microseconds on a GPU up to seconds on the CPU emulator.
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _KERNEL_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.1, 1, 10)
 
 
@@ -119,6 +120,33 @@ METRICS: Mapping[str, MetricDef] = {
         MetricDef(
             "workbench_kv_cache_bytes", "gauge", ("model",), "Memory allocated to the KV cache."
         ),
+        MetricDef(
+            "workbench_batch_running_sequences", "gauge", ("model",),
+            "Sequences in the continuous batch (admitted, holding KV pages).",
+        ),
+        MetricDef(
+            "workbench_batch_waiting_sequences", "gauge", ("model",),
+            "Sequences submitted to the continuous batch, waiting for admission or pages.",
+        ),
+        MetricDef(
+            "workbench_batch_size_sequences", "histogram", ("model",),
+            "Sequences advanced by each step of the continuous batch.", _BATCH_BUCKETS,
+        ),
+        MetricDef(
+            "workbench_kv_pages_used", "gauge", ("model",),
+            "Pages of the paged KV cache held by running sequences.",
+        ),
+        MetricDef(
+            "workbench_kv_pages_capacity", "gauge", ("model",), "Pages of the paged KV cache."
+        ),
+        MetricDef(
+            "workbench_prefix_cache_hit_tokens_total", "counter", ("model",),
+            "Prompt positions served from the prefix cache instead of computed.",
+        ),
+        MetricDef(
+            "workbench_preemptions_total", "counter", ("model",),
+            "Sequences preempted (pages returned, recomputed later) when KV pages ran out.",
+        ),
     )
 }  # fmt: skip
 
@@ -189,6 +217,30 @@ class Metrics:
 
     def set_running(self, n: int) -> None:
         self._m["requests_running"].set(_count(n))
+
+    def batch_step(
+        self,
+        model: str,
+        *,
+        size: int,
+        running: int,
+        waiting: int,
+        pages_used: int,
+        pages_total: int,
+        new_hit_tokens: int = 0,
+        new_preemptions: int = 0,
+    ) -> None:
+        """One step of the continuous batch: its size, the queue, KV pages, new hits and
+        preemptions since the last step."""
+        if size < 0 or new_hit_tokens < 0 or new_preemptions < 0:
+            raise UserError("user.bad_argument", "batch sizes and counts must be >= 0")
+        self._m["batch_size_sequences"].labels(model).observe(size)
+        self._m["batch_running_sequences"].labels(model).set(_count(running))
+        self._m["batch_waiting_sequences"].labels(model).set(_count(waiting))
+        self._m["kv_pages_used"].labels(model).set(_count(pages_used))
+        self._m["kv_pages_capacity"].labels(model).set(_count(pages_total))
+        self._m["prefix_cache_hit_tokens"].labels(model).inc(new_hit_tokens)
+        self._m["preemptions"].labels(model).inc(new_preemptions)
 
     # -- kernels and resilience ------------------------------------------------------------
     def kernel_launch(self, kernel: str, backend: str, seconds: float) -> None:

@@ -100,7 +100,12 @@ class ServerState:
 def create_app(engine: Any | Callable[[], Any], settings: ServerSettings | None = None) -> FastAPI:
     """``engine``: an Engine, or a function that makes one (called on the worker thread)."""
     settings = settings or ServerSettings()
-    worker = Worker(engine, max_queue=settings.max_queue, warmup=settings.warmup)
+    worker = Worker(
+        engine,
+        max_queue=settings.max_queue,
+        warmup=settings.warmup,
+        max_batch=settings.max_batch,
+    )
     audit = (
         AuditLog(
             settings.audit_db,
@@ -256,7 +261,12 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
             "status": status,
             "ready": w.ready,
             "uptime_s": round(time.time() - server.started, 3),
-            "requests": {"running": w.running, "queued": w.queued, "max_queue": w.max_queue},
+            "requests": {
+                "running": w.running,
+                "queued": w.queued,
+                "max_queue": w.max_queue,
+                "max_batch": w.max_batch,
+            },
             "engine": engine_state,
             "error": w.load_error.code if w.load_error else None,
         }

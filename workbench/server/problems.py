@@ -84,7 +84,10 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_queue: int = 8  # requests waiting beyond the one running
+    max_queue: int = 8  # requests waiting beyond the running ones
+    # Requests generated together (continuous batching, NumPy backend). One at a time unless
+    # asked: `workbench serve --max-batch` asks for MAX_BATCH by default.
+    max_batch: int = 1
     request_timeout_s: float = 300.0  # submit to last token, queue wait included
     max_body_bytes: int = 1 << 20
     drain_grace_s: float = 30.0  # how long SIGTERM lets in-flight requests finish
@@ -104,6 +107,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         checks = (
             (self.max_queue >= 0, f"max queue must be >= 0, got {self.max_queue}"),
+            (self.max_batch >= 1, f"max batch must be >= 1, got {self.max_batch}"),
             (self.request_timeout_s > 0, "request timeout must be > 0 seconds"),
             (self.max_body_bytes > 0, "max body size must be > 0 bytes"),
             (self.drain_grace_s >= 0, "drain grace must be >= 0 seconds"),

@@ -63,6 +63,7 @@ class Job:
         self.cancel_reason: str | None = None  # "disconnect", "timeout", "shutdown"
         self.submitted = time.monotonic()
         self.generation: Any | None = None  # set by the worker once the generation exists
+        self.started: float | None = None  # time.monotonic() it joined the batch
         self._cancelled = threading.Event()
         self._on_cancel: Callable[[Job], None] | None = None
 
@@ -98,9 +99,14 @@ class Worker:
         *,
         max_queue: int,
         warmup: bool = True,
+        max_batch: int = 1,
     ) -> None:
         if max_queue < 0:
             raise InternalError("internal.bad_queue", f"max_queue must be >= 0, got {max_queue}")
+        if max_batch < 1:
+            raise InternalError("internal.bad_batch", f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._batch: list[Job] = []  # jobs in the engine's continuous batch
         self._factory: Callable[[], Any] = engine if callable(engine) else (lambda: engine)
         self.max_queue = max_queue
         self.warmup = warmup
@@ -135,7 +141,18 @@ class Worker:
 
     @property
     def running(self) -> int:
-        return 0 if self._running is None else 1
+        return len(self._batch) if self._batch else (0 if self._running is None else 1)
+
+    def batching(self) -> bool:
+        """Whether jobs run together through the engine's continuous batch: more than one
+        allowed, and an engine whose batch runs on its backend (the NumPy one)."""
+        e = self.engine
+        return (
+            self.max_batch > 1
+            and hasattr(e, "submit")
+            and getattr(getattr(e, "transformer", None), "backend", None) is not None
+            and e.transformer.backend.name == "numpy"
+        )
 
     def retry_after_s(self) -> float:
         """How long a refused client should wait: the jobs ahead times the mean job time."""
@@ -144,11 +161,11 @@ class Worker:
             mean = self._mean_job_s
         if mean is None:
             return RETRY_AFTER_S
-        return min(MAX_RETRY_AFTER_S, max(RETRY_AFTER_S, ahead * mean))
+        return min(MAX_RETRY_AFTER_S, max(RETRY_AFTER_S, ahead * mean / self.max_batch))
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and self._running is None
+            return not self._pending and self._running is None and not self._batch
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,9 +188,10 @@ class Worker:
                     "the model is still loading; retry shortly",
                     retry_after_s=RETRY_AFTER_S,
                 )
-            # One job runs and max_queue wait; counting the runner also covers the moment the
-            # worker is between jobs (running 0, one more waiting).
-            full = len(self._pending) + self.running > self.max_queue
+            # max_batch jobs run and max_queue wait; counting the running ones also covers the
+            # moment the worker is between jobs (running 0, one more waiting).
+            slots = self.max_batch if self.batching() else 1
+            full = len(self._pending) + self.running > self.max_queue + slots - 1
             if not full:
                 job._on_cancel = self._dequeue
                 self._pending.append(job)
@@ -199,13 +217,14 @@ class Worker:
             self._draining = self._stopping = True
             left = list(self._pending)
             self._pending.clear()
-            running = self._running
+            running = [self._running, *self._batch]
             self._publish()
             self._cond.notify_all()
         for job in left:
             job.post("error", shutdown_error())
-        if running is not None:
-            running.cancel("shutdown")
+        for job in running:
+            if job is not None:
+                job.cancel("shutdown")
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -229,6 +248,9 @@ class Worker:
 
     def _main(self) -> None:
         if not self._load():
+            return
+        if self.batching():
+            self._main_batched()
             return
         while True:
             with self._cond:
@@ -254,6 +276,96 @@ class Worker:
                         self._mean_job_s = took if m is None else (1 - a) * m + a * took
                     self._publish()
                     self._cond.notify_all()
+
+    def _main_batched(self) -> None:
+        """Jobs join the engine's continuous batch as slots free up; each pass steps the
+        batch once and hands every job the tokens it produced."""
+        engine = self.engine
+        assert engine is not None
+        view = _Submitter(engine)
+        while True:
+            with self._cond:
+                while not self._pending and not self._batch and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._batch:
+                    return
+                new = []
+                while self._pending and len(self._batch) + len(new) < self.max_batch:
+                    new.append(self._pending.popleft())
+                self._batch.extend(new)
+                self._publish()
+            for job in new:
+                if not self._begin(job, view):
+                    self._finish(job, completed=False)
+            try:
+                engine.step()
+            except Exception:  # a bug in the step itself: every job in it gets the error
+                log.exception("batched step failed")
+                for job in list(self._batch):
+                    job.post("error", InternalError("internal.generation_failed", "step"))
+                    self._finish(job, completed=False)
+                continue
+            for job in list(self._batch):
+                self._forward(job, engine)
+
+    def _begin(self, job: Job, view: Any) -> bool:
+        """Submit ``job``'s generation to the batch; False when it ended already."""
+        if job.cancelled:
+            return False
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            job.cancel("timeout")
+            job.post("error", _cancelled_error(job))
+            return False
+        try:
+            gen = job.start(view)
+        except WorkbenchError as e:
+            job.post("error", e)
+            return False
+        except Exception as e:
+            log.exception("generation failed")
+            job.post("error", InternalError("internal.generation_failed", f"{type(e).__name__}"))
+            return False
+        gen.deadline = job.deadline
+        gen.queued_s = time.monotonic() - job.submitted
+        job.generation = gen
+        job.started = time.monotonic()
+        if job.cancelled:
+            gen.cancel()
+        job.post("start", gen)
+        return True
+
+    def _forward(self, job: Job, engine: Any) -> None:
+        """Hand ``job`` the events its generation has ready; finish it when it has ended."""
+        gen = job.generation
+        assert gen is not None
+        try:
+            events = engine.batcher.take(gen)
+        except WorkbenchError as e:
+            job.post("error", e)
+            self._finish(job, completed=False)
+            return
+        for event in events:
+            job.post("token", event)
+        if not gen.cancelled and (
+            job.cancelled or (job.deadline is not None and time.monotonic() >= job.deadline)
+        ):
+            if not job.cancelled:
+                job.cancel("timeout")
+            gen.cancel()
+        if not events and gen.result is not None:
+            job.post("done", gen.result)
+            self._finish(job, completed=gen.result.finish_reason != "cancelled")
+
+    def _finish(self, job: Job, *, completed: bool) -> None:
+        with self._cond:
+            if job in self._batch:
+                self._batch.remove(job)
+            if completed and job.started is not None:
+                took = time.monotonic() - job.started
+                m, a = self._mean_job_s, DURATION_SMOOTHING
+                self._mean_job_s = took if m is None else (1 - a) * m + a * took
+            self._publish()
+            self._cond.notify_all()
 
     def _load(self) -> bool:
         t0 = time.perf_counter()
@@ -313,6 +425,19 @@ class Worker:
             log.exception("generation failed")
             job.post("error", InternalError("internal.generation_failed", f"{type(e).__name__}"))
         return False
+
+
+class _Submitter:
+    """The engine as a job's start function sees it, with generations going into the batch."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def generate(self, prompt: Any, config: Any = None, *, request_id: str | None = None) -> Any:
+        return self.engine.submit(prompt, config, request_id=request_id)
+
+    def chat(self, messages: Any, config: Any = None, *, request_id: str | None = None) -> Any:
+        return self.engine.submit_chat(messages, config, request_id=request_id)
 
 
 def shutdown_error(*, started: bool = False) -> RecoverableError:

@@ -1,0 +1,73 @@
+"""`workbench serve --max-batch`: concurrent requests run together and answer as alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+
+from tests.test_server import LiveServer, metric
+from workbench.engine.generate import Engine, GenerationConfig
+from workbench.server import ServerSettings
+
+
+def test_concurrent_requests_share_steps_and_match_the_engine(tiny_model: Path, rng, seed):
+    engine = Engine(tiny_model, backend="numpy", max_batch=4)
+    vocab = engine.spec.vocab_size
+    prompts = [
+        "".join(chr(int(c)) for c in rng.integers(97, 123, size=int(rng.integers(4, 30))))
+        for _ in range(6)
+    ]
+    expected = [
+        engine.generate(p, GenerationConfig(temperature=0.0, max_tokens=12)).run().text
+        for p in prompts
+    ]
+    settings = ServerSettings(max_batch=4, max_queue=8, audit_db=None)
+    texts: list[str | None] = [None] * len(prompts)
+
+    with LiveServer(engine, settings) as live:
+        assert live.worker.batching()
+
+        def ask(i: int) -> None:
+            r = httpx.post(
+                f"{live.url}/v1/completions",
+                json={
+                    "model": engine.model.name,
+                    "prompt": prompts[i],
+                    "max_tokens": 12,
+                    "temperature": 0.0,
+                },
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            texts[i] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert texts == expected, f"seed {seed}, vocab {vocab}"
+        steps = metric(live.url, "workbench_batch_size_sequences_count")
+        sizes = metric(live.url, "workbench_batch_size_sequences_sum")
+        assert steps > 0 and sizes > steps, "no step advanced more than one sequence"
+        assert metric(live.url, "workbench_kv_pages_capacity") == engine.batcher.pool.n_pages
+        health = httpx.get(f"{live.url}/health").json()
+        assert health["requests"]["max_batch"] == 4
+        assert health["engine"]["batch"]["pages_used"] == 0
+
+
+def test_bench_serve_reports_every_level(tiny_model: Path):
+    from workbench.server.bench import bench_serve
+
+    engine = Engine(tiny_model, backend="numpy")
+    r = bench_serve(engine, [1, 2], prompt_tokens=8, gen_tokens=6, requests=2)
+    assert [lv.clients for lv in r.levels] == [1, 2] and r.url == "in-process"
+    for lv in r.levels:
+        assert lv.requests == 2 * lv.clients
+        assert 0 < lv.tokens <= 6 * lv.requests
+        assert lv.tok_s > 0 and lv.ttft_p50_s <= lv.ttft_p99_s
+    assert engine.batcher.max_batch >= 2
+    d = r.to_dict()
+    assert set(d["levels"][0]) >= {"tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"}

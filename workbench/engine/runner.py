@@ -1,0 +1,61 @@
+"""One forward pass over a batch of sequences whose keys and values live in pages.
+
+The rows of every sequence in the step (one per decoding sequence, a chunk for a prefilling one)
+go through the elementwise operations (embedding, norms, residual adds, SwiGLU) together. The
+weight products run per sequence through the backend's own `linear`, so a decoding row takes the
+same one-row kernel (and the same accumulation order) as a single-caller decode and a prefill
+chunk the same matrix product as a single-caller chunk: a sequence's tokens do not depend on
+who it is batched with. Attention gathers each sequence's pages into one contiguous run of
+positions and calls the backend's attention, as the single-caller path does on its own cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from workbench.engine.model import Transformer
+from workbench.engine.pages import PagePool
+
+# (page table, first position, token ids) of one sequence's rows in a step
+Slice = tuple[list[int], int, list[int]]
+
+
+def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
+    """Run every slice's tokens at its positions; return each slice's last-position logits
+    (vocab,), in order. Keys and values are written into the slices' pages."""
+    spec, be = tf.spec, tf.backend
+    hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    bounds = []
+    row = 0
+    for _, _, toks in slices:
+        bounds.append((row, row + len(toks)))
+        row += len(toks)
+
+    def linear(w: Any, h: Any) -> Any:
+        parts = [be.linear(w, h[a:b]) for a, b in bounds]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    ids = np.asarray([t for _, _, toks in slices for t in toks], dtype=np.int64)
+    x = be.embed(tf.tok_embd, ids)  # (rows, dim)
+    for i, lw in enumerate(tf.layers):
+        h = be.rmsnorm(x, lw.attn_norm, spec.norm_eps)  # (rows, dim)
+        att = []
+        for (a, b), (table, start, _) in zip(bounds, slices, strict=True):
+            n = b - a
+            q = be.linear(lw.attn_q, h[a:b]).reshape(n, nh, hd)  # (n, heads, hd)
+            k = be.linear(lw.attn_k, h[a:b]).reshape(n, nkv, hd)  # (n, kv_heads, hd)
+            v = be.linear(lw.attn_v, h[a:b]).reshape(n, nkv, hd)  # (n, kv_heads, hd)
+            be.rope(q, start, spec, tf.rope_factors)
+            be.rope(k, start, spec, tf.rope_factors)
+            pool.write(i, table, start, k, v)
+            kc, vc = pool.gather(i, table, start + n)  # (kv_heads, start+n, hd) each
+            att.append(be.attention(q, kc, vc, start))  # (n, heads*hd)
+        x = be.add(x, linear(lw.attn_output, att[0] if len(att) == 1 else np.concatenate(att)))
+        h = be.rmsnorm(x, lw.ffn_norm, spec.norm_eps)
+        ff = be.swiglu(linear(lw.ffn_gate, h), linear(lw.ffn_up, h))  # (rows, ffn)
+        x = be.add(x, linear(lw.ffn_down, ff))
+    last = x[[b - 1 for _, b in bounds]]  # (slices, dim)
+    h = be.rmsnorm(last, tf.output_norm, spec.norm_eps)
+    return [be.linear(tf.output, h[j : j + 1])[0] for j in range(len(slices))]

@@ -1,0 +1,213 @@
+"""`workbench bench serve`: concurrent streaming clients against a server, per concurrency level.
+
+Each level runs ``clients`` threads at once; each sends ``requests`` streaming completions one
+after the other (a distinct prompt each, so the prefix cache does not turn the benchmark into a
+cache test) and records when every token chunk arrives. Reported per level: aggregate generated
+tokens/s (all tokens over the level's wall time), time to first token and inter-token latency at
+p50 and p99. The server is the caller's (``url``) or one started in this process on a loopback
+port with room for the largest level.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from workbench.errors import UserError
+
+
+@dataclass(frozen=True)
+class ServeLevel:
+    clients: int
+    requests: int  # completed requests
+    tokens: int  # generated tokens received
+    wall_s: float
+    tok_s: float  # aggregate: tokens / wall_s
+    ttft_p50_s: float
+    ttft_p99_s: float
+    itl_p50_s: float
+    itl_p99_s: float
+
+
+@dataclass(frozen=True)
+class ServeBench:
+    model: str
+    url: str  # "in-process" when the benchmark started the server itself
+    prompt_tokens: int
+    gen_tokens: int
+    levels: tuple[ServeLevel, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _one_request(
+    client: httpx.Client, url: str, model: str, prompt: str, gen_tokens: int
+) -> tuple[float, list[float]]:
+    """(time to first token, arrival times of every token chunk) of one streaming request."""
+    body = {"model": model, "prompt": prompt, "max_tokens": gen_tokens, "temperature": 0.0,
+            "stream": True}  # fmt: skip
+    t0 = time.perf_counter()
+    arrivals: list[float] = []
+    with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            raise UserError(
+                "user.bench_request_failed",
+                f"the server answered {r.status_code}: {r.text[:200]}",
+            )
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                arrivals.append(time.perf_counter())
+    if not arrivals:
+        return float("nan"), []
+    return arrivals[0] - t0, arrivals
+
+
+def run_level(
+    url: str, model: str, prompts: Callable[[int, int], str], *, clients: int, requests: int,
+    gen_tokens: int, headers: dict[str, str] | None = None,
+) -> ServeLevel:  # fmt: skip
+    """``clients`` threads, each sending ``requests`` streaming completions in turn."""
+    ttfts: list[float] = []
+    itls: list[float] = []
+    tokens = 0
+    done = 0
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client_main(c: int) -> None:
+        nonlocal tokens, done
+        try:
+            with httpx.Client(timeout=600, headers=headers) as client:
+                for j in range(requests):
+                    ttft, arrivals = _one_request(client, url, model, prompts(c, j), gen_tokens)
+                    with lock:
+                        done += 1
+                        tokens += len(arrivals)
+                        if arrivals:
+                            ttfts.append(ttft)
+                            itls.extend(np.diff(arrivals).tolist())
+        except BaseException as e:  # reported to the caller's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_main, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return ServeLevel(
+        clients=clients,
+        requests=done,
+        tokens=tokens,
+        wall_s=wall,
+        tok_s=tokens / wall if wall else 0.0,
+        ttft_p50_s=_percentile(ttfts, 50),
+        ttft_p99_s=_percentile(ttfts, 99),
+        itl_p50_s=_percentile(itls, 50),
+        itl_p99_s=_percentile(itls, 99),
+    )
+
+
+@contextmanager
+def in_process_server(engine: Any, max_batch: int) -> Iterator[str]:
+    """The engine behind `create_app` on a loopback port, for the duration; yields its URL."""
+    from workbench.server import ServerSettings, create_app
+    from workbench.server.serving import DrainingServer, uvicorn_config
+
+    settings = ServerSettings(max_batch=max_batch, max_queue=max_batch, audit_db=None, warmup=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = create_app(engine, settings)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.server, 0.0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.started and app.state.server.worker.ready):
+            if app.state.server.worker.load_error is not None:
+                raise app.state.server.worker.load_error
+            if time.monotonic() > deadline:
+                raise UserError("user.bench_server", "the in-process server did not start")
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def bench_serve(
+    engine: Any | None,
+    clients: Sequence[int],
+    *,
+    url: str | None = None,
+    model: str | None = None,
+    prompt_tokens: int = 64,
+    gen_tokens: int = 64,
+    requests: int = 2,
+    api_key: str | None = None,
+    progress: Callable[[ServeLevel], None] | None = None,
+) -> ServeBench:
+    """Run every concurrency level in ``clients``; against ``url`` when given, else against
+    ``engine`` served in this process (its batch sized for the largest level)."""
+    if not clients or any(c < 1 for c in clients):
+        raise UserError("user.bad_clients", "client counts must be >= 1")
+    if prompt_tokens < 1 or gen_tokens < 1 or requests < 1:
+        raise UserError("user.bad_bench", "prompt and generated tokens, requests must be >= 1")
+    if url is None and engine is None:
+        raise UserError("user.bad_bench", "give an engine or the URL of a running server")
+    filler = " ".join(f"w{i % 97}" for i in range(prompt_tokens))
+
+    def prompts(c: int, j: int) -> str:
+        # The tag first: two prompts differ from their first page, so none shares a prefix.
+        words = f"client {c} request {j}: {filler}".split()
+        return " ".join(words[: max(1, prompt_tokens // 2)])
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    levels: list[ServeLevel] = []
+
+    def run_all(target: str, name: str) -> None:
+        run_level(target, name, prompts, clients=1, requests=1, gen_tokens=2, headers=headers)
+        for c in clients:
+            level = run_level(
+                target, name, prompts, clients=c, requests=requests, gen_tokens=gen_tokens,
+                headers=headers,
+            )  # fmt: skip
+            levels.append(level)
+            if progress is not None:
+                progress(level)
+
+    if url is not None:
+        name = model or httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
+        run_all(url.rstrip("/"), name)
+        where = url
+    else:
+        if engine._batcher is None:  # the batch is sized on first use
+            engine.max_batch = max(engine.max_batch, max(clients))
+        name = engine.model.name
+        with in_process_server(engine, max(clients)) as local:
+            run_all(local, name)
+        where = "in-process"
+    return ServeBench(name, where, prompt_tokens, gen_tokens, tuple(levels))
