@@ -8,12 +8,14 @@ reused scratch buffer and hands the product to BLAS. All activations are float32
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
 from threadpoolctl import threadpool_limits
 
-from workbench.backends import cpu_ops, quant_cpu
+from workbench.backends import cpu_ops, fused_decode, quant_cpu
+from workbench.backends.fused_decode import FusedDecoder
 from workbench.gguf.reader import ModelSpec, Tensor
 
 
@@ -31,7 +33,9 @@ class NumpyBackend:
     name = "numpy"
     xp = np
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, *, fused: bool = True) -> None:
+        """threads: kernel threads (default: numba's count); fused: decode a token in one
+        compiled call (`fused_decode`) instead of one call per operation."""
         if threads is not None:
             quant_cpu.set_threads(threads)  # validates the count
             # BLAS (prefill) uses its own pool; cap it too so --threads means what it says.
@@ -40,6 +44,19 @@ class NumpyBackend:
         self._rope_key: tuple | None = None
         self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
+        self.fused = fused
+
+    def fused_decoder(self, transformer: Any) -> FusedDecoder | None:
+        """The one-call decoder for ``transformer``'s weights, or None to decode per operation."""
+        if not self.fused:
+            return None
+        return FusedDecoder.build(transformer, self.threads)
+
+    @staticmethod
+    def warm_up() -> None:
+        """Compile (or load from numba's disk cache) the fused decode kernels, for both the
+        threaded and the single-thread loops, on a one-layer model of zeros. Idempotent."""
+        fused_decode.warm_up()
 
     # -- weights ---------------------------------------------------------------------------
     def load_weight(self, t: Tensor) -> Weight:
@@ -90,22 +107,9 @@ class NumpyBackend:
         key = (start, x.shape[0], spec, None if factors is None else factors.name)
         if self._rope_key != key:
             self._rope_key = key
-            self._rope_cos_sin = self._rope_tables(start, x.shape[0], spec, factors)
+            self._rope_cos_sin = cpu_ops.rope_tables(start, x.shape[0], spec, factors)
         cos, sin = self._rope_cos_sin  # (n, rope_dim/2) each
         cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
-
-    @staticmethod
-    def _rope_tables(
-        start: int, n: int, spec: ModelSpec, factors: Weight | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        # Angles in float64 so that positions in the thousands keep their low-order bits.
-        half = spec.rope_dim // 2
-        inv_freq = spec.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / spec.rope_dim)
-        if factors is not None:
-            inv_freq = inv_freq / factors.data.astype(np.float64)
-        positions = np.arange(start, start + n, dtype=np.float64) / spec.rope_scale
-        angles = np.outer(positions, inv_freq)  # (n, half)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     def kv_append(
         self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int
