@@ -19,24 +19,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gq
 from gguf.constants import QK_K
 
+from tests.synth import F16_FIELDS
 from workbench.backends import quant_cpu as qc
 from workbench.errors import ModelError, UserError
 from workbench.gguf.quants import FLOAT_TYPES, SUPPORTED_TYPES, block_layout
-
-# Byte offsets of the fp16 fields (d, m, dmin) in each block, from the field order of gguf-py's
-# dequantize_blocks: these must hold finite values for a random block to be a sensible one.
-F16_FIELDS = {
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q8_0: (0,),
-    Q.Q2_K: (QK_K // 16 + QK_K // 4, QK_K // 16 + QK_K // 4 + 2),
-    Q.Q3_K: (QK_K // 8 + QK_K // 4 + 12,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (QK_K // 2 + QK_K // 4 + QK_K // 16,),
-}
 
 
 @dataclass

@@ -86,7 +86,7 @@ def rope_tables(
 ) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (n, rope_dim/2) float32 for positions start..start+n-1 of ``spec``'s RoPE.
 
-    ``factors``: a weight whose ``data`` (rope_dim/2,) divides the frequencies (rope_freqs), or None.
+    ``factors``: a weight whose ``data`` (rope_dim/2,) divides the frequencies, or None.
     """
     # Angles in float64 so that positions in the thousands keep their low-order bits.
     half = spec.rope_dim // 2
