@@ -34,12 +34,15 @@ class NumpyBackend:
     xp = np
 
     def __init__(self, threads: int | None = None, *, fused: bool = True) -> None:
-        """threads: kernel threads (default: numba's count); fused: decode a token in one
+        """threads: kernel threads (default: the physical cores); fused: decode a token in one
         compiled call (`fused_decode`) instead of one call per operation."""
-        if threads is not None:
-            quant_cpu.set_threads(threads)  # validates the count
-            # BLAS (prefill) uses its own pool; cap it too so --threads means what it says.
-            threadpool_limits(threads)
+        if threads is None:
+            # One thread per physical core: a second hyper-thread of a core adds no bandwidth
+            # or FMA units to these kernels, only contention.
+            threads = quant_cpu.default_threads()
+        quant_cpu.set_threads(threads)  # validates the count
+        # BLAS (prefill) uses its own pool; cap it too so --threads means what it says.
+        threadpool_limits(threads)
         self.threads = quant_cpu.get_threads()
         self._rope_key: tuple | None = None
         self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None

@@ -31,6 +31,8 @@ Numerical contracts:
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numba
@@ -46,7 +48,10 @@ from workbench.gguf.quants import SUPPORTED_TYPES, block_layout
 
 Q = GGMLQuantizationType
 
-__all__ = ["dequantize", "get_rows", "get_threads", "matmul", "matvec", "set_threads"]
+__all__ = [
+    "default_threads", "dequantize", "get_rows", "get_threads", "matmul", "matvec",
+    "physical_cores", "set_threads",
+]  # fmt: skip
 
 # ------------------------------------------------------------------------------------------------
 # Block layouts. Sizes come from gguf's table (`block_layout`); field offsets are derived from the
@@ -1626,6 +1631,24 @@ def set_threads(n: int) -> None:
             limit=limit,
         )
     numba.set_num_threads(int(n))
+
+
+def physical_cores() -> int:
+    """Physical cores of this machine (hyper-threads of one core count once), from sysfs.
+
+    Falls back to the logical CPU count where the topology is not exposed."""
+    cores = set()
+    for topo in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topo / "physical_package_id").read_text(), (topo / "core_id").read_text()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The kernels' default thread count: the physical cores, within numba's limit."""
+    return max(1, min(physical_cores(), numba.config.NUMBA_NUM_THREADS))
 
 
 def get_threads() -> int:
