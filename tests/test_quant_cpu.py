@@ -208,6 +208,12 @@ def test_matmul(qtype: Q, r: Rand, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without scratch, chunks of at most _CHUNK_BYTES.
     monkeypatch.setattr(qc, "_CHUNK_BYTES", 5 * 4 * cols)
     assert_dot_close(qc.matmul(qtype, raw, x), w, x, f"small chunks, {qtype.name} {r}")
+    # Dequantization split across a thread pool: the same bits as on the calling thread alone.
+    monkeypatch.setattr(qc, "_PAR_MIN_BYTES", 0)
+    for workers in (2, 3):
+        np.testing.assert_array_equal(
+            qc.matmul(qtype, raw, x, workers=workers), qc.matmul(qtype, raw, x), f"{workers} {r}"
+        )
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)

@@ -83,12 +83,13 @@ class NumpyBackend:
             self._scratch = np.empty(size, dtype=np.float32)
         # Prefill alternates numba dequantization with BLAS. numba's OpenMP workers spin-wait
         # after each parallel region and starve BLAS's threads on the same cores (measured on 2
-        # cores: 15-70 tok/s instead of 300+). Dequantizing on the calling thread keeps the
-        # workers asleep; BLAS, which does almost all the work, keeps every core.
+        # cores: 15-70 tok/s instead of 300+). So numba runs single-threaded here and the
+        # dequantization is split across a plain thread pool whose threads block, not spin,
+        # while BLAS multiplies.
         threads = quant_cpu.get_threads()
         quant_cpu.set_threads(1)
         try:
-            return quant_cpu.matmul(w.qtype, w.data, x, scratch=self._scratch)
+            return quant_cpu.matmul(w.qtype, w.data, x, scratch=self._scratch, workers=self.threads)
         finally:
             quant_cpu.set_threads(threads)
 

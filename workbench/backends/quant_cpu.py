@@ -31,7 +31,9 @@ Numerical contracts:
 
 from __future__ import annotations
 
+import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -1044,10 +1046,11 @@ def _dot_bf16_row(row, x, xs, n):
 # out (n, cols) / (rows,) float32; x (cols,) float32. ``par`` picks the threaded loop; small
 # matrices take the plain loop, because waking the worker threads costs more than they save.
 # Dequantization drivers are compiled without fastmath (bit-identity); matvec drivers with it.
+# Dequantization releases the GIL, so that `matmul` can split a chunk across its own threads.
 # ------------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_f32(raw, ids, out, par):
     n = raw.shape[1] // _F32_B
     if par:
@@ -1069,7 +1072,7 @@ def _mv_f32(raw, x, out, par):
             out[r] = _dot_f32_row(raw[r], x, x, n)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_f16(raw, ids, out, par):
     n = raw.shape[1] // _F16_B
     if par:
@@ -1091,7 +1094,7 @@ def _mv_f16(raw, x, out, par):
             out[r] = _dot_f16_row(raw[r], x, x, n)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_bf16(raw, ids, out, par):
     n = raw.shape[1] // _BF16_B
     if par:
@@ -1113,7 +1116,7 @@ def _mv_bf16(raw, x, out, par):
             out[r] = _dot_bf16_row(raw[r], x, x, n)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q4_0(raw, ids, out, par):
     nb = raw.shape[1] // _Q4_0_B
     if par:
@@ -1136,7 +1139,7 @@ def _mv_q4_0(raw, x, out, par):
             out[r] = _dot_q4_0_row(raw[r], x, xs, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q4_1(raw, ids, out, par):
     nb = raw.shape[1] // _Q4_1_B
     if par:
@@ -1159,7 +1162,7 @@ def _mv_q4_1(raw, x, out, par):
             out[r] = _dot_q4_1_row(raw[r], x, xs, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q5_0(raw, ids, out, par):
     nb = raw.shape[1] // _Q5_0_B
     if par:
@@ -1182,7 +1185,7 @@ def _mv_q5_0(raw, x, out, par):
             out[r] = _dot_q5_0_row(raw[r], x, xs, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q5_1(raw, ids, out, par):
     nb = raw.shape[1] // _Q5_1_B
     if par:
@@ -1205,7 +1208,7 @@ def _mv_q5_1(raw, x, out, par):
             out[r] = _dot_q5_1_row(raw[r], x, xs, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q8_0(raw, ids, out, par):
     nb = raw.shape[1] // _Q8_0_B
     if par:
@@ -1227,7 +1230,7 @@ def _mv_q8_0(raw, x, out, par):
             out[r] = _dot_q8_0_row(raw[r], x, x, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q2_k(raw, ids, out, par):
     nb = raw.shape[1] // _Q2_K_B
     if par:
@@ -1250,7 +1253,7 @@ def _mv_q2_k(raw, x, out, par):
             out[r] = _dot_q2_k_row(raw[r], x, xs, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q3_k(raw, ids, out, par):
     nb = raw.shape[1] // _Q3_K_B
     if par:
@@ -1272,7 +1275,7 @@ def _mv_q3_k(raw, x, out, par):
             out[r] = _dot_q3_k_row(raw[r], x, x, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q4_k(raw, ids, out, par):
     nb = raw.shape[1] // _Q4_K_B
     if par:
@@ -1295,7 +1298,7 @@ def _mv_q4_k(raw, x, out, par):
             out[r] = _dot_q4_k_row(raw[r], x, xs, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q5_k(raw, ids, out, par):
     nb = raw.shape[1] // _Q5_K_B
     if par:
@@ -1318,7 +1321,7 @@ def _mv_q5_k(raw, x, out, par):
             out[r] = _dot_q5_k_row(raw[r], x, xs, nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _deq_q6_k(raw, ids, out, par):
     nb = raw.shape[1] // _Q6_K_B
     if par:
@@ -1529,12 +1532,17 @@ def matmul(
     out: np.ndarray | None = None,
     *,
     scratch: np.ndarray | None = None,
+    workers: int = 1,
 ) -> np.ndarray:
     """``x @ W.T``: raw (rows, row_bytes) uint8, x (n, cols) -> (n, rows) float32.
 
     W is dequantized a chunk of rows at a time (at most 16 MB of float32, inside ``scratch`` when
     given: any writable C-contiguous float32 array of at least ``cols`` values) and each chunk
     goes to BLAS. A single row of x takes the fused `matvec` path instead.
+
+    ``workers`` > 1 splits each chunk's dequantization across that many threads of a plain
+    thread pool (the calling thread is one): they block between chunks instead of spin-waiting as
+    numba's OpenMP workers do, so BLAS keeps every core while it multiplies.
     """
     k = _kernels(qtype)
     raw, cols = _matrix("matmul", k, raw)
@@ -1586,9 +1594,31 @@ def matmul(
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
         w = buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)  # (r1 - r0, cols) float32
-        k.deq(raw[r0:r1], _ALL_ROWS, w, w.nbytes >= _PAR_MIN_BYTES)
+        if workers > 1 and w.nbytes >= _PAR_MIN_BYTES:
+            _deq_split(k, raw[r0:r1], w, workers)
+        else:
+            k.deq(raw[r0:r1], _ALL_ROWS, w, w.nbytes >= _PAR_MIN_BYTES)
         np.matmul(x, w.T, out=out[:, r0:r1])
     return out
+
+
+_POOL: ThreadPoolExecutor | None = None  # `matmul`'s dequantization helpers, made on first use
+
+
+def _deq_split(k: _Kernels, raw: np.ndarray, w: np.ndarray, workers: int) -> None:
+    """Dequantize raw (rows, row_bytes) into w (rows, cols) in ``workers`` row slices at once."""
+    global _POOL
+    if _POOL is None:  # threads start as work arrives, up to numba's thread limit
+        limit = max(numba.config.NUMBA_NUM_THREADS - 1, 1)
+        _POOL = ThreadPoolExecutor(limit, thread_name_prefix="workbench-deq")
+    bounds = np.linspace(0, raw.shape[0], workers + 1).astype(int)  # (workers + 1,)
+    futures = [
+        _POOL.submit(k.deq, raw[a:b], _ALL_ROWS, w[a:b], False)
+        for a, b in itertools.pairwise(bounds[1:])
+    ]
+    k.deq(raw[: bounds[1]], _ALL_ROWS, w[: bounds[1]], False)
+    for f in futures:
+        f.result()
 
 
 def get_rows(qtype: GGMLQuantizationType, raw: np.ndarray, ids: np.ndarray) -> np.ndarray:
