@@ -8,7 +8,8 @@ next-token distributions of both engines: KL(llama.cpp || ours) and the top-5 ov
 far llama.cpp's batched and token-by-token logits differ from each other (it quantizes
 activations to 8 bits, so it is not exact even against itself).
 Speed: prefill of the same 128-token prompt and 128 greedy decode steps, same thread count,
-both engines in this one run, alternating, median of --runs after a warm-up.
+both engines in this one run, alternating run by run (each warmed up), --runs times; the ratios
+are reported per run and as the minimum, with this machine's limits measured once at the end.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from workbench import store
-    from workbench.engine.bench import bench_generate, bench_prompt
+    from workbench.engine import limits
+    from workbench.engine.bench import bench_generate, bench_prompt, layer_shapes, prefill_flops
     from workbench.engine.generate import Engine
 
     path = str(store.resolve(args.model, store.default_home()))
@@ -74,25 +76,45 @@ def main() -> None:
     self_diff = float(np.abs(np.array(ref["stepwise_first"]) - np.array(ref["logits"][0])).max())
 
     prompt = bench_prompt(engine.tokenizer, 128).tolist()
-    theirs = ask_llamacpp(
-        args.llama_python,
-        {"op": "bench", "model": path, "threads": args.threads, "prompt": prompt,
-         "gen_tokens": 128, "runs": args.runs},
-    )  # fmt: skip
-    ours = bench_generate(engine, prompt_tokens=128, gen_tokens=128, runs=args.runs)
-    llama_prefill = 128 / statistics.median(theirs["prefill_s"])
-    llama_decode = 128 / statistics.median(theirs["decode_s"])
+    # Alternate: one llama.cpp run, then one of ours, --runs times (each side warms up before its
+    # timed run), so that a change in the machine's load hits both engines alike; the bars are
+    # per-run ratios.
+    runs = []
+    for _ in range(args.runs):
+        theirs = ask_llamacpp(
+            args.llama_python,
+            {"op": "bench", "model": path, "threads": args.threads, "prompt": prompt,
+             "gen_tokens": 128, "runs": 1},
+        )  # fmt: skip
+        ours = bench_generate(engine, prompt_tokens=128, gen_tokens=128, runs=1,
+                              measure_limits=False)  # fmt: skip
+        lp, ld = 128 / theirs["prefill_s"][0], 128 / theirs["decode_s"][0]
+        runs.append({
+            "ours": {"prefill_tok_s": ours.prefill_tok_s, "decode_tok_s": ours.decode_tok_s},
+            "llamacpp": {"prefill_tok_s": lp, "decode_tok_s": ld},
+            "prefill_ratio": ours.prefill_tok_s / lp,
+            "decode_ratio": ours.decode_tok_s / ld,
+            "peak_rss_mb": ours.peak_rss_mb,
+        })  # fmt: skip
+    machine = limits.measure(layer_shapes(engine), 128, engine.backend.threads)
+    med = {k: statistics.median(r["ours"][k] for r in runs) for k in runs[0]["ours"]}
+    model_bytes = sum(t.nbytes for t in engine.model.gguf.tensors.values())
     result = {
         "model": path,
         "threads": args.threads,
         "accuracy": accuracy,
         "llamacpp_batched_vs_stepwise_max_abs_logit_diff": self_diff,
         "speed": {
-            "ours": {"prefill_tok_s": ours.prefill_tok_s, "decode_tok_s": ours.decode_tok_s,
-                     "peak_rss_mb": ours.peak_rss_mb},
-            "llamacpp": {"prefill_tok_s": llama_prefill, "decode_tok_s": llama_decode},
-            "prefill_ratio": ours.prefill_tok_s / llama_prefill,
-            "decode_ratio": ours.decode_tok_s / llama_decode,
+            "runs": runs,
+            "min_prefill_ratio": min(r["prefill_ratio"] for r in runs),
+            "min_decode_ratio": min(r["decode_ratio"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "read_gb_s": machine.read_gb_s,
+            "gemm_gflops": machine.gemm_gflops,
+            "decode_bandwidth_fraction": model_bytes * med["decode_tok_s"] / 1e9
+            / machine.read_gb_s,
+            "prefill_gemm_fraction": prefill_flops(engine, 128) * med["prefill_tok_s"] / 128
+            / 1e9 / machine.gemm_gflops,
         },
     }  # fmt: skip
     text = json.dumps(result, indent=2)
