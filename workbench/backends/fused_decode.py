@@ -7,7 +7,7 @@ projection, the residuals, the FFN norm, gate/up and SwiGLU, down, and finally t
 logits -- is one numba call over preallocated buffers. Matrix-vector products of one input are
 merged into one threaded loop (Q, K and V; gate and up), so a layer is four parallel regions.
 
-Numerics are the reference's: the same row kernels (`quant_cpu._dot_*_row`, whose accumulation
+Numerics are the reference's: the same row kernels (`quant_blocks._dot_*_row`, whose accumulation
 order is fixed per row), the same block sums of the input, the same RMSNorm, RoPE tables and
 attention loops (`cpu_ops`). SwiGLU's float32 ``exp`` comes from a different library than
 NumPy's, and LLVM may vectorise the block sums differently where they are inlined, so logits agree
@@ -29,7 +29,7 @@ from gguf.constants import QK_K
 from numba import njit, prange
 
 from workbench.backends import cpu_ops, quant_cpu
-from workbench.backends.quant_cpu import (
+from workbench.backends.quant_blocks import (
     _dot_bf16_row,
     _dot_f16_row,
     _dot_f32_row,
