@@ -23,6 +23,8 @@ import numpy as np
 from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
+import workbench.backends  # noqa: F401  (numba's OpenMP wait policy, before its threads start)
+
 # At least this much is read per pass even on machines with small caches.
 _MIN_READ_BYTES = 256 << 20
 _CACHE_MULTIPLE = 2  # read buffer / last-level cache
