@@ -208,12 +208,12 @@ def test_matmul(qtype: Q, r: Rand, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without scratch, chunks of at most _CHUNK_BYTES.
     monkeypatch.setattr(qc, "_CHUNK_BYTES", 5 * 4 * cols)
     assert_dot_close(qc.matmul(qtype, raw, x), w, x, f"small chunks, {qtype.name} {r}")
-    # Dequantization split across a thread pool: the same bits as on the calling thread alone.
+    # Rows split across a thread pool, each slice dequantized and multiplied by its own thread.
     monkeypatch.setattr(qc, "_PAR_MIN_BYTES", 0)
     for workers in (2, 3):
-        np.testing.assert_array_equal(
-            qc.matmul(qtype, raw, x, workers=workers), qc.matmul(qtype, raw, x), f"{workers} {r}"
-        )
+        out = np.full((n, rows), np.nan, np.float32)
+        assert qc.matmul(qtype, raw, x, out, workers=workers) is out
+        assert_dot_close(out, w, x, f"workers={workers}, {qtype.name} {r}")
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)

@@ -585,9 +585,10 @@ def matmul(
     given: any writable C-contiguous float32 array of at least ``cols`` values) and each chunk
     goes to BLAS. A single row of x takes the fused `matvec` path instead.
 
-    ``workers`` > 1 splits each chunk's dequantization across that many threads of a plain
-    thread pool (the calling thread is one): they block between chunks instead of spin-waiting as
-    numba's OpenMP workers do, so BLAS keeps every core while it multiplies.
+    ``workers`` > 1 splits each chunk's rows across that many threads of a plain thread pool (the
+    calling thread is one), each dequantizing its slice and multiplying it with BLAS: the
+    dequantization of one slice overlaps the product of another, and no thread spin-waits.
+    Limit BLAS to one thread around such calls (as the NumPy backend does).
     """
     k = _kernels(qtype)
     raw, cols = _matrix("matmul", k, raw)
@@ -640,28 +641,40 @@ def matmul(
         r1 = min(rows, r0 + chunk)
         w = buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)  # (r1 - r0, cols) float32
         if workers > 1 and w.nbytes >= _PAR_MIN_BYTES:
-            _deq_split(k, raw[r0:r1], w, workers)
+            _split(k, raw[r0:r1], x, w, out[:, r0:r1], workers)
         else:
             k.deq(raw[r0:r1], _ALL_ROWS, w, w.nbytes >= _PAR_MIN_BYTES)
-        np.matmul(x, w.T, out=out[:, r0:r1])
+            np.matmul(x, w.T, out=out[:, r0:r1])
     return out
 
 
-_POOL: ThreadPoolExecutor | None = None  # `matmul`'s dequantization helpers, made on first use
+_POOL: ThreadPoolExecutor | None = None  # `matmul`'s helper threads, made on first use
 
 
-def _deq_split(k: _Kernels, raw: np.ndarray, w: np.ndarray, workers: int) -> None:
-    """Dequantize raw (rows, row_bytes) into w (rows, cols) in ``workers`` row slices at once."""
+def _slice(k: _Kernels, raw: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    k.deq(raw, _ALL_ROWS, w, False)
+    np.matmul(x, w.T, out=out)
+
+
+def _split(
+    k: _Kernels, raw: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.ndarray, workers: int
+) -> None:
+    """out = x @ dequantize(raw).T in ``workers`` slices of W's rows, each dequantized into its
+    part of w (rows, cols) and multiplied by its own thread (the calling thread is one).
+
+    Each slice is independent: no thread waits for another until the end, so a thread that the
+    OS deschedules delays only its slice, and each BLAS call should run on one thread.
+    """
     global _POOL
     if _POOL is None:  # threads start as work arrives, up to numba's thread limit
         limit = max(numba.config.NUMBA_NUM_THREADS - 1, 1)
-        _POOL = ThreadPoolExecutor(limit, thread_name_prefix="workbench-deq")
+        _POOL = ThreadPoolExecutor(limit, thread_name_prefix="workbench-matmul")
     bounds = np.linspace(0, raw.shape[0], workers + 1).astype(int)  # (workers + 1,)
     futures = [
-        _POOL.submit(k.deq, raw[a:b], _ALL_ROWS, w[a:b], False)
+        _POOL.submit(_slice, k, raw[a:b], x, w[a:b], out[:, a:b])
         for a, b in itertools.pairwise(bounds[1:])
     ]
-    k.deq(raw[: bounds[1]], _ALL_ROWS, w[: bounds[1]], False)
+    _slice(k, raw[: bounds[1]], x, w[: bounds[1]], out[:, : bounds[1]])
     for f in futures:
         f.result()
 
