@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -210,6 +211,7 @@ def test_matmul(qtype: Q, r: Rand, monkeypatch: pytest.MonkeyPatch) -> None:
     assert_dot_close(qc.matmul(qtype, raw, x), w, x, f"small chunks, {qtype.name} {r}")
     # Rows split across a thread pool, each slice dequantized and multiplied by its own thread.
     monkeypatch.setattr(qc, "_PAR_MIN_BYTES", 0)
+    monkeypatch.setattr(qc, "_SLICE_ROWS", 2)  # 29 rows: 4 or 6 slices, the last ones shorter
     for workers in (2, 3):
         out = np.full((n, rows), np.nan, np.float32)
         assert qc.matmul(qtype, raw, x, out, workers=workers) is out
@@ -302,3 +304,23 @@ def test_threads() -> None:
         assert qc.get_threads() == limit
     finally:
         qc.set_threads(before)
+
+
+def test_matmul_slices_hand_out_each_slice_once_and_pass_errors_on() -> None:
+    seen: list[tuple[int, int]] = []
+    slices = qc._Slices(np.array([0, 3, 5, 9]), lambda a, b: seen.append((a, b)))
+    helper = threading.Thread(target=slices.run)
+    helper.start()
+    slices.run()
+    slices.wait()
+    helper.join()
+    assert sorted(seen) == [(0, 3), (3, 5), (5, 9)]
+
+    def fail(a: int, b: int) -> None:
+        if a == 3:
+            raise ValueError("slice 3:5")
+
+    slices = qc._Slices(np.array([0, 3, 5, 9]), fail)
+    slices.run()
+    with pytest.raises(ValueError, match="slice 3:5"):
+        slices.wait()

@@ -16,8 +16,9 @@ The numerical contracts are stated in `quant_blocks`.
 
 from __future__ import annotations
 
-import itertools
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -650,33 +651,76 @@ def matmul(
 
 _POOL: ThreadPoolExecutor | None = None  # `matmul`'s helper threads, made on first use
 
+# `matmul` with workers: two slices per thread, of at least this many rows of W: large enough
+# for BLAS to run at speed, small enough that a descheduled thread leaves work for the others.
+_SLICE_ROWS = 64
 
-def _slice(k: _Kernels, raw: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    k.deq(raw, _ALL_ROWS, w, False)
-    np.matmul(x, w.T, out=out)
+
+class _Slices:
+    """Slices of one product handed out one at a time to whichever thread asks next.
+
+    A thread that the OS deschedules (a shared machine) delays only the slice it holds: the
+    others take the rest, and the caller waits only for slices in progress, not for helpers that
+    have not started yet (they find nothing left and return)."""
+
+    def __init__(self, bounds: np.ndarray, work: Callable[[int, int], None]) -> None:
+        self.bounds = bounds  # (slices + 1,) row bounds
+        self.work = work
+        self.next = 0
+        self.running = 0
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                i = self.next
+                if i + 1 >= len(self.bounds) or self.error is not None:
+                    return
+                self.next, self.running = i + 1, self.running + 1
+            try:
+                self.work(int(self.bounds[i]), int(self.bounds[i + 1]))
+            except BaseException as e:
+                with self.lock:
+                    self.error = e
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    if self.running == 0:
+                        self.idle.notify_all()
+
+    def wait(self) -> None:
+        with self.lock:
+            while self.running:
+                self.idle.wait()
+        if self.error is not None:
+            raise self.error
 
 
 def _split(
     k: _Kernels, raw: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.ndarray, workers: int
 ) -> None:
-    """out = x @ dequantize(raw).T in ``workers`` slices of W's rows, each dequantized into its
-    part of w (rows, cols) and multiplied by its own thread (the calling thread is one).
-
-    Each slice is independent: no thread waits for another until the end, so a thread that the
-    OS deschedules delays only its slice, and each BLAS call should run on one thread.
-    """
+    """out = x @ dequantize(raw).T by ``workers`` threads (the calling thread is one) over
+    slices of W's rows: each thread dequantizes a slice into its part of w (rows, cols) and
+    multiplies it with BLAS (which should run single-threaded here), then takes the next."""
     global _POOL
     if _POOL is None:  # threads start as work arrives, up to numba's thread limit
         limit = max(numba.config.NUMBA_NUM_THREADS - 1, 1)
         _POOL = ThreadPoolExecutor(limit, thread_name_prefix="workbench-matmul")
-    bounds = np.linspace(0, raw.shape[0], workers + 1).astype(int)  # (workers + 1,)
-    futures = [
-        _POOL.submit(_slice, k, raw[a:b], x, w[a:b], out[:, a:b])
-        for a, b in itertools.pairwise(bounds[1:])
-    ]
-    _slice(k, raw[: bounds[1]], x, w[: bounds[1]], out[:, : bounds[1]])
-    for f in futures:
-        f.result()
+    rows = raw.shape[0]
+    n = max(1, min(2 * workers, rows // _SLICE_ROWS))
+    bounds = np.linspace(0, rows, n + 1).astype(np.int64)  # (n + 1,)
+
+    def work(a: int, b: int) -> None:
+        k.deq(raw[a:b], _ALL_ROWS, w[a:b], False)
+        np.matmul(x, w[a:b].T, out=out[:, a:b])
+
+    slices = _Slices(bounds, work)
+    for _ in range(min(workers, n) - 1):
+        _POOL.submit(slices.run)
+    slices.run()
+    slices.wait()
 
 
 def get_rows(qtype: GGMLQuantizationType, raw: np.ndarray, ids: np.ndarray) -> np.ndarray:
