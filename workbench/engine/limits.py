@@ -9,12 +9,14 @@ compute-bound matrix-matrix product).
   cache (so that every pass comes from memory), best of a few passes, bytes / seconds.
 - GEMM rate: ``x @ W.T`` with NumPy's BLAS at the model's own shapes (x: (prompt tokens, cols), W
   one of each distinct layer matrix shape, weighted by how often a layer uses it), on the same
-  thread count as the engine; flops / seconds of the best repetition.
+  thread count as the engine, run both as BLAS's own threaded product and as one
+  single-threaded product per thread over row slices; flops / seconds of the best repetition.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,13 +89,29 @@ def read_bandwidth(threads: int, nbytes: int | None = None, passes: int = 4) -> 
     return buf.nbytes, buf.nbytes / best / 1e9
 
 
+def _products(work: list, reps: int) -> float:
+    """Seconds of the fastest of ``reps`` passes over work [(x, w, out, count)]."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x, w, out, count in work:
+            for _ in range(count):
+                np.matmul(x, w.T, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def gemm_rate(
     shapes: dict[tuple[int, int], int], n: int, threads: int, reps: int = 3
 ) -> tuple[float, list[tuple[int, int, int]]]:
     """Best GFLOP/s of float32 ``x @ W.T`` over the (rows, cols): count mix of a layer.
 
-    Each repetition runs every shape ``count`` times (as one layer of a prefill does) and the
-    rate is total flops over the total time of the fastest repetition.
+    Each repetition runs every shape ``count`` times (as one layer of a prefill does); the rate
+    is total flops over the fastest repetition. Two ways, the better one counts: NumPy's BLAS on
+    ``threads`` threads, and ``threads`` threads each running single-threaded BLAS on its own
+    slice of every W's rows at once (no thread waits for another: on a machine shared with other
+    processes BLAS's own threads, which wait for each other inside every product, can fall far
+    below that).
     """
     rng = np.random.default_rng(0)
     work = []
@@ -104,15 +122,23 @@ def gemm_rate(
         work.append((x, w, out, count))
     flops = sum(2 * n * w.shape[0] * w.shape[1] * c for _, w, _, c in work)
     with threadpool_limits(threads):
-        for x, w, out, _ in work:  # BLAS's threads start, its buffers are allocated
-            np.matmul(x, w.T, out=out)
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for x, w, out, count in work:
-                for _ in range(count):
-                    np.matmul(x, w.T, out=out)
-            best = min(best, time.perf_counter() - t0)
+        _products(work, 1)  # BLAS's threads start, its buffers are allocated
+        best = _products(work, reps)
+    if threads > 1:
+        # Thread t's work: rows t/threads.. of every W, its own output.
+        parts = []
+        for t in range(threads):
+            part = []
+            for x, w, _, count in work:
+                a, b = w.shape[0] * t // threads, w.shape[0] * (t + 1) // threads
+                part.append((x, w[a:b], np.empty((n, b - a), np.float32), count))
+            parts.append(part)
+        with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
+            for _ in range(reps + 1):  # the first pass warms up
+                t0 = time.perf_counter()
+                list(pool.map(lambda part: _products(part, 1), parts))
+                sliced = time.perf_counter() - t0
+            best = min(best, sliced)
     timed = [(n, w.shape[0], w.shape[1]) for _, w, _, _ in work]
     return flops / best / 1e9, timed
 
