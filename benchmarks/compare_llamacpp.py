@@ -45,6 +45,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--llama-no-extra-bufts",
+        action="store_true",
+        help="load llama.cpp without its extra CPU buffer types (AMX, repacking): for VMs whose "
+        "CPU reports AMX but kills the guest's AMX instructions (SIGILL)",
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -61,7 +67,13 @@ def main() -> None:
     prompts = [c["ids"] for c in cases]
     ref = ask_llamacpp(
         args.llama_python,
-        {"op": "logits", "model": path, "threads": args.threads, "prompts": prompts},
+        {
+            "op": "logits",
+            "model": path,
+            "threads": args.threads,
+            "prompts": prompts,
+            "extra_bufts": not args.llama_no_extra_bufts,
+        },
     )
     accuracy = []
     for ids, theirs in zip(prompts, ref["logits"]):
@@ -84,7 +96,7 @@ def main() -> None:
         theirs = ask_llamacpp(
             args.llama_python,
             {"op": "bench", "model": path, "threads": args.threads, "prompt": prompt,
-             "gen_tokens": 128, "runs": 1},
+             "gen_tokens": 128, "runs": 1, "extra_bufts": not args.llama_no_extra_bufts},
         )  # fmt: skip
         ours = bench_generate(engine, prompt_tokens=128, gen_tokens=128, runs=1,
                               measure_limits=False)  # fmt: skip
