@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,11 +26,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"
+# llama.cpp gets the environment this script was started with: importing workbench.backends sets
+# OMP_WAIT_POLICY for numba's OpenMP pool, and llama.cpp's own OpenMP pool must keep its default.
+LLAMA_ENV = dict(os.environ)
 
 
 def ask_llamacpp(python: str, request: dict) -> dict:
     r = subprocess.run(
-        [python, str(WORKER)], input=json.dumps(request), capture_output=True, text=True, check=True
+        [python, str(WORKER)],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=LLAMA_ENV,
     )
     return json.loads(r.stdout)
 
