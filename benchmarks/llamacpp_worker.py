@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+import llama_cpp.llama_cpp as lowlevel
 import numpy as np
 from llama_cpp import Llama
 
@@ -24,6 +25,17 @@ def last_logits(llm: Llama) -> np.ndarray:
 
 def main() -> None:
     req = json.load(sys.stdin)
+    if not req.get("extra_bufts", True):
+        # ggml's extra CPU buffer types include AMX; a VM whose CPU reports AMX without letting
+        # the guest use it dies with SIGILL at the first eval. Llama() takes no such argument.
+        default = lowlevel.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        lowlevel.llama_model_default_params = params  # what Llama() calls
     llm = Llama(
         req["model"], n_ctx=2048, n_batch=512, n_threads=req["threads"],
         n_threads_batch=req["threads"], verbose=False,

@@ -12,6 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from gguf.constants import QK_K
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -19,6 +20,24 @@ CHATML = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Byte offsets of the fp16 fields (d, m, dmin) in each block, from the field order of gguf-py's
+# dequantize_blocks: these must hold finite values for a random block to be a sensible one.
+F16_FIELDS = {
+    Q.Q4_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_0: (0,),
+    Q.Q5_1: (0, 2),
+    Q.Q8_0: (0,),
+    Q.Q2_K: (QK_K // 16 + QK_K // 4, QK_K // 16 + QK_K // 4 + 2),
+    Q.Q3_K: (QK_K // 8 + QK_K // 4 + 12,),
+    Q.Q4_K: (0, 2),
+    Q.Q5_K: (0, 2),
+    Q.Q6_K: (QK_K // 2 + QK_K // 4 + QK_K // 16,),
+}
+# Largest |sub-block scale x code| of the K-quants: random blocks get d, dmin of about
+# scale / this, so that their weights are about as large as a quantized matrix's.
+_K_RANGE = {Q.Q2_K: 15 * 3, Q.Q3_K: 32 * 4, Q.Q4_K: 63 * 15, Q.Q5_K: 63 * 31, Q.Q6_K: 127 * 32}
+
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "a n"]
 
 
@@ -34,6 +53,8 @@ class TinyConfig:
     norm_eps: float = 1e-5
     tied: bool = True
     qtype: Q = Q.Q8_0
+    # Per-matrix types overriding qtype, keyed by the name inside a block ("attn_v", ...).
+    overrides: tuple[tuple[str, Q], ...] = ()
 
 
 def byte_symbols() -> list[str]:
@@ -52,6 +73,16 @@ def byte_symbols() -> list[str]:
 def vocab() -> list[str]:
     merged = ["".join(m.split(" ")) for m in MERGES]
     return SPECIALS + byte_symbols() + merged
+
+
+def k_quant_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int, scale: float):
+    """(rows, row_bytes) uint8 of random K-quant blocks whose weights are about ``scale``."""
+    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // values, nbytes), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        d = rng.uniform(0.5, 1.0, raw.shape[:2]) * 3 * scale / _K_RANGE[qtype]
+        raw[..., off : off + 2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
 
 
 def write_tiny_llama(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) -> Path:
@@ -84,12 +115,17 @@ def write_tiny_llama(path: Path, cfg: TinyConfig = TinyConfig(), seed: int = 0) 
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
 
-    def mat(name: str, rows: int, cols: int, scale: float, qtype: Q = cfg.qtype) -> None:
+    per_matrix = dict(cfg.overrides)
+
+    def mat(name: str, rows: int, cols: int, scale: float) -> None:
+        qtype = per_matrix.get(name.split(".")[-2], cfg.qtype)
         x = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
         if qtype == Q.F32:
             w.add_tensor(name, x)
         elif qtype == Q.F16:
             w.add_tensor(name, x.astype(np.float16))
+        elif qtype in _K_RANGE:  # gguf-py has no K-quant quantizer: random codes, sized scales
+            w.add_tensor(name, k_quant_blocks(rng, qtype, rows, cols, scale), raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
 

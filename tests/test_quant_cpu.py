@@ -8,6 +8,7 @@ that every code value occurs, including ones a quantizer never writes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -17,24 +18,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gq
 from gguf.constants import QK_K
 
+from tests.synth import F16_FIELDS
 from workbench.backends import quant_cpu as qc
 from workbench.errors import ModelError, UserError
 from workbench.gguf.quants import FLOAT_TYPES, SUPPORTED_TYPES, block_layout
-
-# Byte offsets of the fp16 fields (d, m, dmin) in each block, from the field order of gguf-py's
-# dequantize_blocks: these must hold finite values for a random block to be a sensible one.
-F16_FIELDS = {
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q8_0: (0,),
-    Q.Q2_K: (QK_K // 16 + QK_K // 4, QK_K // 16 + QK_K // 4 + 2),
-    Q.Q3_K: (QK_K // 8 + QK_K // 4 + 12,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (QK_K // 2 + QK_K // 4 + QK_K // 16,),
-}
 
 
 @dataclass
@@ -219,6 +206,13 @@ def test_matmul(qtype: Q, r: Rand, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without scratch, chunks of at most _CHUNK_BYTES.
     monkeypatch.setattr(qc, "_CHUNK_BYTES", 5 * 4 * cols)
     assert_dot_close(qc.matmul(qtype, raw, x), w, x, f"small chunks, {qtype.name} {r}")
+    # Rows split across a thread pool, each slice dequantized and multiplied by its own thread.
+    monkeypatch.setattr(qc, "_PAR_MIN_BYTES", 0)
+    monkeypatch.setattr(qc, "_SLICE_ROWS", 2)  # 29 rows: 4 or 6 slices, the last ones shorter
+    for workers in (2, 3):
+        out = np.full((n, rows), np.nan, np.float32)
+        assert qc.matmul(qtype, raw, x, out, workers=workers) is out
+        assert_dot_close(out, w, x, f"workers={workers}, {qtype.name} {r}")
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)
@@ -307,3 +301,23 @@ def test_threads() -> None:
         assert qc.get_threads() == limit
     finally:
         qc.set_threads(before)
+
+
+def test_matmul_slices_hand_out_each_slice_once_and_pass_errors_on() -> None:
+    seen: list[tuple[int, int]] = []
+    slices = qc._Slices(np.array([0, 3, 5, 9]), lambda a, b: seen.append((a, b)))
+    helper = threading.Thread(target=slices.run)
+    helper.start()
+    slices.run()
+    slices.wait()
+    helper.join()
+    assert sorted(seen) == [(0, 3), (3, 5), (5, 9)]
+
+    def fail(a: int, b: int) -> None:
+        if a == 3:
+            raise ValueError("slice 3:5")
+
+    slices = qc._Slices(np.array([0, 3, 5, 9]), fail)
+    slices.run()
+    with pytest.raises(ValueError, match="slice 3:5"):
+        slices.wait()

@@ -9,6 +9,7 @@ replace (see the NumPy backend), with the accumulations the comments name.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -78,3 +79,20 @@ def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: n
             p = scores[j] / total
             for d in range(hd):
                 out[h * hd + d] += p * v[g, j, d]
+
+
+def rope_tables(
+    start: int, n: int, spec: Any, factors: Any | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n, rope_dim/2) float32 for positions start..start+n-1 of ``spec``'s RoPE.
+
+    ``factors``: a weight whose ``data`` (rope_dim/2,) divides the frequencies, or None.
+    """
+    # Angles in float64 so that positions in the thousands keep their low-order bits.
+    half = spec.rope_dim // 2
+    inv_freq = spec.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / spec.rope_dim)
+    if factors is not None:
+        inv_freq = inv_freq / factors.data.astype(np.float64)
+    positions = np.arange(start, start + n, dtype=np.float64) / spec.rope_scale
+    angles = np.outer(positions, inv_freq)  # (n, half)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -8,12 +8,14 @@ reused scratch buffer and hands the product to BLAS. All activations are float32
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from workbench.backends import cpu_ops, quant_cpu
+from workbench.backends import cpu_ops, fused_decode, quant_cpu
+from workbench.backends.fused_decode import FusedDecoder
 from workbench.gguf.reader import ModelSpec, Tensor
 
 
@@ -31,15 +33,35 @@ class NumpyBackend:
     name = "numpy"
     xp = np
 
-    def __init__(self, threads: int | None = None) -> None:
-        if threads is not None:
-            quant_cpu.set_threads(threads)  # validates the count
-            # BLAS (prefill) uses its own pool; cap it too so --threads means what it says.
-            threadpool_limits(threads)
+    def __init__(self, threads: int | None = None, *, fused: bool = True) -> None:
+        """threads: kernel threads (default: the physical cores); fused: decode a token in one
+        compiled call (`fused_decode`) instead of one call per operation."""
+        if threads is None:
+            # One thread per physical core: a second hyper-thread of a core adds no bandwidth
+            # or FMA units to these kernels, only contention.
+            threads = quant_cpu.default_threads()
+        quant_cpu.set_threads(threads)  # validates the count
+        # BLAS uses its own pool; cap it too so --threads means what it says. Prefill's
+        # products run it single-threaded under our own pool (`linear`).
+        threadpool_limits(threads)
+        self._blas = ThreadpoolController()
         self.threads = quant_cpu.get_threads()
         self._rope_key: tuple | None = None
         self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
+        self.fused = fused
+
+    def fused_decoder(self, transformer: Any) -> FusedDecoder | None:
+        """The one-call decoder for ``transformer``'s weights, or None to decode per operation."""
+        if not self.fused:
+            return None
+        return FusedDecoder.build(transformer, self.threads)
+
+    @staticmethod
+    def warm_up() -> None:
+        """Compile (or load from numba's disk cache) the fused decode kernels, for both the
+        threaded and the single-thread loops, on a one-layer model of zeros. Idempotent."""
+        fused_decode.warm_up()
 
     # -- weights ---------------------------------------------------------------------------
     def load_weight(self, t: Tensor) -> Weight:
@@ -61,14 +83,19 @@ class NumpyBackend:
         size = w.shape[0] * w.shape[1]
         if self._scratch is None or self._scratch.size < size:
             self._scratch = np.empty(size, dtype=np.float32)
-        # Prefill alternates numba dequantization with BLAS. numba's OpenMP workers spin-wait
-        # after each parallel region and starve BLAS's threads on the same cores (measured on 2
-        # cores: 15-70 tok/s instead of 300+). Dequantizing on the calling thread keeps the
-        # workers asleep; BLAS, which does almost all the work, keeps every core.
+        # One thread pool at a time. Spin-waiting workers starve the threads they wait for:
+        # numba's OpenMP workers starved BLAS's (measured on 2 cores: 15-70 tok/s instead of
+        # 300+), and on a shared machine BLAS's own threads, which split every product and wait
+        # for each other, ran prefill at 9-74 tok/s against 150+ on one thread. So numba and BLAS
+        # both run single-threaded here, and `matmul` splits each matrix's rows across a plain
+        # thread pool: each thread dequantizes its slice and multiplies it, independently.
         threads = quant_cpu.get_threads()
         quant_cpu.set_threads(1)
         try:
-            return quant_cpu.matmul(w.qtype, w.data, x, scratch=self._scratch)
+            with self._blas.limit(limits=1, user_api="blas"):
+                return quant_cpu.matmul(
+                    w.qtype, w.data, x, scratch=self._scratch, workers=self.threads
+                )
         finally:
             quant_cpu.set_threads(threads)
 
@@ -90,22 +117,9 @@ class NumpyBackend:
         key = (start, x.shape[0], spec, None if factors is None else factors.name)
         if self._rope_key != key:
             self._rope_key = key
-            self._rope_cos_sin = self._rope_tables(start, x.shape[0], spec, factors)
+            self._rope_cos_sin = cpu_ops.rope_tables(start, x.shape[0], spec, factors)
         cos, sin = self._rope_cos_sin  # (n, rope_dim/2) each
         cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
-
-    @staticmethod
-    def _rope_tables(
-        start: int, n: int, spec: ModelSpec, factors: Weight | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        # Angles in float64 so that positions in the thousands keep their low-order bits.
-        half = spec.rope_dim // 2
-        inv_freq = spec.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / spec.rope_dim)
-        if factors is not None:
-            inv_freq = inv_freq / factors.data.astype(np.float64)
-        positions = np.arange(start, start + n, dtype=np.float64) / spec.rope_scale
-        angles = np.outer(positions, inv_freq)  # (n, half)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     def kv_append(
         self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int

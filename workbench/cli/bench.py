@@ -17,12 +17,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prefill and decode speed of a model",
         description="Measure prefill tok/s on a fixed-length prompt and decode tok/s over a fixed "
         "number of greedy steps (median of --runs, after one warm-up run), the achieved weight "
-        "bandwidth (model bytes x decode tok/s) and peak resident memory.",
+        "bandwidth (model bytes x decode tok/s), prefill GFLOP/s and peak resident memory; then, "
+        "in the same run, this machine's streaming read bandwidth and float32 GEMM rate at the "
+        "model's shapes, and each phase as a fraction of its limit (see docs/performance.md).",
     )
     add_model_args(g)
     g.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     g.add_argument("--gen-tokens", type=int, default=128, help="decode steps (default 128)")
     g.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported")
+    g.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="skip measuring the machine's read bandwidth and GEMM rate (about a second)",
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--output", "-o", help="also write the JSON object to this file")
     g.set_defaults(func=cmd_bench_generate)
@@ -36,7 +43,11 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
 
     engine = make_engine(args)
     r = bench_generate(
-        engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, runs=args.runs
+        engine,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        runs=args.runs,
+        measure_limits=not args.no_limits,
     )
     obj = r.to_dict()
     if args.output:
@@ -51,6 +62,12 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
             f"({r.prompt_tokens} tokens), decode {r.decode_tok_s:.1f} tok/s ({r.gen_tokens} "
             f"tokens, {r.decode_gb_s:.1f} GB/s of weights), peak RSS {r.peak_rss_mb:.0f} MB"
         )
+        if r.read_gb_s is not None and r.gemm_gflops is not None:
+            print(
+                f"limits: decode {r.decode_gb_s:.1f} of {r.read_gb_s:.1f} GB/s read bandwidth "
+                f"({r.decode_bandwidth_fraction:.0%}), prefill {r.prefill_gflops:.0f} of "
+                f"{r.gemm_gflops:.0f} GFLOP/s float32 GEMM ({r.prefill_gemm_fraction:.0%})"
+            )
     return 0
 
 

@@ -3,6 +3,9 @@
 Runs the transformer directly (no sampling, no EOG stop) so every run does the same work: a
 prefill of `prompt_tokens` then `gen_tokens` greedy decode steps. A warm-up run (JIT compilation,
 page faults of the mapped weights) is excluded; the median of `runs` is reported.
+
+In the same run the machine's limits are measured (`limits.measure`: streaming read bandwidth,
+float32 GEMM rate at the model's shapes) and each phase is reported as a fraction of its limit.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from workbench.engine import limits
 from workbench.errors import UserError
+
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 # Deterministic filler text; its tokens are cut to the requested prompt length.
 _FILLER = (
@@ -45,14 +51,44 @@ class GenerateBench:
     decode_s: list[float]
     model_bytes: int  # weight bytes read per decoded token
     decode_gb_s: float  # model_bytes x decode tok/s: the achieved weight bandwidth
-    peak_rss_mb: float
+    peak_rss_mb: float  # before the limits are measured (their read buffer is large)
+    prefill_flops: int  # matrix products and causal attention of one prefill
+    prefill_gflops: float  # prefill_flops / median prefill seconds
+    read_gb_s: float | None = None  # the machine's streaming read bandwidth (limits.py)
+    gemm_gflops: float | None = None  # the machine's float32 GEMM rate at the model's shapes
+    decode_bandwidth_fraction: float | None = None  # decode_gb_s / read_gb_s
+    prefill_gemm_fraction: float | None = None  # prefill_gflops / gemm_gflops
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def layer_shapes(engine) -> dict[tuple[int, int], int]:
+    """(rows, cols): how many of a layer's matrices have that shape (layer 0 speaks for all)."""
+    shapes: dict[tuple[int, int], int] = {}
+    tensors = engine.model.gguf.tensors
+    for name in LAYER_MATRICES:
+        rows, cols = tensors[f"blk.0.{name}.weight"].shape
+        shapes[(rows, cols)] = shapes.get((rows, cols), 0) + 1
+    return shapes
+
+
+def prefill_flops(engine, n: int) -> int:
+    """Flops of a prefill of n tokens: every layer's products, causal attention (the scores and
+    the weighted values of the positions each row sees) and the last position's logits."""
+    spec = engine.spec
+    mats = sum(2 * n * rows * cols * c for (rows, cols), c in layer_shapes(engine).items())
+    attention = 2 * 2 * spec.n_heads * spec.head_dim * (n * (n + 1) // 2)
+    return spec.n_layers * (mats + attention) + 2 * spec.vocab_size * spec.dim
+
+
 def bench_generate(
-    engine, *, prompt_tokens: int = 128, gen_tokens: int = 128, runs: int = 3
+    engine,
+    *,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 128,
+    runs: int = 3,
+    measure_limits: bool = True,
 ) -> GenerateBench:
     if prompt_tokens < 1 or gen_tokens < 1 or runs < 1:
         raise UserError("user.bad_bench", "prompt_tokens, gen_tokens and runs must be >= 1")
@@ -83,6 +119,20 @@ def bench_generate(
     decode = [d for _, d in times]
     decode_tok_s = gen_tokens / statistics.median(decode)
     model_bytes = sum(t.nbytes for t in engine.model.gguf.tensors.values())
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    prefill_tok_s = prompt_tokens / statistics.median(prefill)
+    flops = prefill_flops(engine, prompt_tokens)
+    prefill_gflops = flops * prefill_tok_s / prompt_tokens / 1e9
+    decode_gb_s = model_bytes * decode_tok_s / 1e9
+    extra = {}
+    if measure_limits:
+        lim = limits.measure(layer_shapes(engine), prompt_tokens, engine.backend.threads)
+        extra = dict(
+            read_gb_s=lim.read_gb_s,
+            gemm_gflops=lim.gemm_gflops,
+            decode_bandwidth_fraction=decode_gb_s / lim.read_gb_s,
+            prefill_gemm_fraction=prefill_gflops / lim.gemm_gflops,
+        )
     return GenerateBench(
         model=engine.model.name,
         backend=engine.backend.name,
@@ -90,11 +140,14 @@ def bench_generate(
         prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens,
         runs=runs,
-        prefill_tok_s=prompt_tokens / statistics.median(prefill),
+        prefill_tok_s=prefill_tok_s,
         decode_tok_s=decode_tok_s,
         prefill_s=prefill,
         decode_s=decode,
         model_bytes=model_bytes,
-        decode_gb_s=model_bytes * decode_tok_s / 1e9,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        decode_gb_s=decode_gb_s,
+        peak_rss_mb=peak_rss_mb,
+        prefill_flops=flops,
+        prefill_gflops=prefill_gflops,
+        **extra,
     )

@@ -84,6 +84,37 @@ class Launcher:
         # backend's own.
         return getattr(self.backend, name)
 
+    def fused_decoder(self, transformer: Any) -> Callable[[int, Any], Any] | None:
+        """The backend's one-call decode of a token, timed per layer when profiling.
+
+        Returns ``decode(token, cache) -> logits`` or None when the backend has no fused path.
+        Each layer is recorded as ``decode_layer`` (shapes ``{"layer": i}``, its weight bytes
+        and flops) and the output norm and logits as ``decode_head``.
+        """
+        make = getattr(self.backend, "fused_decoder", None)
+        decoder = make(transformer) if make is not None else None
+        if decoder is None:
+            return None
+        be, profiler = self.backend, self.profiler
+        described = [
+            ("decode_layer", {"layer": i}, nbytes, flops)
+            for i, (nbytes, flops) in enumerate(decoder.layer_costs())
+        ]
+        described.append(("decode_head", {"layer": -1}, *decoder.head_cost()))
+
+        def on_layer(layer: int, seconds: float) -> None:
+            name, shapes, nbytes, flops = described[layer]
+            profiler.record(
+                name, backend=be.name, duration_s=seconds, shapes=shapes, bytes=nbytes, flops=flops
+            )
+
+        def decode(token: int, cache: Any) -> Any:
+            if not profiler.enabled:
+                return decoder.step(token, cache)
+            return decoder.step(token, cache, on_layer=on_layer)
+
+        return decode
+
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         be = self.backend
         # What a record needs depends only on the operation's argument shapes and weight type,

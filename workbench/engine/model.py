@@ -73,6 +73,9 @@ class Transformer:
         self.rope_factors = (
             backend.load_weight(freqs) if freqs is not None else None
         )  # (rope_dim/2,)
+        # A backend may decode a whole token in one call (the NumPy backend's fused path).
+        make = getattr(backend, "fused_decoder", None)
+        self._decode_fused = make(self) if make is not None else None
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         # The backend's cache element type: float32, or float16 on the device backend (default).
@@ -99,6 +102,10 @@ class Transformer:
             )
         hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         end = start + n
+        if n == 1 and not all_logits and self._decode_fused is not None:
+            logits = self._decode_fused(int(tokens[0]), cache)  # (vocab,)
+            cache.length = end
+            return logits
 
         x = be.embed(self.tok_embd, tokens)  # (n, dim)
         for i, lw in enumerate(self.layers):

@@ -53,7 +53,7 @@ def rmsnorm_reference(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 def rope_inv_freq(
     rope_dim: int, base: float, rope_scale: float = 1.0, freq_factors: np.ndarray | None = None
 ) -> np.ndarray:
-    """(rope_dim/2,) float64 angle per position of each pair, as NumpyBackend._rope_tables."""
+    """(rope_dim/2,) float64 angle per position of each pair, as cpu_ops.rope_tables."""
     inv = base ** (-np.arange(rope_dim // 2, dtype=np.float64) * 2 / rope_dim)
     if freq_factors is not None:
         inv = inv / np.asarray(freq_factors).astype(np.float64)

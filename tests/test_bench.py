@@ -1,0 +1,72 @@
+"""`workbench bench generate`: the figures it reports and the machine limits it divides by."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from workbench.backends import quant_cpu
+from workbench.cli import main
+from workbench.engine import limits
+from workbench.engine.bench import bench_generate, prefill_flops
+from workbench.engine.generate import Engine
+
+
+@pytest.fixture
+def small_read_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests read 1 MB, not a buffer larger than the last-level cache."""
+    monkeypatch.setattr(limits, "_MIN_READ_BYTES", 1 << 20)
+    monkeypatch.setattr(limits, "last_level_cache_bytes", lambda: 0)
+
+
+def test_prefill_flops_counts_products_attention_and_logits(tiny_model):
+    engine = Engine(tiny_model, backend="numpy")
+    s = engine.spec
+    n = 7
+    q, kv, ffn = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, 128  # TinyConfig's ffn_dim
+    per_token = s.dim * (2 * q + 2 * kv) + 3 * s.dim * ffn  # q, o, k, v, gate, up, down
+    causal = 2 * 2 * q * (1 + 2 + 3 + 4 + 5 + 6 + 7)  # QK^T and PV over the visible positions
+    want = s.n_layers * (2 * n * per_token + causal) + 2 * s.vocab_size * s.dim
+    assert prefill_flops(engine, n) == want
+
+
+def test_bench_reports_fractions_of_the_measured_limits(tiny_model, small_read_buffer):
+    engine = Engine(tiny_model, backend="numpy", threads=1)
+    r = bench_generate(engine, prompt_tokens=8, gen_tokens=4, runs=1)
+    assert r.threads == 1 and len(r.prefill_s) == len(r.decode_s) == 1
+    assert r.read_gb_s > 0 and r.gemm_gflops > 0
+    assert r.decode_bandwidth_fraction == pytest.approx(r.decode_gb_s / r.read_gb_s)
+    assert r.prefill_gflops == pytest.approx(r.prefill_flops / r.prefill_s[0] / 1e9)
+    assert r.prefill_gemm_fraction == pytest.approx(r.prefill_gflops / r.gemm_gflops)
+
+
+def test_bench_without_limits_leaves_them_out(tiny_model):
+    engine = Engine(tiny_model, backend="numpy", threads=1)
+    r = bench_generate(engine, prompt_tokens=4, gen_tokens=2, runs=1, measure_limits=False)
+    assert r.read_gb_s is None and r.decode_bandwidth_fraction is None
+    assert r.prefill_gflops > 0
+
+
+def test_cli_json_has_the_limit_fields(tiny_model, small_read_buffer, capsys):
+    argv = ["bench", "generate", "-m", str(tiny_model), "--prompt-tokens", "6", "--gen-tokens",
+            "3", "--runs", "1", "--threads", "1", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    obj = json.loads(capsys.readouterr().out)
+    for key in ("decode_gb_s", "decode_bandwidth_fraction", "prefill_gflops",
+                "prefill_gemm_fraction", "read_gb_s", "gemm_gflops"):  # fmt: skip
+        assert obj[key] > 0, key
+
+
+def test_gemm_rate_times_each_shape_at_the_prompt_length():
+    for threads in (1, 2):  # 2: also the row-sliced products on a thread each
+        gflops, timed = limits.gemm_rate({(48, 32): 2, (16, 32): 1}, n=5, threads=threads, reps=1)
+        assert gflops > 0
+        assert timed == [(5, 16, 32), (5, 48, 32)]
+
+
+def test_default_threads_are_the_physical_cores():
+    cores = quant_cpu.physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert quant_cpu.default_threads() == min(cores, quant_cpu.numba.config.NUMBA_NUM_THREADS)

@@ -1,0 +1,386 @@
+"""8-lane SIMD intrinsics for the quantized-block kernels (`quant_blocks`).
+
+Why explicit SIMD. LLVM's auto-vectoriser does badly on block formats: the 16-byte nibble loops
+are fully unrolled before the loop vectoriser sees them, after which it either vectorises the
+*block* loop (a gather per byte) or gives up because it cannot prove the output does not alias
+the input; such loops run at under 1 GB/s. So the kernels are written with a handful of
+8-lane vector operations (`_vld_u8`, `_vfma`, ...): numba intrinsics that emit LLVM vector IR
+directly. The kernel code stays plain numba; only the lane-wise arithmetic is spelled out. Eight
+float32 lanes are one AVX2 register; without AVX2, LLVM splits each operation into SSE halves.
+
+The intrinsics emit plain IEEE ``fmul``/``fadd`` without fast-math flags (so LLVM may not fuse
+them into an FMA where a dequantization must match gguf-py bit for bit); `_vfma` is an explicit
+fused multiply-add for dot products.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, models, register_model
+
+# ------------------------------------------------------------------------------------------------
+# 8-lane SIMD intrinsics. Offsets are in elements of the array they index (bytes for the uint8
+# block rows). Loads are unaligned; nothing is bounds-checked, callers stay inside their rows.
+# ------------------------------------------------------------------------------------------------
+
+_LANES = 8
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_VI32 = ir.VectorType(_I32, _LANES)
+_VF32 = ir.VectorType(_F32, _LANES)
+
+
+class _Vec(types.Type):
+    """An LLVM <8 x i32> or <8 x float> value held in a numba local (a register after mem2reg)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        super().__init__(name=f"{kind}x{_LANES}")
+
+
+_f32x8 = _Vec("f32")
+_i32x8 = _Vec("i32")
+
+
+@register_model(_Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF32 if fe_type.kind == "f32" else _VI32)
+
+
+def _ptr(context, builder, aryty, ary, off, llty):
+    """Pointer to element ``off`` of array ``ary``, cast to ``llty*``."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [off]), llty.as_pointer())
+
+
+def _splat(builder, value, vty):
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+
+def _int_operand(context, builder, ty, val):
+    """An i32x8 operand from either an i32x8 or a scalar integer (broadcast)."""
+    if isinstance(ty, _Vec):
+        return val
+    return _splat(builder, context.cast(builder, val, ty, types.int32), _VI32)
+
+
+def _f16_bits_to_f32(builder, h):
+    """Exact fp16 -> fp32 on i32 (or <8 x i32>) holding the 16-bit patterns.
+
+    Same results as NumPy's conversion for all 65536 codes, NaN payloads included (hardware
+    F16C conversion would quiet signalling NaNs, NumPy does not).
+    """
+    ity = h.type
+    fty = _VF32 if isinstance(ity, ir.VectorType) else _F32
+
+    def c(v: int):
+        return ir.Constant(ity, [v] * ity.count) if fty is _VF32 else ir.Constant(ity, v)
+
+    sign = builder.shl(builder.and_(h, c(0x8000)), c(16))
+    em = builder.and_(h, c(0x7FFF))
+    # Normal numbers: move exponent+mantissa up 13 bits and rebias the exponent (15 -> 127).
+    normal = builder.add(builder.shl(em, c(13)), c((127 - 15) << 23))
+    # Inf/NaN (exponent 31): rebias once more, to exponent 255; the payload bits stay put.
+    special = builder.add(normal, c((127 - 15) << 23))
+    # Subnormals: em * 2**-24, exact in float32 (at most 10 significant bits, result normal).
+    scale = ir.Constant(fty, [2.0**-24] * _LANES) if fty is _VF32 else ir.Constant(fty, 2.0**-24)
+    sub = builder.bitcast(builder.fmul(builder.sitofp(em, fty), scale), ity)
+    bits = builder.select(
+        builder.icmp_unsigned(">=", em, c(0x7C00)),
+        special,
+        builder.select(builder.icmp_unsigned("<", em, c(0x0400)), sub, normal),
+    )
+    return builder.bitcast(builder.or_(bits, sign), fty)
+
+
+@intrinsic
+def _vzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VF32, [0.0] * _LANES)
+
+    return _f32x8(), codegen
+
+
+@intrinsic
+def _vsplat(typingctx, s):
+    """Broadcast a float32 scalar to all lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], _VF32)
+
+    return _f32x8(types.float32), codegen
+
+
+@intrinsic
+def _vld_u8(typingctx, arr, off):
+    """8 bytes at arr[off:off+8], zero-extended to i32 lanes."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, _LANES))
+        return builder.zext(builder.load(p, align=1), _VI32)
+
+    return _i32x8(arr, off), codegen
+
+
+@intrinsic
+def _vld_i8(typingctx, arr, off):
+    """8 bytes at arr[off:off+8] read as int8, sign-extended to i32 lanes."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, _LANES))
+        return builder.sext(builder.load(p, align=1), _VI32)
+
+    return _i32x8(arr, off), codegen
+
+
+@intrinsic
+def _vld_u16(typingctx, arr, off):
+    """8 little-endian uint16 starting at byte arr[off], zero-extended to i32 lanes."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I16, _LANES))
+        return builder.zext(builder.load(p, align=1), _VI32)
+
+    return _i32x8(arr, off), codegen
+
+
+@intrinsic
+def _vld_f32(typingctx, arr, off):
+    """8 float32 starting at element ``off`` of ``arr`` (a float32 array, or bytes of a row)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _VF32), align=1)
+
+    return _f32x8(arr, off), codegen
+
+
+@intrinsic
+def _vld_f16_fast(typingctx, arr, off):
+    """8 fp16 starting at byte arr[off], widened by the hardware (F16C); for dot products only."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(
+            context, builder, sig.args[0], args[0], args[1], ir.VectorType(ir.HalfType(), _LANES)
+        )
+        return builder.fpext(builder.load(p, align=1), _VF32)
+
+    return _f32x8(arr, off), codegen
+
+
+@intrinsic
+def _vst(typingctx, arr, off, v):
+    """Store 8 float32 lanes at arr[off:off+8]."""
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _VF32), 4)
+        return context.get_dummy_value()
+
+    return types.none(arr, off, v), codegen
+
+
+def _int_binary(op: str):
+    """i32x8 (op) i32x8-or-scalar-int, lane-wise."""
+
+    @intrinsic
+    def impl(typingctx, a, b):
+        if a != _i32x8 or not (b == _i32x8 or isinstance(b, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            rhs = _int_operand(context, builder, sig.args[1], args[1])
+            return getattr(builder, op)(args[0], rhs)
+
+        return _i32x8(a, b), codegen
+
+    return impl
+
+
+_vand = _int_binary("and_")
+_vor = _int_binary("or_")
+_vshl = _int_binary("shl")
+_vshr = _int_binary("lshr")
+_vsub_i = _int_binary("sub")
+
+
+def _float_binary(op: str):
+    """f32x8 (op) f32x8, lane-wise IEEE (no fast-math flags, so never fused with a neighbour)."""
+
+    @intrinsic
+    def impl(typingctx, a, b):
+        if a != _f32x8 or b != _f32x8:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
+
+        return _f32x8(a, b), codegen
+
+    return impl
+
+
+_vadd = _float_binary("fadd")
+_vsub = _float_binary("fsub")
+_vmul = _float_binary("fmul")
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):
+    """a * b + c with one rounding (dot products only)."""
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_VF32, [_VF32] * 3)
+        fn = builder.module.globals.get("llvm.fma.v8f32") or ir.Function(
+            builder.module, fnty, "llvm.fma.v8f32"
+        )
+        return builder.call(fn, args)
+
+    return _f32x8(a, b, c), codegen
+
+
+@intrinsic
+def _vi2f(typingctx, v):
+    """i32 lanes -> float32 lanes (exact for the small integer codes used here)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _VF32)
+
+    return _f32x8(v), codegen
+
+
+@intrinsic
+def _vbits(typingctx, word, start):
+    """Lane i = bit (start + i) of the scalar ``word`` (0 or 1)."""
+
+    def codegen(context, builder, sig, args):
+        w = context.cast(builder, args[0], sig.args[0], types.uint32)
+        s = context.cast(builder, args[1], sig.args[1], types.uint32)
+        shifted = _splat(builder, builder.lshr(w, s), _VI32)
+        lanes = builder.lshr(shifted, ir.Constant(_VI32, list(range(_LANES))))
+        return builder.and_(lanes, ir.Constant(_VI32, [1] * _LANES))
+
+    return _i32x8(word, start), codegen
+
+
+@intrinsic
+def _vf16_exact(typingctx, v):
+    """i32 lanes holding fp16 bit patterns -> float32 lanes, exactly as NumPy converts."""
+
+    def codegen(context, builder, sig, args):
+        return _f16_bits_to_f32(builder, args[0])
+
+    return _f32x8(v), codegen
+
+
+@intrinsic
+def _vbits_to_f32(typingctx, v):
+    """Reinterpret i32 lanes as float32 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _VF32)
+
+    return _f32x8(v), codegen
+
+
+@intrinsic
+def _vhsum(typingctx, v):
+    """Sum of the 8 lanes (pairwise: 8 -> 4 -> 2 -> 1)."""
+
+    def codegen(context, builder, sig, args):
+        x, n = args[0], _LANES
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+            hi = builder.shuffle_vector(
+                x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n)))
+            )
+            x = builder.fadd(lo, hi)
+        return builder.extract_element(x, ir.Constant(_I32, 0))
+
+    return types.float32(v), codegen
+
+
+@intrinsic
+def _ld_f16(typingctx, arr, off):
+    """The fp16 at bytes arr[off:off+2] as float32, exactly as NumPy converts it."""
+
+    def codegen(context, builder, sig, args):
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _I16), align=1)
+        return _f16_bits_to_f32(builder, builder.zext(h, _I32))
+
+    return types.float32(arr, off), codegen
+
+
+@intrinsic
+def _ld_f16_fast(typingctx, arr, off):
+    """The fp16 at bytes arr[off:off+2] widened by the hardware (F16C); for dot products only.
+
+    The 16 bits are zero-extended into a fresh vector before the conversion: inserting them into
+    a register (``vpinsrw``) would make the conversion wait for whatever that register last held,
+    often the previous block's accumulator, and serialise the blocks.
+    """
+
+    def codegen(context, builder, sig, args):
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _I16), align=1)
+        v4 = ir.VectorType(_I32, 4)
+        v = builder.insert_element(
+            ir.Constant(v4, [0] * 4), builder.zext(h, _I32), ir.Constant(_I32, 0)
+        )
+        halves = builder.bitcast(v, ir.VectorType(ir.HalfType(), 8))
+        low4 = builder.shuffle_vector(halves, halves, ir.Constant(v4, [0, 1, 2, 3]))
+        f = builder.fpext(low4, ir.VectorType(_F32, 4))
+        return builder.extract_element(f, ir.Constant(_I32, 0))
+
+    return types.float32(arr, off), codegen
+
+
+@intrinsic
+def _ld_f16x2_fast(typingctx, arr, off):
+    """The two adjacent fp16 at bytes arr[off:off+4] (a block's d and m / dmin), widened together.
+
+    One 32-bit load and one conversion instead of two of each: the scale fields cost a noticeable
+    share of a Q4_1 block's instructions.
+    """
+    pair = types.UniTuple(types.float32, 2)
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(ir.HalfType(), 2))
+        v = builder.fpext(builder.load(p, align=1), ir.VectorType(_F32, 2))
+        lanes = [builder.extract_element(v, ir.Constant(_I32, i)) for i in range(2)]
+        return context.make_tuple(builder, pair, lanes)
+
+    return pair(arr, off), codegen
+
+
+@intrinsic
+def _ld_bf16(typingctx, arr, off):
+    """The bf16 at bytes arr[off:off+2] as float32 (its bits become the top half)."""
+
+    def codegen(context, builder, sig, args):
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _I16), align=1)
+        return builder.bitcast(builder.shl(builder.zext(h, _I32), ir.Constant(_I32, 16)), _F32)
+
+    return types.float32(arr, off), codegen
+
+
+@intrinsic
+def _ld_u32(typingctx, arr, off):
+    """The little-endian uint32 at bytes arr[off:off+4] (as int64, for plain numba arithmetic)."""
+
+    def codegen(context, builder, sig, args):
+        w = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
+        return builder.zext(w, ir.IntType(64))
+
+    return types.int64(arr, off), codegen
+
+
+@intrinsic
+def _ld_f32(typingctx, arr, off):
+    """The float32 at element ``off`` of ``arr`` (bytes of a row, or a float32 array)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _F32), align=1)
+
+    return types.float32(arr, off), codegen

@@ -1,0 +1,150 @@
+"""What this machine can do: streaming read bandwidth and float32 GEMM rate, measured now.
+
+`workbench bench generate` divides its decode and prefill figures by these, so that a user sees
+how close each phase is to the machine's limit: decode reads every weight once per token (a
+bandwidth-bound matrix-vector product), prefill multiplies the prompt by every weight (a
+compute-bound matrix-matrix product).
+
+- Read bandwidth: a threaded sum over a float32 buffer several times larger than the last-level
+  cache (so that every pass comes from memory), best of a few passes, bytes / seconds.
+- GEMM rate: ``x @ W.T`` with NumPy's BLAS at the model's own shapes (x: (prompt tokens, cols), W
+  one of each distinct layer matrix shape, weighted by how often a layer uses it), on the same
+  thread count as the engine, run both as BLAS's own threaded product and as one
+  single-threaded product per thread over row slices; flops / seconds of the best repetition.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit, prange
+from threadpoolctl import threadpool_limits
+
+import workbench.backends  # noqa: F401  (numba's OpenMP wait policy, before its threads start)
+
+# At least this much is read per pass even on machines with small caches.
+_MIN_READ_BYTES = 256 << 20
+_CACHE_MULTIPLE = 2  # read buffer / last-level cache
+
+
+@dataclass(frozen=True)
+class MachineLimits:
+    threads: int
+    read_bytes: int  # size of the buffer read per pass
+    read_gb_s: float  # streaming read bandwidth, GB/s (1e9 bytes)
+    gemm_gflops: float  # float32 GEMM rate at the model's shapes, GFLOP/s
+    gemm_shapes: list[tuple[int, int, int]]  # (n, rows, cols) products timed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size from sysfs, or 0 where it is not exposed."""
+    best = 0
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _stream_sum(buf, chunks):
+    """Sum of buf (n,) float32, read once, in ``chunks`` threaded pieces."""
+    n = buf.shape[0]
+    step = (n + chunks - 1) // chunks
+    total = 0.0
+    for c in prange(chunks):
+        s = np.float32(0.0)
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += buf[i]
+        total += s
+    return total
+
+
+def read_bandwidth(threads: int, nbytes: int | None = None, passes: int = 4) -> tuple[int, float]:
+    """(bytes per pass, best GB/s) of a streaming read on ``threads`` threads."""
+    if nbytes is None:
+        nbytes = max(_MIN_READ_BYTES, _CACHE_MULTIPLE * last_level_cache_bytes())
+    buf = np.ones(nbytes // 4, np.float32)  # (n,): written once so that every page is resident
+    saved = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        _stream_sum(buf[:1024], 4 * threads)  # compile / load before timing
+        best = float("inf")
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            _stream_sum(buf, 4 * threads)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        numba.set_num_threads(saved)
+    return buf.nbytes, buf.nbytes / best / 1e9
+
+
+def _products(work: list, reps: int) -> float:
+    """Seconds of the fastest of ``reps`` passes over work [(x, w, out, count)]."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x, w, out, count in work:
+            for _ in range(count):
+                np.matmul(x, w.T, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_rate(
+    shapes: dict[tuple[int, int], int], n: int, threads: int, reps: int = 3
+) -> tuple[float, list[tuple[int, int, int]]]:
+    """Best GFLOP/s of float32 ``x @ W.T`` over the (rows, cols): count mix of a layer.
+
+    Each repetition runs every shape ``count`` times (as one layer of a prefill does); the rate
+    is total flops over the fastest repetition. Two ways, the better one counts: NumPy's BLAS on
+    ``threads`` threads, and ``threads`` threads each running single-threaded BLAS on its own
+    slice of every W's rows at once (no thread waits for another: on a machine shared with other
+    processes BLAS's own threads, which wait for each other inside every product, can fall far
+    below that).
+    """
+    rng = np.random.default_rng(0)
+    work = []
+    for (rows, cols), count in sorted(shapes.items()):
+        x = rng.standard_normal((n, cols), dtype=np.float32)  # (n, cols)
+        w = rng.standard_normal((rows, cols), dtype=np.float32)  # (rows, cols)
+        out = np.empty((n, rows), np.float32)  # (n, rows)
+        work.append((x, w, out, count))
+    flops = sum(2 * n * w.shape[0] * w.shape[1] * c for _, w, _, c in work)
+    with threadpool_limits(threads):
+        _products(work, 1)  # BLAS's threads start, its buffers are allocated
+        best = _products(work, reps)
+    if threads > 1:
+        # Thread t's work: rows t/threads.. of every W, its own output.
+        parts = []
+        for t in range(threads):
+            part = []
+            for x, w, _, count in work:
+                a, b = w.shape[0] * t // threads, w.shape[0] * (t + 1) // threads
+                part.append((x, w[a:b], np.empty((n, b - a), np.float32), count))
+            parts.append(part)
+        with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
+            for _ in range(reps + 1):  # the first pass warms up
+                t0 = time.perf_counter()
+                list(pool.map(lambda part: _products(part, 1), parts))
+                sliced = time.perf_counter() - t0
+            best = min(best, sliced)
+    timed = [(n, w.shape[0], w.shape[1]) for _, w, _, _ in work]
+    return flops / best / 1e9, timed
+
+
+def measure(shapes: dict[tuple[int, int], int], n: int, threads: int) -> MachineLimits:
+    """Both limits, for a model whose layers multiply by ``shapes`` ((rows, cols): count)."""
+    nbytes, gb_s = read_bandwidth(threads)
+    gflops, timed = gemm_rate(shapes, n, threads)
+    return MachineLimits(threads, nbytes, gb_s, gflops, timed)
