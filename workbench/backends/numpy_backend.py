@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from threadpoolctl import ThreadpoolController, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from workbench.backends import cpu_ops, fused_decode, quant_cpu
 from workbench.backends.fused_decode import FusedDecoder
@@ -41,10 +41,8 @@ class NumpyBackend:
             # or FMA units to these kernels, only contention.
             threads = quant_cpu.default_threads()
         quant_cpu.set_threads(threads)  # validates the count
-        # BLAS uses its own pool; cap it too so --threads means what it says. Prefill's
-        # products run it single-threaded under our own pool (`linear`).
+        # BLAS uses its own pool; cap it too so --threads means what it says.
         threadpool_limits(threads)
-        self._blas = ThreadpoolController()
         self.threads = quant_cpu.get_threads()
         self._rope_key: tuple | None = None
         self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
@@ -83,19 +81,16 @@ class NumpyBackend:
         size = w.shape[0] * w.shape[1]
         if self._scratch is None or self._scratch.size < size:
             self._scratch = np.empty(size, dtype=np.float32)
-        # One thread pool at a time. Spin-waiting workers starve the threads they wait for:
-        # numba's OpenMP workers starved BLAS's (measured on 2 cores: 15-70 tok/s instead of
-        # 300+), and on a shared machine BLAS's own threads, which split every product and wait
-        # for each other, ran prefill at 9-74 tok/s against 150+ on one thread. So numba and BLAS
-        # both run single-threaded here, and `matmul` splits each matrix's rows across a plain
-        # thread pool: each thread dequantizes its slice and multiplies it, independently.
+        # One thread pool at a time. numba's OpenMP workers spin-wait after each parallel region
+        # and starved BLAS's threads on the same cores (2 cores: 15-70 tok/s instead of 300+), so
+        # the dequantization runs on the calling thread and BLAS, which does almost all the work,
+        # keeps every core. (`quant_cpu.matmul(workers=N)` instead splits rows over a plain pool
+        # with single-threaded BLAS: steadier on a machine shared with other jobs, but on a quiet
+        # 2-core machine prefill ran at 184-207 tok/s with it against 274-320 with BLAS's threads.)
         threads = quant_cpu.get_threads()
         quant_cpu.set_threads(1)
         try:
-            with self._blas.limit(limits=1, user_api="blas"):
-                return quant_cpu.matmul(
-                    w.qtype, w.data, x, scratch=self._scratch, workers=self.threads
-                )
+            return quant_cpu.matmul(w.qtype, w.data, x, scratch=self._scratch)
         finally:
             quant_cpu.set_threads(threads)
 
