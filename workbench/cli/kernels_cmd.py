@@ -1,4 +1,5 @@
-"""`workbench kernels`: list the registered kernels, check them for GPU targets, print their ISA."""
+"""`workbench kernels`: list the registered kernels, check them for GPU targets, print their ISA
+(sanitize and profile, on the instrumented emulator: `kernels_instrument`)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="registry name (see `workbench kernels list`)")
     p.add_argument("--arch", default="gfx90a", help="target (default gfx90a)")
     p.set_defaults(func=_asm)
+
+    from workbench.cli import kernels_instrument
+
+    kernels_instrument.register(actions)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
