@@ -47,9 +47,14 @@ class SanitizeRun:
         }
 
 
-def display_file(path: str, roots: Sequence[str | Path] = ()) -> str:
-    """``path`` relative to the first of ``roots`` it lies under (the kernels directory, say),
-    else its file name: findings name ``rmsnorm.hip:12``, not an absolute path."""
+def display_file(
+    path: str, roots: Sequence[str | Path] = (), rename: Mapping[str, str] | None = None
+) -> str:
+    """How a finding or counter names its file: ``rename[path]`` when given (a notebook cell's
+    source file is ``<cell NAME>``), else ``path`` relative to the first of ``roots`` it lies
+    under (the kernels directory, say: ``rmsnorm.hip``), else its file name."""
+    if rename and path in rename:
+        return rename[path]
     p = Path(path)
     for root in roots:
         try:
@@ -59,8 +64,10 @@ def display_file(path: str, roots: Sequence[str | Path] = ()) -> str:
     return p.name or path
 
 
-def where(file: str, line: int, roots: Sequence[str | Path] = ()) -> str:
-    return f"{display_file(file, roots)}:{line}"
+def where(
+    file: str, line: int, roots: Sequence[str | Path] = (), rename: Mapping[str, str] | None = None
+) -> str:
+    return f"{display_file(file, roots, rename)}:{line}"
 
 
 def _dim(d: Sequence[int]) -> str:
@@ -68,12 +75,16 @@ def _dim(d: Sequence[int]) -> str:
 
 
 def finding_row(
-    kernel: str, warp_size: int, f: Finding, roots: Sequence[str | Path] = ()
+    kernel: str,
+    warp_size: int,
+    f: Finding,
+    roots: Sequence[str | Path] = (),
+    rename: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """One table row for one (grouped) finding; races name the conflicting line too."""
-    loc = where(f.file, f.line, roots)
+    loc = where(f.file, f.line, roots, rename)
     if f.other_line is not None:
-        other = where(f.other_file or f.file, f.other_line, roots)
+        other = where(f.other_file or f.file, f.other_line, roots, rename)
         loc = f"{loc} vs {other}"
     return {
         "kernel": kernel,
@@ -88,7 +99,11 @@ def finding_row(
     }
 
 
-def findings_rows(runs: Iterable[SanitizeRun], roots: Sequence[str | Path] = ()) -> list[dict]:
+def findings_rows(
+    runs: Iterable[SanitizeRun],
+    roots: Sequence[str | Path] = (),
+    rename: Mapping[str, str] | None = None,
+) -> list[dict]:
     """Rows of the findings table: one per finding, and one per launch that did not complete
     (tool ``launch``, kind ``error``), in the order of ``runs``."""
     rows = []
@@ -100,7 +115,8 @@ def findings_rows(runs: Iterable[SanitizeRun], roots: Sequence[str | Path] = ())
             })  # fmt: skip
         if run.report is not None:
             rows.extend(
-                finding_row(run.kernel, run.warp_size, f, roots) for f in run.report.findings
+                finding_row(run.kernel, run.warp_size, f, roots, rename)
+                for f in run.report.findings
             )
     return rows
 
@@ -133,6 +149,7 @@ def source_rows(
     *,
     context: int | None = 2,
     roots: Sequence[str | Path] = (),
+    rename: Mapping[str, str] | None = None,
 ) -> list[dict[str, str]]:
     """The source view: for each file with counters (in order of first appearance), its lines
     with the counters beside them (one row per space and operation on a line; the source text
@@ -149,7 +166,7 @@ def source_rows(
             text = list(read_lines(file))
         except OSError:
             text = []
-        name = display_file(file, roots)
+        name = display_file(file, roots, rename)
         last = max([len(text), *counted])
         if context is None:
             shown = list(range(1, last + 1))
