@@ -176,9 +176,10 @@ def _profile(args: argparse.Namespace) -> int:
     rows = sr.source_rows(
         prof.report, _read_lines, context=None if args.all_lines else args.context, roots=roots
     )
-    occupancy, occupancy_note = (None, "skipped") if args.no_occupancy else _occupancy(
-        get(args.name), args.target
-    )  # fmt: skip
+    if args.no_occupancy:
+        occupancy, occupancy_note = None, "occupancy: skipped (--no-occupancy)"
+    else:
+        occupancy, occupancy_note = _occupancy(get(args.name), args.target)
     if args.json:
         out = {
             **prof.to_dict(),
