@@ -49,6 +49,10 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(WB_EMU_INSTRUMENTED)
+#include <link.h>
+#endif
+
 #include "wb_emu_abi.h"
 
 namespace wb_emu {
@@ -149,10 +153,30 @@ inline Vote vote(const char* what, const char* file, int line, int site, std::ui
   return v;
 }
 
+// --- instrumented builds ---------------------------------------------------------------------
+// The instrumented variant of a module is compiled by clang with SanitizerCoverage's load/store
+// tracing: before every load and store of kernel code the compiler calls __sanitizer_cov_loadN /
+// __sanitizer_cov_storeN (defined below), which hand the address and the return address (the
+// accessing instruction, for the line table) to the runtime. Functions of this header are left
+// uninstrumented (an ignore list names them); atomics and __ldg report themselves instead.
+#if defined(WB_EMU_INSTRUMENTED)
+inline void access(const void* addr, std::uint32_t size, int op, const void* pc) {
+  ThreadCtx* s = self();
+  s->api->access(s, addr, size, op, pc);
+}
+#define WB_EMU_NOTE(p, op) \
+  ::wb_emu::access((p), sizeof(*(p)), ::wb_emu::op, __builtin_return_address(0))
+#define WB_EMU_MEMFN inline __attribute__((noinline))
+#else
+#define WB_EMU_NOTE(p, op) ((void)0)
+#define WB_EMU_MEMFN inline
+#endif
+
 // --- argument passing for the launch trampolines ---------------------------------------------
 
 // Parameter type codes for Python's argument checks: i8..i64, u8..u64, f32, f64, bool, b<N> (any
-// other trivially copyable value of N bytes); pointers are "p:" + the pointee's code.
+// other trivially copyable value of N bytes); pointers are "p:" (or "p:c:" when the pointee is
+// const) + the pointee's code.
 struct SigWriter {
   char* buf;
   std::size_t len;
@@ -195,7 +219,8 @@ void put_value_code(SigWriter& w) {
 template <class T>
 void put_code(SigWriter& w) {
   if constexpr (std::is_pointer<T>::value) {
-    w.put("p:");
+    // "p:c:" for a pointer to const: the emulator passes writable buffers with guard zones
+    w.put(std::is_const<typename std::remove_pointer<T>::type>::value ? "p:c:" : "p:");
     put_value_code<typename std::remove_cv<typename std::remove_pointer<T>::type>::type>(w);
   } else {
     put_value_code<T>(w);
@@ -257,25 +282,48 @@ int launch_kernel(void (*kernel)(P...), const Api* api, const LaunchDesc* desc,
 
 // --- atomics (real atomics: blocks run in parallel on several OS threads) --------------------
 
+// In instrumented builds each atomic is an out-of-line function that reports itself (WB_EMU_NOTE)
+// with its caller's address, so the access is attributed to the kernel line and counted once.
 #define WB_EMU_ATOMIC_INT(T)                                                                 \
-  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }       \
-  inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }       \
-  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }     \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }       \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }         \
-  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST); }       \
-  inline T atomicCAS(T* p, T compare, T v) {                                                 \
+  WB_EMU_MEMFN T atomicAdd(T* p, T v) {                                                      \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  WB_EMU_MEMFN T atomicSub(T* p, T v) {                                                      \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
+    return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  WB_EMU_MEMFN T atomicExch(T* p, T v) {                                                     \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
+    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);                                      \
+  }                                                                                          \
+  WB_EMU_MEMFN T atomicAnd(T* p, T v) {                                                      \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
+    return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  WB_EMU_MEMFN T atomicOr(T* p, T v) {                                                       \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
+    return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);                                        \
+  }                                                                                          \
+  WB_EMU_MEMFN T atomicXor(T* p, T v) {                                                      \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
+    return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  WB_EMU_MEMFN T atomicCAS(T* p, T compare, T v) {                                           \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
     __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  \
     return compare;                                                                          \
   }                                                                                          \
-  inline T atomicMin(T* p, T v) {                                                            \
+  WB_EMU_MEMFN T atomicMin(T* p, T v) {                                                      \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
     T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                            \
     while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_SEQ_CST,       \
                                                    __ATOMIC_SEQ_CST)) {                      \
     }                                                                                        \
     return old;                                                                              \
   }                                                                                          \
-  inline T atomicMax(T* p, T v) {                                                            \
+  WB_EMU_MEMFN T atomicMax(T* p, T v) {                                                      \
+    WB_EMU_NOTE(p, kAtomic);                                                                 \
     T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                            \
     while (v > old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_SEQ_CST,       \
                                                    __ATOMIC_SEQ_CST)) {                      \
@@ -302,36 +350,46 @@ inline T wb_emu_atomic_update(T* p, F update) {
     desired = update(old);
   return old;
 }
-inline float atomicAdd(float* p, float v) {
+WB_EMU_MEMFN float atomicAdd(float* p, float v) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [v](float o) { return o + v; });
 }
-inline double atomicAdd(double* p, double v) {
+WB_EMU_MEMFN double atomicAdd(double* p, double v) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [v](double o) { return o + v; });
 }
-inline float atomicSub(float* p, float v) {
+WB_EMU_MEMFN float atomicSub(float* p, float v) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [v](float o) { return o - v; });
 }
-inline float atomicMax(float* p, float v) {
+WB_EMU_MEMFN float atomicMax(float* p, float v) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [v](float o) { return v > o ? v : o; });
 }
-inline float atomicMin(float* p, float v) {
+WB_EMU_MEMFN float atomicMin(float* p, float v) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [v](float o) { return v < o ? v : o; });
 }
-inline double atomicMax(double* p, double v) {
+WB_EMU_MEMFN double atomicMax(double* p, double v) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [v](double o) { return v > o ? v : o; });
 }
-inline double atomicMin(double* p, double v) {
+WB_EMU_MEMFN double atomicMin(double* p, double v) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [v](double o) { return v < o ? v : o; });
 }
-inline float atomicExch(float* p, float v) {
+WB_EMU_MEMFN float atomicExch(float* p, float v) {
+  WB_EMU_NOTE(p, kAtomic);
   float old;
   __atomic_exchange(p, &v, &old, __ATOMIC_SEQ_CST);
   return old;
 }
-inline unsigned int atomicInc(unsigned int* p, unsigned int limit) {
+WB_EMU_MEMFN unsigned int atomicInc(unsigned int* p, unsigned int limit) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(p, [limit](unsigned int o) { return o >= limit ? 0u : o + 1; });
 }
-inline unsigned int atomicDec(unsigned int* p, unsigned int limit) {
+WB_EMU_MEMFN unsigned int atomicDec(unsigned int* p, unsigned int limit) {
+  WB_EMU_NOTE(p, kAtomic);
   return wb_emu_atomic_update(
       p, [limit](unsigned int o) { return (o == 0 || o > limit) ? limit : o - 1; });
 }
@@ -454,7 +512,8 @@ inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned i
 }
 
 template <class T>
-inline T __ldg(const T* p) {
+WB_EMU_MEMFN T __ldg(const T* p) {
+  WB_EMU_NOTE(p, kLoad);
   return *p;
 }
 
@@ -520,6 +579,67 @@ inline uint3 make_uint3(unsigned int x, unsigned int y, unsigned int z) { return
 #undef WB_EMU_VEC3
 
 #define WB_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+#if defined(WB_EMU_INSTRUMENTED)
+// SanitizerCoverage's callbacks: `a` is the address about to be read or written.
+#define WB_EMU_COV(N, T)                                                                     \
+  extern "C" __attribute__((noinline)) void __sanitizer_cov_load##N(T* a) {                 \
+    ::wb_emu::access(a, N, ::wb_emu::kLoad, __builtin_return_address(0));                    \
+  }                                                                                          \
+  extern "C" __attribute__((noinline)) void __sanitizer_cov_store##N(T* a) {                \
+    ::wb_emu::access(a, N, ::wb_emu::kStore, __builtin_return_address(0));                   \
+  }
+WB_EMU_COV(1, std::uint8_t)
+WB_EMU_COV(2, std::uint16_t)
+WB_EMU_COV(4, std::uint32_t)
+WB_EMU_COV(8, std::uint64_t)
+WB_EMU_COV(16, __int128)
+#undef WB_EMU_COV
+
+namespace wb_emu {
+// Every `__shared__` variable is a thread_local of this module (and nothing else is): the
+// module's TLS block on the calling OS thread is the static shared memory of the block it runs.
+// The anchor makes sure the block exists and lets us find it.
+static thread_local char tls_anchor;
+
+struct RangesQuery {
+  std::uintptr_t anchor;
+  ModuleRanges* out;
+};
+
+inline int ranges_of_module(dl_phdr_info* info, std::size_t, void* data) {
+  auto* q = static_cast<RangesQuery*>(data);
+  const auto tls = reinterpret_cast<std::uintptr_t>(info->dlpi_tls_data);
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type == PT_TLS && tls != 0 && q->anchor >= tls && q->anchor < tls + ph.p_memsz) {
+      q->out->tls_lo = tls;
+      q->out->tls_size = ph.p_memsz;
+      std::uintptr_t lo = ~std::uintptr_t(0), hi = 0;
+      for (int j = 0; j < info->dlpi_phnum; ++j) {
+        const ElfW(Phdr)& seg = info->dlpi_phdr[j];
+        if (seg.p_type != PT_LOAD) continue;
+        const std::uintptr_t a = info->dlpi_addr + seg.p_vaddr;
+        if (a < lo) lo = a;
+        if (a + seg.p_memsz > hi) hi = a + seg.p_memsz;
+      }
+      q->out->image_lo = lo;
+      q->out->image_hi = hi;
+      return 1;
+    }
+  }
+  return 0;
+}
+}  // namespace wb_emu
+
+WB_EMU_EXPORT void wb_emu_module_ranges(::wb_emu::ModuleRanges* out) {
+  *out = ::wb_emu::ModuleRanges{0, 0, 0, 0};
+  volatile char* anchor = &::wb_emu::tls_anchor;
+  *anchor = 0;  // allocates this thread's TLS block of the module
+  ::wb_emu::RangesQuery q{reinterpret_cast<std::uintptr_t>(anchor), out};
+  dl_iterate_phdr(::wb_emu::ranges_of_module, &q);
+}
+#endif  // WB_EMU_INSTRUMENTED
 
 #endif  // !WB_EMU_DISCOVERY
 

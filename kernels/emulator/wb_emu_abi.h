@@ -31,7 +31,7 @@ struct dim3 {
 
 namespace wb_emu {
 
-constexpr std::uint32_t kAbiVersion = 2;
+constexpr std::uint32_t kAbiVersion = 3;
 
 // Every fiber owns one region of kStackBytes, aligned to kStackBytes, with its ThreadCtx near the
 // lowest address. Kernel code finds its own ThreadCtx by masking its frame address, so reading
@@ -85,6 +85,52 @@ enum WarpFlags : int {
 // Barrier flavours of __syncthreads*().
 enum BlockOp : int { kBlockPlain = 0, kBlockCount = 1, kBlockAnd = 2, kBlockOr = 3 };
 
+// --- instrumented runs (tools and counters; see wb_emu_instr.h) ------------------------------
+
+// What an instrumented access does (Api::access).
+enum AccessOp : int { kLoad = 0, kStore = 1, kAtomic = 2 };
+
+enum InstrFlags : std::uint32_t {
+  kMemcheck = 1,
+  kRacecheck = 2,
+  kInitcheck = 4,
+  kSynccheck = 8,
+  kCounters = 16,
+};
+
+// One pointer argument: the kernel may touch [base, base + size). [lo, hi) is the region around it
+// that is the emulator's own (a staged copy with poisoned guard zones), equal to the array's bytes
+// when the array is passed in place.
+struct Buffer {
+  std::uintptr_t base;
+  std::size_t size;
+  std::uintptr_t lo;
+  std::uintptr_t hi;
+  int arg;
+};
+
+// The module side of an instrumented launch: where this OS thread's copy of the module's
+// `__shared__` (thread_local) variables lies, and the module's own loaded image (constant tables).
+struct ModuleRanges {
+  std::uintptr_t tls_lo;
+  std::size_t tls_size;
+  std::uintptr_t image_lo;
+  std::uintptr_t image_hi;
+};
+
+struct Instr {
+  std::uint32_t flags;  // InstrFlags
+  std::uint32_t segment_bytes;
+  std::uint32_t banks;
+  std::uint32_t bank_bytes;
+  const Buffer* buffers;
+  int nbuffers;
+  void (*module_ranges)(ModuleRanges* out);  // called on each OS thread that runs blocks
+  void* results;  // the runtime's result sink (wb_emu_results_new)
+};
+
+enum Schedule : std::uint32_t { kScheduleFixed = 0, kScheduleRandom = 1 };
+
 struct LaunchDesc {
   dim3 grid;
   dim3 block;
@@ -92,6 +138,9 @@ struct LaunchDesc {
   std::uint32_t workers;  // OS threads that run blocks (the calling thread is one of them)
   std::size_t shared_bytes;
   const char* kernel_name;
+  std::uint32_t schedule;  // Schedule: the order in which a block's runnable fibers run
+  std::uint64_t seed;      // for kScheduleRandom
+  const Instr* instr;      // null for a plain launch
 };
 
 enum ErrorKind : int {
@@ -103,6 +152,7 @@ enum ErrorKind : int {
   kBadLaunch = 5,   // geometry or warp size the emulator cannot run
   kResource = 6,    // out of memory for stacks or shared memory
   kAbiMismatch = 7,
+  kStopped = 8,     // an instrumented run stopped a write far outside any buffer
 };
 
 struct ErrorInfo {
@@ -129,6 +179,9 @@ struct Api {
                                           std::uint32_t nbytes);
   std::uint64_t (*active_mask)(ThreadCtx* self);
   void (*trap)(ThreadCtx* self, const char* what, const char* file, int line);  // never returns
+  // Instrumented modules call this before every load, store and atomic of kernel code; `pc` is
+  // the return address into the accessing code (its line comes from the module's line table).
+  void (*access)(ThreadCtx* self, const void* addr, std::uint32_t size, int op, const void* pc);
 };
 
 }  // namespace wb_emu

@@ -18,6 +18,7 @@
 //   into an error naming the block and thread; the launch is abandoned, Python keeps running.
 #include "wb_emu_abi.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -30,11 +31,13 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #if defined(WB_EMU_FIBER_FCONTEXT)
@@ -109,6 +112,7 @@ struct Group {
 };
 
 struct Warp {
+  std::uint32_t sync_gen;    // completed warp collectives (orders lanes for racecheck)
   std::uint64_t exist_mask;  // lanes that exist (the last warp of a block may be partial)
   std::uint64_t live_mask;   // lanes that have not finished
   int ngroups;
@@ -121,6 +125,8 @@ struct Warp {
 
 struct Job;
 struct Worker;
+class InstrWorker;
+void destroy_instr(InstrWorker* iw);
 
 struct Block {
   Worker* worker;
@@ -141,6 +147,12 @@ struct Block {
   int bar_op;
   bool bar_mismatch;
   int bar_site;
+  const char* bar_file;  // where the first thread of the current barrier waits
+  int bar_line;
+  const char* mis_file;  // and the first thread that reached a different one
+  int mis_line;
+  bool random;  // kScheduleRandom: the next fiber is drawn, not taken round-robin
+  std::uint64_t rng;
   bool failed;
   Ctx main;  // the OS thread's own context, resumed when the block finishes or gets stuck
   int nwarps;
@@ -214,6 +226,7 @@ struct Worker {
   void* volatile fault_addr = nullptr;
   void* altstack = nullptr;
   int registry_slot = -1;
+  InstrWorker* instr = nullptr;  // created on this thread's first instrumented launch
 #if defined(WB_EMU_FIBER_UCONTEXT)
   ucontext_t tmpl;  // captured once; copied into each fresh fiber (getcontext is a syscall)
   bool tmpl_ready = false;
@@ -259,6 +272,7 @@ Worker::Worker() {
 }
 
 Worker::~Worker() {
+  destroy_instr(instr);
   if (registry_slot >= 0) {
     g_registry[registry_slot].worker.store(nullptr);
     g_registry[registry_slot].thread.store(0);
@@ -435,10 +449,25 @@ void set_error(Job* job, int kind, const uint3* block, const uint3* thread,
   std::snprintf(e->message, sizeof e->message, "%s", text.c_str());
 }
 
+[[noreturn]] void fail(Fiber* f, int kind, const std::string& text, bool pin_thread);
+std::string kernel_prefix(const Block* b);
+
+#include "wb_emu_instr.h"
+
+void destroy_instr(InstrWorker* iw) { delete iw; }
+
 // --- the scheduler ---------------------------------------------------------------------------
+
+std::uint64_t next_random(Block* b) {  // xorshift64*
+  b->rng ^= b->rng >> 12;
+  b->rng ^= b->rng << 25;
+  b->rng ^= b->rng >> 27;
+  return b->rng * 0x2545F4914F6CDD1Dull;
+}
 
 Fiber* pick_next(Block* b, int from) {
   if (b->runnable == 0) return nullptr;
+  if (b->random) from = static_cast<int>(next_random(b) % static_cast<std::uint64_t>(b->n));
   for (int i = from + 1; i < b->n; ++i)
     if (b->state[i] == State::Runnable) return b->fibers[i];
   for (int i = 0; i <= from; ++i)
@@ -489,6 +518,7 @@ void release_warp(Block* b, Warp* w, Group* g, Fiber* running) {
              where_threads_are(b, warp),
          false);
   }
+  ++w->sync_gen;
   const std::uint64_t members = g->arrived;
   const int first = static_cast<int>(w - b->warps) * b->fibers[0]->pub.warp_size;
   if (g->op == kWarpShfl) {
@@ -584,9 +614,13 @@ int api_block_sync(ThreadCtx* self, const char* what, const char* file, int line
     b->bar_site = site;
     b->bar_op = op;
     b->bar_mismatch = false;
+    b->bar_file = file;
+    b->bar_line = line;
     b->bar_acc[slot] = op == kBlockAnd ? 1 : 0;
-  } else if (op != b->bar_op || site != b->bar_site) {
+  } else if ((op != b->bar_op || site != b->bar_site) && !b->bar_mismatch) {
     b->bar_mismatch = true;
+    b->mis_file = file;
+    b->mis_line = line;
   }
   switch (op) {
     case kBlockCount:
@@ -607,7 +641,13 @@ int api_block_sync(ThreadCtx* self, const char* what, const char* file, int line
   f->site = site;
   if (++b->bar_arrived == b->n) {
     b->state[f->pub.linear] = State::AtBarrier;  // the diagnosis below lists it where it waits
-    if (b->bar_mismatch)
+    const Instr* instr = b->job->desc->instr;
+    if (b->bar_mismatch && instr != nullptr && (instr->flags & kSynccheck)) {
+      // synccheck: report it and let the barrier complete, as AMD's s_barrier would (it counts
+      // waves, not call sites); the kernel runs on and its other defects are found too.
+      b->worker->instr->barrier_divergence(b, f, b->bar_file, b->bar_line, b->mis_file,
+                                           b->mis_line);
+    } else if (b->bar_mismatch) {
       fail(f, kDivergence,
            kernel_prefix(b) +
                ": the threads reached different __syncthreads() calls; every thread of a block "
@@ -615,6 +655,8 @@ int api_block_sync(ThreadCtx* self, const char* what, const char* file, int line
                "is the same for the whole block):" +
                where_threads_are(b, -1),
            false);
+    }
+    if (instr != nullptr) b->worker->instr->interval_end(b);
     b->bar_arrived = 0;
     ++b->bar_gen;
     std::memset(b->state, static_cast<int>(State::Runnable), static_cast<std::size_t>(b->n));
@@ -726,12 +768,16 @@ bool run_block(Worker* wk, Job* job, std::uint64_t linear_block) {
   b->bar_arrived = 0;
   b->bar_gen = 0;
   b->failed = false;
+  b->random = d->schedule == kScheduleRandom;
+  b->rng = (d->seed + 1) * 0x9E3779B97F4A7C15ull ^ (linear_block + 1) * 0xBF58476D1CE4E5B9ull;
+  if (b->rng == 0) b->rng = 1;
   b->nwarps = (n + ws - 1) / ws;
   for (int i = 0; i < b->nwarps; ++i) {
     Warp* w = &b->warps[i];
     const int lanes = std::min(ws, n - i * ws);
     w->exist_mask = lanes == 64 ? ~std::uint64_t(0) : (std::uint64_t(1) << lanes) - 1;
     w->live_mask = w->exist_mask;
+    w->sync_gen = 0;
     if (w->ngroups != 0) {  // left over from a block that failed
       for (Group& g : w->groups) g.active = false;
       w->ngroups = 0;
@@ -762,10 +808,12 @@ bool run_block(Worker* wk, Job* job, std::uint64_t linear_block) {
     f->site = -1;
     make_fiber_ctx(wk, f);
   }
+  if (d->instr != nullptr) wk->instr->block_begin(b);
   wk->current = b->fibers[0];
   wk->in_kernel = 1;
   switch_ctx(&b->main, &b->fibers[0]->ctx);
   wk->in_kernel = 0;
+  if (d->instr != nullptr) wk->instr->interval_end(b);
   if (b->failed) return false;
   if (b->live > 0) {
     set_error(job, kDeadlock, &b->idx, nullptr,
@@ -806,6 +854,10 @@ void run_blocks(Worker* wk, Job* job) {
     job->abort = true;
     return;
   }
+  if (d->instr != nullptr) {
+    if (wk->instr == nullptr) wk->instr = new InstrWorker();
+    wk->instr->begin(job, wk);
+  }
   // A signal raised by kernel code lands here (see on_signal); the block is abandoned.
   if (sigsetjmp(wk->jmp, 1) != 0) {
     wk->in_kernel = 0;
@@ -826,6 +878,7 @@ void run_blocks(Worker* wk, Job* job) {
                                 : std::string()) +
                   ": " + signal_name(wk->fault_signal) + extra + addr_note);
     job->abort = true;
+    if (d->instr != nullptr) wk->instr->merge(static_cast<Results*>(d->instr->results));
     return;
   }
   while (!job->abort.load(std::memory_order_relaxed)) {
@@ -836,6 +889,7 @@ void run_blocks(Worker* wk, Job* job) {
       break;
     }
   }
+  if (d->instr != nullptr) wk->instr->merge(static_cast<Results*>(d->instr->results));
 }
 
 // --- signals -----------------------------------------------------------------------------------
@@ -967,6 +1021,11 @@ int api_launch(const Api* api, const LaunchDesc* d, void (*body)(void*), void* c
                   static_cast<unsigned long long>(nblocks), kMaxThreadsPerBlock);
     return error->kind = kBadLaunch;
   }
+  Results* results = d->instr != nullptr ? static_cast<Results*>(d->instr->results) : nullptr;
+  if (results != nullptr) {
+    std::vector<std::atomic<std::uint64_t*>> shadow(static_cast<std::size_t>(d->instr->nbuffers));
+    results->global_shadow.swap(shadow);
+  }
   Job job;
   job.api = api;
   job.desc = d;
@@ -983,7 +1042,33 @@ int api_launch(const Api* api, const LaunchDesc* d, void (*body)(void*), void* c
   if (workers > 1) pool()->run(&job, workers - 1);
   run_blocks(me, &job);
   if (workers > 1) pool()->wait();
+  if (results != nullptr) {
+    for (auto& sh : results->global_shadow) std::free(sh.exchange(nullptr));
+    results->global_shadow.clear();
+  }
   return error->kind;
+}
+
+void api_access(ThreadCtx* self, const void* addr, std::uint32_t size, int op, const void* pc) {
+  const auto a = reinterpret_cast<std::uintptr_t>(addr);
+  const auto mine = reinterpret_cast<std::uintptr_t>(self) & ~(kStackBytes - 1);
+  if ((a & ~(kStackBytes - 1)) == mine) return;  // the fiber's own locals and ThreadCtx
+  Fiber* f = reinterpret_cast<Fiber*>(self);
+  f->block->worker->instr->access(f, f->block, a, size, op, reinterpret_cast<std::uintptr_t>(pc));
+}
+
+void InstrWorker::stop(Fiber* f, Block* b, std::uintptr_t a, std::uint32_t size, int op,
+                       int site) {
+  (void)site;
+  interval_end(b);
+  merge(results_);
+  fail(f, kStopped,
+       kernel_prefix(b) +
+           format(", thread %s: %s of %u bytes at address 0x%llx, outside every buffer argument "
+                  "and its guard zone; the launch was stopped before it could corrupt memory",
+                  dims(f->pub.thread_idx).c_str(), op == kLoad ? "read" : "write", size,
+                  static_cast<unsigned long long>(a)),
+       true);
 }
 
 const Api g_api = {
@@ -991,9 +1076,42 @@ const Api g_api = {
     kFiberName,      api_launch,
     api_block_sync,  api_warp_collective,
     api_active_mask, api_trap,
+    api_access,
 };
 
 }  // namespace
 }  // namespace wb_emu
 
 WB_EMU_EXPORT const wb_emu::Api* wb_emu_runtime_api() { return &wb_emu::g_api; }
+
+// The result sink of instrumented launches: Python creates one, passes it in Instr::results,
+// reads the merged site counters and findings, and frees it.
+WB_EMU_EXPORT void* wb_emu_results_new() { return new wb_emu::Results(); }
+WB_EMU_EXPORT void wb_emu_results_free(void* r) { delete static_cast<wb_emu::Results*>(r); }
+
+// Flattens the merged records (pcs as offsets into their module) and returns how many there are.
+WB_EMU_EXPORT int wb_emu_results_collect(void* p, int* nfindings) {
+  auto* r = static_cast<wb_emu::Results*>(p);
+  std::lock_guard<std::mutex> lock(r->mutex);
+  r->site_list.clear();
+  for (auto& [key, s] : r->sites) {
+    wb_emu::SiteOut o = s;
+    o.pc = wb_emu::module_offset(o.pc);
+    r->site_list.push_back(o);
+  }
+  r->finding_list.clear();
+  for (auto& [key, f] : r->findings) {
+    wb_emu::FindingOut o = f;
+    o.pc = wb_emu::module_offset(o.pc);
+    o.other_pc = wb_emu::module_offset(o.other_pc);
+    r->finding_list.push_back(o);
+  }
+  *nfindings = static_cast<int>(r->finding_list.size());
+  return static_cast<int>(r->site_list.size());
+}
+WB_EMU_EXPORT const wb_emu::SiteOut* wb_emu_results_sites(void* p) {
+  return static_cast<wb_emu::Results*>(p)->site_list.data();
+}
+WB_EMU_EXPORT const wb_emu::FindingOut* wb_emu_results_findings(void* p) {
+  return static_cast<wb_emu::Results*>(p)->finding_list.data();
+}

@@ -43,12 +43,31 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import BackendError, InternalError, RecoverableError, UserError
+from workbench.kernels import emulator_memory as guard
+from workbench.kernels.emulator_instrument import (
+    COUNTERS_FLAG,
+    IGNORE_LIST,
+    INSTRUMENT_FLAGS,
+    TOOL_FLAGS,
+    Buffer,
+    Instr,
+    LineTable,
+    bind_results,
+    build_report,
+    find_clang,
+    read_results,
+)
+from workbench.kernels.instrument import DEFAULT_TARGET, KernelReport, check_tools, target_spec
 from workbench.kernels.registry import kernels_dir
 
 # Bump when the generated wrapper or the compile flags change in a way the hashed inputs miss.
-EMULATOR_VERSION = "1"
+EMULATOR_VERSION = "2"
 
 FIBERS = ("fcontext", "ucontext")
+SCHEDULES = ("fixed", "random")
+# Read-only arguments up to this size are staged too in instrumented runs (their out-of-bounds
+# reads then return poison); larger ones (model weights) are watched in place.
+_STAGE_READONLY_BYTES = 64 << 20
 WARP_SIZES = (32, 64)
 MAX_THREADS = 8  # default cap on OS threads running blocks
 
@@ -242,6 +261,7 @@ def _load_runtime(tc: _Toolchain, fiber: str, cache_dir: Path) -> _Runtime:
         json.dumps(flags + libs),
         source.read_bytes(),
         (emu / "wb_emu_abi.h").read_bytes(),
+        (emu / "wb_emu_instr.h").read_bytes(),
     )
     path = cache_dir / f"runtime-{fiber}-{digest[:24]}.so"
     try:
@@ -264,6 +284,7 @@ def _load_runtime(tc: _Toolchain, fiber: str, cache_dir: Path) -> _Runtime:
     api = get_api()
     head = _ApiHead.from_address(api)
     name = head.fiber_name.decode()
+    bind_results(lib)
     if name != fiber:
         raise InternalError(
             "internal.emulator_runtime", f"runtime {path} reports fiber {name!r}, not {fiber!r}"
@@ -286,6 +307,9 @@ class _LaunchDesc(ctypes.Structure):
         ("workers", ctypes.c_uint32),
         ("shared_bytes", ctypes.c_size_t),
         ("kernel_name", ctypes.c_char_p),
+        ("schedule", ctypes.c_uint32),
+        ("seed", ctypes.c_uint64),
+        ("instr", ctypes.c_void_p),
     )
 
 
@@ -322,6 +346,13 @@ class KernelError(InternalError):
     thread) in ``context["block_idx"]`` / ``context["thread_idx"]``. Internal because the
     workbench's own kernels run here; tools for kernel authors present it as their bug.
     """
+
+
+class KernelBoundsError(KernelError):
+    """A kernel wrote outside a buffer argument (caught by the guard zones, or stopped by an
+    instrumented run): the kernel author's bug, so a user error; the process carries on."""
+
+    category = "user"
 
 
 # --- kernel parameters --------------------------------------------------------------------------
@@ -370,6 +401,8 @@ _C_NAMES = {
 
 
 def _c_name(code: str) -> str:
+    if code.startswith("p:c:"):
+        return "const " + _c_name(code[4:]) + "*"
     if code.startswith("p:"):
         return _c_name(code[2:]) + "*"
     if code.startswith("b") and code[1:].isdigit():
@@ -383,11 +416,14 @@ class _Param:
     code: str
     offset: int  # where its bytes go in the argument buffer
     size: int
+    const: bool = False  # a pointer to const: the kernel cannot write through it
 
 
 def _params(codes: Sequence[str]) -> tuple[list[_Param], int]:
     params, offset = [], 0
-    for i, code in enumerate(codes):
+    for i, raw in enumerate(codes):
+        const = raw.startswith("p:c:")
+        code = "p:" + raw[4:] if const else raw
         if code.startswith("p:"):
             size = struct.calcsize("P")
         elif code in _SCALAR_FORMATS:
@@ -399,7 +435,7 @@ def _params(codes: Sequence[str]) -> tuple[list[_Param], int]:
                 "kernel.bad_signature",
                 f"parameter {i} has a type the emulator cannot pass ({code})",
             )
-        params.append(_Param(i, code, offset, size))
+        params.append(_Param(i, code, offset, size, const))
         offset += (size + 15) // 16 * 16
     return params, max(offset, 16)
 
@@ -531,6 +567,13 @@ class EmulatorModule:
     threads running blocks in parallel (default: the CPU count, at most 8). ``cache_dir``
     defaults to `default_cache_dir`; ``compiler`` to the first of c++, g++, clang++ on PATH.
 
+    Instrumented runs: ``tools`` (any of ``instrument.TOOLS``: memcheck, racecheck, initcheck,
+    synccheck) and ``counters=True`` (per-line memory traffic modelled on ``target``, a key of
+    ``instrument.TARGETS``) build a separate instrumented variant with clang (see
+    `workbench.kernels.emulator_instrument`); each launch then leaves a `KernelReport` in
+    ``kernel.last_report``. ``schedule="random"`` runs a block's ready threads in an order drawn
+    from ``seed`` instead of round-robin.
+
     Attributes: ``fiber`` (the implementation in use), ``fiber_note`` (why auto fell back),
     ``so_path`` (the compiled module), ``cache_hit`` (True when it came from the cache),
     ``kernel_names``.
@@ -549,6 +592,11 @@ class EmulatorModule:
         compiler: str | None = None,
         fiber: str = "auto",
         threads: int | None = None,
+        tools: Sequence[str] = (),
+        counters: bool = False,
+        target: str = DEFAULT_TARGET,
+        schedule: str = "fixed",
+        seed: int | None = None,
     ) -> None:
         if (code is None) == (path is None):
             raise UserError("kernel.bad_source", "give exactly one of code= and path=")
@@ -561,6 +609,16 @@ class EmulatorModule:
             )
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise UserError("kernel.bad_option", f"threads must be a positive int, not {threads!r}")
+        if schedule not in SCHEDULES:
+            raise UserError(
+                "kernel.bad_option", f"schedule must be 'fixed' or 'random', not {schedule!r}"
+            )
+        self.tools = check_tools(tools)
+        self.counters = bool(counters)
+        self.target = target_spec(target)
+        self.instrumented = bool(self.tools) or self.counters
+        self.schedule = schedule
+        self.seed = 0 if seed is None else int(seed)
         self.warp_size = warp_size
         self.threads = threads or max(1, min(os.cpu_count() or 1, MAX_THREADS))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -586,7 +644,9 @@ class EmulatorModule:
 
         includes += ["-I" + str(Path(d).expanduser().resolve()) for d in include_dirs]
         kdir = kernels_dir()
-        search = [f"-I{kdir / 'emulator'}", f"-I{kdir}", *includes]
+        # shim/ first: `#include <hip/hip_runtime.h>` finds the emulator's stand-in
+        shim = kdir / "emulator" / "shim"
+        search = [f"-I{shim}", f"-I{kdir / 'emulator'}", f"-I{kdir}", *includes]
         prelude = f'#include "wb_emu.h"\n#include "{source}"\n'
 
         # Discovery: preprocess (no system headers: fast) to find the kernels; the preprocessed
@@ -608,9 +668,16 @@ class EmulatorModule:
 
         emu = kdir / "emulator"
         flags = [*_COMPILE_FLAGS, *defines, *search]
+        build_tc = tc
+        if self.instrumented:
+            build_tc = _toolchain(find_clang())
+            ignore = self.cache_dir / f"sancov-ignore-{_sha256(IGNORE_LIST)[:16]}.txt"
+            if not ignore.exists():
+                _atomic_write(ignore, IGNORE_LIST)
+            flags += [*INSTRUMENT_FLAGS, f"-fsanitize-coverage-ignorelist={ignore}"]
         digest = _sha256(
             EMULATOR_VERSION,
-            tc.version,
+            build_tc.version,
             json.dumps(flags),
             json.dumps(names),
             proc.stdout,
@@ -624,7 +691,7 @@ class EmulatorModule:
             text = prelude + "\n" + "".join(_trampoline(i, n) for i, n in enumerate(names))
             _atomic_write(wrapper, text)
             try:
-                _build_so([tc.path, *flags], wrapper, self.so_path)
+                _build_so([build_tc.path, *flags], wrapper, self.so_path)
             except BackendError as e:
                 raise self._compile_error(
                     e.context.get("log", ""), e.context.get("command", ""), {str(wrapper): text}
@@ -636,6 +703,15 @@ class EmulatorModule:
                 "backend.load_failed", f"loading the emulated module {self.so_path} failed: {e}"
             ) from e
         self._kernels: dict[str, EmulatedKernel] = {}
+        self._ranges_fn = 0
+        self._lines: LineTable | None = None
+        if self.instrumented:
+            self._ranges_fn = ctypes.cast(self._lib.wb_emu_module_ranges, ctypes.c_void_p).value
+            self._lines = LineTable(self.so_path, (emu,))
+
+    def source_lines(self, file: str | Path) -> list[str]:
+        """The text lines of ``file`` (a `Finding`'s or `LineCounters`' file), for display."""
+        return Path(file).read_text(errors="replace").splitlines()
 
     def _compile_error(self, log: str, command: str, extra: dict[str, str]) -> BackendError:
         errors = _errors(log, extra)
@@ -733,6 +809,7 @@ class EmulatedKernel:
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = _LAUNCH_ARGTYPES
         self._cname = name.encode()
+        self.last_report: KernelReport | None = None
 
     def __repr__(self) -> str:
         return f"EmulatedKernel({self.name}({', '.join(self.param_types)}), fiber={self.fiber!r})"
@@ -771,17 +848,106 @@ class EmulatedKernel:
         buf = ctypes.create_string_buffer(self._arg_bytes)
         for p, a in zip(self._params, args):
             self._pack(buf, p, a)
-        base = ctypes.addressof(buf)
-        argv = (ctypes.c_void_p * max(1, len(self._params)))(
-            *[base + p.offset for p in self._params]
+        mod = self.module
+        staged: list[guard.Staged] = []
+        try:
+            buffers = self._stage(buf, args, staged)
+            desc = _LaunchDesc(
+                _Dim3(*g), _Dim3(*b), self.warp_size, mod.threads, int(shared_mem), self._cname,
+                int(mod.schedule == "random"), mod.seed & (2**64 - 1), None,
+            )  # fmt: skip
+            rt = mod._runtime.lib
+            handle = rt.wb_emu_results_new() if mod.instrumented else None
+            try:
+                if mod.instrumented:
+                    instr = self._instr(buffers, handle)
+                    desc.instr = ctypes.addressof(instr)
+                base = ctypes.addressof(buf)
+                argv = (ctypes.c_void_p * max(1, len(self._params)))(
+                    *[base + p.offset for p in self._params]
+                )
+                err = _ErrorInfo()
+                rc = self._launch(mod._runtime.api, ctypes.byref(desc), argv, ctypes.byref(err))
+                if mod.instrumented:
+                    self.last_report = self._report(handle, buffers)
+            finally:
+                if handle is not None:
+                    rt.wb_emu_results_free(handle)
+            damage = [(s, d) for s in staged if (d := s.damage()) is not None]
+            if rc != 0:
+                raise self._launch_error(err, g, b, int(shared_mem), staged)
+            if damage and not mod.instrumented:  # instrumented: the findings tell it all
+                raise self._guard_error(damage, g, b)
+        finally:
+            for s in staged:
+                s.finish()
+
+    def _stage(
+        self, buf: ctypes.Array, args: Sequence[Any], staged: list[guard.Staged]
+    ) -> list[tuple[int, int, int, int, int]]:
+        """Swap guarded copies in for the arguments that need them (see emulator_memory);
+        returns (base, size, lo, hi, arg) of every pointer argument, staged or not."""
+        out = []
+        for p, a in zip(self._params, args):
+            if not p.code.startswith("p:"):
+                continue
+            writable = not p.const and a.flags.writeable
+            if writable or (self.module.instrumented and a.nbytes <= _STAGE_READONLY_BYTES):
+                s = guard.stage(a, p.index, copy_back=writable)
+                staged.append(s)
+                struct.pack_into("P", buf, p.offset, s.base)
+                out.append((s.base, s.size, s.lo, s.hi, p.index))
+            else:
+                addr = a.ctypes.data
+                out.append((addr, a.nbytes, addr, addr + a.nbytes, p.index))
+        return out
+
+    def _instr(self, buffers: list[tuple[int, int, int, int, int]], handle: int) -> Instr:
+        mod = self.module
+        flags = sum(TOOL_FLAGS[t] for t in mod.tools) | (COUNTERS_FLAG if mod.counters else 0)
+        arr = (Buffer * max(1, len(buffers)))(*[Buffer(*x) for x in buffers])
+        instr = Instr(
+            flags, mod.target.segment_bytes, mod.target.shared_banks, mod.target.bank_bytes,
+            arr, len(buffers), mod._ranges_fn, handle,
+        )  # fmt: skip
+        instr._keep = arr  # type: ignore[attr-defined]
+        return instr
+
+    def _report(self, handle: int, buffers: list[tuple[int, int, int, int, int]]) -> KernelReport:
+        mod = self.module
+        sites, raw = read_results(mod._runtime.lib, handle)
+        assert mod._lines is not None
+        return build_report(
+            self.name, mod.target, self.warp_size, mod.tools, mod.counters, sites, raw,
+            mod._lines, self.param_types, {x[4]: x[1] for x in buffers},
+        )  # fmt: skip
+
+    def _guard_error(
+        self, damage: list[tuple[guard.Staged, tuple[int, int]]], grid: tuple, block: tuple
+    ) -> KernelBoundsError:
+        parts = []
+        for s, (first, last) in damage:
+            arg = s.arg
+            where = (
+                f"{first} to {last} bytes past the end"
+                if first >= s.size
+                else f"{-first} bytes before the start"
+                if first < 0
+                else f"bytes {first} to {last} around"
+            )
+            parts.append(
+                f"argument {arg} ({self.param_types[arg]}, {s.size} bytes): written {where}"
+            )
+        return KernelBoundsError(
+            "kernel.out_of_bounds",
+            f"kernel {self.name} wrote outside its buffers: {'; '.join(parts)}. The buffers "
+            "were guarded, nothing else was touched; run it with tools=('memcheck',) to see "
+            "the line, block and thread (a missing `if (i < n)`?)",
+            kernel=self.name,
+            grid=grid,
+            block=block,
+            warp_size=self.warp_size,
         )
-        desc = _LaunchDesc(
-            _Dim3(*g), _Dim3(*b), self.warp_size, self.module.threads, int(shared_mem), self._cname
-        )
-        err = _ErrorInfo()
-        rc = self._launch(self.module._runtime.api, ctypes.byref(desc), argv, ctypes.byref(err))
-        if rc != 0:
-            raise self._launch_error(err, g, b, int(shared_mem))
 
     def _pack(self, buf: ctypes.Array, p: _Param, a: Any) -> None:
         where = f"argument {p.index} of {self.name} ({_c_name(p.code)})"
@@ -848,7 +1014,12 @@ class EmulatedKernel:
         return a.item() if isinstance(a, np.generic) else a
 
     def _launch_error(
-        self, err: _ErrorInfo, grid: tuple[int, ...], block: tuple[int, ...], shared: int
+        self,
+        err: _ErrorInfo,
+        grid: tuple[int, ...],
+        block: tuple[int, ...],
+        shared: int,
+        staged: Sequence[guard.Staged] = (),
     ) -> Exception:
         message = err.message.decode(errors="replace")
         where = f" [emulator: {self.fiber} fibers, warp size {self.warp_size}]"
@@ -860,10 +1031,27 @@ class EmulatedKernel:
             "warp_size": self.warp_size,
             "fiber": self.fiber,
         }
-        if err.kind in _KERNEL_ERRORS:
+        if err.kind in _KERNEL_ERRORS or err.kind == 8:
             ctx["block_idx"] = (err.block.x, err.block.y, err.block.z)
             if err.has_thread:
                 ctx["thread_idx"] = (err.thread.x, err.thread.y, err.thread.z)
+            if self.last_report is not None:
+                ctx["report"] = self.last_report
+            fault = re.search(r"at address (0x[0-9a-f]+)", message)
+            owner = guard.owner_of(list(staged), int(fault.group(1), 16)) if fault else None
+            if err.kind == 8 or owner is not None:
+                if owner is not None:
+                    ctx["arg"] = owner.arg
+                    message += (
+                        f" (in the guard page of argument {owner.arg}, "
+                        f"{self.param_types[owner.arg]}, {owner.size} bytes: an index past its "
+                        "end; run with tools=('memcheck',) to see the line)"
+                    )
+                lines = [f for f in (self.last_report.findings if self.last_report else [])
+                         if f.kind == "out_of_bounds_write"]  # fmt: skip
+                if lines:
+                    message += f"; {lines[0].message}"
+                return KernelBoundsError("kernel.out_of_bounds", message + where, **ctx)
             return KernelError(_KERNEL_ERRORS[err.kind], message + where, **ctx)
         if err.kind == 5:
             return UserError("kernel.bad_launch", message, **ctx)
