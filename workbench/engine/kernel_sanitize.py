@@ -25,7 +25,7 @@ from workbench.kernels.instrument import (
     check_tools,
     target_spec,
 )
-from workbench.kernels.registry import KernelSpec, all_kernels
+from workbench.kernels.registry import KernelSpec, all_kernels, kernels_dir
 from workbench.kernels.registry import get as get_kernel
 from workbench.kernels.sanitize_report import SanitizeRun, TimeFloor, time_floor
 
@@ -52,10 +52,18 @@ class _InstrumentedTarget(kb._Target):
         )  # fmt: skip
 
     def ops_module(self, source: str) -> Any:
-        if source not in self._ops:
-            self._ops[source] = ops.load_module(
-                source, "emulator", warp_size=self.warp_size, **self._instruments
+        # ops.load_module's own ``target`` (emulator or cupy) would clash with the GPU target.
+        if source not in ops.SOURCES:
+            raise UserError(
+                "user.bad_argument", f"{source!r} is not one of {', '.join(ops.SOURCES)}"
             )
+        if source not in self._ops:
+            from workbench.kernels.emulator import EmulatorModule
+
+            self._ops[source] = EmulatorModule(
+                path=kernels_dir() / source, options=(f"-I{kernels_dir()}",),
+                warp_size=self.warp_size, **self._instruments,
+            )  # fmt: skip
         return self._ops[source]
 
     def module_of(self, spec: KernelSpec) -> Any:

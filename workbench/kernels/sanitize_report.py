@@ -86,6 +86,11 @@ def finding_row(
     if f.other_line is not None:
         other = where(f.other_file or f.file, f.other_line, roots, rename)
         loc = f"{loc} vs {other}"
+    # The message may start with the location (a temporary file's name, for a cell): the
+    # "where" column says it better.
+    message = f.message.removeprefix(f"{Path(f.file).name}:{f.line}: ")
+    for path, name in (rename or {}).items():
+        message = message.replace(Path(path).name, name)
     return {
         "kernel": kernel,
         "warp": warp_size,
@@ -95,7 +100,7 @@ def finding_row(
         "block": _dim(f.block),
         "thread": _dim(f.thread),
         "count": f.count,
-        "message": f.message,
+        "message": message,
     }
 
 
@@ -260,22 +265,25 @@ def time_floor(report: KernelReport, flops: int | None = None) -> TimeFloor:
     )
 
 
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.3g} us"
+def duration(seconds: float) -> str:
+    """3 significant digits in the unit that keeps the number at or above 1 (ns at least)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
 
 
 def floor_lines(floor: TimeFloor) -> list[str]:
     """The estimate in words, labelled as a floor."""
     f = floor
     out = [
-        f"time floor on {f.target} ({f.product}, warp {f.warp_size}): {_us(f.floor_s)} "
+        f"time floor on {f.target} ({f.product}, warp {f.warp_size}): {duration(f.floor_s)} "
         f"({f.bound}-bound; a floor, not a prediction: no caches, latencies or clocks modelled)",
-        f"  memory:  {f.bytes_moved} bytes moved / {f.peak_gb_s:g} GB/s = {_us(f.memory_s)}",
+        f"  memory:  {f.bytes_moved} bytes moved / {f.peak_gb_s:g} GB/s = {duration(f.memory_s)}",
     ]
     if f.compute_s is not None:
-        out.append(
-            f"  compute: {f.flops} FLOPs / {f.peak_tflops_fp32:g} TFLOP/s FP32 = {_us(f.compute_s)}"
-        )
+        peak = f"{f.peak_tflops_fp32:g} TFLOP/s FP32"
+        out.append(f"  compute: {f.flops} FLOPs / {peak} = {duration(f.compute_s)}")
     else:
         out.append("  compute: no FLOP count (no cost model for this kernel)")
     return out
