@@ -77,11 +77,12 @@ def instrumented_launch(
     tools: Sequence[str] = (),
     counters: bool = False,
     target: str | None = None,
-    warp_size: int = 64,
+    warp_size: int | None = None,
 ) -> InstrumentedCell:
     """Build the cell for the emulator with ``tools`` and/or ``counters`` (modelled on
     ``target``), launch it once on ``args`` (host arrays, written in place) and collect the
-    report."""
+    report. ``warp_size`` defaults to the target's (`instrument_warp`)."""
+    warp_size = warp_size or instrument_warp(target)
     from workbench.kernels.cupy_target import is_name_expression
     from workbench.kernels.emulator import EmulatorModule
     from workbench.kernels.instrument import DEFAULT_TARGET
