@@ -161,6 +161,15 @@ class InstrWorker {
   bool other_fiber(std::uintptr_t a) const;
 
   const Instr* in_ = nullptr;
+  std::uintptr_t api_ = 0;
+  struct Pending {  // a read of unwritten shared memory, reported unless the interval wrote it
+    std::size_t idx;
+    int site;
+    int thread;
+    uint3 tid;
+  };
+  std::vector<Pending> pending_;
+  Block* block_ = nullptr;
   Results* results_ = nullptr;
   std::uint32_t flags_ = 0;
   ModuleRanges mod_{};
@@ -180,6 +189,8 @@ class InstrWorker {
 
 void InstrWorker::begin(Job* job, Worker* wk) {
   in_ = job->desc->instr;
+  api_ = reinterpret_cast<std::uintptr_t>(job->api);
+  pending_.clear();
   results_ = static_cast<Results*>(in_->results);
   flags_ = in_->flags;
   in_->module_ranges(&mod_);
@@ -272,6 +283,7 @@ void InstrWorker::access(Fiber* f, Block* b, std::uintptr_t a, std::uint32_t siz
     }
   }
   if (a - mod_.image_lo < mod_.image_hi - mod_.image_lo) return;  // constant tables
+  if (a - api_ < sizeof(Api)) return;  // an intrinsic reading its entry in the Api table
   if (other_fiber(a)) return;
   // Out of bounds: name the nearest buffer (within 64 KiB of its ends) if there is one.
   const int site = site_of(pc, op);
@@ -317,7 +329,10 @@ void InstrWorker::shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32
       if (op != kStore && s.init_block != block_serial_) uninit = true;
       if (op != kLoad) s.init_block = block_serial_;
     }
-    if (!(flags_ & kRacecheck)) continue;
+    if (!(flags_ & kRacecheck)) {
+      if (op != kLoad) s.w_epoch = epoch_, s.w_thread = static_cast<std::uint16_t>(me);
+      continue;
+    }
     const bool w_here = s.w_epoch == epoch_ && s.w_thread != me &&
                         !(atomic && (s.flags & kWAtomic)) && !ordered(s.w_thread, s.w_wgen);
     if (op != kStore) {  // a read (an atomic reads and writes)
@@ -347,7 +362,7 @@ void InstrWorker::shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32
       s.flags = static_cast<std::uint8_t>((s.flags & ~kWAtomic) | (atomic ? kWAtomic : 0));
     }
   }
-  if (uninit) finding(kUninitRead, f, b, site, -1, -1, 0, 0);
+  if (uninit) pending_.push_back(Pending{idx, site, me, f->pub.thread_idx});
   if (raw) finding(kRaceRaw, f, b, site, raw_other, -1, 0, 0);
   if (war) finding(kRaceWar, f, b, site, war_other, -1, 0, 0);
   if (waw) finding(kRaceWaw, f, b, site, waw_other, -1, 0, 0);
@@ -464,9 +479,17 @@ void InstrWorker::finalize(Site& s, int space, Rec& r) {
 }
 
 void InstrWorker::interval_end(Block* b) {
+  // A read of a byte that another thread of the interval wrote is a race (reported as one), not
+  // a read of memory nobody wrote.
+  for (const Pending& p : pending_) {
+    const Shadow& s = shadow_[p.idx];
+    if (s.w_epoch == epoch_ && s.w_thread != p.thread) continue;
+    Fiber* f = b->fibers[p.thread];
+    finding(kUninitRead, f, b, p.site, -1, -1, 0, 0);
+  }
+  pending_.clear();
   ++epoch_;
   ++bar_count_;
-  (void)b;
   for (const auto& [site, space, warp] : dirty_) {
     Site& s = sites_[static_cast<std::size_t>(site)];
     Track& t = s.tracks[space][static_cast<std::size_t>(warp)];
