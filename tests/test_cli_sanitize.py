@@ -13,7 +13,7 @@ from workbench.kernels.sanitize_report import SanitizeRun
 
 
 def test_sanitize_registered_kernels_clean_at_both_warp_widths(capsys):
-    assert main(["kernels", "sanitize", "add", "rmsnorm", "--warp", "32,64"]) == 0
+    assert main(["kernels", "sanitize", "add", "kv_append", "--warp", "32,64"]) == 0
     out = capsys.readouterr()
     assert "2 kernel(s) x warp 32,64 under memcheck, racecheck, initcheck, synccheck" in out.out
     assert "4 of 4 runs clean" in out.out and "kind" not in out.out

@@ -258,3 +258,36 @@ def test_sanitize_and_profile_need_a_launch(shell):
     assert "need --args" in r.error_in_exec.text
     r = hip(shell, f"{TRANSPOSE_LINE} --sanitize --tools leakcheck", _tiled(1))
     assert "unknown tool" in r.error_in_exec.text
+
+
+WILD = """\
+#include "wb.h"
+WB_KERNEL void wild(float* out, int n) {
+  int i = threadIdx.x;
+  out[i + OFFSET] = 1.0f;
+}
+"""
+
+
+def test_sanitize_reports_writes_past_the_end_and_a_stopped_launch(shell):
+    assert shell.run_cell(
+        "def wmake():\n    return np.zeros(256, np.float32), np.int32(256)"
+    ).success
+    line = "wild --grid 1 --block 256 --args wmake --sanitize --tools memcheck --backend emulator"
+    r = hip(shell, line, WILD.replace("OFFSET", "1"))
+    assert r.success, r.error_in_exec
+    (f,) = r.result.sanitize.findings
+    assert (f["kind"], f["where"], f["thread"], f["count"]) == (
+        "out_of_bounds_write",
+        "<cell wild>:4",
+        "(255,0,0)",
+        1,
+    )
+    assert r.result.sanitize.stopped == ""
+
+    far = hip(shell, line, WILD.replace("OFFSET", "(1 << 26)"))  # past every guard zone
+    assert far.success, far.error_in_exec
+    cell = far.result.sanitize
+    assert cell.stopped.startswith("kernel.out_of_bounds") and "<cell wild>:4" in cell.stopped
+    assert [f["where"] for f in cell.findings] == ["<cell wild>:4"]
+    assert "the emulator stopped the launch" in repr(far.result)

@@ -125,8 +125,10 @@ def sanitize_kernels(
             try:
                 report = instrumented_run(spec, target, shape)
                 runs.append(SanitizeRun(spec.name, warp, shape, report))
-            except WorkbenchError as e:
-                runs.append(SanitizeRun(spec.name, warp, shape, None, f"{e.code}: {e.message}"))
+            except WorkbenchError as e:  # the findings so far travel with a stopped launch
+                report = e.context.get("report")
+                report = report if isinstance(report, KernelReport) else None
+                runs.append(SanitizeRun(spec.name, warp, shape, report, f"{e.code}: {e.message}"))
     if progress is not None:
         progress(total, total, "done")
     return runs

@@ -562,7 +562,7 @@ def _run(opts: argparse.Namespace, cell: str, ns: dict[str, Any]) -> HipResult:
                     kernel=name,
                 )
             result.check = check
-        else:
+        elif not (opts.sanitize or opts.profile):  # else the instrumented launch is the launch
             launch(kernel, grid, block, make_args(), opts.shared)
         result.launched = True
         if opts.bench:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from workbench.errors import WorkbenchError
 from workbench.kernels.instrument import KernelReport
 from workbench.kernels.sanitize_report import (
     FINDING_COLUMNS,
@@ -36,6 +38,7 @@ class InstrumentedCell:
     read_lines: Callable[[str], Sequence[str]]
     floor: TimeFloor | None = None  # with counters
     findings: list[dict] = field(default_factory=list)
+    stopped: str = ""  # why the emulator stopped the launch (a wild write), if it did
 
     def source_view(self, context: int | None = 2) -> list[dict[str, str]]:
         from workbench.kernels.registry import kernels_dir
@@ -48,12 +51,11 @@ class InstrumentedCell:
     def sanitize_lines(self) -> list[str]:
         r = self.report
         head = f"sanitize ({', '.join(r.tools)}, CPU emulator, warp {r.warp_size}): "
+        stopped = [f"the emulator stopped the launch: {self.stopped}"] if self.stopped else []
         if not self.findings:
-            return [head + "no findings"]
-        return [
-            head + f"{len(self.findings)} finding(s)",
-            text_table(FINDING_COLUMNS, self.findings),
-        ]
+            return [head + "no findings", *stopped]
+        table = text_table(FINDING_COLUMNS, self.findings)
+        return [head + f"{len(self.findings)} finding(s)", *stopped, table]
 
     def profile_lines(self) -> list[str]:
         r = self.report
@@ -93,8 +95,14 @@ def instrumented_launch(
         counters=counters, target=target or DEFAULT_TARGET,
     )  # fmt: skip
     kernel = module.get_function(name)
-    kernel(grid, block, tuple(args), shared_mem=shared_mem)
-    report: KernelReport = kernel.last_report
+    stopped = ""
+    try:
+        kernel(grid, block, tuple(args), shared_mem=shared_mem)
+        report: KernelReport = kernel.last_report
+    except WorkbenchError as e:  # a stopped launch carries the findings made until then
+        if not isinstance(e.context.get("report"), KernelReport):
+            raise
+        report, stopped = e.context["report"], f"{e.code}: {e.message}"
     cell_file = str(module.source)
     cell_lines = cell.splitlines()
     source_lines = getattr(module, "source_lines", None)
@@ -108,6 +116,7 @@ def instrumented_launch(
             return f.read().splitlines()
 
     rename = {cell_file: f"<cell {name}>"}
+    stopped = stopped.replace(Path(cell_file).name, rename[cell_file])
     run = SanitizeRun(name, warp_size, {}, report)
     return InstrumentedCell(
         report=report,
@@ -115,6 +124,7 @@ def instrumented_launch(
         read_lines=read_lines,
         floor=time_floor(report) if counters else None,
         findings=findings_rows([run], rename=rename) if tools else [],
+        stopped=stopped,
     )
 
 
