@@ -28,10 +28,10 @@ Conventions:
   repetitions as fit in ``--rep-ms``: device events on a GPU, the wall clock on the emulator.
 - ``--arch gfx90a[,gfx1030...]`` compiles the cell offline with ``hipcc`` (``nvcc`` for ``sm_``
   targets) and shows the compiler's resource report: registers, LDS, scratch, spills, occupancy.
-- ``--sanitize`` (``--tools memcheck,racecheck,...``; default all) launches once more on the
-  instrumented CPU emulator and shows the findings under the cell; ``--profile`` (``--target
-  gfx942``) shows the cell's source with per-line memory counters and the time floor on the
-  target (`magic_instrument`).
+- ``--sanitize`` (``--tools memcheck,racecheck,...``; default all) launches on the instrumented
+  CPU emulator (instead of the plain launch) and shows the findings under the cell; ``--profile``
+  (``--target gfx942``) shows the cell's source with per-line memory counters and the time floor
+  on the target (`magic_instrument`).
 
 Failures (compile errors, launch faults, a failed check) raise `HipCellError`, which IPython shows
 as one readable block (compile errors with the numbered cell lines they point at) instead of a
