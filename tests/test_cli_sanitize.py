@@ -103,3 +103,14 @@ def test_profile_prints_the_source_view_totals_and_the_floor(capsys):
 def test_profile_bad_shape_is_a_user_error(capsys):
     assert main(["kernels", "profile", "add", "--shape", "rows=3"]) == EXIT_CODES["user"]
     assert "add takes shape keys count" in capsys.readouterr().err
+
+
+def test_profile_occupancy_from_the_offline_compiler_or_why_not(capsys):
+    import shutil
+
+    assert main(["kernels", "profile", "add", "--shape", "count=256", "--target", "sm_90"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    if shutil.which("nvcc"):  # add: 256-thread blocks, few registers: every warp slot filled
+        assert last.startswith("sm_90: theoretical occupancy 100% (64 of 64 warps per SM at 256")
+    else:
+        assert last.startswith("occupancy: n/a (") and "nvcc" in last

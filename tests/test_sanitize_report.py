@@ -121,3 +121,32 @@ def test_occupancy_text_for_each_vendor():
     nv = KernelResources("k", "sm_90", "nvidia", registers=18, shared_bytes=4352)
     assert "18 registers/thread, 4352 shared bytes/block" in occupancy_text(nv)
     assert occupancy_text(None) == "occupancy: n/a"
+
+
+def test_nvidia_occupancy_by_hand():
+    from workbench.kernels.occupancy import nvidia_occupancy
+
+    # 256 threads = 8 warps; 64 warp slots -> 8 blocks; 32 regs -> 1024/warp -> 8 blocks: 100%.
+    occ = nvidia_occupancy("sm_90", 32, 0, 256)
+    assert (occ.blocks_per_sm, occ.warps_per_sm, occ.fraction) == (8, 64, 1.0)
+    # 40 regs -> 1280/warp, 10240/block -> 6 blocks (48 warps, 75%), registers first.
+    occ = nvidia_occupancy("sm_90", 40, 0, 256)
+    assert (occ.blocks_per_sm, occ.limit, occ.fraction) == (6, "registers", 0.75)
+    # 100 KB of shared memory + 1 KB reserved: two blocks in sm_90's 228 KB, one in sm_80's 164.
+    assert nvidia_occupancy("sm_90", 16, 100 * 1024, 128).blocks_per_sm == 2
+    occ = nvidia_occupancy("sm_80", 16, 0, 128, dynamic_shared=100 * 1024)
+    assert (occ.blocks_per_sm, occ.limit) == (1, "shared memory")
+    # 33 threads take two warps; tiny blocks hit the 32-block limit.
+    assert nvidia_occupancy("sm_90", 8, 0, 33).warps_per_sm == 2 * 32
+    assert nvidia_occupancy("sm_70", 8, 0, 32) is None
+
+
+def test_finding_messages_drop_the_temporary_file_name():
+    tmp = "/cache/src/0123abcd.hip"
+    f = Finding(
+        tool="memcheck", kind="out_of_bounds_read", file=tmp, line=4, block=(0, 0, 0),
+        thread=(1, 0, 0), message="0123abcd.hip:4: reads past the end; see 0123abcd.hip:2",
+    )  # fmt: skip
+    (row,) = findings_rows([SanitizeRun("k", 32, {}, _report([], [f]))], rename={tmp: "<cell k>"})
+    assert row["where"] == "<cell k>:4"
+    assert row["message"] == "reads past the end; see <cell k>:2"

@@ -179,7 +179,7 @@ def _profile(args: argparse.Namespace) -> int:
     if args.no_occupancy:
         occupancy, occupancy_note = None, "occupancy: skipped (--no-occupancy)"
     else:
-        occupancy, occupancy_note = _occupancy(get(args.name), args.target)
+        occupancy, occupancy_note = _occupancy(get(args.name), args.target, prof.shape)
     if args.json:
         out = {
             **prof.to_dict(),
@@ -212,7 +212,7 @@ def _read_lines(path: str) -> list[str]:
         return f.read().splitlines()
 
 
-def _occupancy(spec: Any, target: str) -> tuple[dict | None, str]:
+def _occupancy(spec: Any, target: str, shape: Any) -> tuple[dict | None, str]:
     """The offline compiler's resources as a dict, and a line saying what they mean (or why
     there are none)."""
     from dataclasses import asdict
@@ -228,4 +228,6 @@ def _occupancy(spec: Any, target: str) -> tuple[dict | None, str]:
     report = toolchain.check([spec], [target], jobs=1)[0]
     if not report.ok:
         return None, f"occupancy: n/a ({report.error_code}: the {target} build failed)"
-    return asdict(report.resources), occupancy_text(report.resources)
+    launch = spec.launch(**shape)
+    threads = launch.block[0] * launch.block[1] * launch.block[2]
+    return asdict(report.resources), occupancy_text(report.resources, threads, launch.shared_mem)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.kernels.instrument import Finding, KernelReport, LineCounters, target_spec
+from workbench.kernels.occupancy import nvidia_occupancy
 
 FINDING_COLUMNS = ("kernel", "warp", "tool", "kind", "where", "block", "thread", "count", "message")
 COUNTER_COLUMNS = ("requests", "lanes", "bytes req", "bytes moved", "efficiency", "ways")
@@ -289,25 +290,37 @@ def floor_lines(floor: TimeFloor) -> list[str]:
     return out
 
 
-def occupancy_text(resources: Any) -> str:
+def occupancy_text(
+    resources: Any, block_threads: int | None = None, dynamic_shared: int = 0
+) -> str:
     """One line from an offline compiler's `toolchain.KernelResources`: AMD's occupancy in waves
-    per SIMD as hipcc reports it; for NVIDIA (ptxas reports no occupancy) the registers and
-    shared memory that bound it."""
+    per SIMD as hipcc reports it; for NVIDIA (ptxas reports none) the theoretical occupancy
+    from its registers and shared memory at ``block_threads`` (`occupancy.nvidia_occupancy`)."""
     if resources is None:
         return "occupancy: n/a"
     r = resources
+    lead = ""
     if r.vendor == "amd":
         parts = [
             (r.occupancy, "occupancy {} waves/SIMD"),
             (r.vgprs, "{} VGPRs"),
             (r.lds_bytes, "{} LDS bytes"),
         ]
-        note = ""
     else:
         parts = [(r.registers, "{} registers/thread"), (r.shared_bytes, "{} shared bytes/block")]
-        note = " (ptxas reports no occupancy)"
+        occ = None
+        if block_threads:
+            occ = nvidia_occupancy(
+                r.arch, r.registers or 0, r.shared_bytes or 0, block_threads, dynamic_shared
+            )
+        if occ is not None:
+            lead = (
+                f"theoretical occupancy {occ.fraction:.0%} ({occ.warps_per_sm} of "
+                f"{occ.max_warps} warps per SM at {block_threads} threads per block, bound by "
+                f"{occ.limit}), "
+            )
     known = [fmt.format(v) for v, fmt in parts if v is not None]
-    return f"{r.arch}: " + (", ".join(known) or "no resources reported") + note
+    return f"{r.arch}: " + lead + (", ".join(known) or "no resources reported")
 
 
 # --- plain-text tables ----------------------------------------------------------------------------
