@@ -112,6 +112,7 @@ struct Shadow {
   std::uint32_t w_site, r_site;    // their sites (indices into the worker's site table)
   std::uint32_t init_block;        // block serial that last wrote the byte (initcheck)
   std::uint16_t w_thread, r_thread;
+  std::uint16_t w_seq, r_seq;   // the access's position among its thread's shared accesses
   std::uint8_t w_wgen, r_wgen;  // warp-collective generation of the accessing warp
   std::uint8_t flags;           // kWAtomic, kRAtomic, kRMulti
 };
@@ -150,7 +151,8 @@ class InstrWorker {
 
  private:
   int site_of(std::uintptr_t pc, int op);
-  void shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32_t size, int op, int site);
+  void shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32_t size, int op, int site,
+                     std::uint32_t seq);
   void global_store(Fiber* f, Block* b, int buf, std::uintptr_t a, std::uint32_t size, int site);
   void count(Fiber* f, Block* b, int site, int space, std::uintptr_t a, std::uint32_t size);
   void finalize(Site& s, int space, Rec& r);
@@ -185,6 +187,7 @@ class InstrWorker {
   std::vector<std::tuple<int, int, int>> dirty_;  // (site, space, warp)
   std::map<FindingKey, FindingOut> findings_;
   std::vector<std::uintptr_t> fiber_bases_;
+  std::vector<std::uint32_t> seq_;  // per thread: shared accesses so far in this interval
 };
 
 void InstrWorker::begin(Job* job, Worker* wk) {
@@ -203,6 +206,7 @@ void InstrWorker::begin(Job* job, Worker* wk) {
   }
   epoch_ = 0;
   block_serial_ = 0;
+  seq_.assign(kMaxThreadsPerBlock, 0);
   sites_.clear();
   table_.assign(4096, -1);
   dirty_.clear();
@@ -217,6 +221,7 @@ void InstrWorker::block_begin(Block* b) {
   ++block_serial_;
   ++epoch_;
   bar_count_ = 0;
+  std::fill(seq_.begin(), seq_.end(), 0);
   const dim3 g = b->job->desc->grid;
   block_linear_ = b->idx.x + std::uint64_t(g.x) * (b->idx.y + std::uint64_t(g.y) * b->idx.z);
   // Static shared memory starts poisoned in every block, as dynamic shared memory does.
@@ -266,7 +271,8 @@ void InstrWorker::access(Fiber* f, Block* b, std::uintptr_t a, std::uint32_t siz
   }
   if (idx != SIZE_MAX) {
     const int site = site_of(pc, op);
-    if (flags_ & (kRacecheck | kInitcheck)) shared_access(f, b, idx, size, op, site);
+    const std::uint32_t seq = seq_[static_cast<std::size_t>(f->pub.linear)]++;
+    if (flags_ & (kRacecheck | kInitcheck)) shared_access(f, b, idx, size, op, site, seq);
     if (flags_ & kCounters) count(f, b, site, 1, a, size);
     return;
   }
@@ -284,6 +290,8 @@ void InstrWorker::access(Fiber* f, Block* b, std::uintptr_t a, std::uint32_t siz
   }
   if (a - mod_.image_lo < mod_.image_hi - mod_.image_lo) return;  // constant tables
   if (a - api_ < sizeof(Api)) return;  // an intrinsic reading its entry in the Api table
+  // a shuffle or vote reading its result from the block's warp record
+  if (a - reinterpret_cast<std::uintptr_t>(b) < sizeof(Block)) return;
   if (other_fiber(a)) return;
   // Out of bounds: name the nearest buffer (within 64 KiB of its ends) if there is one.
   const int site = site_of(pc, op);
@@ -310,8 +318,12 @@ void InstrWorker::access(Fiber* f, Block* b, std::uintptr_t a, std::uint32_t siz
   if (op != kLoad && !in_guard) stop(f, b, a, size, op, site);
 }
 
+// A read and a write of one interval race whichever ran first here; the hazard is named by their
+// positions in their threads' intervals (`seq`: shared accesses so far): a write that comes no
+// later than the read is read-after-write (the read should have waited), a read that comes first
+// is write-after-read (the write should have waited; also across turns of a loop).
 void InstrWorker::shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32_t size, int op,
-                                int site) {
+                                int site, std::uint32_t seq) {
   const int ws = f->pub.warp_size;
   const int me = f->pub.linear;
   const int my_warp = f->pub.warp;
@@ -321,7 +333,15 @@ void InstrWorker::shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32
   // completed since (the generation moved on).
   auto ordered = [&](int t, std::uint8_t g) { return t / ws == my_warp && g != wgen; };
   bool uninit = false, raw = false, war = false, waw = false;
-  int raw_other = -1, war_other = -1, waw_other = -1;
+  int raw_read = -1, raw_write = -1, war_read = -1, war_write = -1, waw_other = -1;
+  const std::uint16_t q = static_cast<std::uint16_t>(std::min<std::uint32_t>(seq, 0xFFFF));
+  auto hazard = [&](int read_site, std::uint16_t read_seq, int write_site, std::uint16_t write_seq) {
+    if (write_seq <= read_seq) {
+      if (!raw) raw = true, raw_read = read_site, raw_write = write_site;
+    } else if (!war) {
+      war = true, war_read = read_site, war_write = write_site;
+    }
+  };
   const std::size_t end = std::min(idx + size, shadow_.size());
   for (std::size_t i = idx; i < end; ++i) {
     Shadow& s = shadow_[i];
@@ -336,12 +356,13 @@ void InstrWorker::shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32
     const bool w_here = s.w_epoch == epoch_ && s.w_thread != me &&
                         !(atomic && (s.flags & kWAtomic)) && !ordered(s.w_thread, s.w_wgen);
     if (op != kStore) {  // a read (an atomic reads and writes)
-      if (w_here && !raw) raw = true, raw_other = static_cast<int>(s.w_site);
+      if (w_here) hazard(site, q, static_cast<int>(s.w_site), s.w_seq);
       if (s.r_epoch != epoch_ || s.r_thread == me || ordered(s.r_thread, s.r_wgen)) {
         s.r_epoch = epoch_;
         s.r_thread = static_cast<std::uint16_t>(me);
         s.r_site = static_cast<std::uint32_t>(site);
         s.r_wgen = wgen;
+        s.r_seq = q;
         s.flags = static_cast<std::uint8_t>((s.flags & kWAtomic) | (atomic ? kRAtomic : 0));
       } else {
         s.flags |= kRMulti;
@@ -353,18 +374,19 @@ void InstrWorker::shared_access(Fiber* f, Block* b, std::size_t idx, std::uint32
       const bool r_here =
           s.r_epoch == epoch_ && !(atomic && (s.flags & kRAtomic)) &&
           ((s.flags & kRMulti) || (s.r_thread != me && !ordered(s.r_thread, s.r_wgen)));
-      if (r_here && !war && !(op == kAtomic && s.r_thread == me && !(s.flags & kRMulti)))
-        war = true, war_other = static_cast<int>(s.r_site);
+      if (r_here && !(op == kAtomic && s.r_thread == me && !(s.flags & kRMulti)))
+        hazard(static_cast<int>(s.r_site), s.r_seq, site, q);
       s.w_epoch = epoch_;
       s.w_thread = static_cast<std::uint16_t>(me);
       s.w_site = static_cast<std::uint32_t>(site);
       s.w_wgen = wgen;
+      s.w_seq = q;
       s.flags = static_cast<std::uint8_t>((s.flags & ~kWAtomic) | (atomic ? kWAtomic : 0));
     }
   }
   if (uninit) pending_.push_back(Pending{idx, site, me, f->pub.thread_idx});
-  if (raw) finding(kRaceRaw, f, b, site, raw_other, -1, 0, 0);
-  if (war) finding(kRaceWar, f, b, site, war_other, -1, 0, 0);
+  if (raw) finding(kRaceRaw, f, b, raw_read, raw_write, -1, 0, 0);
+  if (war) finding(kRaceWar, f, b, war_write, war_read, -1, 0, 0);
   if (waw) finding(kRaceWaw, f, b, site, waw_other, -1, 0, 0);
 }
 
@@ -488,6 +510,7 @@ void InstrWorker::interval_end(Block* b) {
     finding(kUninitRead, f, b, p.site, -1, -1, 0, 0);
   }
   pending_.clear();
+  std::fill(seq_.begin(), seq_.end(), 0);
   ++epoch_;
   ++bar_count_;
   for (const auto& [site, space, warp] : dirty_) {

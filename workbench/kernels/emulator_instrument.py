@@ -286,8 +286,6 @@ def _findings(
         else:
             where = table[f.pc]
             other = table[f.other_pc] if f.other_pc else (None, None)
-        if kind in ("shared_race_raw", "shared_race_war") and other[0] is not None:
-            kind, where, other = _read_write_hazard(kind, where, other)
         key = (kind, where, other)
         if key in groups:
             first, count, _ = groups[key]
@@ -319,16 +317,6 @@ def _findings(
         )
     out.sort(key=lambda x: (x.file, x.line, x.kind))
     return out
-
-
-def _read_write_hazard(kind: str, where: tuple, other: tuple) -> tuple[str, tuple, tuple]:
-    """One name for a read and a write racing in one barrier interval, whichever ran first here:
-    read-after-write when the write comes first in the source (the read should have waited),
-    write-after-read otherwise. The line reported is the access that should have waited."""
-    read, write = (where, other) if kind == "shared_race_raw" else (other, where)
-    if write[0] == read[0] and write[1] > read[1]:
-        return "shared_race_war", write, read
-    return "shared_race_raw", read, write
 
 
 def _message(
