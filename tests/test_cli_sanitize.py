@@ -13,7 +13,7 @@ from workbench.kernels.sanitize_report import SanitizeRun
 
 
 def test_sanitize_registered_kernels_clean_at_both_warp_widths(capsys):
-    assert main(["kernels", "sanitize", "add", "kv_append", "--warp", "32,64"]) == 0
+    assert main(["kernels", "sanitize", "add", "rmsnorm", "--warp", "32,64"]) == 0
     out = capsys.readouterr()
     assert "2 kernel(s) x warp 32,64 under memcheck, racecheck, initcheck, synccheck" in out.out
     assert "4 of 4 runs clean" in out.out and "kind" not in out.out
@@ -26,7 +26,7 @@ def test_sanitize_json_names_each_run_and_its_tools(capsys):
     assert obj["clean"] is True and obj["findings"] == [] and obj["tools"] == ["memcheck"]
     (run,) = obj["runs"]
     assert run["kernel"] == "swiglu" and run["warp_size"] == 32 and run["error"] is None
-    assert run["report"]["tools"] == ["memcheck"] and run["shape"] == {"count": 1536}
+    assert run["report"]["tools"] == ["memcheck"] and obj["seed"] == 0
 
 
 def test_sanitize_prints_one_row_per_finding_and_exits_1(monkeypatch, capsys):
@@ -39,21 +39,24 @@ def test_sanitize_prints_one_row_per_finding_and_exits_1(monkeypatch, capsys):
     )  # fmt: skip
     report = KernelReport("argmax", "gfx90a", 64, ("racecheck",), [race])
     runs = [
-        SanitizeRun("argmax", 64, {"vocab": 10}, report),
-        SanitizeRun("add", 64, {"count": 10}, None, "kernel.fault: stopped"),
+        SanitizeRun("argmax", 64, report),
+        SanitizeRun("add", 64, None, "kernel.fault: stopped"),
     ]
     seen = {}
 
-    def fake(names, *, tools, warps, progress):
-        seen.update(names=names, tools=tools, warps=warps)
+    def fake(names, *, tools, warps, seed, progress):
+        seen.update(names=names, tools=tools, warps=warps, seed=seed)
         progress(0, 1, "argmax (warp 64)")
         progress(1, 1, "done")
         return runs
 
     monkeypatch.setattr(ks, "sanitize_kernels", fake)
-    assert main(["kernels", "sanitize", "argmax", "--tools", "racecheck", "--warp", "64"]) == 1
+    rc = main(
+        ["kernels", "sanitize", "argmax", "--tools", "racecheck", "--warp", "64", "--seed", "5"]
+    )
+    assert rc == 1
     out = capsys.readouterr()
-    assert seen == {"names": ["argmax"], "tools": ("racecheck",), "warps": (64,)}
+    assert seen == {"names": ["argmax"], "tools": ("racecheck",), "warps": (64,), "seed": 5}
     lines = out.out.splitlines()
     assert "0 of 2 runs clean" in lines[0]
     assert lines[1].split()[:5] == ["kernel", "warp", "tool", "kind", "where"]

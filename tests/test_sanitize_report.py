@@ -46,9 +46,9 @@ RACE = Finding(
 
 def test_findings_rows_name_both_lines_of_a_race_and_the_first_occurrence():
     runs = [
-        SanitizeRun("transpose", 64, {"n": 64}, _report([], [RACE])),
-        SanitizeRun("clean", 64, {"n": 64}, _report([])),
-        SanitizeRun("wild", 32, {"n": 64}, None, "kernel.fault: write far outside any buffer"),
+        SanitizeRun("transpose", 64, _report([], [RACE])),
+        SanitizeRun("clean", 64, _report([])),
+        SanitizeRun("wild", 32, None, "kernel.fault: write far outside any buffer"),
     ]
     rows = findings_rows(runs, roots=["/k"])
     assert [r["kernel"] for r in rows] == ["transpose", "wild"]
@@ -147,6 +147,6 @@ def test_finding_messages_drop_the_temporary_file_name():
         tool="memcheck", kind="out_of_bounds_read", file=tmp, line=4, block=(0, 0, 0),
         thread=(1, 0, 0), message="0123abcd.hip:4: reads past the end; see 0123abcd.hip:2",
     )  # fmt: skip
-    (row,) = findings_rows([SanitizeRun("k", 32, {}, _report([], [f]))], rename={tmp: "<cell k>"})
+    (row,) = findings_rows([SanitizeRun("k", 32, _report([], [f]))], rename={tmp: "<cell k>"})
     assert row["where"] == "<cell k>:4"
     assert row["message"] == "reads past the end; see <cell k>:2"

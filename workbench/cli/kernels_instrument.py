@@ -8,8 +8,9 @@ import sys
 from typing import Any
 
 SANITIZE_HELP = """\
-Run registered kernels (default: all) on the CPU emulator under the sanitizers, at the first of
-their representative shapes with random inputs, at each warp width, and print one row per
+Run registered kernels (default: all) on the CPU emulator under the sanitizers, at each warp
+width, on small example inputs (random, from --seed) that reach their edges (rows that are not
+a multiple of the block, partial tiles, a KV window shorter than the cache), and print one row per
 finding, grouped like compute-sanitizer's records: kernel, warp width, tool, kind, file:line
 (for races: both lines), the block and thread of the first occurrence, how many accesses it
 covers, and what to do about it.
@@ -52,6 +53,7 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--warp", type=_warps, default=(32, 64), help="comma-separated warp widths (default 32,64)"
     )
+    p.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_sanitize)
 
@@ -138,7 +140,9 @@ def _sanitize(args: argparse.Namespace) -> int:
 
     update, close = _progress_bar()
     try:
-        runs = sanitize_kernels(args.names, tools=args.tools, warps=args.warp, progress=update)
+        runs = sanitize_kernels(
+            args.names, tools=args.tools, warps=args.warp, seed=args.seed, progress=update
+        )
     finally:
         close()
     rows = findings_rows(runs, roots=[kernels_dir()])
@@ -147,6 +151,7 @@ def _sanitize(args: argparse.Namespace) -> int:
         out = {
             "tools": list(args.tools),
             "warps": list(args.warp),
+            "seed": args.seed,
             "runs": [r.to_dict() for r in runs],
             "findings": rows,
             "clean": not rows,

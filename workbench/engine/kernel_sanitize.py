@@ -1,10 +1,11 @@
 """Registry kernels on the instrumented CPU emulator: sanitizer sweeps and memory profiles.
 
-The inputs are the kernel benchmarks' (`kernel_bench`'s factories: random inputs at a
-representative shape, launched through the same wrappers the engine uses); only the modules
-differ: they are `EmulatorModule`s built with ``tools``, ``counters`` and a GPU ``target``, so
-each launch leaves an `instrument.KernelReport` on its kernel. `workbench.kernels.sanitize_report`
-presents what these return.
+Sweeps run `workbench.kernels.sanitize`'s examples (small inputs that reach every edge), one
+kernel and warp width at a time so that a stopped launch does not end the sweep. Profiles run
+at the benchmarks' shapes with their inputs (`kernel_bench`'s factories: random inputs,
+launched through the same wrappers the engine uses) on `EmulatorModule`s built with
+``counters`` and a GPU ``target``, so the shape syntax is `workbench bench kernels --shape`'s.
+`workbench.kernels.sanitize_report` presents what these return.
 """
 
 from __future__ import annotations
@@ -101,34 +102,34 @@ def sanitize_kernels(
     *,
     tools: Sequence[str] = TOOLS,
     warps: Sequence[int] = WARPS,
+    seed: int = 0,
     progress: Progress | None = None,
 ) -> list[SanitizeRun]:
-    """Run each named registry kernel (default: all) at its first representative shape under
-    ``tools``, at each warp width; one `SanitizeRun` per kernel and width. A launch the
-    emulator stops (a write far outside every buffer, say) is a run with ``error`` set, and the
-    sweep goes on."""
+    """Run each named registry kernel (default: all) on its sanitizer example under ``tools``
+    at each warp width (`workbench.kernels.sanitize.sanitize_registered`: small inputs that
+    reach the kernels' edges); one `SanitizeRun` per kernel and width. A launch the emulator
+    stops (a write far outside every buffer, say) is a run with ``error`` set, carrying the
+    findings made until then, and the sweep goes on."""
+    from workbench.kernels.sanitize import sanitize_registered
+
     tools = check_tools(tools)
     if not tools:
         raise UserError("user.bad_option", f"name at least one tool ({', '.join(TOOLS)})")
     warps = _check_warps(warps)
-    specs = [get_kernel(n) for n in names] if names else sorted(
-        all_kernels().values(), key=lambda s: s.name
-    )  # fmt: skip
+    specs = [get_kernel(n) for n in names] if names else list(all_kernels().values())
     total = len(specs) * len(warps)
     runs: list[SanitizeRun] = []
     for warp in warps:
-        target = _InstrumentedTarget(warp, tools=tools)
         for spec in specs:
             if progress is not None:
                 progress(len(runs), total, f"{spec.name} (warp {warp})")
-            shape = kb.resolve_shape(spec, None)
             try:
-                report = instrumented_run(spec, target, shape)
-                runs.append(SanitizeRun(spec.name, warp, shape, report))
+                (report,) = sanitize_registered([spec.name], tools, [warp], seed=seed)
+                runs.append(SanitizeRun(spec.name, warp, report))
             except WorkbenchError as e:  # the findings so far travel with a stopped launch
                 report = e.context.get("report")
                 report = report if isinstance(report, KernelReport) else None
-                runs.append(SanitizeRun(spec.name, warp, shape, report, f"{e.code}: {e.message}"))
+                runs.append(SanitizeRun(spec.name, warp, report, f"{e.code}: {e.message}"))
     if progress is not None:
         progress(total, total, "done")
     return runs

@@ -25,12 +25,11 @@ SOURCE_COLUMNS = ("file", "line", "access", *COUNTER_COLUMNS, "source")
 
 @dataclass(frozen=True)
 class SanitizeRun:
-    """One kernel at one warp width and shape under the sanitizers: its report, or why the
-    launch did not complete (``error``: the code and message of the error it raised)."""
+    """One kernel at one warp width under the sanitizers: its report, and why the launch did
+    not complete if it did not (``error``: the code and message of the error it raised)."""
 
     kernel: str
     warp_size: int
-    shape: Mapping[str, int]
     report: KernelReport | None
     error: str | None = None
 
@@ -42,7 +41,6 @@ class SanitizeRun:
         return {
             "kernel": self.kernel,
             "warp_size": self.warp_size,
-            "shape": dict(self.shape),
             "error": self.error,
             "report": self.report.to_dict() if self.report is not None else None,
         }

@@ -117,7 +117,7 @@ def instrumented_launch(
 
     rename = {cell_file: f"<cell {name}>"}
     stopped = stopped.replace(Path(cell_file).name, rename[cell_file])
-    run = SanitizeRun(name, warp_size, {}, report)
+    run = SanitizeRun(name, warp_size, report)
     return InstrumentedCell(
         report=report,
         rename=rename,
