@@ -4,8 +4,9 @@ and the time floor a kernel has on a GPU target.
 The runs themselves are `instrument.KernelReport`s (the emulator's); this module only arranges
 them for a table (the CLI's `kernels sanitize` / `kernels profile`, the ``%%hip`` magic, the
 kernel-timing widget's memory view) and derives the estimate: bytes moved over the target's
-peak bandwidth and FLOPs over its peak compute. Those are floors (what the hardware could not
-beat), never predictions: an emulator knows no caches, latencies or scheduler.
+peak bandwidth and FLOPs over its peak compute. Those are floors in the roofline's sense (what
+the target could not beat were every moved segment fetched from its memory), never predictions:
+an emulator knows no caches, latencies or scheduler.
 """
 
 from __future__ import annotations
