@@ -928,13 +928,13 @@ class EmulatedKernel:
         parts = []
         for s, (first, last) in damage:
             arg = s.arg
-            where = (
-                f"{first} to {last} bytes past the end"
-                if first >= s.size
-                else f"{-first} bytes before the start"
-                if first < 0
-                else f"bytes {first} to {last} around"
-            )
+            n = s.size
+            if first >= n:
+                where = f"{first - n} to {last - n} bytes past the end"
+            elif last < 0:
+                where = f"{-first} to {-last} bytes before the start"
+            else:
+                where = f"from {-first} bytes before the start to {last - n} bytes past the end"
             parts.append(
                 f"argument {arg} ({self.param_types[arg]}, {s.size} bytes): written {where}"
             )

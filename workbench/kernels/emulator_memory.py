@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,13 @@ _libc.mmap.argtypes = (
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MAP_FAILED = ctypes.c_void_p(-1).value
+
+# Mappings kept for reuse (by size): a fresh mapping costs a page fault per 4 KiB on first touch,
+# more than the copy itself; launches repeat with the same shapes.
+_POOL_BYTES = 64 << 20  # at most this much kept mapped
+_pool: dict[int, list[int]] = {}
+_pool_count = 0  # bytes
+_pool_lock = threading.Lock()
 
 
 @dataclass
@@ -86,15 +94,7 @@ def stage(array: np.ndarray, arg: int, copy_back: bool) -> Staged:
     size = int(array.nbytes)
     data_span = (size + GUARD_BYTES + _PAGE - 1) // _PAGE * _PAGE
     total = _PAGE + GUARD_BYTES + data_span + _PAGE
-    addr = _libc.mmap(
-        None, total, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
-    )
-    if addr in (None, _MAP_FAILED):
-        raise InternalError(
-            "internal.emulator", f"could not map {total} bytes for a guarded kernel argument"
-        )
-    _libc.mprotect(addr, _PAGE, 0)  # PROT_NONE
-    _libc.mprotect(addr + total - _PAGE, _PAGE, 0)
+    addr = _take(total)
     lo = addr + _PAGE
     hi = addr + total - _PAGE
     base = lo + GUARD_BYTES
@@ -107,10 +107,38 @@ def stage(array: np.ndarray, arg: int, copy_back: bool) -> Staged:
     return s
 
 
+def _take(total: int) -> int:
+    global _pool_count
+    with _pool_lock:
+        free = _pool.get(total)
+        if free:
+            _pool_count -= total
+            return free.pop()
+    addr = _libc.mmap(
+        None, total, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
+    )
+    if addr in (None, _MAP_FAILED):
+        raise InternalError(
+            "internal.emulator", f"could not map {total} bytes for a guarded kernel argument"
+        )
+    _libc.mprotect(addr, _PAGE, 0)  # PROT_NONE
+    _libc.mprotect(addr + total - _PAGE, _PAGE, 0)
+    return addr
+
+
 def release(s: Staged) -> None:
-    if s.region:
-        _libc.munmap(s.region, s.total)
-        s.region = 0
+    """Return the mapping to the pool (or unmap it when the pool is full)."""
+    global _pool_count
+    if not s.region:
+        return
+    with _pool_lock:
+        if _pool_count + s.total <= _POOL_BYTES:
+            _pool.setdefault(s.total, []).append(s.region)
+            _pool_count += s.total
+            s.region = 0
+            return
+    _libc.munmap(s.region, s.total)
+    s.region = 0
 
 
 def owner_of(staged: list[Staged], address: int) -> Staged | None:
