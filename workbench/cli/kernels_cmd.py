@@ -33,9 +33,9 @@ Print the machine code of one kernel for one target: AMD assembly with its kerne
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "kernels",
-        help="list, check and disassemble the HIP kernels",
+        help="list, check, disassemble, sanitize and profile the HIP kernels",
         description="The kernel library: the registry, offline resource reports for AMD and "
-        "NVIDIA targets, and per-kernel ISA.",
+        "NVIDIA targets, per-kernel ISA, and the CPU emulator's sanitizers and memory counters.",
     )
     actions = parser.add_subparsers(dest="kernels_command", metavar="ACTION")
     parser.set_defaults(func=lambda _args: _usage(parser))
