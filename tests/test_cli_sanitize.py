@@ -117,3 +117,40 @@ def test_profile_occupancy_from_the_offline_compiler_or_why_not(capsys):
         assert last.startswith("sm_90: theoretical occupancy 100% (64 of 64 warps per SM at 256")
     else:
         assert last.startswith("occupancy: n/a (") and "nvcc" in last
+
+
+def test_a_stopped_launch_is_a_row_and_the_sweep_goes_on(monkeypatch):
+    import workbench.kernels.sanitize as ks
+    from workbench.engine.kernel_sanitize import sanitize_kernels
+    from workbench.kernels.emulator import KernelBoundsError
+
+    wild = Finding(
+        tool="memcheck", kind="out_of_bounds_write", file="/k/add.hip", line=3, block=(0, 0, 0),
+        thread=(0, 0, 0), message="writes far outside every buffer",
+    )  # fmt: skip
+
+    def fake(names, tools, warps, *, seed, progress=None):
+        out = []
+        for name in names:
+            if progress is not None:
+                progress(name, warps[0])
+            report = KernelReport(name, "gfx90a", warps[0], tools)
+            if name == "swiglu" and warps[0] == 32:
+                report.findings.append(wild)
+                raise KernelBoundsError("kernel.out_of_bounds", "stopped", report=report)
+            out.append(report)
+        return out
+
+    monkeypatch.setattr(ks, "sanitize_registered", fake)
+    seen = []
+    runs = sanitize_kernels(
+        ["add", "swiglu", "argmax"], warps=(32, 64), progress=lambda *a: seen.append(a)
+    )
+    assert [(r.kernel, r.warp_size, r.clean) for r in runs] == [
+        ("add", 32, True), ("swiglu", 32, False), ("argmax", 32, True),
+        ("add", 64, True), ("swiglu", 64, True), ("argmax", 64, True),
+    ]  # fmt: skip
+    stopped = runs[1]
+    assert stopped.error == "kernel.out_of_bounds: stopped" and stopped.report.findings == [wild]
+    # warp 32's batch stopped at swiglu, so its kernels were counted again one at a time
+    assert [d for d, _, _ in seen] == [0, 1, 0, 1, 2, 3, 4, 5, 6] and seen[-1] == (6, 6, "done")

@@ -1,7 +1,7 @@
 """Registry kernels on the instrumented CPU emulator: sanitizer sweeps and memory profiles.
 
-Sweeps run `workbench.kernels.sanitize`'s examples (small inputs that reach every edge), one
-kernel and warp width at a time so that a stopped launch does not end the sweep. Profiles run
+Sweeps run `workbench.kernels.sanitize`'s examples (small inputs that reach every edge), a warp
+width at a time; a stopped launch does not end the sweep. Profiles run
 at the benchmarks' shapes with their inputs (`kernel_bench`'s factories: random inputs,
 launched through the same wrappers the engine uses) on `EmulatorModule`s built with
 ``counters`` and a GPU ``target``, so the shape syntax is `workbench bench kernels --shape`'s.
@@ -107,9 +107,9 @@ def sanitize_kernels(
 ) -> list[SanitizeRun]:
     """Run each named registry kernel (default: all) on its sanitizer example under ``tools``
     at each warp width (`workbench.kernels.sanitize.sanitize_registered`: small inputs that
-    reach the kernels' edges); one `SanitizeRun` per kernel and width. A launch the emulator
-    stops (a write far outside every buffer, say) is a run with ``error`` set, carrying the
-    findings made until then, and the sweep goes on."""
+    reach the kernels' edges); one `SanitizeRun` per kernel and width, widths outer. A launch
+    the emulator stops (a write far outside every buffer, say) is a run with ``error`` set,
+    carrying the findings made until then, and the sweep goes on."""
     from workbench.kernels.sanitize import sanitize_registered
 
     tools = check_tools(tools)
@@ -119,14 +119,35 @@ def sanitize_kernels(
     specs = [get_kernel(n) for n in names] if names else list(all_kernels().values())
     total = len(specs) * len(warps)
     runs: list[SanitizeRun] = []
+    started = 0  # runs begun (progress counts them; a batch reports before each of its runs)
+
+    def step(name: str, warp: int) -> None:
+        nonlocal started
+        if progress is not None:
+            progress(started, total, f"{name} (warp {warp})")
+        started += 1
+
     for warp in warps:
+        # One batch per width (modules built once). A stopped launch ends a batch: then the
+        # width's kernels run one at a time, and the stopped one becomes a row of its own.
+        try:
+            reports = sanitize_registered(
+                [s.name for s in specs], tools, [warp], seed=seed, progress=step
+            )
+            runs += [SanitizeRun(s.name, warp, r) for s, r in zip(specs, reports)]
+            continue
+        except WorkbenchError as e:
+            if not e.code.startswith("kernel."):  # no clang, a kernel without an example
+                raise
+            started = len(runs)
         for spec in specs:
-            if progress is not None:
-                progress(len(runs), total, f"{spec.name} (warp {warp})")
+            step(spec.name, warp)
             try:
                 (report,) = sanitize_registered([spec.name], tools, [warp], seed=seed)
                 runs.append(SanitizeRun(spec.name, warp, report))
             except WorkbenchError as e:  # the findings so far travel with a stopped launch
+                if not e.code.startswith("kernel."):
+                    raise
                 report = e.context.get("report")
                 report = report if isinstance(report, KernelReport) else None
                 runs.append(SanitizeRun(spec.name, warp, report, f"{e.code}: {e.message}"))
