@@ -26,14 +26,10 @@ them (preprocessed source, options, name expressions, emulator headers, compiler
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import re
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +40,32 @@ import numpy as np
 
 from workbench.errors import BackendError, InternalError, RecoverableError, UserError
 from workbench.kernels import emulator_memory as guard
+from workbench.kernels.emulator_args import (
+    _DTYPES,
+    _MAX_BLOCK,
+    _MAX_GRID,
+    _SCALAR_FORMATS,
+    _c_name,
+    _dims,
+    _Param,
+    _params,
+)
+from workbench.kernels.emulator_build import (
+    _COMPILE_FLAGS,
+    _LOG_LIMIT,
+    _RUNTIME_FLAGS,
+    _atomic_write,
+    _build_so,
+    _discover_kernels,
+    _errors,
+    _hip_shim,
+    _parse_options,
+    _run_compiler,
+    _sha256,
+    _Toolchain,
+    _toolchain,
+    _trampoline,
+)
 from workbench.kernels.emulator_instrument import (
     COUNTERS_FLAG,
     IGNORE_LIST,
@@ -71,33 +93,6 @@ _STAGE_READONLY_BYTES = 64 << 20
 WARP_SIZES = (32, 64)
 MAX_THREADS = 8  # default cap on OS threads running blocks
 
-_COMPILE_FLAGS = (
-    "-std=c++17",
-    "-O2",
-    "-fPIC",
-    "-shared",
-    "-fvisibility=hidden",
-    # Kernels reinterpret bytes freely (GGUF blocks, float bits); GPU compilers allow it.
-    "-fno-strict-aliasing",
-    "-Wl,-z,defs",  # an undefined symbol fails the build, not the load
-    "-DWB_EMULATOR=1",
-)
-_RUNTIME_FLAGS = (
-    "-std=c++17",
-    "-O2",
-    "-fPIC",
-    "-shared",
-    "-pthread",
-    "-fvisibility=hidden",
-    # A fault leaves kernel code by siglongjmp from a fiber's stack to the thread's own, which
-    # glibc's fortified longjmp check could take for a jump into a dead frame.
-    "-U_FORTIFY_SOURCE",
-    "-D_FORTIFY_SOURCE=0",
-    "-Wl,-z,defs",
-)
-_LOG_LIMIT = 20_000  # characters of compiler output kept in an error's context
-
-
 # --- where things are -------------------------------------------------------------------------
 
 
@@ -106,108 +101,6 @@ def default_cache_dir() -> Path:
     from workbench.store import default_home  # the one function that reads WORKBENCH_HOME
 
     return default_home() / "emulator"
-
-
-# --- the host compiler ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Toolchain:
-    path: str
-    version: str  # first line of --version plus the target triple: part of every cache key
-
-
-_toolchains: dict[str | None, _Toolchain] = {}
-
-
-def _toolchain(compiler: str | None) -> _Toolchain:
-    if compiler in _toolchains:
-        return _toolchains[compiler]
-    names = [compiler] if compiler else ["c++", "g++", "clang++"]
-    path = next((p for p in map(shutil.which, names) if p), None)
-    if path is None:
-        raise BackendError(
-            "backend.compiler_missing",
-            f"no C++ compiler found (looked for {', '.join(names)}); the CPU emulator needs one: "
-            "on Debian/Ubuntu `apt-get install g++`",
-            compiler=compiler,
-        )
-    try:
-        version = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, check=True, timeout=60
-        ).stdout.splitlines()[0]
-        target = subprocess.run(
-            [path, "-dumpmachine"], capture_output=True, text=True, check=True, timeout=60
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError, IndexError) as e:
-        raise BackendError(
-            "backend.compiler_missing",
-            f"the C++ compiler {path} does not run: {e}",
-            compiler=path,
-        ) from e
-    tc = _Toolchain(path, f"{version} ({target})")
-    _toolchains[compiler] = tc
-    return tc
-
-
-def _run_compiler(cmd: list[str], *, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LC_ALL": "C"}  # plain ASCII diagnostics, whatever the user's locale
-    try:
-        return subprocess.run(
-            cmd, input=stdin, capture_output=True, text=True, timeout=600, env=env
-        )
-    except FileNotFoundError as e:
-        raise BackendError(
-            "backend.compiler_missing", f"the C++ compiler {cmd[0]} disappeared: {e}"
-        ) from e
-    except subprocess.TimeoutExpired as e:
-        raise BackendError(
-            "backend.compile_failed", f"the C++ compiler ran for over {e.timeout} s", command=cmd
-        ) from e
-
-
-def _sha256(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        b = p.encode() if isinstance(p, str) else p
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write through a temp file and a rename: readers see nothing or everything."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _build_so(cmd_head: list[str], source: Path, target: Path, tail: Sequence[str] = ()) -> str:
-    """Compile ``source`` into ``target`` through a temp file + atomic rename (two processes
-    building the same object both succeed, and neither sees a half-written one). Returns the
-    compiler log; raises `BackendError` ``backend.compile_failed`` on failure."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".so")
-    os.close(fd)
-    try:
-        cmd = [*cmd_head, "-o", tmp, str(source), *tail]
-        proc = _run_compiler(cmd)
-        log = proc.stdout + proc.stderr
-        if proc.returncode != 0:
-            raise BackendError(
-                "backend.compile_failed",
-                f"compiling {source.name} failed",
-                command=" ".join(cmd),
-                log=log[-_LOG_LIMIT:],
-            )
-        os.replace(tmp, target)
-        return log
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # --- the runtime (fibers, scheduler), one per fiber kind and cache ------------------------------
@@ -355,204 +248,7 @@ class KernelBoundsError(KernelError):
     category = "user"
 
 
-# --- kernel parameters --------------------------------------------------------------------------
-
-# Signature codes (see wb_emu.h) -> struct format for values passed by value.
-_SCALAR_FORMATS = {
-    "i8": "b",
-    "i16": "h",
-    "i32": "i",
-    "i64": "q",
-    "u8": "B",
-    "u16": "H",
-    "u32": "I",
-    "u64": "Q",
-    "f32": "f",
-    "f64": "d",
-    "bool": "?",
-}
-_DTYPES = {
-    "i8": np.dtype(np.int8),
-    "i16": np.dtype(np.int16),
-    "i32": np.dtype(np.int32),
-    "i64": np.dtype(np.int64),
-    "u8": np.dtype(np.uint8),
-    "u16": np.dtype(np.uint16),
-    "u32": np.dtype(np.uint32),
-    "u64": np.dtype(np.uint64),
-    "f32": np.dtype(np.float32),
-    "f64": np.dtype(np.float64),
-    "bool": np.dtype(np.bool_),
-}
-_C_NAMES = {
-    "i8": "int8_t",
-    "i16": "int16_t",
-    "i32": "int32_t",
-    "i64": "int64_t",
-    "u8": "uint8_t",
-    "u16": "uint16_t",
-    "u32": "uint32_t",
-    "u64": "uint64_t",
-    "f32": "float",
-    "f64": "double",
-    "bool": "bool",
-    "void": "void",
-}
-
-
-def _c_name(code: str) -> str:
-    if code.startswith("p:c:"):
-        return "const " + _c_name(code[4:]) + "*"
-    if code.startswith("p:"):
-        return _c_name(code[2:]) + "*"
-    if code.startswith("b") and code[1:].isdigit():
-        return f"<{code[1:]}-byte struct>"
-    return _C_NAMES.get(code, code)
-
-
-@dataclass(frozen=True)
-class _Param:
-    index: int
-    code: str
-    offset: int  # where its bytes go in the argument buffer
-    size: int
-    const: bool = False  # a pointer to const: the kernel cannot write through it
-
-
-def _params(codes: Sequence[str]) -> tuple[list[_Param], int]:
-    params, offset = [], 0
-    for i, raw in enumerate(codes):
-        const = raw.startswith("p:c:")
-        code = "p:" + raw[4:] if const else raw
-        if code.startswith("p:"):
-            size = struct.calcsize("P")
-        elif code in _SCALAR_FORMATS:
-            size = struct.calcsize(_SCALAR_FORMATS[code])
-        elif code.startswith("b") and code[1:].isdigit():
-            size = int(code[1:])
-        else:
-            raise UserError(
-                "kernel.bad_signature",
-                f"parameter {i} has a type the emulator cannot pass ({code})",
-            )
-        params.append(_Param(i, code, offset, size, const))
-        offset += (size + 15) // 16 * 16
-    return params, max(offset, 16)
-
-
 # --- modules and kernels ----------------------------------------------------------------------
-
-_GLOBAL_MARK = re.compile(r"\b__wb_emu_global__\b")
-_ATTRIBUTE = re.compile(r"__attribute__\s*\(\(.*?\)\)", re.S)
-_KERNEL_NAME = re.compile(r"^\s*(?:[A-Za-z_]\w*\s+|\*\s*)*?([A-Za-z_]\w*)\s*\(", re.S)
-_TEMPLATE = re.compile(r"\btemplate\b")
-_ERROR_LINE = re.compile(
-    r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: (?P<what>.*)$", re.M
-)
-
-
-def _discover_kernels(text: str) -> list[str]:
-    """Names of the non-template kernels in preprocessed source (``__global__`` is a marker)."""
-    names: list[str] = []
-    for m in _GLOBAL_MARK.finditer(text):
-        start = max(text.rfind(c, 0, m.start()) for c in ";{}") + 1
-        if _TEMPLATE.search(text, start, m.start()):
-            continue  # reachable only through name expressions
-        rest = _ATTRIBUTE.sub(" ", text[m.end() : m.end() + 2000])
-        found = _KERNEL_NAME.match(rest)
-        if found and found.group(1) not in names:
-            names.append(found.group(1))
-    return names
-
-
-def _parse_options(options: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``-D``/``-U``/``-I`` options as CuPy takes them; GPU-only options are ignored."""
-    defines: list[str] = []
-    includes: list[str] = []
-    opts = list(options)
-    i = 0
-    while i < len(opts):
-        opt = opts[i]
-        if not isinstance(opt, str):
-            raise UserError("kernel.bad_option", f"compile options are strings, got {opt!r}")
-        if opt in ("-D", "-U", "-I") and i + 1 < len(opts):  # "-D", "NAME=1" as two items
-            opt, i = opt + opts[i + 1], i + 1
-        if opt.startswith(("-D", "-U")) and len(opt) > 2:
-            defines.append(opt)
-        elif opt.startswith("-I") and len(opt) > 2:
-            includes.append("-I" + str(Path(opt[2:]).expanduser().resolve()))
-        elif opt.startswith(("--include-path=",)):
-            includes.append("-I" + str(Path(opt.split("=", 1)[1]).expanduser().resolve()))
-        elif opt.startswith(("--define-macro=",)):
-            defines.append("-D" + opt.split("=", 1)[1])
-        elif _gpu_only_option(opt):
-            pass
-        else:
-            raise UserError(
-                "kernel.bad_option",
-                f"compile option {opt!r} is not understood by the emulator (it takes -DNAME[=VAL], "
-                "-UNAME, -IDIR and ignores GPU code-generation options such as -std=, -O3, "
-                "--use_fast_math, --gpu-architecture=)",
-                option=opt,
-            )
-        i += 1
-    return defines, includes
-
-
-def _gpu_only_option(opt: str) -> bool:
-    prefixes = (
-        "-std=",
-        "--std=",
-        "-O",
-        "--gpu-architecture",
-        "-arch",
-        "--offload-arch",
-        "-ffast-math",
-        "--use_fast_math",
-        "-use_fast_math",
-        "--fmad",
-        "-fmad",
-        "--ftz",
-        "--prec-div",
-        "--prec-sqrt",
-        "-lineinfo",
-        "--generate-line-info",
-        "-G",
-        "--device-debug",
-        "-g",
-        "-Wno-",
-        "-w",
-        "--extra-device-vectorization",
-        "--maxrregcount",
-        "-fgpu-flush-denormals-to-zero",
-        "-mcumode",
-        "-mno-cumode",
-        "-mwavefrontsize64",
-        "-mno-wavefrontsize64",
-    )
-    return opt.startswith(prefixes)
-
-
-def _errors(log: str, extra: dict[str, str]) -> list[tuple[str, str]]:
-    """(``file:line: error: what``, ``file:line: code``) for the first 10 errors in the log."""
-    out: list[tuple[str, str]] = []
-    for m in _ERROR_LINE.finditer(log):
-        file, line = m.group("file"), int(m.group("line"))
-        where = f"{file}:{line}"
-        text = extra.get(file)
-        if text is None:
-            try:
-                text = Path(file).read_text(errors="replace")
-            except OSError:
-                text = ""
-        lines = text.splitlines()
-        code = lines[line - 1].strip() if 1 <= line <= len(lines) else ""
-        entry = (f"{where}: error: {m.group('what')}", f"{where}: {code}")
-        if entry not in out:
-            out.append(entry)
-        if len(out) == 10:
-            break
-    return out
 
 
 class EmulatorModule:
@@ -644,9 +340,8 @@ class EmulatorModule:
 
         includes += ["-I" + str(Path(d).expanduser().resolve()) for d in include_dirs]
         kdir = kernels_dir()
-        # shim/ first: `#include <hip/hip_runtime.h>` finds the emulator's stand-in
-        shim = kdir / "emulator" / "shim"
-        search = [f"-I{shim}", f"-I{kdir / 'emulator'}", f"-I{kdir}", *includes]
+        search = [f"-I{_hip_shim(self.cache_dir)}", f"-I{kdir / 'emulator'}", f"-I{kdir}",
+                  *includes]  # fmt: skip
         prelude = f'#include "wb_emu.h"\n#include "{source}"\n'
 
         # Discovery: preprocess (no system headers: fast) to find the kernels; the preprocessed
@@ -747,42 +442,6 @@ class EmulatorModule:
             f"EmulatorModule({self.source.name}, kernels={list(self.kernel_names)}, "
             f"warp_size={self.warp_size}, fiber={self.fiber!r})"
         )
-
-
-def _trampoline(index: int, name: str) -> str:
-    return (
-        f"\n// {name}\n"
-        f"WB_EMU_EXPORT int wb_emu_launch_{index}(const ::wb_emu::Api* api, "
-        "const ::wb_emu::LaunchDesc* desc, void* const* argv, ::wb_emu::ErrorInfo* error) {\n"
-        f"  return ::wb_emu::launch_kernel(&{name}, api, desc, argv, error);\n"
-        "}\n"
-        f"WB_EMU_EXPORT int wb_emu_signature_{index}(char* buf, std::size_t len) {{\n"
-        f"  return ::wb_emu::signature(&{name}, buf, len);\n"
-        "}\n"
-    )
-
-
-# The GPU's limits, enforced so a launch that works here also works there.
-_MAX_GRID = (2**31 - 1, 65535, 65535)
-_MAX_BLOCK = (1024, 1024, 64)
-
-
-def _dims(value: Any, what: str, limits: tuple[int, int, int]) -> tuple[int, int, int]:
-    dims = (value,) if isinstance(value, (int, np.integer)) else value
-    ok = (
-        isinstance(dims, (tuple, list))
-        and 1 <= len(dims) <= 3
-        and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims)
-    )
-    if ok:
-        full = (*(int(d) for d in dims), *(1,) * (3 - len(dims)))
-        if all(1 <= d <= lim for d, lim in zip(full, limits)):
-            return full  # type: ignore[return-value]
-    raise UserError(
-        "kernel.bad_launch",
-        f"{what} must be a positive int or a tuple of 1 to 3 positive ints within {limits}, "
-        f"not {value!r}",
-    )
 
 
 class EmulatedKernel:

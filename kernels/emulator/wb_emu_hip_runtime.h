@@ -1,4 +1,5 @@
-// The emulator's stand-in for <hip/hip_runtime.h>.
+// The emulator's stand-in for <hip/hip_runtime.h> (the emulator puts a hip/hip_runtime.h that
+// includes this file first on the include path).
 //
 // HIP tutorials begin kernels with `#include <hip/hip_runtime.h>`. On the CPU emulator everything a
 // kernel takes from that header (__global__, threadIdx, __syncthreads, shuffles, atomics, math
