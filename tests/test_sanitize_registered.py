@@ -25,11 +25,35 @@ pytestmark = pytest.mark.skipif(
 BARRIER = "  __syncthreads();  // sv, si may be reused by the next call\n"
 
 
-def test_every_registered_kernel_is_clean(tmp_path: Path) -> None:
-    reports = sanitize_registered(tools=TOOLS, warps=(32, 64), cache_dir=tmp_path, seed=11)
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sanitize-cache")
+
+
+def test_every_registered_kernel_is_clean(cache: Path) -> None:
+    reports = sanitize_registered(tools=TOOLS, warps=(32, 64), cache_dir=cache, seed=11)
     assert len(reports) == 2 * len(all_kernels())
     dirty = [(r.kernel, r.warp_size, f.message) for r in reports for f in r.findings]
     assert dirty == [], "seed 11: " + "\n".join(map(str, dirty))
+
+
+def test_counters_name_lines_in_included_headers(cache: Path) -> None:
+    (report,) = sanitize_registered(["matvec_q4_0"], warps=(64,), counters=True, cache_dir=cache)
+    files = {Path(c.file).name for c in report.lines}
+    assert {"matvec.hip", "quant.h"} <= files, files
+    assert all(c.requests > 0 and 0 < c.efficiency <= 1.0 for c in report.lines)
+    quant = kernels_dir() / "quant.h"
+    for c in report.lines:  # every counted line is a line of the file it names
+        assert 1 <= c.line <= len(Path(c.file).read_text().splitlines())
+    assert any(c.file == str(quant) for c in report.lines)
+    assert report.totals["bytes_moved"] >= report.totals["bytes_requested"] > 0
+
+
+def test_unknown_kernel_name_is_a_user_error() -> None:
+    from workbench.errors import UserError
+
+    with pytest.raises(UserError, match="no kernel named 'nope'"):
+        sanitize_registered(["nope"])
 
 
 @pytest.mark.parametrize("warp", [32, 64])

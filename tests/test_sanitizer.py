@@ -6,6 +6,7 @@ comment. Every check runs at warp 32 and 64; inputs are fresh random arrays (see
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -142,6 +143,10 @@ def test_clean_kernels_report_nothing(planted, warp):
         k((1,), (256,), (x, y))
         assert k.last_report.findings == [], (name, f"seed {seed}")
     np.testing.assert_allclose(y[0], x.sum(), rtol=1e-4, err_msg=f"seed {seed}")
+    atomic = line_counters(k.last_report, marker("PLANT", "atomic"), "shared", "atomic")
+    assert atomic.requests == 256 // warp and atomic.active_lanes == warp
+    assert k.last_report.totals["atomics"] == 256 // warp
+    json.dumps(k.last_report.to_dict())  # JSON-ready
     tile = r.standard_normal((32, 32)).astype(np.float32)
     for name in ("transpose_conflicted", "transpose_padded"):
         out = np.zeros((32, 32), np.float32)
