@@ -103,3 +103,15 @@ def test_guarded_staging_poisons_and_reports_damage() -> None:
 
 def test_source_lines_reads_the_file(tmp_path: Path, mod: EmulatorModule) -> None:
     assert "#include <hip/hip_runtime.h>" in mod.source_lines(mod.source)
+
+
+def test_an_array_passed_twice_shares_one_guarded_copy(mod: EmulatorModule) -> None:
+    # fill(y) then copy(y, y): the one copy is written back once, with the kernel's values
+    x = np.zeros(256, dtype=np.float32)
+    mod.get_function("fill")((4,), (64,), (x, np.int32(256)))
+    mod.get_function("copy")((4,), (64,), (x, x, np.int32(256)))
+    np.testing.assert_array_equal(x, 2.0 * np.arange(256, dtype=np.float32))
+    # overlapping views are passed in place: y[i] = x[i] with y = x shifted by one element
+    buf = np.arange(201, dtype=np.float32)
+    mod.get_function("copy")((4,), (64,), (buf[1:], buf[:-1], np.int32(200)))
+    np.testing.assert_array_equal(buf[:-1], np.arange(1, 201, dtype=np.float32))

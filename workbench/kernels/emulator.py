@@ -545,20 +545,32 @@ class EmulatedKernel:
         self, buf: ctypes.Array, args: Sequence[Any], staged: list[guard.Staged]
     ) -> list[tuple[int, int, int, int, int]]:
         """Swap guarded copies in for the arguments that need them (see emulator_memory);
-        returns (base, size, lo, hi, arg) of every pointer argument, staged or not."""
+        returns (base, size, lo, hi, arg) of every pointer argument, staged or not.
+
+        An array passed twice shares one copy (an in-place operation must read its own writes);
+        arguments that partly overlap another are passed in place, unguarded."""
+        ptrs = [(p, a) for p, a in zip(self._params, args) if p.code.startswith("p:")]
+        spans = [(a.ctypes.data, a.ctypes.data + a.nbytes) for _, a in ptrs]
+        by_span: dict[tuple[int, int], guard.Staged] = {}
         out = []
-        for p, a in zip(self._params, args):
-            if not p.code.startswith("p:"):
-                continue
-            writable = not p.const and a.flags.writeable
-            if writable or (self.module.instrumented and a.nbytes <= _STAGE_READONLY_BYTES):
+        for (p, a), span in zip(ptrs, spans):
+            partial = any(
+                o != span and o[0] < span[1] and span[0] < o[1] for o in spans if o[1] > o[0]
+            )
+            same = [(q, b) for (q, b), o in zip(ptrs, spans) if o == span]
+            writable = any(not q.const and b.flags.writeable for q, b in same)
+            small = a.nbytes <= _STAGE_READONLY_BYTES
+            if span in by_span:
+                s = by_span[span]
+            elif not partial and (writable or (self.module.instrumented and small)):
                 s = guard.stage(a, p.index, copy_back=writable)
                 staged.append(s)
-                struct.pack_into("P", buf, p.offset, s.base)
-                out.append((s.base, s.size, s.lo, s.hi, p.index))
+                by_span[span] = s
             else:
-                addr = a.ctypes.data
-                out.append((addr, a.nbytes, addr, addr + a.nbytes, p.index))
+                out.append((span[0], a.nbytes, span[0], span[1], p.index))
+                continue
+            struct.pack_into("P", buf, p.offset, s.base)
+            out.append((s.base, s.size, s.lo, s.hi, p.index))
         return out
 
     def _instr(self, buffers: list[tuple[int, int, int, int, int]], handle: int) -> Instr:
