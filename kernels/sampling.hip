@@ -40,7 +40,7 @@ WB_DEVICE void smp_block_best(float* v, int* i, float* sv, int* si) {
     const int i2 = WB_SHFL_XOR(*i, o);
     if (smp_before(v2, i2, *v, *i)) *v = v2, *i = i2;
   }
-  __syncthreads();  // sv, si may be reused by the next call
+  __syncthreads();  // the next call's lane 0 rewrites sv, si: without it, a write-after-read race
 }
 
 WB_DEVICE float smp_block_max(float v, float* red) {

@@ -22,7 +22,10 @@ pytestmark = pytest.mark.skipif(
 
 # The barrier at the end of smp_block_best: without it, lane 0 of the next top-k pass writes
 # sv/si while slower threads still read the previous pass's values.
-BARRIER = "  __syncthreads();  // sv, si may be reused by the next call\n"
+BARRIER = (
+    "  __syncthreads();  // the next call's lane 0 rewrites sv, si: without it, a write-after-read"
+    " race\n"
+)
 
 
 @pytest.fixture(scope="module")
