@@ -315,3 +315,42 @@ def test_status_line_reports_steps_and_bytes_and_clears():
         status.bytes(3 * 1024 * 1024, 12 * 1024 * 1024)
         assert status.text == "3.0 of 12.0 MB"
     assert status.text == ""
+
+
+def _until(predicate, what: str, deadline_s: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_memory_view_follows_the_timing_panel_and_shows_the_counters():
+    from workbench.kernels.instrument import TARGETS
+    from workbench.widgets.memory_view import MemoryView
+
+    panel = KernelTimingPanel()
+    view = panel.memory
+    assert isinstance(view, MemoryView) and view in panel.views.children
+    panel.kernels, panel.shape = ["add"], "count=4096"
+    assert (view.kernel, view.shape) == ("add", "count=4096")
+    view.target = "sm_90"
+    assert view.run()
+    _until(lambda: not view.running, "the memory view")
+    assert view.error == ""
+    counted = [r for r in view.rows if r["access"]]
+    assert {r["access"] for r in counted} == {"global load", "global store"}
+    assert all(r["efficiency"] == "100.0%" and r["lanes"] == "32.0" for r in counted)
+    totals = dict(view.totals)
+    assert totals["global bytes moved"] == str(3 * 4096 * 4)
+    assert view.floor["target"] == "sm_90" and view.floor["memory_s"] == pytest.approx(
+        3 * 4096 * 4 / (TARGETS["sm_90"].peak_gb_s * 1e9)
+    )
+    assert "out[i] = a[i] + b[i];" in view._table_w.value
+    assert "a floor, not a prediction" in view._totals_w.value
+
+    view.shape = "rows=3"
+    view.run()
+    _until(lambda: not view.running, "the memory view")
+    assert view.error.startswith("user.bad_shape")

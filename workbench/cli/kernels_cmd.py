@@ -1,4 +1,5 @@
-"""`workbench kernels`: list the registered kernels, check them for GPU targets, print their ISA."""
+"""`workbench kernels`: list the registered kernels, check them for GPU targets, print their ISA
+(sanitize and profile, on the instrumented emulator: `kernels_instrument`)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ Print the machine code of one kernel for one target: AMD assembly with its kerne
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "kernels",
-        help="list, check and disassemble the HIP kernels",
+        help="list, check, disassemble, sanitize and profile the HIP kernels",
         description="The kernel library: the registry, offline resource reports for AMD and "
-        "NVIDIA targets, and per-kernel ISA.",
+        "NVIDIA targets, per-kernel ISA, and the CPU emulator's sanitizers and memory counters.",
     )
     actions = parser.add_subparsers(dest="kernels_command", metavar="ACTION")
     parser.set_defaults(func=lambda _args: _usage(parser))
@@ -79,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="registry name (see `workbench kernels list`)")
     p.add_argument("--arch", default="gfx90a", help="target (default gfx90a)")
     p.set_defaults(func=_asm)
+
+    from workbench.cli import kernels_instrument
+
+    kernels_instrument.register(actions)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

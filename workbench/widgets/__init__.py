@@ -16,6 +16,7 @@ from typing import Any
 _EXPORTS = {
     "GenerationPanel": "workbench.widgets.generation",
     "KernelTimingPanel": "workbench.widgets.kernel_timing",
+    "MemoryView": "workbench.widgets.memory_view",
     "RetryStatsPanel": "workbench.widgets.retry_stats",
     "ErrorInspector": "workbench.widgets.errors",
     "Dashboard": "workbench.widgets.dashboard",

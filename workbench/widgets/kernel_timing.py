@@ -19,6 +19,7 @@ from workbench.engine import kernel_bench as kb
 from workbench.errors import WorkbenchError
 from workbench.kernels.registry import all_kernels
 from workbench.kernels.registry import get as get_kernel
+from workbench.widgets import memory_view
 from workbench.widgets._common import WIDE, chart_layout, esc, figure_png, new_figure
 
 TABLE_COLUMNS = [
@@ -275,6 +276,7 @@ class KernelTimingPanel(w.VBox):
         self._update_presets()
         self._show_status()
         self._show_profile()
+        self.memory = memory_view.attach(self)  # the same kernel's memory counters, as a tab
 
     def add_view(self, title: str, widget: w.Widget) -> None:
         """Add a tab to ``views`` (a view of the runs that another module draws)."""

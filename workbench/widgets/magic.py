@@ -28,6 +28,10 @@ Conventions:
   repetitions as fit in ``--rep-ms``: device events on a GPU, the wall clock on the emulator.
 - ``--arch gfx90a[,gfx1030...]`` compiles the cell offline with ``hipcc`` (``nvcc`` for ``sm_``
   targets) and shows the compiler's resource report: registers, LDS, scratch, spills, occupancy.
+- ``--sanitize`` (``--tools memcheck,racecheck,...``; default all) launches on the instrumented
+  CPU emulator (instead of the plain launch) and shows the findings under the cell; ``--profile``
+  (``--target gfx942``) shows the cell's source with per-line memory counters and the time floor
+  on the target (`magic_instrument`).
 
 Failures (compile errors, launch faults, a failed check) raise `HipCellError`, which IPython shows
 as one readable block (compile errors with the numbered cell lines they point at) instead of a
@@ -50,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import UserError, WorkbenchError
+from workbench.widgets.magic_instrument import instrument_warp, run_instrumented
 
 BACKENDS = ("auto", "emulator", "cupy")
 DEFAULT_RTOL = 1e-4  # float32 reductions sum in a different order than NumPy's pairwise sum
@@ -117,6 +122,8 @@ class HipResult:
     check: CheckResult | None = None
     bench: BenchResult | None = None
     resources: list[Any] = field(default_factory=list)  # toolchain.KernelResources per --arch
+    sanitize: Any = None  # magic_instrument.InstrumentedCell with --sanitize
+    profile: Any = None  # magic_instrument.InstrumentedCell with --profile
 
     def lines(self) -> list[str]:
         k = self.kernel
@@ -141,6 +148,8 @@ class HipResult:
             )
         for r in self.resources:
             out.append(format_resources(r))
+        out += self.sanitize.sanitize_lines() if self.sanitize is not None else []
+        out += self.profile.profile_lines() if self.profile is not None else []
         return out
 
     def __repr__(self) -> str:
@@ -470,7 +479,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--arch")
-    p.add_argument("--warp", type=int, default=64, choices=(32, 64))
+    p.add_argument("--warp", type=int, default=None, choices=(32, 64))
+    p.add_argument("--sanitize", action="store_true")
+    p.add_argument("--tools")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--target")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     return p
 
@@ -478,7 +491,8 @@ def _parser() -> argparse.ArgumentParser:
 USAGE = (
     "usage: %%hip NAME [--grid G --block B] [--shared BYTES] [--args EXPR] [--check PYFUNC "
     "[--out I,J] [--trials N] [--rtol R] [--atol A]] [--bench [--warmup-ms MS] [--rep-ms MS]] "
-    "[--arch gfx90a[,...]] [--warp 32|64] [--backend auto|emulator|cupy]"
+    "[--arch gfx90a[,...]] [--sanitize [--tools memcheck,...]] [--profile [--target gfx942]] "
+    "[--warp 32|64] [--backend auto|emulator|cupy]"
 )
 
 
@@ -507,14 +521,19 @@ def _run(opts: argparse.Namespace, cell: str, ns: dict[str, Any]) -> HipResult:
     if not cell.strip():
         raise UserError("user.bad_magic", f"%%hip {name}: the cell has no kernel source")
     wants_launch = opts.args is not None
-    if (wants_launch or opts.check or opts.bench) and not (opts.grid and opts.block):
+    needs_args = opts.check or opts.bench or opts.sanitize or opts.profile
+    if (wants_launch or needs_args) and not (opts.grid and opts.block):
         raise UserError(
-            "user.bad_magic", f"--args, --check and --bench need --grid and --block\n{USAGE}"
+            "user.bad_magic",
+            f"--args, --check, --bench, --sanitize and --profile need --grid and --block\n{USAGE}",
         )
-    if (opts.check or opts.bench) and not wants_launch:
+    if needs_args and not wants_launch:
         raise UserError(
-            "user.bad_magic", f"--check and --bench need --args (the kernel's arguments)\n{USAGE}"
+            "user.bad_magic",
+            f"--check, --bench, --sanitize and --profile need --args (the kernel's arguments)"
+            f"\n{USAGE}",
         )
+    opts.warp = opts.warp or instrument_warp(opts.target)
     kernel = build_kernel(cell, name, backend=opts.backend, warp_size=opts.warp)
     if name.isidentifier():
         ns[name] = kernel
@@ -543,7 +562,7 @@ def _run(opts: argparse.Namespace, cell: str, ns: dict[str, Any]) -> HipResult:
                     kernel=name,
                 )
             result.check = check
-        else:
+        elif not (opts.sanitize or opts.profile):  # else the instrumented launch is the launch
             launch(kernel, grid, block, make_args(), opts.shared)
         result.launched = True
         if opts.bench:
@@ -554,6 +573,8 @@ def _run(opts: argparse.Namespace, cell: str, ns: dict[str, Any]) -> HipResult:
     if opts.arch:
         for arch in filter(None, (a.strip() for a in opts.arch.split(","))):
             result.resources.append(resource_report(cell, name, arch))
+    if opts.sanitize or opts.profile:
+        run_instrumented(opts, cell, result, make_args)
     return result
 
 
