@@ -177,10 +177,10 @@ def test_kernel_timing_shows_no_image_before_the_first_run_and_no_none_in_tables
     assert panel._bars_w.layout.display is None and panel._roof_w.layout.display is None
     assert "None" not in panel._table_w.value  # roof_fraction and bound: "-" on the emulator
     titles = [panel.views.get_title(i) for i in range(len(panel.views.children))]
-    assert titles == ["Timings", "Compare", "Engine profile"]
+    assert titles == ["Timings", "Compare", "Engine profile", "Memory counters"]
     extra = __import__("ipywidgets").HTML("x")
-    panel.add_view("Memory", extra)
-    assert panel.views.children[-1] is extra and panel.views.get_title(3) == "Memory"
+    panel.add_view("Extra", extra)
+    assert panel.views.children[-1] is extra and panel.views.get_title(4) == "Extra"
 
 
 def test_kernel_timing_reports_a_bad_shape():

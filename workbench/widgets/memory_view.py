@@ -18,7 +18,7 @@ import traitlets as t
 from workbench.errors import WorkbenchError
 from workbench.kernels.instrument import DEFAULT_TARGET, TARGETS
 from workbench.kernels.sanitize_report import SOURCE_COLUMNS, floor_lines, source_rows, totals_rows
-from workbench.widgets._common import esc, pre, table
+from workbench.widgets._common import WIDE, esc, pre, table
 
 
 def _read_lines(path: str) -> list[str]:
@@ -44,7 +44,7 @@ class MemoryView(w.VBox):
 
     def __init__(self, **kwargs: Any) -> None:
         self._thread: threading.Thread | None = None
-        self._target_w = w.Dropdown(options=list(TARGETS), description="target")
+        self._target_w = w.Dropdown(options=list(TARGETS), description="target", style=WIDE)
         w.link((self, "target"), (self._target_w, "value"))
         self._run_b = w.Button(description="Memory counters", icon="search")
         self._run_b.on_click(lambda _: self.run())
