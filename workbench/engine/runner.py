@@ -3,9 +3,11 @@
 The rows of every sequence in the step (one per decoding sequence, a chunk for a prefilling one)
 go through the elementwise operations (embedding, norms, residual adds, SwiGLU) together. The
 weight products run per sequence through the backend's own `linear`, so a decoding row takes the
-same one-row kernel (and the same accumulation order) as a single-caller decode and a prefill
-chunk the same matrix product as a single-caller chunk: a sequence's tokens do not depend on
-who it is batched with. Attention gathers each sequence's pages into one contiguous run of
+same one-row kernel (and the same accumulation order) whatever else is in the step, and a
+prefill chunk the same matrix product: a sequence's tokens do not depend on who it is batched
+with. (A single caller's `Engine.generate` decodes through the NumPy backend's fused one-call
+path instead, which agrees with these per-operation kernels to about 1e-6, not bit for bit.)
+Attention gathers each sequence's pages into one contiguous run of
 positions and calls the backend's attention, as the single-caller path does on its own cache.
 """
 

@@ -55,6 +55,7 @@ import numpy as np
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.widgets.magic_instrument import instrument_warp, run_instrumented
+from workbench.widgets.progress import status_line
 
 BACKENDS = ("auto", "emulator", "cupy")
 DEFAULT_RTOL = 1e-4  # float32 reductions sum in a different order than NumPy's pairwise sum
@@ -534,7 +535,11 @@ def _run(opts: argparse.Namespace, cell: str, ns: dict[str, Any]) -> HipResult:
             f"\n{USAGE}",
         )
     opts.warp = opts.warp or instrument_warp(opts.target)
-    kernel = build_kernel(cell, name, backend=opts.backend, warp_size=opts.warp)
+    # A line under the cell while the compiler runs (seconds the first time, then cached); it is
+    # cleared after, so the stored output is the same whether or not a compile was needed.
+    with status_line(f"%%hip {name}") as status:
+        status.show("compiling (cached after the first time)")
+        kernel = build_kernel(cell, name, backend=opts.backend, warp_size=opts.warp)
     if name.isidentifier():
         ns[name] = kernel
     result = HipResult(kernel)
