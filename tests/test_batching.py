@@ -10,6 +10,7 @@ import pytest
 from tests.synth import TinyConfig, write_tiny_llama
 from workbench.engine.generate import Engine, GenerationConfig
 from workbench.engine.pages import PAGE_SIZE, bytes_per_position
+from workbench.engine.results import FLUSH_ID
 from workbench.errors import UserError
 
 GREEDY = GenerationConfig(temperature=0.0, max_tokens=20)
@@ -95,7 +96,8 @@ def test_cancel_one_leaves_the_others(long_model, rng, seed):
     gens[1].cancel()
     results = run_all([gens[0], gens[2]])
     assert [r.token_ids for r in results] == [solo[0], solo[2]], f"seed {seed}"
-    assert list(it) == []
+    rest = list(it)  # at most the held-back text, flushed as the generation ends
+    assert all(ev.id == FLUSH_ID for ev in rest) and len(rest) <= 1, f"{rest}, seed {seed}"
     assert gens[1].result.finish_reason == "cancelled"
     assert engine.batcher.pool.used == 0
 
