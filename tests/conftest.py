@@ -89,6 +89,9 @@ class RunPolicy:
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         absent = {t.name: t for t in tools.missing()}
         for item in items:
+            if item.path.suffix == ".ipynb":  # nbval cells: the notebook's metadata names them
+                for name in tools.notebook_tools(item.path):
+                    item.add_marker(pytest.mark.tool(name))
             for mark in item.iter_markers("tool"):
                 t = tools.tool(*mark.args)
                 if t.name in absent:

@@ -287,7 +287,15 @@ def shutdown(page: object) -> None:
     page.close()
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n, marks=[pytest.mark.tool(t) for t in tools.notebook_tools(ROOT / "notebooks" / n)]
+        )
+        for n in NOTEBOOKS
+    ],
+)
 def test_notebook_runs_and_every_widget_looks_finished(lab, browser_context, name):
     page = run_notebook(browser_context, lab, name)
     try:

@@ -12,6 +12,7 @@ from workbench.kernels.instrument import TARGETS, Finding, KernelReport
 from workbench.kernels.sanitize_report import SanitizeRun
 
 
+@pytest.mark.tool("clang")
 def test_sanitize_registered_kernels_clean_at_both_warp_widths(capsys):
     assert main(["kernels", "sanitize", "add", "rmsnorm", "--warp", "32,64"]) == 0
     out = capsys.readouterr()
@@ -19,6 +20,7 @@ def test_sanitize_registered_kernels_clean_at_both_warp_widths(capsys):
     assert "4 of 4 runs clean" in out.out and "kind" not in out.out
 
 
+@pytest.mark.tool("clang")
 def test_sanitize_json_names_each_run_and_its_tools(capsys):
     assert main(["kernels", "sanitize", "swiglu", "--tools", "memcheck", "--warp", "32",
                  "--json"]) == 0  # fmt: skip
@@ -73,6 +75,7 @@ def test_sanitize_refuses_an_unknown_tool_or_warp(capsys):
     assert "unknown tool" in capsys.readouterr().err
 
 
+@pytest.mark.tool("clang")
 def test_profile_counts_agree_with_hand_arithmetic(capsys):
     # add: out[i] = a[i] + b[i] over 4096 floats, one element per thread, warps of 32: every
     # request is 32 lanes x 4 bytes = 128 bytes in four whole 32-byte sectors.
@@ -92,6 +95,7 @@ def test_profile_counts_agree_with_hand_arithmetic(capsys):
     assert any("out[i] = a[i] + b[i];" in r["source"] for r in counted)
 
 
+@pytest.mark.tool("clang")
 def test_profile_prints_the_source_view_totals_and_the_floor(capsys):
     rc = main(["kernels", "profile", "add", "--shape", "count=1024", "--target", "gfx942",
                "--no-occupancy"])  # fmt: skip
@@ -108,6 +112,7 @@ def test_profile_bad_shape_is_a_user_error(capsys):
     assert "add takes shape keys count" in capsys.readouterr().err
 
 
+@pytest.mark.tool("clang")
 def test_profile_occupancy_from_the_offline_compiler_or_why_not(capsys):
     import shutil
 

@@ -149,6 +149,7 @@ def test_matvec_rows_at_any_alignment(
 
 @pytest.mark.parametrize("warp_size", [32, 64])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
+@pytest.mark.tool("clang")
 def test_counters_show_wide_coalesced_weight_loads(
     warp_size: int, qtype: GGMLQuantizationType, emu_cache: str, seeded: Seeded
 ) -> None:

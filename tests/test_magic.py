@@ -192,6 +192,7 @@ def _line_counters(result, text: str, space: str, op: str):
     return match
 
 
+@pytest.mark.tool("clang")
 def test_profile_shows_efficiency_and_bank_conflicts_as_hand_arithmetic(shell):
     assert shell.run_cell(TRANSPOSE_SETUP).success
     line = f"{TRANSPOSE_LINE} --check transposed --profile --target sm_90"
@@ -220,6 +221,7 @@ def test_profile_shows_efficiency_and_bank_conflicts_as_hand_arithmetic(shell):
     assert ways == {0: 32.0, 1: 1.0}
 
 
+@pytest.mark.tool("clang")
 def test_sanitize_finds_the_missing_barrier_at_both_lines(shell):
     assert shell.run_cell(TRANSPOSE_SETUP).success
     clean = hip(shell, f"{TRANSPOSE_LINE} --sanitize", _tiled(1))
@@ -272,6 +274,7 @@ WB_KERNEL void wild(float* out, int n) {
 """
 
 
+@pytest.mark.tool("clang")
 def test_sanitize_reports_writes_past_the_end_and_a_stopped_launch(shell):
     assert shell.run_cell(
         "def wmake():\n    return np.zeros(256, np.float32), np.int32(256)"

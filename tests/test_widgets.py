@@ -326,6 +326,7 @@ def _until(predicate, what: str, deadline_s: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.tool("clang")
 def test_memory_view_follows_the_timing_panel_and_shows_the_counters():
     from workbench.kernels.instrument import TARGETS
     from workbench.widgets.memory_view import MemoryView

@@ -16,6 +16,7 @@ This module uses the standard library only: it runs before the virtual environme
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -121,6 +122,13 @@ def tool(name: str) -> Tool:
         return BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown tool {name!r}: add it to tests/tools.py TOOLS") from None
+
+
+def notebook_tools(path: str | Path) -> tuple[str, ...]:
+    """The tools a notebook needs, from its metadata: ``"workbench": {"tools": ["clang"]}``
+    (tests/conftest.py marks its nbval cells, tests/test_browser.py its browser run)."""
+    meta = json.loads(Path(path).read_text(encoding="utf-8")).get("metadata", {})
+    return tuple(meta.get("workbench", {}).get("tools", ()))
 
 
 def missing() -> list[Tool]:
