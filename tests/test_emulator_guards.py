@@ -111,7 +111,9 @@ def test_an_array_passed_twice_shares_one_guarded_copy(mod: EmulatorModule) -> N
     mod.get_function("fill")((4,), (64,), (x, np.int32(256)))
     mod.get_function("copy")((4,), (64,), (x, x, np.int32(256)))
     np.testing.assert_array_equal(x, 2.0 * np.arange(256, dtype=np.float32))
-    # overlapping views are passed in place: y[i] = x[i] with y = x shifted by one element
+    # overlapping views are passed in place: y[i] = x[i] with y = x shifted by one element. One
+    # block, whose threads run in order: several blocks run on several OS threads, and a later
+    # block could overwrite an element before an earlier one read it (a race on a GPU too).
     buf = np.arange(201, dtype=np.float32)
-    mod.get_function("copy")((4,), (64,), (buf[1:], buf[:-1], np.int32(200)))
+    mod.get_function("copy")((1,), (256,), (buf[1:], buf[:-1], np.int32(200)))
     np.testing.assert_array_equal(buf[:-1], np.arange(1, 201, dtype=np.float32))

@@ -261,6 +261,7 @@ def test_sanitize_and_profile_need_a_launch(shell):
     assert "need --grid and --block" in r.error_in_exec.text
     r = hip(shell, "transpose --grid 1 --block 32 --profile --backend emulator", _tiled(1))
     assert "need --args" in r.error_in_exec.text
+    assert shell.run_cell(TRANSPOSE_SETUP).success  # the arguments, so the tool is what fails
     r = hip(shell, f"{TRANSPOSE_LINE} --sanitize --tools leakcheck", _tiled(1))
     assert "unknown tool" in r.error_in_exec.text
 
