@@ -469,9 +469,18 @@ class _Call:
         elif kind == "done":
             self.audit["completion_tokens"] = len(value.token_ids)
             reason = self.job.cancel_reason
-            self.audit["finish_reason"] = "timeout" if reason == "timeout" else value.finish_reason
+            # The deadline is checked in three places (here, by the worker, by the generation
+            # between prefill chunks); whichever sees it first, the answer is the timeout.
+            timed_out = reason == "timeout" or (
+                reason is None
+                and value.finish_reason == "cancelled"
+                and time.monotonic() >= self.deadline
+            )
+            self.audit["finish_reason"] = "timeout" if timed_out else value.finish_reason
             if reason == "shutdown":  # the drain grace ran out: the answer is cut, say so
                 raise shutdown_error(started=True)
+            if timed_out:
+                raise timeout_error(self.timeout_s)
         elif kind == "error":
             if self.job.cancel_reason == "disconnect":
                 self.audit["status"] = 499  # the client left while queued: nobody got an answer
