@@ -4,17 +4,29 @@
 //   x: (n, cols) float32    W: (rows, row_bytes) uint8, rows of QT blocks    y: (n, rows) float32
 //   block (256,) (WB_MM_THREADS); grid (ceil(rows / WB_MM_TN), ceil(n / WB_MM_TM))
 //
-// Classic shared-memory tiling: a block owns a WB_MM_TM x WB_MM_TN tile of y (TM rows of x times TN
-// rows of W) and walks the shared dimension in steps of WB_MM_TK. Each step, the block loads a
-// TM x TK tile of x and dequantizes a TN x TK tile of W (quant.h's wb_row_value: the same bits as
-// gguf's dequantize) into shared memory, both stored k-major so the inner loop reads rows of the
-// tiles; then each thread updates its 2 x 4 register tile. Thread (ty, tx) = (t / 16, t % 16) owns
-// y[m0 + ty + 16 i][r0 + tx + 16 j], i < 2, j < 4: strided so a warp's reads of one tile row hit
-// distinct shared-memory banks. Out-of-range rows, columns and k are loaded as zeros and never
-// stored, so no size has to be a multiple of a tile.
+// Two bodies behind one kernel and one geometry: on AMD matrix-core targets (WB_HAS_MFMA: gfx908,
+// gfx90a, gfx94x) the FP16 MFMA path below, everywhere else the scalar tiled path. Both walk the
+// shared dimension in steps of WB_MM_TK with a WB_MM_TM x WB_MM_TN tile of y per block; out-of-
+// range rows, columns and k are loaded as zeros and never stored, so no size has to be a multiple
+// of a tile.
 //
-// Accumulation: each output is one float32 fmaf chain over k = 0, 1, ..., cols - 1 in order (the
-// zero padding adds exact zeros), independent of the tiling and the warp width.
+// Scalar tiled path (matmul_tiled): each step, the block loads a TM x TK tile of x and
+// dequantizes a TN x TK tile of W (quant.h's wb_row_value: the same bits as gguf's dequantize)
+// into shared memory, both stored k-major so the inner loop reads rows of the tiles; then each
+// thread updates its 2 x 4 register tile. Thread (ty, tx) = (t / 16, t % 16) owns
+// y[m0 + ty + 16 i][r0 + tx + 16 j], i < 2, j < 4: strided so a warp's reads of one tile row hit
+// distinct shared-memory banks. Accumulation: each output is one float32 fmaf chain over
+// k = 0, 1, ..., cols - 1 in order (the zero padding adds exact zeros), independent of the tiling
+// and the warp width.
+//
+// MFMA path (matmul_mfma): each step, x's tile is rounded to fp16 and W's tile dequantized once
+// (wb_row_value, then rounded to fp16) into shared memory, k-contiguous, four halves per 64-bit
+// word: exactly one lane's operand of v_mfma_f32_16x16x16f16 (wb.h; lane L holds row L % 16,
+// k-group L / 16 of A and column L % 16, k-group L / 16 of B; see emulator/wb_emu_mfma.h for the
+// layout and its source). The four waves (wave64) share the tiles: wave w owns columns
+// r0 + 16w .. r0 + 16w + 15 of y and both 16-row halves of the TM rows, two 16x16 fp32
+// accumulators (4 floats per lane), each step two k-slices of 16 (4 MFMAs per wave). Inputs are
+// fp16 (values beyond 65504 become infinities), products exact, accumulation fp32.
 #include "quant.h"
 
 #define WB_MM_TM 32
@@ -23,11 +35,8 @@
 #define WB_MM_THREADS 256
 
 template <int QT>
-__global__ void WB_LAUNCH_BOUNDS(WB_MM_THREADS)
-    matmul(const float* WB_RESTRICT x,    // (n, cols)
-           const uint8_t* WB_RESTRICT W,  // (rows, row_bytes)
-           float* WB_RESTRICT y,          // (n, rows)
-           int n, int rows, int cols, int row_bytes) {
+WB_DEVICE void matmul_tiled(const float* WB_RESTRICT x, const uint8_t* WB_RESTRICT W,
+                            float* WB_RESTRICT y, int n, int rows, int cols, int row_bytes) {
   // +1 column of padding: the transposing stores (k-major) would otherwise hit one bank.
   __shared__ float xs[WB_MM_TK][WB_MM_TM + 1];  // x tile, k-major
   __shared__ float ws[WB_MM_TK][WB_MM_TN + 1];  // dequantized W tile, k-major
@@ -80,6 +89,85 @@ __global__ void WB_LAUNCH_BOUNDS(WB_MM_THREADS)
       if (m < n && r < rows) y[(size_t)m * rows + r] = acc[i][j];
     }
   }
+}
+
+#if WB_HAS_MFMA
+#define WB_MM_KG (WB_MM_TK / 4)  // 64-bit words (four fp16 each) per tile row
+
+// Four consecutive k of one row as fp16 bits, zeros past `cols` (or for a row out of range).
+template <class F>
+WB_DEVICE uint64_t wb_mm_pack4(F value, int k, int cols) {
+  uint64_t bits = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e)
+    if (k + e < cols) bits |= (uint64_t)wb_float_to_half(value(k + e)) << (16 * e);
+  return bits;
+}
+
+template <int QT>
+WB_DEVICE void matmul_mfma(const float* WB_RESTRICT x, const uint8_t* WB_RESTRICT W,
+                           float* WB_RESTRICT y, int n, int rows, int cols, int row_bytes) {
+  // +1 word per row: lanes 0..15 read 16 rows at one k-group; a 72-byte stride puts them on
+  // distinct bank pairs (a 64-byte stride would put rows 0, 2, 4, ... on the same banks).
+  __shared__ uint64_t xs[WB_MM_TM][WB_MM_KG + 1];  // x tile, fp16, k-contiguous
+  __shared__ uint64_t ws[WB_MM_TN][WB_MM_KG + 1];  // dequantized W tile, fp16, k-contiguous
+  const int t = threadIdx.x;
+  const int lane = t % 64, wave = t / 64;  // wave64: WB_MM_THREADS / 64 = 4 waves
+  const int j = lane % 16, g = lane / 16;  // operand row/column and k-group of this lane
+  const int r0 = blockIdx.x * WB_MM_TN;
+  const int m0 = blockIdx.y * WB_MM_TM;
+
+  const wb_f32x4 zero = {0.0f, 0.0f, 0.0f, 0.0f};
+  wb_f32x4 acc[2] = {zero, zero};  // acc[h][e] = y[m0 + 16 h + 4 g + e][r0 + 16 wave + j]
+
+  for (int k0 = 0; k0 < cols; k0 += WB_MM_TK) {
+    // x tile: TM * KG = 256 words, one per thread; W tile: TN * KG = 512 words, two per thread.
+    for (int e = t; e < WB_MM_TM * WB_MM_KG; e += WB_MM_THREADS) {
+      const int m = e / WB_MM_KG, kg = e % WB_MM_KG;
+      const float* xr = x + (size_t)(m0 + m) * cols;
+      xs[m][kg] = m0 + m < n ? wb_mm_pack4([&](int k) { return xr[k]; }, k0 + 4 * kg, cols) : 0;
+    }
+    for (int e = t; e < WB_MM_TN * WB_MM_KG; e += WB_MM_THREADS) {
+      const int r = e / WB_MM_KG, kg = e % WB_MM_KG;
+      const uint8_t* wr = W + (size_t)(r0 + r) * row_bytes;
+      ws[r][kg] = r0 + r < rows
+                      ? wb_mm_pack4([&](int k) { return wb_row_value<QT>(wr, k); }, k0 + 4 * kg,
+                                    cols)
+                      : 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < WB_MM_KG; ks += 4) {  // k-slices of 16: this lane's group is ks + g
+      const wb_f16x4 b = wb_f16x4_from_bits(ws[16 * wave + j][ks + g]);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        acc[h] = WB_MFMA_F32_16X16X16F16(wb_f16x4_from_bits(xs[16 * h + j][ks + g]), b, acc[h]);
+    }
+    __syncthreads();  // the next step overwrites the tiles
+  }
+
+  const int r = r0 + 16 * wave + j;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = m0 + 16 * h + 4 * g + e;
+      if (m < n && r < rows) y[(size_t)m * rows + r] = acc[h][e];
+    }
+}
+#endif  // WB_HAS_MFMA
+
+template <int QT>
+__global__ void WB_LAUNCH_BOUNDS(WB_MM_THREADS)
+    matmul(const float* WB_RESTRICT x,    // (n, cols)
+           const uint8_t* WB_RESTRICT W,  // (rows, row_bytes)
+           float* WB_RESTRICT y,          // (n, rows)
+           int n, int rows, int cols, int row_bytes) {
+#if WB_HAS_MFMA
+  matmul_mfma<QT>(x, W, y, n, rows, cols, row_bytes);
+#else
+  matmul_tiled<QT>(x, W, y, n, rows, cols, row_bytes);
+#endif
 }
 
 #define WB_INSTANCE(QT)                                                                     \
