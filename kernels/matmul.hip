@@ -94,23 +94,21 @@ WB_DEVICE void matmul_tiled(const float* WB_RESTRICT x, const uint8_t* WB_RESTRI
 #if WB_HAS_MFMA
 #define WB_MM_KG (WB_MM_TK / 4)  // 64-bit words (four fp16 each) per tile row
 
-// Four consecutive k of one row as fp16 bits, zeros past `cols` (or for a row out of range).
-template <class F>
-WB_DEVICE uint64_t wb_mm_pack4(F value, int k, int cols) {
-  uint64_t bits = 0;
-#pragma unroll
-  for (int e = 0; e < 4; ++e)
-    if (k + e < cols) bits |= (uint64_t)wb_float_to_half(value(k + e)) << (16 * e);
-  return bits;
-}
+// A tile of fp16 values, k-contiguous: stored one half at a time (h), read as the 64-bit words
+// (w) that are one lane's MFMA operand. +1 word per row: lanes 0..15 read 16 rows at one k-group,
+// and a 72-byte row stride puts them on distinct bank pairs (64 bytes would put rows 0, 2, 4, ...
+// on the same banks). Reading the other member of a union is defined by clang and GCC.
+template <int ROWS>
+union wb_mm_tile16 {
+  uint64_t w[ROWS][WB_MM_KG + 1];
+  uint16_t h[ROWS][4 * (WB_MM_KG + 1)];
+};
 
 template <int QT>
 WB_DEVICE void matmul_mfma(const float* WB_RESTRICT x, const uint8_t* WB_RESTRICT W,
                            float* WB_RESTRICT y, int n, int rows, int cols, int row_bytes) {
-  // +1 word per row: lanes 0..15 read 16 rows at one k-group; a 72-byte stride puts them on
-  // distinct bank pairs (a 64-byte stride would put rows 0, 2, 4, ... on the same banks).
-  __shared__ uint64_t xs[WB_MM_TM][WB_MM_KG + 1];  // x tile, fp16, k-contiguous
-  __shared__ uint64_t ws[WB_MM_TN][WB_MM_KG + 1];  // dequantized W tile, fp16, k-contiguous
+  __shared__ wb_mm_tile16<WB_MM_TM> xs;  // x tile
+  __shared__ wb_mm_tile16<WB_MM_TN> ws;  // dequantized W tile
   const int t = threadIdx.x;
   const int lane = t % 64, wave = t / 64;  // wave64: WB_MM_THREADS / 64 = 4 waves
   const int j = lane % 16, g = lane / 16;  // operand row/column and k-group of this lane
@@ -121,27 +119,28 @@ WB_DEVICE void matmul_mfma(const float* WB_RESTRICT x, const uint8_t* WB_RESTRIC
   wb_f32x4 acc[2] = {zero, zero};  // acc[h][e] = y[m0 + 16 h + 4 g + e][r0 + 16 wave + j]
 
   for (int k0 = 0; k0 < cols; k0 += WB_MM_TK) {
-    // x tile: TM * KG = 256 words, one per thread; W tile: TN * KG = 512 words, two per thread.
-    for (int e = t; e < WB_MM_TM * WB_MM_KG; e += WB_MM_THREADS) {
-      const int m = e / WB_MM_KG, kg = e % WB_MM_KG;
-      const float* xr = x + (size_t)(m0 + m) * cols;
-      xs[m][kg] = m0 + m < n ? wb_mm_pack4([&](int k) { return xr[k]; }, k0 + 4 * kg, cols) : 0;
+    // As the scalar path: consecutive threads take consecutive k of a row (compact requests);
+    // x: TM * TK = 1024 values, 4 per thread; W: TN * TK = 2048 values, 8 per thread, each
+    // decoded once for the whole block.
+    for (int e = t; e < WB_MM_TM * WB_MM_TK; e += WB_MM_THREADS) {
+      const int m = e / WB_MM_TK, k = e % WB_MM_TK;
+      const bool in = m0 + m < n && k0 + k < cols;
+      xs.h[m][k] = in ? wb_float_to_half(x[(size_t)(m0 + m) * cols + k0 + k]) : (uint16_t)0;
     }
-    for (int e = t; e < WB_MM_TN * WB_MM_KG; e += WB_MM_THREADS) {
-      const int r = e / WB_MM_KG, kg = e % WB_MM_KG;
-      const uint8_t* wr = W + (size_t)(r0 + r) * row_bytes;
-      ws[r][kg] = r0 + r < rows
-                      ? wb_mm_pack4([&](int k) { return wb_row_value<QT>(wr, k); }, k0 + 4 * kg,
-                                    cols)
-                      : 0;
+    for (int e = t; e < WB_MM_TN * WB_MM_TK; e += WB_MM_THREADS) {
+      const int r = e / WB_MM_TK, k = e % WB_MM_TK;
+      const bool in = r0 + r < rows && k0 + k < cols;
+      ws.h[r][k] = in ? wb_float_to_half(wb_row_value<QT>(W + (size_t)(r0 + r) * row_bytes,
+                                                          k0 + k))
+                      : (uint16_t)0;
     }
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < WB_MM_KG; ks += 4) {  // k-slices of 16: this lane's group is ks + g
-      const wb_f16x4 b = wb_f16x4_from_bits(ws[16 * wave + j][ks + g]);
+      const wb_f16x4 b = wb_f16x4_from_bits(ws.w[16 * wave + j][ks + g]);
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        acc[h] = WB_MFMA_F32_16X16X16F16(wb_f16x4_from_bits(xs[16 * h + j][ks + g]), b, acc[h]);
+        acc[h] = WB_MFMA_F32_16X16X16F16(wb_f16x4_from_bits(xs.w[16 * h + j][ks + g]), b, acc[h]);
     }
     __syncthreads();  // the next step overwrites the tiles
   }
