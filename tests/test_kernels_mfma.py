@@ -10,6 +10,7 @@ are fresh random data each run (tests/conftest.py's seed; WORKBENCH_TEST_SEED=N 
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -18,13 +19,13 @@ from gguf import GGMLQuantizationType
 
 from tests.test_kernels_quant import _blocks, _dot_tolerance, _guard_intact, _poisoned
 from workbench.backends.device import DeviceBackend, DeviceWeight
-from workbench.errors import UserError
+from workbench.cli import main
+from workbench.errors import EXIT_CODES, UserError
 from workbench.gguf.quants import block_layout
 from workbench.kernels import quant_kernels as qk
 from workbench.kernels import toolchain
 from workbench.kernels.emulator import EmulatorModule, KernelError
 from workbench.kernels.registry import kernels_dir
-from workbench.kernels.sanitize import sanitize_registered
 
 Q = GGMLQuantizationType
 pytestmark = pytest.mark.tool("c++")
@@ -172,14 +173,22 @@ def test_device_backend_prefill_on_emulated_matrix_cores(rng: np.random.Generato
 
 
 @pytest.mark.tool("clang")
-def test_matmul_mfma_is_clean_under_the_sanitizers(emu_cache: str) -> None:
-    """memcheck, racecheck, initcheck and synccheck find nothing in the MFMA body (emulated as
-    gfx90a at warp 64): the tiles' stores and reads are separated by the two barriers."""
+def test_matmul_mfma_is_clean_under_the_sanitizers(capsys: pytest.CaptureFixture[str]) -> None:
+    """`workbench kernels sanitize --arch gfx90a`: memcheck, racecheck, initcheck and synccheck
+    find nothing in the MFMA body (warp 64, the arch's default): the tiles' stores and reads are
+    separated by the two barriers."""
     names = ["matmul_q4_0", "matmul_q6_k", "matmul_f32"]
-    reports = sanitize_registered(names, warps=(64,), cache_dir=emu_cache, arch="gfx90a")
-    assert [r.kernel for r in reports] == ["matmul<WB_Q4_0>", "matmul<WB_Q6_K>", "matmul<WB_F32>"]
-    for r in reports:
-        assert not r.findings, f"{r.kernel}: {r.findings}"
+    assert main(["kernels", "sanitize", *names, "--arch", "gfx90a", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["clean"] is True and obj["arch"] == "gfx90a" and obj["warps"] == [64]
+    assert [(r["kernel"], r["warp_size"], r["error"]) for r in obj["runs"]] == [
+        (n, 64, None) for n in names
+    ]
+
+
+def test_sanitize_refuses_warp_32_on_a_matrix_core_arch(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["kernels", "sanitize", "matmul_q8_0", "--arch", "gfx90a", "--warp", "32"])
+    assert code == EXIT_CODES["user"] and "runs waves of 64" in capsys.readouterr().err
 
 
 @pytest.mark.tool("hipcc")
