@@ -10,8 +10,10 @@ are fresh random data each run (tests/conftest.py's seed; WORKBENCH_TEST_SEED=N 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from gguf import GGMLQuantizationType
 from tests.test_kernels_quant import _blocks, _dot_tolerance, _guard_intact, _poisoned
 from workbench.backends.device import DeviceBackend, DeviceWeight
 from workbench.cli import main
+from workbench.engine.generate import Engine, GenerationConfig
 from workbench.errors import EXIT_CODES, UserError
 from workbench.gguf.quants import block_layout
 from workbench.kernels import quant_kernels as qk
@@ -201,3 +204,31 @@ def test_matmul_isa_uses_mfma_on_cdna(arch: str) -> None:
 @pytest.mark.tool("hipcc")
 def test_matmul_isa_keeps_the_scalar_path_without_matrix_cores() -> None:
     assert "v_mfma" not in toolchain.asm("matmul_q4_k", "gfx1030")
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+
+def test_engine_on_emulated_matrix_cores_keeps_the_numpy_greedy_tokens(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device backend emulating gfx90a (prefill through the MFMA body, fp16 inputs) generates
+    the NumPy backend's greedy tokens, and its prefill logits stay within KL 0.01."""
+    import workbench.backends.device as device
+
+    cfg = GenerationConfig(max_tokens=8, temperature=0)
+    monkeypatch.setattr(device, "DeviceBackend", functools.partial(DeviceBackend, arch="gfx90a"))
+    for kind in ("Q4_1", "F16"):
+        ref = Engine(tiny_models[kind], backend="numpy")
+        dev = Engine(tiny_models[kind], backend="emulator")
+        assert dev.backend.mfma
+        prompt = "the cat sat on the mat and"
+        a, b = ref.generate(prompt, cfg).run(), dev.generate(prompt, cfg).run()
+        assert a.token_ids == b.token_ids, kind
+        tokens = np.arange(3, 40, 3)
+        la = ref.transformer.forward(tokens, ref.transformer.new_cache(), all_logits=True)
+        lb = dev.transformer.forward(tokens, dev.transformer.new_cache(), all_logits=True)
+        for x, y in zip(la, lb, strict=True):
+            lx = x.astype(np.float64) - np.logaddexp.reduce(x.astype(np.float64))
+            ly = y.astype(np.float64) - np.logaddexp.reduce(y.astype(np.float64))
+            assert float(np.sum(np.exp(lx) * (lx - ly))) < 0.01, kind
