@@ -232,3 +232,23 @@ def test_engine_on_emulated_matrix_cores_keeps_the_numpy_greedy_tokens(
             lx = x.astype(np.float64) - np.logaddexp.reduce(x.astype(np.float64))
             ly = y.astype(np.float64) - np.logaddexp.reduce(y.astype(np.float64))
             assert float(np.sum(np.exp(lx) * (lx - ly))) < 0.01, kind
+
+
+def test_device_arch_names_the_target_without_feature_flags() -> None:
+    """What DeviceBackend("cupy") decides `mfma` from: gcnArchName without ``:sramecc+`` etc. on
+    ROCm, ``sm_<cc>`` on CUDA (a stand-in for CuPy's runtime API)."""
+    from types import SimpleNamespace
+
+    from workbench.kernels.cupy_target import device_arch
+
+    def fake(is_hip: bool, name: object) -> SimpleNamespace:
+        runtime = SimpleNamespace(
+            is_hip=is_hip, getDeviceProperties=lambda i: {"gcnArchName": name}
+        )
+        device = SimpleNamespace(id=0, compute_capability="90")
+        return SimpleNamespace(cuda=SimpleNamespace(runtime=runtime, Device=lambda: device))
+
+    assert device_arch(fake(True, b"gfx90a:sramecc+:xnack-")) == "gfx90a"
+    assert device_arch(fake(True, "gfx942")) == "gfx942" and qk.has_mfma("gfx942")
+    assert device_arch(fake(False, "")) == "sm_90" and not qk.has_mfma("sm_90")
+    assert not qk.has_mfma("gfx1030") and not qk.has_mfma(None)
