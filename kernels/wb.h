@@ -41,6 +41,13 @@
 //                                  __dp4a on sm_61+, the emulator's exact model of the AMD
 //                                  builtin, and an exact scalar form elsewhere; WB_HAS_DOT4 says
 //                                  whether it is one instruction
+//   WB_HAS_MFMA, wb_f16x4, wb_f32x4, wb_f16x4_from_bits(uint64_t), WB_MFMA_F32_16X16X16F16(a, b, c)
+//                                  AMD matrix cores (CDNA: gfx908, gfx90a, gfx94x, gfx950; the
+//                                  emulator when it emulates one of them): one wave's
+//                                  v_mfma_f32_16x16x16f16, D (16x16 fp32) = A B + C with A and B
+//                                  16x16 fp16, four values of each per lane (layout in
+//                                  emulator/wb_emu_mfma.h); WB_HAS_MFMA is 0 and the rest absent
+//                                  elsewhere
 #ifndef WB_H
 #define WB_H
 
@@ -250,6 +257,31 @@ WB_DEVICE int wb_dot4_i8_scalar(int a, int b, int c) {
   for (int k = 0; k < 32; k += 8) s += (uint32_t)((int)(int8_t)(a >> k) * (int)(int8_t)(b >> k));
   return (int)s;
 }
+
+// --- matrix fused multiply-add (AMD matrix cores) ---------------------------------------------
+// The targets with v_mfma_f32_16x16x16f16 (LLVM's mai-insts feature: CDNA1-3). hipcc and hiprtc
+// define the __gfx*__ macro of the target they compile for; the emulator defines it when asked to
+// emulate that target (EmulatorModule(arch="gfx90a")), so the same branch is the one emulated.
+#if (defined(WB_HIP) || defined(WB_EMULATOR)) &&                                         \
+    (defined(__gfx908__) || defined(__gfx90a__) || defined(__gfx940__) ||                \
+     defined(__gfx941__) || defined(__gfx942__) || defined(__gfx950__))
+#define WB_HAS_MFMA 1
+#if defined(WB_EMULATOR)
+typedef uint16_t wb_f16x4 __attribute__((vector_size(8)));  // four fp16 bit patterns
+typedef float wb_f32x4 __attribute__((vector_size(16)));
+#else
+typedef _Float16 wb_f16x4 __attribute__((ext_vector_type(4)));
+typedef float wb_f32x4 __attribute__((ext_vector_type(4)));
+#endif
+// Four fp16 bit patterns, element 0 in the low 16 bits (as a little-endian load of four halves).
+WB_DEVICE wb_f16x4 wb_f16x4_from_bits(uint64_t bits) {
+  return __builtin_bit_cast(wb_f16x4, bits);
+}
+#define WB_MFMA_F32_16X16X16F16(a, b, c) \
+  __builtin_amdgcn_mfma_f32_16x16x16f16((a), (b), (c), 0, 0, 0)
+#else
+#define WB_HAS_MFMA 0
+#endif
 
 // --- fp16 / bf16 <-> fp32 with integer operations only -----------------------------------------
 // The same bits on every compiler; no __half, no hip_fp16.h.

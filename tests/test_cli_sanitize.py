@@ -46,8 +46,8 @@ def test_sanitize_prints_one_row_per_finding_and_exits_1(monkeypatch, capsys):
     ]
     seen = {}
 
-    def fake(names, *, tools, warps, seed, progress):
-        seen.update(names=names, tools=tools, warps=warps, seed=seed)
+    def fake(names, *, tools, warps, seed, progress, arch):
+        seen.update(names=names, tools=tools, warps=warps, seed=seed, arch=arch)
         progress(0, 1, "argmax (warp 64)")
         progress(1, 1, "done")
         return runs
@@ -58,7 +58,13 @@ def test_sanitize_prints_one_row_per_finding_and_exits_1(monkeypatch, capsys):
     )
     assert rc == 1
     out = capsys.readouterr()
-    assert seen == {"names": ["argmax"], "tools": ("racecheck",), "warps": (64,), "seed": 5}
+    assert seen == {
+        "names": ["argmax"],
+        "tools": ("racecheck",),
+        "warps": (64,),
+        "seed": 5,
+        "arch": None,
+    }
     lines = out.out.splitlines()
     assert "0 of 2 runs clean" in lines[0]
     assert lines[1].split()[:5] == ["kernel", "warp", "tool", "kind", "where"]
@@ -134,7 +140,7 @@ def test_a_stopped_launch_is_a_row_and_the_sweep_goes_on(monkeypatch):
         thread=(0, 0, 0), message="writes far outside every buffer",
     )  # fmt: skip
 
-    def fake(names, tools, warps, *, seed, progress=None):
+    def fake(names, tools, warps, *, seed, progress=None, arch=None):
         out = []
         for name in names:
             if progress is not None:

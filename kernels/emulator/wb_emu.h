@@ -745,4 +745,7 @@ inline unsigned dp4a(unsigned a, unsigned b, unsigned c) { return udot4(a, b, c,
 #define __builtin_amdgcn_udot4(a, b, c, clamp) ::wb_emu::udot4((a), (b), (c), (clamp))
 #define __dp4a(a, b, c) ::wb_emu::dp4a((a), (b), (c))
 
+// Matrix fused multiply-add (MFMA) builtins, with the lane layouts of AMD's documentation.
+#include "wb_emu_mfma.h"
+
 #endif  // WB_EMU_H

@@ -42,7 +42,9 @@ class DeviceWeight:
 class DeviceBackend:
     """``progress`` is called before each module is built; every module is built here, at
     start, so compile errors (and the compile retry) happen now, never inside a forward pass.
-    ``kv_dtype`` is the KV cache's element type (`KV_DTYPES`)."""
+    ``kv_dtype`` is the KV cache's element type (`KV_DTYPES`). ``arch`` (emulator only, e.g.
+    ``"gfx90a"``) emulates that GPU's branches of the kernels; on "cupy" it is the device's own.
+    ``mfma`` says whether prefill's matmul runs on FP16 matrix cores (the arch has them)."""
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class DeviceBackend:
         warp_size: int = 64,
         kv_dtype: str = "float16",
         progress: CompileProgress | None = None,
+        arch: str | None = None,
     ) -> None:
         if target not in TARGETS:
             raise UserError("user.bad_target", f"target must be one of {TARGETS}, not {target!r}")
@@ -62,17 +65,25 @@ class DeviceBackend:
         self.name = target
         self.threads = 1
         if target == "cupy":
-            from workbench.kernels.cupy_target import import_cupy
+            from workbench.kernels.cupy_target import device_arch, import_cupy
             from workbench.kernels.cupy_target import warp_size as device_warp_size
 
             cupy = import_cupy()
             self.xp = cupy
             self.warp_size = device_warp_size(cupy)
+            self.arch: str | None = device_arch(cupy)  # hiprtc compiles for it: MFMA if it has
             self._quant = qk.cupy_loader()
         else:
+            if qk.has_mfma(arch) and warp_size != 64:
+                raise UserError(
+                    "user.bad_option",
+                    f"{arch} runs waves of 64 (its MFMA needs them), not {warp_size}",
+                )
             self.xp = np
             self.warp_size = warp_size
-            self._quant = qk.emulator_loader(warp_size)
+            self.arch = arch
+            self._quant = qk.emulator_loader(warp_size, arch=arch)
+        self.mfma = qk.has_mfma(self.arch)
         jobs: list[tuple[str, Callable[[], Any]]] = [
             (src, functools.partial(self._load_ops, src)) for src in ops.SOURCES
         ]
@@ -131,7 +142,8 @@ class DeviceBackend:
         return qk.launch_get_rows(self._quant, w.qtype, ids, w.data, out)
 
     def linear(self, w: DeviceWeight, x: Any) -> Any:
-        """x (n, cols) -> (n, rows) = x @ W.T: matvec (decode) or tiled matmul (prefill)."""
+        """x (n, cols) -> (n, rows) = x @ W.T: matvec (decode) or tiled matmul (prefill; on
+        matrix cores where ``self.mfma``: the kernel's MFMA body is compiled for such an arch)."""
         xp = self.xp
         n, rows = x.shape[0], w.shape[0]
         x = xp.ascontiguousarray(x)

@@ -51,7 +51,14 @@ def register(actions: argparse._SubParsersAction) -> None:
         help=f"comma-separated tools (default: all of {','.join(TOOLS)})",
     )
     p.add_argument(
-        "--warp", type=_warps, default=(32, 64), help="comma-separated warp widths (default 32,64)"
+        "--warp",
+        type=_warps,
+        help="comma-separated warp widths (default 32,64; 64 with a matrix-core --arch)",
+    )
+    p.add_argument(
+        "--arch",
+        help="emulate this AMD target's own code paths, e.g. gfx90a: the prefill matmul's MFMA "
+        "body (matrix-core targets run waves of 64 only); default: none",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -135,13 +142,21 @@ def _progress_bar() -> tuple[Any, Any]:
 
 def _sanitize(args: argparse.Namespace) -> int:
     from workbench.engine.kernel_sanitize import sanitize_kernels
+    from workbench.kernels.quant_kernels import has_mfma
     from workbench.kernels.registry import kernels_dir
     from workbench.kernels.sanitize_report import FINDING_COLUMNS, findings_rows, text_table
 
+    if args.warp is None:
+        args.warp = (64,) if has_mfma(args.arch) else (32, 64)
     update, close = _progress_bar()
     try:
         runs = sanitize_kernels(
-            args.names, tools=args.tools, warps=args.warp, seed=args.seed, progress=update
+            args.names,
+            tools=args.tools,
+            warps=args.warp,
+            seed=args.seed,
+            progress=update,
+            arch=args.arch,
         )
     finally:
         close()
@@ -152,6 +167,7 @@ def _sanitize(args: argparse.Namespace) -> int:
             "tools": list(args.tools),
             "warps": list(args.warp),
             "seed": args.seed,
+            "arch": args.arch,
             "runs": [r.to_dict() for r in runs],
             "findings": rows,
             "clean": not rows,

@@ -104,18 +104,25 @@ def sanitize_kernels(
     warps: Sequence[int] = WARPS,
     seed: int = 0,
     progress: Progress | None = None,
+    arch: str | None = None,
 ) -> list[SanitizeRun]:
     """Run each named registry kernel (default: all) on its sanitizer example under ``tools``
     at each warp width (`workbench.kernels.sanitize.sanitize_registered`: small inputs that
     reach the kernels' edges); one `SanitizeRun` per kernel and width, widths outer. A launch
     the emulator stops (a write far outside every buffer, say) is a run with ``error`` set,
-    carrying the findings made until then, and the sweep goes on."""
+    carrying the findings made until then, and the sweep goes on. ``arch`` (e.g. ``"gfx90a"``)
+    emulates that target's code paths; a matrix-core target runs at warp 64 only."""
+    from workbench.kernels.quant_kernels import has_mfma
     from workbench.kernels.sanitize import sanitize_registered
 
     tools = check_tools(tools)
     if not tools:
         raise UserError("user.bad_option", f"name at least one tool ({', '.join(TOOLS)})")
     warps = _check_warps(warps)
+    if has_mfma(arch) and 32 in warps:
+        raise UserError(
+            "user.bad_option", f"{arch} runs waves of 64 (its matrix-core instructions need them)"
+        )
     specs = [get_kernel(n) for n in names] if names else list(all_kernels().values())
     total = len(specs) * len(warps)
     runs: list[SanitizeRun] = []
@@ -132,7 +139,7 @@ def sanitize_kernels(
         # width's kernels run one at a time, and the stopped one becomes a row of its own.
         try:
             reports = sanitize_registered(
-                [s.name for s in specs], tools, [warp], seed=seed, progress=step
+                [s.name for s in specs], tools, [warp], seed=seed, progress=step, arch=arch
             )
             runs += [SanitizeRun(s.name, warp, r) for s, r in zip(specs, reports)]
             continue
@@ -143,7 +150,7 @@ def sanitize_kernels(
         for spec in specs:
             step(spec.name, warp)
             try:
-                (report,) = sanitize_registered([spec.name], tools, [warp], seed=seed)
+                (report,) = sanitize_registered([spec.name], tools, [warp], seed=seed, arch=arch)
                 runs.append(SanitizeRun(spec.name, warp, report))
             except WorkbenchError as e:  # the findings so far travel with a stopped launch
                 if not e.code.startswith("kernel."):

@@ -228,6 +228,18 @@ def warp_size(cupy: Any) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["warpSize"])
 
 
+def device_arch(cupy: Any) -> str:
+    """The current device's architecture as the compilers name it: ``gfx90a`` (gcnArchName
+    without its feature flags such as ``:sramecc+:xnack-``) on ROCm, ``sm_90`` on CUDA."""
+    runtime = cupy.cuda.runtime
+    arch = runtime.getDeviceProperties(cupy.cuda.Device().id).get("gcnArchName") or ""
+    if isinstance(arch, bytes):
+        arch = arch.decode()
+    if runtime.is_hip and arch:
+        return arch.split(":", 1)[0]
+    return f"sm_{cupy.cuda.Device().compute_capability}"
+
+
 def _build(cupy: Any, req: CompileRequest, cache_dir: Path | None) -> CupyModule:
     compiler = _compiler_api(cupy)
     if compiler is None:  # this CuPy lacks what our disk cache needs: CuPy compiles and caches

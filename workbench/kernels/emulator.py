@@ -270,6 +270,11 @@ class EmulatorModule:
     ``kernel.last_report``. ``schedule="random"`` runs a block's ready threads in an order drawn
     from ``seed`` instead of round-robin.
 
+    ``arch`` (an AMD target such as ``"gfx90a"``) compiles the source as hipcc does for that
+    target as far as the preprocessor goes: ``__gfx90a__`` is defined, so its architecture-specific
+    branches (wb.h's ``WB_HAS_MFMA``: the matrix-core builtins, which need ``warp_size=64``) are
+    the ones emulated. ``None`` (the default) emulates no particular architecture.
+
     Attributes: ``fiber`` (the implementation in use), ``fiber_note`` (why auto fell back),
     ``so_path`` (the compiled module), ``cache_hit`` (True when it came from the cache),
     ``kernel_names``.
@@ -293,6 +298,7 @@ class EmulatorModule:
         target: str = DEFAULT_TARGET,
         schedule: str = "fixed",
         seed: int | None = None,
+        arch: str | None = None,
     ) -> None:
         if (code is None) == (path is None):
             raise UserError("kernel.bad_source", "give exactly one of code= and path=")
@@ -321,6 +327,14 @@ class EmulatorModule:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
         defines, includes = _parse_options(options)
+        if arch is not None:
+            if not re.fullmatch(r"gfx[0-9a-f]{3,4}", arch):
+                raise UserError(
+                    "user.bad_target",
+                    f"arch must be an AMD target such as 'gfx90a' or 'gfx942', not {arch!r}",
+                )
+            defines.append(f"-D__{arch}__=1")  # what hipcc predefines for the target
+        self.arch = arch
         tc = _toolchain(compiler)
         self._runtime = _runtime(tc, fiber, self.cache_dir)
         self.fiber = self._runtime.fiber
@@ -378,6 +392,7 @@ class EmulatorModule:
             proc.stdout,
             (emu / "wb_emu.h").read_bytes(),
             (emu / "wb_emu_abi.h").read_bytes(),
+            (emu / "wb_emu_mfma.h").read_bytes(),
         )
         self.so_path = self.cache_dir / f"module-{digest[:32]}.so"
         self.cache_hit = self.so_path.exists()
@@ -440,7 +455,7 @@ class EmulatorModule:
     def __repr__(self) -> str:
         return (
             f"EmulatorModule({self.source.name}, kernels={list(self.kernel_names)}, "
-            f"warp_size={self.warp_size}, fiber={self.fiber!r})"
+            f"warp_size={self.warp_size}, fiber={self.fiber!r}, arch={self.arch!r})"
         )
 
 

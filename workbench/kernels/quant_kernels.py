@@ -12,7 +12,8 @@ matvec     ``matvec<WB_Q4_1>``               raw (rows, row_bytes), x (cols,) ->
                                              quantized types first quantize x to Q8_1
                                              (``quantize_q8_1``, in matvec.hip) and dot
                                              integer codes
-matmul     ``matmul<WB_Q4_1>``               x (n, cols), raw W (rows, row_bytes) -> (n, rows)
+matmul     ``matmul<WB_Q4_1>``               x (n, cols), raw W (rows, row_bytes) -> (n, rows);
+                                             FP16 matrix cores (MFMA) on `MFMA_ARCHS`
 =========  ================================  ====================================================
 
 Registry names are ``<operation>_<type>``, e.g. ``matvec_q4_1``. dequant and get_rows are
@@ -20,6 +21,7 @@ bit-identical to ``gguf.quants.dequantize``; matvec and matmul accumulate in flo
 sources for the order) and their references are float64. The quantized types' matvec computes
 W @ x8, x8 being x rounded to Q8_1 (`quantize_q8_1_reference`, bit-identical to the kernel), so its
 reference is `matvec_q8_reference`; `matvec_reference` (float x) is the model's exact product.
+On `MFMA_ARCHS` matmul rounds x and W to fp16 (fp32 accumulation): `matmul_fp16_reference`.
 
 The launch wrappers (`launch_dequant`, ...) work with NumPy arrays and an `EmulatorModule` as well
 as with CuPy arrays and a ``cupy.RawModule``: both take ``kernel(grid, block, args,
@@ -50,11 +52,13 @@ __all__ = [
     "cupy_loader",
     "emulator_loader",
     "gguf_defines",
+    "has_mfma",
     "kernel_name",
     "launch_dequant",
     "launch_get_rows",
     "launch_matmul",
     "launch_matvec",
+    "matmul_fp16_reference",
     "matvec_q8_reference",
     "module_args",
     "quantize_q8_1_reference",
@@ -70,6 +74,8 @@ MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 256, 16  # matvec.hip's WB_MV_THREADS, W
 Q8_1_QK = 32  # elements per Q8_1 block (quant.h's WB_Q8_1_QK)
 QUANTIZE_THREADS = 256  # quantize_q8_1: 8 lanes per Q8_1 block
 MM_TM, MM_TN, MM_THREADS = 32, 64, 256  # matmul.hip's WB_MM_TM, WB_MM_TN, WB_MM_THREADS
+# The AMD targets whose matmul runs on matrix cores (wb.h's WB_HAS_MFMA: LLVM's mai-insts).
+MFMA_ARCHS = ("gfx908", "gfx90a", "gfx940", "gfx941", "gfx942", "gfx950")
 
 # A module: ``get_function(name)`` returns a kernel callable as ``(grid, block, args,
 # shared_mem=0)``. A loader builds (and caches) a module from (path, options, name expressions).
@@ -107,8 +113,17 @@ def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     return str(kernels_dir() / SOURCES[op]), options, names
 
 
-def emulator_loader(warp_size: int, cache_dir: str | Path | None = None) -> ModuleLoader:
-    """A caching loader of `EmulatorModule`s running warps of ``warp_size`` (32 or 64)."""
+def has_mfma(arch: str | None) -> bool:
+    """True when ``arch`` (``gfx90a``, or None for none) runs matmul on FP16 matrix cores."""
+    return arch in MFMA_ARCHS
+
+
+def emulator_loader(
+    warp_size: int, cache_dir: str | Path | None = None, arch: str | None = None
+) -> ModuleLoader:
+    """A caching loader of `EmulatorModule`s running warps of ``warp_size`` (32 or 64).
+    ``arch`` (e.g. ``"gfx90a"``) emulates that target's branches: matmul's MFMA path, which
+    needs ``warp_size=64``."""
     from workbench.kernels.emulator import EmulatorModule
 
     @functools.cache
@@ -119,6 +134,7 @@ def emulator_loader(warp_size: int, cache_dir: str | Path | None = None) -> Modu
             name_expressions=names,
             warp_size=warp_size,
             cache_dir=cache_dir,
+            arch=arch,
         )
 
     return load
@@ -230,6 +246,15 @@ def matvec_q8_reference(raw: np.ndarray, x: np.ndarray, qtype: GGMLQuantizationT
 def matmul_reference(x: np.ndarray, raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """x (n, cols), raw (rows, row_bytes) -> x @ W.T (n, rows) in float64."""
     return x.astype(np.float64) @ dequant_reference(raw, qtype).astype(np.float64).T
+
+
+def matmul_fp16_reference(
+    x: np.ndarray, raw: np.ndarray, qtype: GGMLQuantizationType
+) -> np.ndarray:
+    """What the MFMA path computes, up to fp32 accumulation: x and the dequantized W rounded to
+    fp16, their product in float64 (n, rows)."""
+    w16 = dequant_reference(raw, qtype).astype(np.float16).astype(np.float64)
+    return x.astype(np.float16).astype(np.float64) @ w16.T
 
 
 # --- cost models (global memory traffic at its minimum; FLOPs of the arithmetic) ----------------

@@ -44,9 +44,11 @@ def sanitize_registered(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: Callable[[str, int], None] | None = None,
+    arch: str | None = None,
 ) -> list[KernelReport]:
     """One `KernelReport` per (kernel, warp size) for the registered kernels ``names`` (all when
-    empty), in registry order. ``progress(name, warp)`` is called before each run."""
+    empty), in registry order. ``progress(name, warp)`` is called before each run. ``arch``
+    (e.g. ``"gfx90a"``) emulates that GPU's branches (matmul's MFMA body: warp 64 only)."""
     tools = check_tools(tools)
     registry = all_kernels()
     unknown = [n for n in names if n not in registry]
@@ -58,7 +60,7 @@ def sanitize_registered(
     specs = [registry[n] for n in names] if names else list(registry.values())
     loader = functools.cache(
         lambda path, options, exprs, warp: _module(
-            path, options, exprs, warp, tools, counters, target, cache_dir
+            path, options, exprs, warp, tools, counters, target, cache_dir, arch
         )
     )
     reports: list[KernelReport] = []
@@ -79,6 +81,7 @@ def _module(
     counters: bool,
     target: str,
     cache_dir: str | Path | None,
+    arch: str | None = None,
 ) -> Any:
     from workbench.kernels.emulator import EmulatorModule
 
@@ -91,6 +94,7 @@ def _module(
         counters=counters,
         target=target,
         cache_dir=cache_dir,
+        arch=arch,
     )
 
 
