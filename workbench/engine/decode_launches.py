@@ -285,7 +285,7 @@ def record_decode(
     position: int,
     target: str,
     warp_size: int,
-    resources_arch: str | None = "gfx90a",
+    resources_arch: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """One decode token at ``position`` (tokens already in the cache) through the device backend

@@ -337,12 +337,15 @@ def _mib(n: float) -> str:
 
 
 def _each(values: tuple[int | None, ...], missing: str) -> str:
+    """One figure per kernel of a role ("16 + 52"); one ``missing`` when none is known."""
+    if all(v is None for v in values):
+        return missing
     return " + ".join(missing if v is None else str(v) for v in values)
 
 
 def table_rows(report: DecodeReport) -> list[dict[str, str]]:
     """The table's cells, one dict per role and a last one of totals."""
-    missing = "n/a" if report.resources_note else "?"
+    missing = "n/a" if report.resources_arch is None or report.resources_note else "?"
     rows = []
     for r in report.rows:
         rows.append({
@@ -373,9 +376,11 @@ def summary_lines(report: DecodeReport) -> list[str]:
     """What the table is of, how it was measured, and the totals in words."""
     r = report
     per_layer = ", ".join(f"{k}: {v}" for k, v in r.launches_per_layer.items())
-    res = f"VGPRs and occupancy (waves/SIMD): hipcc's resource report for {r.resources_arch}"
-    if r.resources_note:
-        res += f" ({r.resources_note})"
+    if r.resources_arch is None:
+        res = "VGPRs and occupancy: not asked for (--no-resources)"
+    else:
+        res = f"VGPRs and occupancy (waves/SIMD): hipcc's resource report for {r.resources_arch}"
+        res += f" ({r.resources_note})" if r.resources_note else ""
     return [
         f"{r.model}: one decode token at position {r.position} ({r.kv_dtype} KV cache), kernels "
         f"of the {r.source}; memory counted for {r.target} ({r.product}, warp {r.warp_size})",
