@@ -97,7 +97,7 @@ def test_markdown_has_a_row_per_role_and_the_totals(record):
     body = lines[header + 2 :]
     assert len(body) == len(report.rows) + 1
     assert body[-1].startswith("| **total per token** |")
-    assert any(line.startswith("| linear attn_q (x2) | quantize_q8_1 + matvec<WB_Q4_1> |")
+    assert any(line.startswith("| linear attn_q (x2) | `quantize_q8_1` + `matvec<WB_Q4_1>` |")
                for line in body)  # fmt: skip
     assert "- method: " in text and "time floor per token on AMD Instinct MI300X" in text
 

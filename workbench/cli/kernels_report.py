@@ -66,6 +66,11 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-resources", action="store_true", help="skip hipcc's VGPR and occupancy report"
     )
+    p.add_argument(
+        "--every-layer",
+        action="store_true",
+        help="run every layer, not one of each kind (slower; checks that the scaling holds)",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON object")
     out.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -97,6 +102,7 @@ def _report(args: argparse.Namespace) -> int:
             warp_size=args.warp,
             position=args.position,
             resources=not args.no_resources,
+            every_layer=args.every_layer,
             rev=args.rev,
             kernels=args.kernels_dir,
             progress=progress,

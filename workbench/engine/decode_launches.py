@@ -286,11 +286,13 @@ def record_decode(
     target: str,
     warp_size: int,
     resources_arch: str | None = None,
+    every_layer: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """One decode token at ``position`` (tokens already in the cache) through the device backend
     on the emulator, counted for GPU ``target`` with warps of ``warp_size``; see the module doc.
-    ``resources_arch``: the target of the offline compiler's resource report (None: none)."""
+    ``resources_arch``: the target of the offline compiler's resource report (None: none).
+    ``every_layer`` runs every layer instead of one per kind (slower; it checks the method)."""
     from workbench.backends.device import DeviceBackend
     from workbench.engine.model import Transformer
     from workbench.errors import UserError
@@ -305,7 +307,11 @@ def record_decode(
             "user.bad_argument",
             f"position {position} is outside the model's context of {spec.context_length}",
         )
-    kinds = layer_kinds(model.tensors, spec.n_layers)
+    kinds = (
+        [(i, 1) for i in range(spec.n_layers)]
+        if every_layer
+        else layer_kinds(model.tensors, spec.n_layers)
+    )
     recorder = _Recorder(progress)
 
     def built(done: int, total: int, source: str) -> None:

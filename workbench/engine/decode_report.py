@@ -39,6 +39,7 @@ METHOD = (
     "counters from one decode step on the CPU emulator (greedy pick included), the model reduced "
     "to one layer of each kind; a layer's rows are its counters times the layers of its kind"
 )
+METHOD_EVERY_LAYER = "counters from one decode step on the CPU emulator (greedy pick included)"
 IDEAL = (
     "ideal: each operation's inputs read once and outputs written once (weights, the KV "
     "positions attended, activations)"
@@ -302,13 +303,15 @@ def decode_report(
     warp_size: int | None = None,
     position: int = DEFAULT_POSITION,
     resources: bool = True,
+    every_layer: bool = False,
     rev: str | None = None,
     kernels: str | Path | None = None,
     progress: Progress | None = None,
 ) -> DecodeReport:
     """The `DecodeReport` of one decode token of the model at ``model_path``, counted for GPU
     ``target``. ``rev`` (a git revision) or ``kernels`` (a kernels directory) report other
-    kernels than the running package's (see `exported_tree`)."""
+    kernels than the running package's (see `exported_tree`). ``every_layer`` records every
+    layer rather than one of each kind (`record_decode`)."""
     tspec = target_spec(target)
     params = {
         "model_path": str(model_path),
@@ -316,6 +319,7 @@ def decode_report(
         "target": tspec.name,
         "warp_size": int(warp_size or tspec.warp_size),
         "resources_arch": RESOURCES_ARCH if resources else None,
+        "every_layer": bool(every_layer),
     }
     if rev is None and kernels is None:
         return build_report(record_decode(progress=progress, **params))
@@ -375,7 +379,13 @@ def table_rows(report: DecodeReport) -> list[dict[str, str]]:
 def summary_lines(report: DecodeReport) -> list[str]:
     """What the table is of, how it was measured, and the totals in words."""
     r = report
-    per_layer = ", ".join(f"{k}: {v}" for k, v in r.launches_per_layer.items())
+    counts = set(r.launches_per_layer.values())
+    if len(counts) == 1 and len(r.launches_per_layer) > 1:
+        per_layer = f"{counts.pop()} in each of {len(r.launches_per_layer)} layers"
+    else:
+        per_layer = ", ".join(f"{k}: {v}" for k, v in r.launches_per_layer.items())
+    method = METHOD if r.layer_kinds < r.n_layers else METHOD_EVERY_LAYER
+    r_layers = f"{r.n_layers} layers, {r.layer_kinds} of them run"
     if r.resources_arch is None:
         res = "VGPRs and occupancy: not asked for (--no-resources)"
     else:
@@ -384,7 +394,7 @@ def summary_lines(report: DecodeReport) -> list[str]:
     return [
         f"{r.model}: one decode token at position {r.position} ({r.kv_dtype} KV cache), kernels "
         f"of the {r.source}; memory counted for {r.target} ({r.product}, warp {r.warp_size})",
-        f"method: {METHOD}; {r.n_layers} layers in {r.layer_kinds} kind(s)",
+        f"method: {method}; {r_layers}",
         IDEAL,
         f"launches per layer: {per_layer}",
         res,
@@ -401,7 +411,9 @@ def markdown(report: DecodeReport) -> str:
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "|".join("---:" if c in right else "---" for c in COLUMNS) + "|")
     for row in rows:
-        cells = [row[c].replace("|", "\\|") for c in COLUMNS]
+        # kernel names as code: a name expression's <WB_Q4_1> would read as an HTML tag
+        kernels = " + ".join(f"`{k}`" for k in row["kernels"].split(" + ") if k)
+        cells = [(kernels if c == "kernels" else row[c]).replace("|", "\\|") for c in COLUMNS]
         if row["role"] == "total per token":
             cells = [f"**{c}**" if c else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
