@@ -337,6 +337,9 @@ COLUMNS = ("role", "kernels", "launches", "moved", "ideal", "moved/ideal", "effi
 
 
 def _mib(n: float) -> str:
+    """Bytes in the binary unit that keeps 1-4 digits before the point."""
+    if n >= 2**30:
+        return f"{n / 2**30:.3f} GiB"
     return f"{n / 2**20:.3f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
