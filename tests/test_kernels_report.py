@@ -158,3 +158,21 @@ def test_kernels_dir_must_look_like_kernels(tmp_path):
         decode_report.exported_tree(kernels=tmp_path),
     ):
         pass
+
+
+@pytest.mark.tool("clang")
+def test_a_kernels_dir_runs_in_its_own_process_with_the_same_counters(tiny_models, record):
+    # the path --rev and --kernels-dir take: a copied tree, a separate Python process
+    from workbench.kernels.registry import kernels_dir
+
+    steps: list[str] = []
+    other = decode_report.decode_report(
+        tiny_models["Q4_1"], position=POSITION, resources=False, kernels=kernels_dir(),
+        progress=lambda phase, *_: steps.append(phase),
+    )  # fmt: skip
+    here = decode_report.build_report(record)
+    assert other.source == f"kernels from {kernels_dir()}"
+    assert [(r.role, r.kernels, r.launches, r.bytes_moved, r.ideal_bytes) for r in other.rows] == [
+        (r.role, r.kernels, r.launches, r.bytes_moved, r.ideal_bytes) for r in here.rows
+    ]
+    assert "build" in steps and "decode" in steps  # the child's progress reached us
