@@ -33,7 +33,7 @@ Print the machine code of one kernel for one target: AMD assembly with its kerne
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "kernels",
-        help="list, check, disassemble, sanitize and profile the HIP kernels",
+        help="list, check, disassemble, sanitize, profile and report the HIP kernels",
         description="The kernel library: the registry, offline resource reports for AMD and "
         "NVIDIA targets, per-kernel ISA, and the CPU emulator's sanitizers and memory counters.",
     )
@@ -81,9 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default="gfx90a", help="target (default gfx90a)")
     p.set_defaults(func=_asm)
 
-    from workbench.cli import kernels_instrument
+    from workbench.cli import kernels_instrument, kernels_report
 
     kernels_instrument.register(actions)
+    kernels_report.register(actions)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
