@@ -61,7 +61,7 @@ class Batcher:
         seq = Sequence(gen, config, e.tokenizer, max_new)
         with self.lock:
             self.scheduler.add(seq)
-        gen.trace.begin("queue")  # until the scheduler first runs it
+        gen.trace.begin("batch_queue")  # until the scheduler first runs it
         e.metrics.request_started(e.model.name, self.backend_name)
         e.metrics.tokens(e.model.name, self.backend_name, prompt=len(ids))
         with self.lock:
@@ -117,8 +117,8 @@ class Batcher:
                 return 0
             for seq, _ in work:
                 trace = seq.gen.trace
-                if trace.is_open("queue"):
-                    trace.end("queue")
+                if trace.is_open("batch_queue"):
+                    trace.end("batch_queue")
                     trace.begin("prefill", {"gen_ai.usage.input_tokens": seq.prompt_len})
                 elif seq.out_ids and seq.pending == 1:
                     trace.begin("decode_step", {"workbench.token_index": len(seq.out_ids)})

@@ -11,7 +11,8 @@ What the instrumented code calls:
 
 - `generation` starts one generation's span (named ``{gen_ai.operation.name}
   {gen_ai.request.model}`` with OpenTelemetry's GenAI attributes) and returns its
-  `GenerationTrace`, which opens and closes the children ``queue``, ``prefill``, ``decode`` (and,
+  `GenerationTrace`, which opens and closes the children ``batch_queue`` (a submitted
+  generation's wait for a slot in the continuous batch), ``prefill``, ``decode`` (and,
   when asked for, one ``decode_step`` per token) and makes the innermost one current around the
   work, so that kernel launches recorded by a connected profiler (`connect`) become events of
   the step they ran in.
@@ -56,7 +57,9 @@ ENV_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 PROTOCOL = "http/protobuf"
 _TRUE = ("1", "true", "yes", "on")
 _NULL = contextlib.nullcontext()  # reusable: what `attached` and `current` give while off
-PHASES = ("queue", "prefill", "decode", "decode_step")  # a generation's children, outermost first
+# A generation's children, outermost first. batch_queue: waiting in the continuous batch for a
+# slot and KV pages (the server's own queue is the request's "queue" span).
+PHASES = ("batch_queue", "prefill", "decode", "decode_step")
 
 
 @dataclass
@@ -361,8 +364,8 @@ def current_ids() -> tuple[str | None, str | None]:
 
 
 class GenerationTrace:
-    """One generation's span and its ``queue`` / ``prefill`` / ``decode`` / ``decode_step``
-    children. Not thread-safe: the thread that runs the generation drives it."""
+    """One generation's span and its ``batch_queue`` / ``prefill`` / ``decode`` /
+    ``decode_step`` children. Not thread-safe: the thread that runs the generation drives it."""
 
     on = True
 
