@@ -226,6 +226,39 @@ def recorder(capacity: int = 10_000) -> SpanRecorder:
     return rec
 
 
+def provider() -> TracerProvider | None:
+    """The tracer provider spans go to now (None while tracing is off)."""
+    return _state.provider
+
+
+def timeline(spans: list[ReadableSpan]) -> list[dict[str, Any]]:
+    """Rows for a timeline of finished spans, in start order: name, start_ms and duration_ms
+    from the earliest start, depth (0 for a span whose parent is not among them), events."""
+    if not spans:
+        return []
+    ids = {s.context.span_id: s for s in spans if s.context is not None}
+    t0 = min(s.start_time or 0 for s in spans)
+
+    def depth(s: ReadableSpan) -> int:
+        d = 0
+        while s.parent is not None and s.parent.span_id in ids and d < len(spans):
+            s, d = ids[s.parent.span_id], d + 1
+        return d
+
+    rows = [
+        {
+            "name": s.name,
+            "start_ms": ((s.start_time or 0) - t0) / 1e6,
+            "duration_ms": ((s.end_time or s.start_time or 0) - (s.start_time or 0)) / 1e6,
+            "depth": depth(s),
+            "events": len(s.events),
+        }
+        for s in spans
+    ]
+    rows.sort(key=lambda r: (r["start_ms"], r["depth"]))
+    return rows
+
+
 def remove_recorder(rec: SpanRecorder) -> None:
     """Stop feeding ``rec`` (the SDK cannot remove a processor: ``rec`` drops what it gets)."""
     rec.closed = True
