@@ -339,3 +339,25 @@ def test_configure_from_env() -> None:
     # While off, instrumented code gets shared do-nothing objects.
     assert tracing.start_span("x") is tracing.start_span("y")
     assert not tracing.start_span("x").is_recording()
+
+
+def test_breaker_transitions_and_fallbacks_are_events(recorder: tracing.SpanRecorder, tiny_model):
+    from workbench.runtime.faults import FaultInjector
+
+    engine = Engine(tiny_model, backend="emulator", faults=FaultInjector.from_spec("launch:always"))
+    # The breaker opens at its third failure (threshold 3): one failed forward per request.
+    gens = [engine.generate(p, GREEDY) for p in ("the cat", "on the mat", "an", "in the")]
+    for gen in gens:
+        gen.run()
+    assert engine.fallback_active
+    events = [
+        (e.name, dict(e.attributes))
+        for gen in gens
+        for s in recorder.spans(gen.trace.trace_id)
+        for e in s.events
+        if e.name.startswith("workbench.")
+    ]
+    fallbacks = [a for n, a in events if n == "workbench.fallback"]
+    assert fallbacks and fallbacks[0] == {"from": "emulator", "to": "numpy"}
+    opened = [a for n, a in events if n == "workbench.breaker" and a["new"] == "open"]
+    assert opened and opened[0]["breaker"] == "emulator", events
