@@ -30,11 +30,13 @@ A foundation module: it knows nothing of the engine; callers pass plain values.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +75,7 @@ class _State:
 
 _state = _State()
 _lock = threading.Lock()
+_connected: weakref.WeakSet[Profiler] = weakref.WeakSet()
 
 
 def _truthy(value: str | None) -> bool:
@@ -101,7 +104,10 @@ def configure(
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     shutdown()
-    provider = TracerProvider(resource=Resource.create({SERVICE_KEY: service_name}))
+    provider = TracerProvider(
+        resource=Resource.create({SERVICE_KEY: service_name}),
+        shutdown_on_exit=False,  # `shutdown` is registered once, below, for every provider
+    )
     if exporter is not None:
         processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
         provider.add_span_processor(processor)
@@ -111,6 +117,9 @@ def configure(
         _state.steps, _state.content = steps, content
         _state.exporting = exporter is not None
     return provider
+
+
+atexit.register(lambda: shutdown())  # the last spans leave when the process ends
 
 
 def configure_from_env(environ: Mapping[str, str] | None = None) -> bool:
@@ -266,7 +275,12 @@ def remove_recorder(rec: SpanRecorder) -> None:
 
 
 def connect(profiler: Profiler) -> None:
-    """Kernel launches recorded by ``profiler`` become events of the current span."""
+    """Kernel launches recorded by ``profiler`` become events of the current span (once per
+    profiler, however many engines share it)."""
+    with _lock:
+        if profiler in _connected:
+            return
+        _connected.add(profiler)
     profiler.add_listener(_launch_event)
 
 

@@ -128,7 +128,7 @@ def create_app(engine: Any | Callable[[], Any], settings: ServerSettings | None 
             if pruner is not None:
                 pruner.cancel()
             await asyncio.to_thread(worker.stop)
-            await asyncio.to_thread(tracing.flush)  # the last requests' spans leave now
+            await asyncio.to_thread(tracing.flush, 5.0)  # the last requests' spans leave now
             if audit is not None:
                 audit.close()
 
