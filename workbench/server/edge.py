@@ -276,7 +276,10 @@ def _server_span(scope: Scope, headers: dict[bytes, bytes]) -> tuple[Any, Any]:
         method,  # renamed "METHOD /route" once routing has found the route
         parent=parent,
         kind=SpanKind.SERVER,
-        attributes={"http.request.method": method, "url.path": scope["path"]},
+        attributes={
+            "http.request.method": method,
+            "url.path": escape(scope["path"], MAX_LOGGED_PATH),
+        },
     )
     return span, tracing.with_span(span, parent)
 
