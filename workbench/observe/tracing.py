@@ -70,7 +70,6 @@ class _State:
     tracer: trace.Tracer | None = None
     steps: bool = False
     content: bool = False
-    exporting: bool = False  # an exporter other than a recorder was given
 
 
 _state = _State()
@@ -115,7 +114,6 @@ def configure(
         _state.provider = provider
         _state.tracer = provider.get_tracer(SCOPE)
         _state.steps, _state.content = steps, content
-        _state.exporting = exporter is not None
     return provider
 
 
@@ -177,7 +175,6 @@ def shutdown() -> None:
     with _lock:
         provider = _state.provider
         _state.provider = _state.tracer = None
-        _state.exporting = False
     if provider is not None:
         provider.shutdown()
 
@@ -190,11 +187,6 @@ def flush(timeout_s: float = 10.0) -> bool:
 
 def enabled() -> bool:
     return _state.tracer is not None
-
-
-def exporting() -> bool:
-    """Whether spans leave the process (an exporter was configured, not only recorders)."""
-    return _state.exporting
 
 
 class SpanRecorder(SpanProcessor):
