@@ -49,6 +49,27 @@ def test_bench_without_limits_leaves_them_out(tiny_model):
     assert r.prefill_gflops > 0
 
 
+def test_bench_trace_times_traced_runs_beside_untraced_ones(tiny_model):
+    from workbench.observe import tracing
+
+    engine = Engine(tiny_model, backend="numpy", threads=1)
+    r = bench_generate(engine, prompt_tokens=4, gen_tokens=3, runs=2, measure_limits=False)
+    assert r.trace_decode_tok_s is None and r.trace_spans is None  # not asked for
+    r = bench_generate(
+        engine, prompt_tokens=4, gen_tokens=3, runs=2, measure_limits=False, trace=True
+    )
+    # warm-up and 2 traced runs, each a generation span with a prefill and a decode child
+    assert r.trace_spans == 3 * 3 and not r.trace_steps
+    assert r.trace_decode_tok_s > 0 and r.trace_prefill_tok_s > 0
+    assert r.trace_decode_overhead == pytest.approx(1 - r.trace_decode_tok_s / r.decode_tok_s)
+    r = bench_generate(
+        engine, prompt_tokens=4, gen_tokens=3, runs=1, measure_limits=False, trace_steps=True,
+        trace=True,
+    )  # fmt: skip
+    assert r.trace_spans == 2 * (3 + 3) and r.trace_steps  # and a span per decode step
+    assert not tracing.enabled()  # the bench's in-memory tracing ends with it
+
+
 def test_cli_json_has_the_limit_fields(tiny_model, small_read_buffer, capsys):
     argv = ["bench", "generate", "-m", str(tiny_model), "--prompt-tokens", "6", "--gen-tokens",
             "3", "--runs", "1", "--threads", "1", "--json"]  # fmt: skip

@@ -355,3 +355,33 @@ def test_memory_view_follows_the_timing_panel_and_shows_the_counters():
     view.run()
     _until(lambda: not view.running, "the memory view")
     assert view.error.startswith("user.bad_shape")
+
+
+def test_generation_panel_shows_the_last_trace(engine):
+    from workbench.observe import tracing
+
+    panel = GenerationPanel(engine)
+    panel.prompt, panel.max_tokens, panel.temperature = "the cat sat", 6, 0.0
+    panel.show_trace = True
+    try:
+        assert panel.generate()
+        panel.wait(30)
+        assert panel.error == ""
+        rows = panel.trace_spans
+        names = [r["name"] for r in rows]
+        assert names[0] == f"text_completion {engine.model.name}"  # the root, first to start
+        assert {"prefill", "decode"} <= set(names)
+        depth = {r["name"]: r["depth"] for r in rows}
+        assert depth["prefill"] == depth["decode"] == 1 and depth[names[0]] == 0
+        prefill = next(r for r in rows if r["name"] == "prefill")
+        decode = next(r for r in rows if r["name"] == "decode")
+        assert prefill["start_ms"] + prefill["duration_ms"] <= decode["start_ms"] + 1e-6
+        assert "prefill" in panel._trace_w.value and "decode" in panel._trace_w.value
+        first = list(rows)
+        assert panel.generate()  # the next generation replaces the timeline
+        panel.wait(30)
+        assert panel.trace_spans and panel.trace_spans != first
+        panel.show_trace = False
+        assert panel._trace_w.value == ""
+    finally:
+        tracing.shutdown()

@@ -39,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_from_env(environ: Mapping[str, str]) -> None:
-    """Settings read once, here at the edge: logging and process-wide fault injection."""
+    """Settings read once, here at the edge: logging, tracing (OTLP export when the OTEL_*
+    variables ask for it) and process-wide fault injection."""
+    from workbench.observe import tracing
     from workbench.observe.logs import configure_from_env as configure_logs
     from workbench.runtime import faults
 
     configure_logs(environ)
+    tracing.configure_from_env(environ)
     if environ.get("WORKBENCH_FAULTS"):
         faults.install(faults.FaultInjector.from_env(environ))
 

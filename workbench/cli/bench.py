@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "number of greedy steps (median of --runs, after one warm-up run), the achieved weight "
         "bandwidth (model bytes x decode tok/s), prefill GFLOP/s and peak resident memory; then, "
         "in the same run, this machine's streaming read bandwidth and float32 GEMM rate at the "
-        "model's shapes, and each phase as a fraction of its limit (see docs/performance.md).",
+        "model's shapes, and each phase as a fraction of its limit (see docs/performance.md). "
+        "With --trace, traced runs (spans kept in memory) alternate with untraced ones and the "
+        "decode throughput lost to tracing is reported (see docs/scaling.md).",
     )
     add_model_args(g)
     g.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
@@ -29,6 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-limits",
         action="store_true",
         help="skip measuring the machine's read bandwidth and GEMM rate (about a second)",
+    )
+    g.add_argument(
+        "--trace",
+        action="store_true",
+        help="also time runs traced as the engine traces a generation (OpenTelemetry spans, in "
+        "memory) and report the decode throughput lost to tracing",
+    )
+    g.add_argument(
+        "--trace-steps",
+        action="store_true",
+        help="with --trace: one span per decode step (as WORKBENCH_TRACE_STEPS=1 asks)",
     )
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--output", "-o", help="also write the JSON object to this file")
@@ -48,6 +61,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         gen_tokens=args.gen_tokens,
         runs=args.runs,
         measure_limits=not args.no_limits,
+        trace=args.trace or args.trace_steps,
+        trace_steps=args.trace_steps,
     )
     obj = r.to_dict()
     if args.output:
@@ -67,6 +82,13 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
                 f"limits: decode {r.decode_gb_s:.1f} of {r.read_gb_s:.1f} GB/s read bandwidth "
                 f"({r.decode_bandwidth_fraction:.0%}), prefill {r.prefill_gflops:.0f} of "
                 f"{r.gemm_gflops:.0f} GFLOP/s float32 GEMM ({r.prefill_gemm_fraction:.0%})"
+            )
+        if r.trace_decode_tok_s is not None and r.trace_decode_overhead is not None:
+            steps = ", a span per step" if r.trace_steps else ""
+            print(
+                f"traced{steps}: decode {r.trace_decode_tok_s:.1f} tok/s, "
+                f"{r.trace_decode_overhead:+.1%} slower than untraced ({r.trace_spans} spans); "
+                "runs alternate, the machine's noise is in both"
             )
     return 0
 

@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "503 with Retry-After. SIGTERM drains: new requests get "
         "503, in-flight ones finish (up to --drain-grace seconds), then the server exits 0. "
         "Environment: WORKBENCH_HOME, WORKBENCH_API_KEY, WORKBENCH_LOG_LEVEL, "
-        "WORKBENCH_LOG_FORMAT, WORKBENCH_LOG_FILE, WORKBENCH_FAULTS, WORKBENCH_FAULTS_SEED.",
+        "WORKBENCH_LOG_FORMAT, WORKBENCH_LOG_FILE, WORKBENCH_FAULTS, WORKBENCH_FAULTS_SEED; "
+        "OpenTelemetry traces go over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT (or "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set (OTEL_SERVICE_NAME, WORKBENCH_TRACE_STEPS, "
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: see docs/scaling.md).",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")

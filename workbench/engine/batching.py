@@ -9,6 +9,7 @@ threads can each iterate their own: steps are serialised by a lock, and each ste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ class Batcher:
         seq = Sequence(gen, config, e.tokenizer, max_new)
         with self.lock:
             self.scheduler.add(seq)
+        gen.trace.begin("batch_queue")  # until the scheduler first runs it
         e.metrics.request_started(e.model.name, self.backend_name)
         e.metrics.tokens(e.model.name, self.backend_name, prompt=len(ids))
         with self.lock:
@@ -113,6 +115,15 @@ class Batcher:
             work = s.schedule()
             if not work:
                 return 0
+            for seq, _ in work:
+                trace = seq.gen.trace
+                if trace.is_open("batch_queue"):
+                    trace.end("batch_queue")
+                    trace.begin("prefill", {"gen_ai.usage.input_tokens": seq.prompt_len})
+                elif seq.out_ids and seq.pending == 1:
+                    trace.begin("decode_step", {"workbench.token_index": len(seq.out_ids)})
+            # Launch events go to a request's span when the step serves that request alone.
+            current = work[0][0].gen.trace.current() if len(work) == 1 else contextlib.nullcontext()
             slices = [
                 (seq.table, seq.computed, seq.tokens[seq.computed : seq.computed + n])
                 for seq, n in work
@@ -120,7 +131,8 @@ class Batcher:
             tf = self.engine.transformer
             try:
                 # A step with a prompt chunk counts as prefill in the profile.
-                with Profiler.phase("prefill" if any(n > 1 for _, n in work) else "decode"):
+                phase = "prefill" if any(n > 1 for _, n in work) else "decode"
+                with Profiler.phase(phase), current:
                     logits = runner.forward(tf, self.pool, slices)
             except WorkbenchError as err:
                 log.warning("a batched step of %d sequences failed: %s", len(work), err)
@@ -172,6 +184,7 @@ class Batcher:
     def _end(self, seq: Sequence, reason: str) -> None:
         seq.finish(reason)
         self.scheduler.remove(seq)
+        seq.gen.trace.finish(seq.gen.result, error=seq.error)
         m, name = self.engine.metrics, self.engine.model.name
         m.tokens(name, self.backend_name, generated=len(seq.out_ids))
         if reason == "cancelled":

@@ -4,6 +4,12 @@ Runs the transformer directly (no sampling, no EOG stop) so every run does the s
 prefill of `prompt_tokens` then `gen_tokens` greedy decode steps. A warm-up run (JIT compilation,
 page faults of the mapped weights) is excluded; the median of `runs` is reported.
 
+Each run is traced as the engine traces a generation (a generation span, its prefill and decode
+children, each pass made current): with tracing off those calls do nothing, as in the engine.
+``trace=True`` also times runs with tracing on (spans kept in memory, nothing exported),
+interleaved with untraced ones so that both see the same machine, and reports the decode
+throughput lost to tracing.
+
 In the same run the machine's limits are measured (`limits.measure`: streaming read bandwidth,
 float32 GEMM rate at the model's shapes) and each phase is reported as a fraction of its limit.
 """
@@ -14,11 +20,14 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
 from workbench.engine import limits
+from workbench.engine.results import GenerationConfig
 from workbench.errors import UserError
+from workbench.observe import tracing
 
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -58,6 +67,11 @@ class GenerateBench:
     gemm_gflops: float | None = None  # the machine's float32 GEMM rate at the model's shapes
     decode_bandwidth_fraction: float | None = None  # decode_gb_s / read_gb_s
     prefill_gemm_fraction: float | None = None  # prefill_gflops / gemm_gflops
+    trace_steps: bool | None = None  # traced runs had one span per decode step
+    trace_prefill_tok_s: float | None = None  # median over the traced runs
+    trace_decode_tok_s: float | None = None
+    trace_decode_overhead: float | None = None  # 1 - traced / untraced decode tok/s
+    trace_spans: int | None = None  # spans the traced runs recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +103,8 @@ def bench_generate(
     gen_tokens: int = 128,
     runs: int = 3,
     measure_limits: bool = True,
+    trace: bool = False,
+    trace_steps: bool = False,
 ) -> GenerateBench:
     if prompt_tokens < 1 or gen_tokens < 1 or runs < 1:
         raise UserError("user.bad_bench", "prompt_tokens, gen_tokens and runs must be >= 1")
@@ -96,25 +112,50 @@ def bench_generate(
     if prompt_tokens + gen_tokens > engine.spec.context_length:
         raise UserError("user.context_overflow", "prompt + generated tokens exceed the context")
     prompt = bench_prompt(engine.tokenizer, prompt_tokens)
+    config = GenerationConfig(max_tokens=gen_tokens, temperature=0)
+    done = SimpleNamespace(token_ids=range(gen_tokens), finish_reason="length", text="")
+    recorder = None
+    if trace:
+        tracing.configure(steps=trace_steps)  # in memory only: the export is not what is timed
+        recorder = tracing.recorder(capacity=1_000_000)
 
-    def one_run() -> tuple[float, float]:
+    def one_run(traced: bool = False) -> tuple[float, float]:
+        gt = tracing.NO_TRACE
+        if traced:
+            gt = tracing.generation(
+                engine.model.name, config, request_id="bench", prompt_tokens=prompt_tokens
+            )
         cache = tf.new_cache(prompt_tokens + gen_tokens)
         t0 = time.perf_counter()
         host = engine.backend.to_host
-        logits = host(tf.prefill(prompt, cache))
+        gt.begin("prefill")
+        with gt.current():
+            logits = host(tf.prefill(prompt, cache))
+        gt.drawn(0)
         t1 = time.perf_counter()
-        for _ in range(gen_tokens):
-            logits = host(tf.decode_one_token(int(np.argmax(logits)), cache))
+        for i in range(gen_tokens):
+            gt.begin("decode_step")
+            with gt.current():
+                logits = host(tf.decode_one_token(int(np.argmax(logits)), cache))
+            gt.drawn(i + 1)
+        gt.finish(done)
         return t1 - t0, time.perf_counter() - t1
 
     # The engine's compute is measured, not the profiler's bookkeeping (a few ms per token on
     # the NumPy backend): recording is off for the timed runs.
     profiling, engine.profiler.enabled = engine.profiler.enabled, False
+    traced: list[tuple[float, float]] = []
     try:
-        one_run()  # warm-up
-        times = [one_run() for _ in range(runs)]
+        one_run(trace)  # warm-up
+        times = []
+        for _ in range(runs):
+            times.append(one_run())
+            if trace:
+                traced.append(one_run(traced=True))
     finally:
         engine.profiler.enabled = profiling
+        if trace:
+            tracing.shutdown()
     prefill = [p for p, _ in times]
     decode = [d for _, d in times]
     decode_tok_s = gen_tokens / statistics.median(decode)
@@ -132,6 +173,16 @@ def bench_generate(
             gemm_gflops=lim.gemm_gflops,
             decode_bandwidth_fraction=decode_gb_s / lim.read_gb_s,
             prefill_gemm_fraction=prefill_gflops / lim.gemm_gflops,
+        )
+    if trace:
+        assert recorder is not None
+        trace_decode = gen_tokens / statistics.median(d for _, d in traced)
+        extra.update(
+            trace_steps=trace_steps,
+            trace_prefill_tok_s=prompt_tokens / statistics.median(p for p, _ in traced),
+            trace_decode_tok_s=trace_decode,
+            trace_decode_overhead=1 - trace_decode / decode_tok_s,
+            trace_spans=len(recorder.spans()),
         )
     return GenerateBench(
         model=engine.model.name,

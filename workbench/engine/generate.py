@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from workbench.engine.results import (  # re-exported: the API's home stays here
 from workbench.engine.sampler import Sampler
 from workbench.engine.sequence import token_logprobs
 from workbench.errors import BackendError, RecoverableError, UserError, WorkbenchError
+from workbench.observe import tracing
 from workbench.observe.metrics import Metrics
 from workbench.observe.profiler import Profiler
 from workbench.runtime.breaker import CircuitBreaker, Transition
@@ -115,6 +116,7 @@ class Engine:
         self.profiler = profiler if profiler is not None else Profiler()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.connect(self.profiler)
+        tracing.connect(self.profiler)  # launches become span events while tracing
         self.error_log = error_log if error_log is not None else ErrorLog()
         self.retry = retry if retry is not None else DEFAULT_LAUNCH_RETRY
         self.retry_stats = RetryStats()
@@ -216,6 +218,7 @@ class Engine:
 
     def _on_breaker(self, t: Transition) -> None:
         self.metrics.breaker_state(t.breaker, t.new)
+        tracing.event("workbench.breaker", asdict(t))
         log.warning("breaker of the %s backend: %s -> %s (%s)", t.breaker, t.old, t.new, t.reason)
 
     @property
@@ -242,7 +245,7 @@ class Engine:
         request_id: str | None = None,
     ) -> Generation:
         """Generate from a raw prompt (text, or token ids as they are)."""
-        return self._start(self._prompt_ids(prompt), config or GenerationConfig(), request_id)
+        return self._start(self._prompt_ids(prompt), request_id, config, prompt)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -261,7 +264,7 @@ class Engine:
         """Generate the assistant's reply to a conversation, formatted by the chat template."""
         if not messages or not any(m.get("content") for m in messages):
             raise UserError("user.empty_prompt", "the conversation has no content")
-        return self._start(self.format_chat(messages), config or GenerationConfig(), request_id)
+        return self._start(self.format_chat(messages), request_id, config, messages)
 
     @property
     def batcher(self) -> Batcher:
@@ -282,8 +285,8 @@ class Engine:
         Iterating the returned `Generation` steps the whole batch whenever it has no event
         ready; `step` does the same explicitly. Thread-safe (steps are serialised). Runs on the
         engine's own backend, without the single-caller path's device fallback."""
-        gen = self._new_generation(self._prompt_ids(prompt), request_id)
-        return self.batcher.submit(gen, config or GenerationConfig())
+        gen = self._new_generation(self._prompt_ids(prompt), request_id, config, prompt)
+        return self.batcher.submit(gen, gen.config)
 
     def submit_chat(
         self,
@@ -295,22 +298,24 @@ class Engine:
         """`submit` for a conversation, formatted by the chat template."""
         if not messages or not any(m.get("content") for m in messages):
             raise UserError("user.empty_prompt", "the conversation has no content")
-        gen = self._new_generation(self.format_chat(messages), request_id)
-        return self.batcher.submit(gen, config or GenerationConfig())
+        gen = self._new_generation(self.format_chat(messages), request_id, config, messages)
+        return self.batcher.submit(gen, gen.config)
 
     def step(self) -> int:
         """Run one step of the continuous batch; returns how many sequences it advanced."""
         return self.batcher.step()
 
     def _start(
-        self, ids: list[int], config: GenerationConfig, request_id: str | None
+        self, ids: list[int], request_id: str | None, config: GenerationConfig | None, prompt: Any
     ) -> Generation:
-        gen = self._new_generation(ids, request_id)
-        gen._events = self._run(gen, ids, config)
+        gen = self._new_generation(ids, request_id, config, prompt)
+        gen._events = self._run(gen, ids, gen.config)
         return gen
 
-    def _new_generation(self, ids: list[int], request_id: str | None) -> Generation:
-        """A Generation with no events yet, after checking the prompt against the model."""
+    def _new_generation(
+        self, ids: list[int], request_id: str | None, config: GenerationConfig | None, prompt: Any
+    ) -> Generation:
+        """A Generation with no events yet (its span started), after checking the prompt."""
         ctx = self.spec.context_length
         if not ids:
             raise UserError("user.empty_prompt", "the prompt has no tokens")
@@ -327,6 +332,9 @@ class Engine:
             raise UserError("user.bad_token_id", f"prompt token ids must be in [0, {vocab})")
         gen = Generation(iter(()), ids)
         gen.request_id = request_id or uuid.uuid4().hex
+        gen.config = config = config or GenerationConfig()
+        gen.trace = tracing.generation(self.model.name, config, request_id=gen.request_id,
+                                       prompt_tokens=len(ids), prompt=prompt)  # fmt: skip
         return gen
 
     def _run(
@@ -340,16 +348,19 @@ class Engine:
                 yield from self._generate(gen, ids, config)
             except GeneratorExit:
                 self.metrics.request_cancelled(model, self._active.backend.name)
+                gen.trace.finish(reason="cancelled")
                 raise
             except Exception as e:
                 category = e.category if isinstance(e, WorkbenchError) else "internal"
                 self.metrics.request_failed(model, self._active.backend.name, category)
                 self.error_log.record(e, operation="generate", request_id=gen.request_id)
+                gen.trace.finish(error=e)
                 raise
             finally:
                 self._kv = None
             r = gen.result
             assert r is not None
+            gen.trace.finish(r)
             backend = self._active.backend.name
             self.metrics.tokens(model, backend, generated=len(r.token_ids))
             if r.finish_reason == "cancelled":
@@ -456,6 +467,7 @@ class Engine:
         run.cache = run.tf.new_cache(run.cache.capacity)
         self._kv = run.cache
         self.metrics.fallback(src, run.tf.backend.name)
+        tracing.event("workbench.fallback", {"from": src, "to": run.tf.backend.name})
         if run.done:
             run.tf.forward(np.asarray(run.done), run.cache)  # rebuild the cache
 
@@ -477,8 +489,10 @@ class Engine:
         finish = "length"
 
         history = list(ids)  # prompt and generated ids, for the repetition penalty
+        trace = gen.trace
+        trace.begin("prefill", {"gen_ai.usage.input_tokens": len(ids)})
         t0 = t_step = t_first = time.perf_counter()
-        with Profiler.phase("prefill"):
+        with Profiler.phase("prefill"), trace.current():
             logits = self._prefill(run, ids, gen)
         timings.prefill_s = time.perf_counter() - t0
         if logits is None:  # cancelled or expired between prefill chunks
@@ -486,13 +500,15 @@ class Engine:
         for index in range(max_new):
             if index:
                 t_step = time.perf_counter()
-                with Profiler.phase("decode"):
+                trace.begin("decode_step", {"workbench.token_index": index})
+                with Profiler.phase("decode"), trace.current():
                     logits = self._forward(run, [out_ids[-1]])
                 self.metrics.observe_tpot(
                     time.perf_counter() - t_step, model=model, backend=run.tf.backend.name
                 )
-            with Profiler.phase("decode" if index else "prefill"):
+            with Profiler.phase("decode" if index else "prefill"), trace.current():
                 token, host_logits = self._sample(run, logits, sampler, history, config)
+            trace.drawn(index)
             if token in tok.eog_ids:
                 finish = "stop"
                 break

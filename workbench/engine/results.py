@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from workbench.engine.sampler import SamplerConfig
 from workbench.errors import UserError
+from workbench.observe.tracing import NO_TRACE, GenerationTrace
 
 # TokenEvent.id of the last event when it only releases held-back text (no new token).
 FLUSH_ID = -1
@@ -126,6 +127,8 @@ class Generation:
         self.request_id = ""
         self.deadline: float | None = None  # time.monotonic() past which prefill stops
         self.queued_s = 0.0  # waited before it started (counted in the time-to-first-token)
+        self.config: GenerationConfig | None = None  # set by the engine that made it
+        self.trace: GenerationTrace = NO_TRACE  # its spans (see workbench.observe.tracing)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self._events

@@ -108,7 +108,9 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        freed = len(seq.table)
         self.pool.release(seq.table)
         seq.reset()
         self.waiting.appendleft(seq)
         self.preemptions += 1
+        seq.gen.trace.event("workbench.preempted", {"workbench.pages_freed": freed})

@@ -120,6 +120,7 @@ class Sequence:
             TokenEvent(index, token, released, lp, top, now - self.t0, now - self.t_step)
         )
         self.t_step = now
+        self.gen.trace.drawn(index)
         if stopped:
             self.finish("stop")
         elif len(self.out_ids) >= self.max_new:

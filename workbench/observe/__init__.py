@@ -1,7 +1,8 @@
-"""Observability: the per-launch profiler, Prometheus metrics and logging setup.
+"""Observability: the per-launch profiler, Prometheus metrics, logging setup and tracing.
 
-A foundation layer: it imports only workbench.errors, the standard library and prometheus-client
-(pandas lazily, for DataFrames). The engine and backends import it; it knows nothing of them.
+A foundation layer: it imports only workbench.errors, the standard library, prometheus-client and
+OpenTelemetry (pandas lazily, for DataFrames); tracing lives in `workbench.observe.tracing`.
+The engine and backends import it; it knows nothing of them.
 """
 
 from workbench.observe.logs import configure, configure_from_env, redact, request_context

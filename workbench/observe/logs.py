@@ -5,7 +5,9 @@ or `configure_from_env` once. Every record passes two filters on our handlers:
 
 - `RequestIdFilter` sets ``record.request_id`` from the current request context. The context is
   the profiler's (`request_context` is `Profiler.request`), so the engine enters it once per
-  request and logs, profiler records and errors all carry the same id.
+  request and logs, profiler records and errors all carry the same id. It also sets
+  ``record.trace_id`` and ``record.span_id`` from the current OpenTelemetry span
+  (`workbench.observe.tracing`); JSON lines carry them when there is one.
 - `RedactFilter` enforces the convention that prompt and completion text is never logged above
   DEBUG: pass text only as ``extra={"prompt": ...}`` / ``extra={"completion": ...}`` (never in
   the message); above DEBUG the filter replaces those fields with their length. `redact` does the
@@ -29,6 +31,7 @@ from typing import IO, Any
 
 from workbench.errors import UserError
 from workbench.observe.profiler import Profiler, current_request_id
+from workbench.observe.tracing import current_ids
 
 LOGGER = "workbench"
 LEVELS = {
@@ -50,6 +53,8 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message",
     "asctime",
     "request_id",
+    "trace_id",
+    "span_id",
     "taskName",
 }
 _COLOURS = {
@@ -80,11 +85,14 @@ def redact(text: str, level: int) -> str:
 
 
 class RequestIdFilter(logging.Filter):
-    """Sets ``record.request_id`` (None outside a request) unless ``extra`` gave one."""
+    """Sets ``record.request_id`` (None outside a request) unless ``extra`` gave one, and
+    ``record.trace_id`` / ``record.span_id`` (None outside a trace)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = current_request_id()
+        if getattr(record, "trace_id", None) is None:
+            record.trace_id, record.span_id = current_ids()
         return True
 
 
@@ -106,8 +114,9 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (UTC ISO 8601), level, logger, message, request_id, the
-    extra fields, and exc (the traceback) when there is one."""
+    """One JSON object per line: ts (UTC ISO 8601), level, logger, message, request_id,
+    trace_id and span_id (when in a trace), the extra fields, and exc (the traceback) when there
+    is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
@@ -119,6 +128,10 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
         }
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is not None:
+            obj["trace_id"] = trace_id
+            obj["span_id"] = getattr(record, "span_id", None)
         for k, v in extra_fields(record).items():
             obj.setdefault(k, v)
         if record.exc_info:

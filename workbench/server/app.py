@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workbench.errors import RecoverableError, UserError, WorkbenchError
+from workbench.observe import tracing
 from workbench.server import schemas
 from workbench.server.audit import AuditLog, AuditRecord
 from workbench.server.edge import EdgeMiddleware, audit_fields, request_id_of
@@ -127,6 +128,7 @@ def create_app(engine: Any | Callable[[], Any], settings: ServerSettings | None 
             if pruner is not None:
                 pruner.cancel()
             await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(tracing.flush, 5.0)  # the last requests' spans leave now
             if audit is not None:
                 audit.close()
 
@@ -524,9 +526,11 @@ async def _sse_events(call: _Call) -> AsyncIterator[tuple[str, Any]]:
 def _sse_error(e: WorkbenchError, rid: str) -> str:
     status = status_of(e)
     message = "internal error" if status == 500 else e.message
-    return _sse(
-        {"error": {"message": message, "type": e.category, "code": e.code, "request_id": rid}}
-    )
+    error = {"message": message, "type": e.category, "code": e.code, "request_id": rid}
+    trace_id = tracing.current_trace_id()
+    if trace_id is not None:
+        error["trace_id"] = trace_id
+    return _sse({"error": error})
 
 
 async def _sse_chat(

@@ -12,6 +12,10 @@ it, whichever module writes it. Before the app runs it refuses, as problem+json:
 - a body over the limit (413) or one that does not arrive within the body timeout (408); the
   body is buffered here, so a slow or oversized body is dropped as soon as it is refused.
 
+Each request is a server span (OpenTelemetry, when tracing is on), a child of the client's W3C
+``traceparent`` when it sent one; everything the request does is traced inside it. With tracing
+off, a client's ``traceparent`` still sets the trace id that log records and problems carry.
+
 After the app it logs one line per request (the route template, or the escaped path when no route
 matched: a client cannot forge log lines through the path) and writes the audit row.
 """
@@ -24,9 +28,11 @@ import logging
 import time
 from typing import Any
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workbench.errors import InternalError, RecoverableError, UserError, WorkbenchError
+from workbench.observe import tracing
 from workbench.observe.profiler import Profiler
 from workbench.server.audit import AuditRecord, escape
 from workbench.server.problems import (
@@ -71,7 +77,9 @@ class EdgeMiddleware:
         rid = sane_request_id(sent)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
-        with Profiler.request(rid):
+        span, ctx = _server_span(scope, headers)
+        state["span"] = span
+        with Profiler.request(rid), tracing.attached(ctx):
             await self._handle(scope, receive, send, headers, rid, t0, ts)
 
     async def _handle(
@@ -138,6 +146,7 @@ class EdgeMiddleware:
             extra={"request_id": rid, "duration_s": round(duration, 4)},
         )
         code = audit.get("error_code")
+        _end_server_span(scope, endpoint, final_status, code)
         api = scope["path"].startswith(AUDITED_PREFIX)
         if api and final_status == 503 and code:
             self.server.count_rejection(code)
@@ -249,3 +258,42 @@ class EdgeMiddleware:
             return await receive()
 
         return replay, None
+
+
+def _server_span(scope: Scope, headers: dict[bytes, bytes]) -> tuple[Any, Any]:
+    """(the request's server span, the context to run it in); (None, None) when there is
+    nothing to trace: tracing off and no ``traceparent`` from the client."""
+    carrier = {
+        k: headers[k.encode()].decode("latin-1")
+        for k in ("traceparent", "tracestate")
+        if k.encode() in headers
+    }
+    if not tracing.enabled():
+        return None, (tracing.extract(carrier) if carrier else None)
+    parent = tracing.extract(carrier)
+    method = escape(scope["method"], MAX_METHOD)
+    span = tracing.start_span(
+        method,  # renamed "METHOD /route" once routing has found the route
+        parent=parent,
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": method,
+            "url.path": escape(scope["path"], MAX_LOGGED_PATH),
+        },
+    )
+    return span, tracing.with_span(span, parent)
+
+
+def _end_server_span(scope: Scope, endpoint: str, status: int, code: str | None) -> None:
+    span = scope["state"].get("span")
+    if span is None:
+        return
+    if endpoint != UNKNOWN_ROUTE:
+        span.update_name(f"{span.name} {endpoint}")
+        span.set_attribute("http.route", endpoint)
+    span.set_attribute("http.response.status_code", status)
+    if code is not None:
+        span.set_attribute("workbench.error_code", code)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, code or str(status)))
+    span.end()

@@ -1,7 +1,8 @@
 """The server's settings, and every answer it gives that is not a success: RFC 7807 problems.
 
 A problem body holds the RFC 7807 fields (``type``, ``title``, ``status``, ``detail``,
-``instance``), the request id and the workbench error code, and beside them OpenAI's ``error``
+``instance``), the request id, the trace id (when the request is traced) and the workbench error
+code, and beside them OpenAI's ``error``
 object (``message``, ``type``, ``param``, ``code``), which the official OpenAI clients read: so
 ``openai.BadRequestError`` says what was wrong, not only "Error code: 400".
 
@@ -22,6 +23,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from workbench.errors import UserError, WorkbenchError
+from workbench.observe.tracing import current_trace_id
 from workbench.server import schemas
 from workbench.server.audit import DEFAULT_MAX_BYTES
 from workbench.server.worker import RETRY_AFTER_S
@@ -163,6 +165,7 @@ def problem_body(
         detail=detail,
         instance=instance,
         request_id=request_id,
+        trace_id=current_trace_id(),
         code=code,
         errors=errors,
         error=schemas.OpenAIError(

@@ -252,6 +252,7 @@ class Problem(BaseModel):
     detail: str
     instance: str
     request_id: str
+    trace_id: str | None = None  # the OpenTelemetry trace of the request (32 hex digits)
     code: str | None = None
     errors: list[dict[str, Any]] | None = None
     error: OpenAIError | None = None  # the same, as OpenAI clients read it

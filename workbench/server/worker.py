@@ -13,6 +13,10 @@ progress (`Generation.cancel`, called from whichever thread cancels); the genera
 its KV cache goes with it. The job's deadline also goes to the generation, which checks it between
 prefill chunks.
 
+Tracing: a job carries the trace context it was made in (the request's span) and a ``queue`` span
+from `submit` until the worker takes it; the worker runs the job in that context, so the
+generation's span is a child of the request's.
+
 `retry_after_s` estimates when a refused client should come back: the jobs ahead of it times the
 recent mean job duration.
 
@@ -32,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workbench.errors import InternalError, RecoverableError, WorkbenchError
+from workbench.observe import tracing
 from workbench.observe.profiler import Profiler
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,10 @@ class Job:
         self.submitted = time.monotonic()
         self.generation: Any | None = None  # set by the worker once the generation exists
         self.started: float | None = None  # time.monotonic() it joined the batch
+        self.trace_context = tracing.current_context()  # the request's span, for the worker
+        self._queue_span = tracing.start_span(
+            "queue", attributes={"workbench.request_id": request_id}
+        )
         self._cancelled = threading.Event()
         self._on_cancel: Callable[[Job], None] | None = None
 
@@ -82,6 +91,12 @@ class Job:
         gen = self.generation
         if gen is not None:  # stops a prefill between chunks, a decode after its token
             gen.cancel()
+
+    def dequeued(self) -> None:
+        """The job left the queue (taken by the worker, cancelled, or refused)."""
+        span, self._queue_span = self._queue_span, None
+        if span is not None:
+            span.end()
 
     def post(self, kind: str, value: Any) -> None:
         """From the worker thread: hand a message to the request's event loop."""
@@ -198,6 +213,7 @@ class Worker:
                 self._publish()
                 self._cond.notify_all()
                 return
+        job.dequeued()
         raise RecoverableError(
             "server.queue_full",
             f"the server is busy ({self.max_queue} requests waiting); retry shortly",
@@ -221,6 +237,7 @@ class Worker:
             self._publish()
             self._cond.notify_all()
         for job in left:
+            job.dequeued()
             job.post("error", shutdown_error())
         for job in running:
             if job is not None:
@@ -237,6 +254,7 @@ class Worker:
             if job in self._pending:
                 self._pending.remove(job)
                 self._publish()
+                job.dequeued()
                 job.post("error", _cancelled_error(job))
 
     def _publish(self) -> None:
@@ -261,10 +279,12 @@ class Worker:
                 job = self._pending.popleft()
                 self._running = job
                 self._publish()
+            job.dequeued()
             t0 = time.monotonic()
             completed = False
             try:
-                with Profiler.request(job.request_id):  # every log record carries the id
+                # Every log record carries the request id and trace; the spans nest under it.
+                with Profiler.request(job.request_id), tracing.attached(job.trace_context):
                     completed = self._run(job)
             finally:
                 took = time.monotonic() - t0
@@ -292,6 +312,7 @@ class Worker:
                 new = []
                 while self._pending and len(self._batch) + len(new) < self.max_batch:
                     new.append(self._pending.popleft())
+                    new[-1].dequeued()
                 self._batch.extend(new)
                 self._publish()
             for job in new:
@@ -317,7 +338,8 @@ class Worker:
             job.post("error", _cancelled_error(job))
             return False
         try:
-            gen = job.start(view)
+            with Profiler.request(job.request_id), tracing.attached(job.trace_context):
+                gen = job.start(view)
         except WorkbenchError as e:
             job.post("error", e)
             return False

@@ -1,4 +1,5 @@
-"""`GenerationPanel`: prompt or chat, sampler controls, streamed output, TTFT and tok/s."""
+"""`GenerationPanel`: prompt or chat, sampler controls, streamed output, TTFT and tok/s, and
+(``show_trace``) the last generation's spans as a timeline."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import traitlets as t
 
 from workbench.engine.generate import GenerationConfig
 from workbench.errors import WorkbenchError
+from workbench.observe import tracing
 from workbench.widgets._common import WIDE, esc
 
 MODES = ("prompt", "chat")
@@ -22,6 +24,10 @@ class GenerationPanel(w.VBox):
     streams into ``output_text``; ``ttft_ms`` and ``tok_s`` (decode rate) update as tokens arrive;
     `stop` cancels after the token in progress; `wait` joins the thread. In chat mode a finished
     reply is appended to ``history`` with the user's message (a cancelled one is not).
+
+    ``show_trace``: record each generation's OpenTelemetry spans in memory (tracing starts,
+    exporting nothing, if it was off) and show the last one's as a timeline: ``trace_spans``
+    holds its rows (`workbench.observe.tracing.timeline`).
     """
 
     mode = t.Unicode("prompt")
@@ -43,12 +49,16 @@ class GenerationPanel(w.VBox):
     tok_s = t.Float(0.0)  # decode rate: tokens after the first over the time since it
     finish_reason = t.Unicode("")
     error = t.Unicode("")  # the last error's message ("" when none)
+    show_trace = t.Bool(False)
+    trace_spans = t.List()  # the last generation's spans: name, start_ms, duration_ms, depth
 
     def __init__(self, engine: Any, **kwargs: Any) -> None:
         self.engine = engine
         self._thread: threading.Thread | None = None
         self._generation: Any = None
         self._lock = threading.Lock()
+        self._recorder: tracing.SpanRecorder | None = None
+        self._recorder_of: Any = None  # the tracer provider the recorder is attached to
 
         self._mode_w = w.ToggleButtons(options=MODES, description="mode", style=WIDE)
         self._prompt_w = w.Textarea(placeholder="prompt", layout=w.Layout(width="auto"))
@@ -92,9 +102,11 @@ class GenerationPanel(w.VBox):
             disabled=True, layout=w.Layout(width="auto", height="12em"), placeholder="output"
         )
         self._stats_w = w.HTML()
+        self._trace_w = w.HTML()
         self._history_w = w.HTML()
         self.observe(self._show, names=["output_text", "running", "tokens", "ttft_ms", "tok_s",
-                                       "finish_reason", "error", "history"])  # fmt: skip
+                                       "finish_reason", "error", "history", "trace_spans",
+                                       "show_trace"])  # fmt: skip
         controls = w.GridBox(
             [widget for _, widget in sliders],
             layout=w.Layout(grid_template_columns="repeat(2, 50%)"),
@@ -109,6 +121,7 @@ class GenerationPanel(w.VBox):
                 w.HBox([self._generate_b, self._stop_b, self._clear_b]),
                 self._output_w,
                 self._stats_w,
+                self._trace_w,
             ],
             **kwargs,
         )
@@ -144,6 +157,9 @@ class GenerationPanel(w.VBox):
             self.ttft_ms = None
             self.tok_s = 0.0
             self.finish_reason = ""
+            self.trace_spans = []
+            if self.show_trace:
+                self._record()
             try:
                 if self.mode not in MODES:
                     raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
@@ -178,6 +194,15 @@ class GenerationPanel(w.VBox):
 
     def clear_history(self) -> None:
         self.history = []
+
+    def _record(self) -> None:
+        """A recorder on the tracer provider in use now (a new one if tracing was reset)."""
+        provider = tracing.provider()
+        if self._recorder is None or provider is None or provider is not self._recorder_of:
+            if self._recorder is not None:
+                tracing.remove_recorder(self._recorder)
+            self._recorder = tracing.recorder(capacity=2_000)
+            self._recorder_of = tracing.provider()
 
     # -- the generation thread ----------------------------------------------------------------
     def _consume(self, gen: Any, messages: list[dict[str, str]] | None) -> None:
@@ -214,6 +239,9 @@ class GenerationPanel(w.VBox):
             self.error = _message(e)
             self.finish_reason = "error"
         finally:
+            trace_id = getattr(getattr(gen, "trace", None), "trace_id", None)
+            if self._recorder is not None and trace_id is not None:
+                self.trace_spans = tracing.timeline(self._recorder.spans(trace_id))
             self.running = False
 
     # -- view -----------------------------------------------------------------------------------
@@ -235,9 +263,32 @@ class GenerationPanel(w.VBox):
         if self.error:
             stats += f"<div style='color:#b00'>{esc(self.error)}</div>"
         self._stats_w.value = stats
+        self._trace_w.value = timeline_html(self.trace_spans) if self.show_trace else ""
         self._history_w.value = "".join(
             f"<div><b>{esc(m['role'])}:</b> {esc(m['content'])}</div>" for m in self.history
         )
+
+
+def timeline_html(rows: list[dict[str, Any]]) -> str:
+    """A span timeline: one row per span, indented by depth, a bar placed on a shared scale."""
+    if not rows:
+        return ""
+    total = max(r["start_ms"] + r["duration_ms"] for r in rows) or 1.0
+    lines = []
+    for r in rows:
+        left = 100 * r["start_ms"] / total
+        width = max(0.3, 100 * r["duration_ms"] / total)
+        events = f", {r['events']} events" if r["events"] else ""
+        lines.append(
+            "<div style='display:flex;align-items:center;font:12px monospace'>"
+            f"<div style='width:16em;padding-left:{r['depth']}em;white-space:nowrap;"
+            f"overflow:hidden'>{esc(r['name'])}</div>"
+            "<div style='flex:1;position:relative;height:1em;background:#f4f4f4'>"
+            f"<div title='{r['duration_ms']:.2f} ms{events}' style='position:absolute;"
+            f"left:{left:.2f}%;width:{width:.2f}%;height:100%;background:#4a7fb5'></div></div>"
+            f"<div style='width:7em;text-align:right'>{r['duration_ms']:.1f} ms</div></div>"
+        )
+    return "<div><b>trace</b> (last generation)</div>" + "".join(lines)
 
 
 def _message(e: BaseException) -> str:
