@@ -144,41 +144,62 @@ def pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _run_pool(fn, items, workers, retries, progress, carrier) -> Iterator[Outcome]:
+    """A worker process that dies (killed, out of memory) breaks the whole pool: every job in it
+    then fails alike. Those jobs run again, each alone in a fresh pool, so that a death with one
+    job in flight is that job's failed attempt, and one with several costs none of them one."""
     n = len(items)
     done: dict[int, Outcome] = {}
     attempts = [0] * n
     pending = list(range(n))  # not yet submitted, in order
+    suspects: set[int] = set()  # in flight when a pool broke: run alone
     next_out = finished_count = 0
     pool = ProcessPoolExecutor(min(workers, n), mp_context=pool_context())
     running: dict[Future, int] = {}
+
+    def finish(i: int, ok: bool, value: Any) -> None:
+        nonlocal finished_count
+        done[i] = Outcome(i, value if ok else None, None if ok else value, attempts[i])
+        finished_count += 1
+        if progress is not None:
+            progress(finished_count, n)
+
     try:
         while next_out < n:
             while pending and len(running) < 2 * workers:  # a little queued per worker
+                alone = pending[0] in suspects or any(j in suspects for j in running.values())
+                if alone and running:
+                    break
                 i = pending.pop(0)
                 attempts[i] += 1
                 running[pool.submit(_attempt, fn, items[i], carrier)] = i
+                if alone:
+                    break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = [f for f in finished if isinstance(f.exception(), BrokenProcessPool)]
             for fut in finished:
+                if fut in broken:
+                    continue
                 i = running.pop(fut)
-                try:
-                    ok, value = fut.result()
-                except BrokenProcessPool as e:  # the worker died (killed, out of memory)
-                    ok, value = False, f"worker process died: {e}"
+                ok, value = fut.result()
                 if not ok and attempts[i] <= retries:
                     pending.insert(0, i)
-                    continue
-                done[i] = Outcome(i, value if ok else None, None if ok else value, attempts[i])
-                finished_count += 1
-                if progress is not None:
-                    progress(finished_count, n)
-            if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
-                pool.shutdown(cancel_futures=True)  # a broken pool takes no more work
-                for i in running.values():
-                    attempts[i] -= 1  # lost with the pool, not failed: run again
-                    pending.insert(0, i)
-                pending.sort()
+                else:
+                    finish(i, ok, value)
+            if broken:
+                lost = list(running.values())  # the broken ones and any still queued
                 running = {}
+                pool.shutdown(cancel_futures=True)  # a broken pool takes no more work
                 pool = ProcessPoolExecutor(min(workers, n), mp_context=pool_context())
+                if len(lost) == 1 and lost[0] in suspects:
+                    (i,) = lost
+                    if attempts[i] > retries:
+                        finish(i, False, "the worker process died while running this job")
+                        lost = []
+                else:
+                    for i in lost:
+                        attempts[i] -= 1  # not this job's fault, as far as anyone knows
+                    suspects.update(lost)
+                pending = sorted({*pending, *lost})
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1
