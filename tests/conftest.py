@@ -51,14 +51,23 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     run's temporary directory); its workers share the tests' workbench cache."""
     ray = pytest.importorskip("ray", reason="ray is in the dev extra (pip install -e '.[dev]')")
     home = os.environ.get("WORKBENCH_HOME") or str(tmp_path_factory.getbasetemp() / "home")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        runtime_env={"env_vars": {"WORKBENCH_HOME": home}},
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                runtime_env={"env_vars": {"WORKBENCH_HOME": home}},
+                log_to_driver=False,
+                logging_level="WARNING",
+            )
+            break
+        except Exception:
+            # The raylet gives its agents 15 s to start; on a loaded machine they can take
+            # longer (measured: 20 s at a load of 12 on 2 cores). One more try, then fail.
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 

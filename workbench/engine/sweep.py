@@ -72,6 +72,9 @@ class SweepJob:
     warmup_ms: float = 0.0
     rep_ms: float = 20.0
     seed: int = 0
+    # the emulator's OS threads in the worker (None: its default, every CPU): workers that share
+    # a machine's CPUs each take their share rather than all of them
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -154,8 +157,10 @@ def _unhashable(job: SweepJob) -> SweepJob:
 
 def run_job(job: SweepJob) -> dict[str, Any]:
     """The result fields of one job (raises when it fails: the caller records the error)."""
+    from workbench.kernels import emulator
     from workbench.kernels.registry import get as get_kernel
 
+    emulator.set_default_threads(job.threads)
     spec = get_kernel(job.kernel)
     if job.kind == "time":
         target = kb._Target(job.backend, job.warp or 64)
@@ -236,8 +241,11 @@ def iter_sweep(
     """Run ``grid``'s jobs; yield their rows in the grid's order as they complete. ``workers``
     local processes (default: one per CPU), or Ray tasks with ``ray`` (a local cluster unless
     ``ray_address`` names one)."""
-    jobs = grid.jobs()
     n = workers if workers is not None else distribute.cpu_count()
+    distribute.check_workers(n)
+    # A Ray task holds one CPU; local workers share this machine's.
+    threads = 1 if ray else None if n == 1 else max(1, distribute.cpu_count() // n)
+    jobs = [replace(j, threads=threads) for j in grid.jobs()]
     outcomes = distribute.run_jobs(
         run_job, jobs, workers=n, ray=ray, ray_address=ray_address, retries=retries,
         progress=progress, trace_carrier=trace_carrier,
