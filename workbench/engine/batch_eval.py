@@ -193,7 +193,8 @@ def load_done(path: Path, items: Sequence[PromptItem]) -> dict[int, dict[str, An
             continue
         if (
             isinstance(rec, dict)
-            and ids.get(rec.get("index")) == rec.get("id")
+            and isinstance(rec.get("index"), int)
+            and ids.get(rec["index"]) == rec.get("id")
             and rec.get("error") is None
         ):
             done[rec["index"]] = rec
