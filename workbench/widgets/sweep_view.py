@@ -74,7 +74,7 @@ class SweepView(w.VBox):
         self._thread: threading.Thread | None = None
         self._spec_w = w.Text(description="sweep", style=WIDE, layout=w.Layout(width="40em"))
         self._workers_w = w.BoundedIntText(min=1, max=256, description="workers", style=WIDE)
-        self._ray_w = w.Checkbox(description="on Ray")
+        self._ray_w = w.Checkbox(description="on Ray", style=WIDE)
         for name, widget in (("spec", self._spec_w), ("workers", self._workers_w),
                              ("ray", self._ray_w)):  # fmt: skip
             w.link((self, name), (widget, "value"))
