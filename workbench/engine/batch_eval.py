@@ -2,10 +2,11 @@
 
 Each input line is a JSON object with ``prompt`` (raw text) or ``messages`` (a chat, formatted
 with the model's template), and optionally ``id`` (default: the line number) and ``max_tokens``.
-Each output line is ``{"index", "id", "text", "token_ids", "finish_reason", "timings", "error"}``
-(``index``: the prompt's position among the input's prompts; ``timings``: the engine's, per
-prompt). Generation is greedy unless a temperature is given; a sampled prompt's seed is
-``seed + index``, so a prompt's output never depends on which worker ran it.
+Each output line is ``{"index", "id", "worker_pid", "text", "token_ids", "finish_reason",
+"timings", "error"}`` (``index``: the prompt's position among the input's prompts;
+``worker_pid``: the process that generated it; ``timings``: the engine's, per prompt).
+Generation is greedy unless a temperature is given; a sampled prompt's seed is ``seed + index``,
+so a prompt's output never depends on which worker ran it.
 
 Workers each load the model once: in this process (one worker), in a process pool (several), or
 as Ray actors. Prompts are sharded over the workers; a Ray actor that dies is restarted and its
@@ -132,7 +133,7 @@ def generate_one(engine: Any, item: PromptItem, sampling: SamplingSpec) -> dict[
         top_p=sampling.top_p,
         seed=sampling.seed + item.index,
     )
-    record: dict[str, Any] = {"index": item.index, "id": item.id}
+    record: dict[str, Any] = {"index": item.index, "id": item.id, "worker_pid": os.getpid()}
     try:
         if item.messages is not None:
             gen = engine.chat([dict(m) for m in item.messages], config)
@@ -284,7 +285,7 @@ def _generate(spec, sampling, todo, workers, ray, ray_address, progress, on_work
 
 
 def _error_record(item: PromptItem, error: str | None, attempts: int) -> dict[str, Any]:
-    return {"index": item.index, "id": item.id, "text": None, "token_ids": None,
+    return {"index": item.index, "id": item.id, "worker_pid": None, "text": None, "token_ids": None,
             "finish_reason": None, "timings": None,
             "error": f"{error} (after {attempts} attempts)"}  # fmt: skip
 
