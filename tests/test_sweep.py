@@ -163,6 +163,8 @@ def test_cli_sweep_errors(capsys, tmp_path: Path) -> None:
     assert "warps are 32 and/or 64" in capsys.readouterr().err
     assert main(["bench", "kernels", "--workers", "2"]) == 2
     assert "go with --sweep" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--sweep", "kernel=add", "--kernel", "rmsnorm"]) == 2
+    assert "go in the SPEC" in capsys.readouterr().err
     out = tmp_path / "rows.jsonl"
     rc = main(["bench", "kernels", "--sweep", "kernel=matvec_q8_0;shape=rows:4/cols:100",
                "--workers", "1", "-o", str(out)])  # fmt: skip

@@ -159,6 +159,14 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from workbench.engine.kernel_bench import bench_kernels, parse_shape
 
     if args.sweep is not None:
+        if args.kernel or args.all or args.shape or args.json:
+            from workbench.errors import UserError
+
+            raise UserError(
+                "user.bad_option",
+                "with --sweep, kernels and shapes go in the SPEC (kernel=...;shape=...) and the "
+                "output is JSON lines already: drop --kernel, --all, --shape and --json",
+            )
         return cmd_bench_sweep(args)
     if args.workers is not None or args.ray is not None or args.output:
         from workbench.errors import UserError
