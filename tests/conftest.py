@@ -45,6 +45,33 @@ def tiny_model(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["Q8_0"]
 
 
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One small local Ray cluster for the whole run (2 CPUs, no dashboard, its files under the
+    run's temporary directory); its workers share the tests' workbench cache."""
+    ray = pytest.importorskip("ray", reason="ray is in the dev extra (pip install -e '.[dev]')")
+    home = os.environ.get("WORKBENCH_HOME") or str(tmp_path_factory.getbasetemp() / "home")
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                runtime_env={"env_vars": {"WORKBENCH_HOME": home}},
+                log_to_driver=False,
+                logging_level="WARNING",
+            )
+            break
+        except Exception:
+            # The raylet gives its agents 15 s to start; on a loaded machine they can take
+            # longer (measured: 20 s at a load of 12 on 2 cores). One more try, then fail.
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Tests never write into the user's cache unless they ask for the real model."""

@@ -361,3 +361,29 @@ def test_breaker_transitions_and_fallbacks_are_events(recorder: tracing.SpanReco
     assert fallbacks and fallbacks[0] == {"from": "emulator", "to": "numpy"}
     opened = [a for n, a in events if n == "workbench.breaker" and a["new"] == "open"]
     assert opened and opened[0]["breaker"] == "emulator", events
+
+
+def test_sweep_jobs_in_pool_workers_continue_the_callers_trace(
+    otlp: Receiver, monkeypatch: pytest.MonkeyPatch, rng: Any
+) -> None:
+    from workbench.engine.sweep import SweepGrid, sweep
+
+    # Spawned workers set tracing up from their own environment, as on another node.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "wb-test")
+    header, trace_id, parent = traceparent(rng)
+    grid = SweepGrid(kernels=["add"], warps=[32, 64], kinds=["time"], rep_ms=1)
+    with tracing.attach_context({"traceparent": header}):
+        rows = sweep(grid, workers=2)
+    assert list(rows["status"]) == ["ok", "ok"]
+    wait_for(otlp, trace_id, {"workbench.sweep", "workbench.job"})
+    deadline = time.monotonic() + 30
+    while len(jobs := [s for s, _ in otlp.spans(trace_id) if s.name == "workbench.job"]) < 2:
+        assert time.monotonic() < deadline, f"{len(jobs)} job spans arrived, wanted 2"
+        time.sleep(0.05)
+    root = next(s for s, _ in otlp.spans(trace_id) if s.name == "workbench.sweep")
+    assert root.parent_span_id.hex() == parent
+    assert attrs(root.attributes)["workbench.sweep.jobs"] == 2
+    assert {s.parent_span_id for s in jobs} == {root.span_id}
+    assert sorted(attrs(s.attributes)["workbench.warp"] for s in jobs) == [32, 64]
+    assert {attrs(s.attributes)["workbench.kernel"] for s in jobs} == {"add"}

@@ -177,10 +177,10 @@ def test_kernel_timing_shows_no_image_before_the_first_run_and_no_none_in_tables
     assert panel._bars_w.layout.display is None and panel._roof_w.layout.display is None
     assert "None" not in panel._table_w.value  # roof_fraction and bound: "-" on the emulator
     titles = [panel.views.get_title(i) for i in range(len(panel.views.children))]
-    assert titles == ["Timings", "Compare", "Engine profile", "Memory counters"]
+    assert titles == ["Timings", "Compare", "Engine profile", "Memory counters", "Sweep"]
     extra = __import__("ipywidgets").HTML("x")
     panel.add_view("Extra", extra)
-    assert panel.views.children[-1] is extra and panel.views.get_title(4) == "Extra"
+    assert panel.views.children[-1] is extra and panel.views.get_title(5) == "Extra"
 
 
 def test_kernel_timing_reports_a_bad_shape():
@@ -385,3 +385,28 @@ def test_generation_panel_shows_the_last_trace(engine):
         assert panel._trace_w.value == ""
     finally:
         tracing.shutdown()
+def test_sweep_view_runs_a_sweep_from_the_timing_panel_and_plots_it():
+    from workbench.widgets.sweep_view import SweepView, sweep_chart
+
+    panel = KernelTimingPanel()
+    view = panel.sweep
+    assert isinstance(view, SweepView) and view in panel.views.children
+    panel.kernels = ["add", "swiglu"]  # the spec follows the picked kernels
+    assert view.spec.startswith("kernel=add,swiglu;warp=32,64;kind=time")
+    view.spec, view.workers = "kernel=add,swiglu;warp=32,64;kind=time;rep_ms=1", 1
+    assert view.run()
+    _until(lambda: not view.running, "the sweep")
+    assert view.error == ""
+    assert [(r["kernel"], r["warp"], r["status"]) for r in view.rows] == [
+        ("add", 32, "ok"), ("add", 64, "ok"), ("swiglu", 32, "ok"), ("swiglu", 64, "ok")
+    ]  # fmt: skip
+    assert "4 jobs, 0 failed" in view._table_w.value
+    assert view._chart_w.value[:4] == b"\x89PNG"
+    ax = sweep_chart(view.rows).axes[0]
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["add", "swiglu"]
+    assert len(ax.patches) == 4  # a bar per kernel and warp width
+
+    view.spec = "kernel=add;warp=48"
+    view.run()
+    _until(lambda: not view.running, "the sweep")
+    assert "warps are 32 and/or 64" in view.error

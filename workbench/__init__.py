@@ -21,6 +21,8 @@ _EXPORTS = {
     "Engine": "workbench.engine.generate",
     "GenerationConfig": "workbench.engine.generate",
     "WorkbenchError": "workbench.errors",
+    "sweep": "workbench.engine.sweep",
+    "SweepGrid": "workbench.engine.sweep",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 from workbench.errors import WorkbenchError
 
 # Command-group modules, in the order their commands appear in --help.
-GROUPS = ("generate", "models", "kernels_cmd", "bench", "serve", "audit", "report")
+GROUPS = (
+    "generate", "models", "kernels_cmd", "bench", "eval_cmd", "serve", "audit", "report",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,11 +121,79 @@ def register_kernels(bsub: argparse._SubParsersAction) -> None:
     k.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up budget (default 25)")
     k.add_argument("--rep-ms", type=float, default=100.0, help="timed budget (default 100)")
     k.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    s = k.add_argument_group(
+        "sweeps",
+        "--sweep SPEC runs a grid of jobs (kernel x shape x warp x target x kind; kinds: time, "
+        "sanitize, profile, compile) and prints one JSON line per job, in the grid's order, "
+        "with a progress bar on stderr; a failed job is retried once, then printed with "
+        'status "failed" and its error. SPEC is inline, e.g. '
+        "'kernel=rmsnorm,add;warp=32,64;kind=time,profile;target=gfx90a,gfx942' "
+        "(kernel=all: every kernel; shape=rows:576/cols:1536,...), or a JSON file of the same "
+        "keys (docs/scaling.md).",
+    )
+    s.add_argument("--sweep", metavar="SPEC", help="run a sweep (see above)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="local worker processes for --sweep (default: one per CPU; 1: in this process)",
+    )
+    s.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run --sweep as Ray tasks: on the cluster at ADDRESS ('auto': the one this machine "
+        "joined), or a new local cluster without one (needs rocm-workbench[ray])",
+    )
+    s.add_argument("--output", "-o", help="write the JSON lines to this file instead of stdout")
     k.set_defaults(func=cmd_bench_kernels)
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    from workbench.cli.progress import count_progress
+    from workbench.engine.sweep import iter_sweep, parse_spec
+
+    grid = parse_spec(args.sweep)
+    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+    failed = 0
+    try:
+        with count_progress("sweep", unit="job") as progress:
+            for row in iter_sweep(
+                grid,
+                workers=args.workers,
+                ray=args.ray is not None,
+                ray_address=args.ray or None,
+                progress=progress,
+            ):
+                failed += row["status"] != "ok"
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if failed:
+        print(f'{failed} job(s) failed (status "failed", with the error)', file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from workbench.engine.kernel_bench import bench_kernels, parse_shape
+
+    if args.sweep is not None:
+        if args.kernel or args.all or args.shape or args.json:
+            from workbench.errors import UserError
+
+            raise UserError(
+                "user.bad_option",
+                "with --sweep, kernels and shapes go in the SPEC (kernel=...;shape=...) and the "
+                "output is JSON lines already: drop --kernel, --all, --shape and --json",
+            )
+        return cmd_bench_sweep(args)
+    if args.workers is not None or args.ray is not None or args.output:
+        from workbench.errors import UserError
+
+        raise UserError("user.bad_option", "--workers, --ray and --output go with --sweep")
 
     results = bench_kernels(
         args.kernel,

@@ -50,3 +50,21 @@ def phase_progress() -> Iterator[Callable[[str, int, int, str], None]]:
     finally:
         if bar is not None:
             bar.close()
+
+
+@contextmanager
+def count_progress(desc: str, unit: str = "it") -> Iterator[Callable[[int, int], None]]:
+    """A (done, total) callback drawing a bar of ``unit``s on stderr (tqdm's default stream)."""
+    bar: tqdm | None = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit=unit)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()

@@ -92,6 +92,20 @@ SCHEDULES = ("fixed", "random")
 _STAGE_READONLY_BYTES = 64 << 20
 WARP_SIZES = (32, 64)
 MAX_THREADS = 8  # default cap on OS threads running blocks
+# This process's default for modules built without ``threads`` (None: the CPU count, at most
+# MAX_THREADS); `set_default_threads` changes it, e.g. in one of several sweep workers that
+# share the CPUs.
+_default_threads: int | None = None
+
+
+def set_default_threads(threads: int | None) -> None:
+    """OS threads that modules built from now on without ``threads`` run blocks on (None: the
+    CPU count, at most `MAX_THREADS`)."""
+    global _default_threads
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UserError("kernel.bad_option", f"threads must be a positive int, not {threads!r}")
+    _default_threads = threads
+
 
 # --- where things are -------------------------------------------------------------------------
 
@@ -322,7 +336,7 @@ class EmulatorModule:
         self.schedule = schedule
         self.seed = 0 if seed is None else int(seed)
         self.warp_size = warp_size
-        self.threads = threads or max(1, min(os.cpu_count() or 1, MAX_THREADS))
+        self.threads = threads or _default_threads or max(1, min(os.cpu_count() or 1, MAX_THREADS))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 

@@ -17,6 +17,7 @@ _EXPORTS = {
     "GenerationPanel": "workbench.widgets.generation",
     "KernelTimingPanel": "workbench.widgets.kernel_timing",
     "MemoryView": "workbench.widgets.memory_view",
+    "SweepView": "workbench.widgets.sweep_view",
     "RetryStatsPanel": "workbench.widgets.retry_stats",
     "ErrorInspector": "workbench.widgets.errors",
     "Dashboard": "workbench.widgets.dashboard",

@@ -19,7 +19,7 @@ from workbench.engine import kernel_bench as kb
 from workbench.errors import WorkbenchError
 from workbench.kernels.registry import all_kernels
 from workbench.kernels.registry import get as get_kernel
-from workbench.widgets import memory_view
+from workbench.widgets import memory_view, sweep_view
 from workbench.widgets._common import WIDE, chart_layout, esc, figure_png, new_figure
 
 TABLE_COLUMNS = [
@@ -169,7 +169,8 @@ class KernelTimingPanel(w.VBox):
     being timed.
 
     The results are drawn in views, the tabs of ``views`` ("Timings": the table, the bar chart
-    and the roofline one under the other; "Compare"; "Engine profile"); `add_view` adds one.
+    and the roofline one under the other; "Compare"; "Engine profile"; "Memory counters";
+    "Sweep", the `SweepView` ``sweep``); `add_view` adds one.
     """
 
     kernels = t.List(t.Unicode(), default_value=["rmsnorm"])
@@ -277,6 +278,7 @@ class KernelTimingPanel(w.VBox):
         self._show_status()
         self._show_profile()
         self.memory = memory_view.attach(self)  # the same kernel's memory counters, as a tab
+        self.sweep = sweep_view.attach(self)  # a grid of kernel jobs, locally or on Ray
 
     def add_view(self, title: str, widget: w.Widget) -> None:
         """Add a tab to ``views`` (a view of the runs that another module draws)."""
