@@ -385,6 +385,8 @@ def test_generation_panel_shows_the_last_trace(engine):
         assert panel._trace_w.value == ""
     finally:
         tracing.shutdown()
+
+
 def test_sweep_view_runs_a_sweep_from_the_timing_panel_and_plots_it():
     from workbench.widgets.sweep_view import SweepView, sweep_chart
 
