@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from workbench.engine import runner
 from workbench.engine.pages import PagePool, default_kv_cache_mb
 from workbench.engine.results import Generation, GenerationConfig, TokenEvent
@@ -34,7 +36,10 @@ class Batcher:
         self.kv_cache_mb = (
             kv_cache_mb if kv_cache_mb is not None else default_kv_cache_mb(spec, max_batch)
         )
-        self.pool = PagePool(spec, self.kv_cache_mb)
+        be = engine.transformer.backend  # its pages live where its arrays do, in its KV type
+        self.pool = PagePool(
+            spec, self.kv_cache_mb, xp=be.xp, dtype=getattr(be, "kv_dtype", np.float32)
+        )
         self.scheduler = Scheduler(
             self.pool, max_batch=max_batch, prefill_chunk=engine.prefill_chunk
         )
