@@ -61,18 +61,18 @@ def _launch(heads: int, kv_heads: int, lens: Sequence[int]) -> Launch:
     return Launch((kv_heads, chunks, len(lens) * groups), (ops.ATTN_THREADS, 1, 1))
 
 
-def _shape_lens(n: int, t: int) -> list[int]:
+def ragged_lens(n: int, t: int) -> list[int]:
     """The registry shapes' ragged lengths: n sequences from t / n to t keys."""
     return [max(1, t * (s + 1) // n) for s in range(n)]
 
 
 def _shape_launch(n: int, heads: int, kv_heads: int, t: int, **_: int) -> Launch:
-    return _launch(heads, kv_heads, _shape_lens(n, t))
+    return _launch(heads, kv_heads, ragged_lens(n, t))
 
 
 def _cost(n: int, heads: int, head_dim: int, t: int, kv_heads: int = 1, **_: int) -> Cost:
     # every sequence's keys and values once per group slice, its page table, q, out, partials
-    lens = _shape_lens(n, t)
+    lens = ragged_lens(n, t)
     launch = _launch(heads, kv_heads, lens)
     groups, chunks = launch.grid[2] // n, launch.grid[1]
     kv = 2 * sum(lens) * head_dim * kv_heads * groups
@@ -139,7 +139,8 @@ def paged_attention(
     ops._check("v_pool", v_pool, (pages, page_size, kv_heads, hd), k_pool.dtype)
     if hd > ops.ATTN_HD_MAX:
         raise UserError(
-            "user.bad_argument", f"attention kernels support head_dim <= {ops.ATTN_HD_MAX}, not {hd}"
+            "user.bad_argument",
+            f"attention kernels support head_dim <= {ops.ATTN_HD_MAX}, not {hd}",
         )
     if heads % kv_heads:
         raise UserError("user.bad_argument", f"{heads} heads do not group over {kv_heads}")
