@@ -134,7 +134,6 @@ class Batcher:
                     self._end(seq, "error")
                 return len(work)
             self.steps += 1
-            self._publish(len(work))
             eog = self.engine.tokenizer.eog_ids
             for (seq, n), lg in zip(work, logits, strict=True):
                 self.computed_positions += n
@@ -143,6 +142,7 @@ class Batcher:
                     seq.accept(tf.backend.to_host(lg), eog)
                     if seq.finished:
                         self._end(seq, seq.gen.result.finish_reason)  # type: ignore[union-attr]
+            self._publish(len(work))  # after the step: sequences that ended hold no pages
             return len(work)
 
     def _publish(self, size: int) -> None:

@@ -19,6 +19,7 @@ _EXPORTS = {
     "MemoryView": "workbench.widgets.memory_view",
     "RetryStatsPanel": "workbench.widgets.retry_stats",
     "ErrorInspector": "workbench.widgets.errors",
+    "ServingPanel": "workbench.widgets.serving",
     "Dashboard": "workbench.widgets.dashboard",
     "load_ipython_extension": "workbench.widgets.magic",
 }
