@@ -306,11 +306,14 @@ struct wb_matvec_batch {
         for (int u = l; u < units; u += WB_MV_LANES) {
           const int e = u * WB_Q8_1_QK;  // first column of the unit within the tile
           const uint8_t* blk = row + (e / T::QK) * T::BYTES;
-          for (int b = 0; b < n; ++b) {
-            const float d8 = wb_half_to_float((uint16_t)(sd[b][u] & 0xffffu));
-            const float s8 = wb_half_to_float((uint16_t)(sd[b][u] >> 16));
-            acc[b] += wb_matvec<QT>::unit(blk, e % T::QK, reinterpret_cast<const int*>(&sx[b][e]),
-                                          d8, s8);
+#pragma unroll
+          for (int b = 0; b < WB_MB_MAX; ++b) {  // unrolled: acc stays in registers
+            if (b < n) {
+              const float d8 = wb_half_to_float((uint16_t)(sd[b][u] & 0xffffu));
+              const float s8 = wb_half_to_float((uint16_t)(sd[b][u] >> 16));
+              acc[b] += wb_matvec<QT>::unit(blk, e % T::QK,
+                                            reinterpret_cast<const int*>(&sx[b][e]), d8, s8);
+            }
           }
         }
       }
@@ -329,26 +332,33 @@ struct wb_matvec_batch<QT, true> {
     const uint8_t* w = W + (size_t)row * row_bytes;  // (row_bytes,)
     for (int e = (int)threadIdx.x % WB_MV_LANES; e < cols; e += WB_MV_LANES) {
       const float wv = wb_q<QT>::value(w + (size_t)e * wb_q<QT>::BYTES, 0);
-      for (int b = 0; b < n; ++b) acc[b] = fmaf(wv, x[(size_t)b * cols + e], acc[b]);
+#pragma unroll
+      for (int b = 0; b < WB_MB_MAX; ++b) {  // unrolled: acc stays in registers
+        if (b < n) acc[b] = fmaf(wv, x[(size_t)b * cols + e], acc[b]);
+      }
     }
   }
 };
 
 template <int QT>
-__global__ void matvec_batch(const uint8_t* WB_RESTRICT W,   // (rows, row_bytes)
+__global__ WB_LAUNCH_BOUNDS(WB_MV_THREADS) void matvec_batch(const uint8_t* WB_RESTRICT W,   // (rows, row_bytes)
                              const float* WB_RESTRICT x,     // (n, cols)
                              const uint8_t* WB_RESTRICT xq,  // (n, xq_stride) Q8_1 rows
                              float* WB_RESTRICT y,           // (n, rows)
                              int n, int rows, int cols, int row_bytes, int xq_stride) {
   __shared__ float sy[WB_MB_MAX][WB_MV_ROWS];  // the block's results
   float acc[WB_MB_MAX];
+#pragma unroll
   for (int b = 0; b < WB_MB_MAX; ++b) acc[b] = 0.0f;
   wb_matvec_batch<QT>::run(W, x, xq, n, rows, cols, row_bytes, xq_stride, acc);
   const int tid = (int)threadIdx.x, row0 = (int)blockIdx.x * WB_MV_ROWS;
-  for (int b = 0; b < n; ++b) {
-    float a = acc[b];
-    for (int o = WB_MV_LANES / 2; o > 0; o /= 2) a += WB_SHFL_XOR_W(a, o, WB_MV_LANES);
-    if (tid % WB_MV_LANES == 0) sy[b][tid / WB_MV_LANES] = a;
+#pragma unroll
+  for (int b = 0; b < WB_MB_MAX; ++b) {
+    if (b < n) {  // n is the same for the whole block: every lane shuffles
+      float a = acc[b];
+      for (int o = WB_MV_LANES / 2; o > 0; o /= 2) a += WB_SHFL_XOR_W(a, o, WB_MV_LANES);
+      if (tid % WB_MV_LANES == 0) sy[b][tid / WB_MV_LANES] = a;
+    }
   }
   __syncthreads();
   for (int i = tid; i < n * WB_MV_ROWS; i += WB_MV_THREADS) {

@@ -57,6 +57,29 @@ def test_matvec_batch_rows_equal_the_one_row_matvec(warp, qtype, emu_cache, rng,
         assert np.abs(out - ref).max() / scale < 1e-5, where
 
 
+def test_matvec_batch_registry_entries_share_the_matvec_module() -> None:
+    from workbench.gguf.quants import SUPPORTED_TYPES
+    from workbench.kernels import registry
+
+    kernels = registry.all_kernels()
+    path, options, names = qk.module_args("matvec")
+    assert qk.module_args("matvec_batch") == (path, options, names)
+    for q in SUPPORTED_TYPES:
+        spec = kernels[qk.kernel_name("matvec_batch", q)]
+        assert spec.symbol in names and qk.symbol("matvec", q) in names
+        assert str(spec.path) == path and set(spec.options) == set(options)
+        for shape in spec.shapes:
+            assert shape["cols"] % block_layout(q)[0] == 0 and shape["n"] > 1
+            one = kernels[qk.kernel_name("matvec", q)].cost(rows=shape["rows"], cols=shape["cols"])
+            many = spec.cost(**shape)  # the weights once: only x and y grow with n
+            weights = shape["rows"] * row_bytes(q, shape["cols"])
+            assert many.bytes - weights == shape["n"] * (one.bytes - weights)
+    spec = kernels["attention_decode_paged"]
+    for shape in spec.shapes:
+        launch = spec.launch(**shape)
+        assert launch.grid[2] == shape["n"] and launch.block == (256, 1, 1)
+
+
 def test_matvec_batch_refuses_bad_shapes(emu_cache) -> None:
     load = qk.emulator_loader(32, emu_cache)
     raw = np.zeros((4, row_bytes(Q.Q8_0, 64)), np.uint8)
