@@ -148,10 +148,23 @@ WB_KERNEL WB_LAUNCH_BOUNDS(PF_THREADS) void attention_prefill(
 // output elements it owns (e = tid + 256 i of the block's (heads, hd)) by corr and the p's.
 #define DC_GMAX 8  // query heads per decode block (one GQA group, or a slice of a larger one)
 
-WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
-    const float* WB_RESTRICT q, const void* WB_RESTRICT k, const void* WB_RESTRICT v,
-    float* WB_RESTRICT part, int heads, int kv_heads, int hd, int ctx, int t, int chunk,
-    float scale, int kv_half) {
+// Where key j's row of KV head g starts in a cache layer: a contiguous (kv_heads, ctx, hd) layer,
+// or pages of a paged pool (attn_paged_rows, below).
+struct attn_contiguous_rows {
+  size_t kv0;  // (ctx, hd) of KV head g starts here
+  int hd;
+  WB_DEVICE size_t at(const attn_contiguous_rows& a, int j) { return a.kv0 + (size_t)j * a.hd; }
+};
+
+// One decode block (see above): query heads h0 .. h0 + nh - 1 of q (hd each), keys j_begin ..
+// j_end - 1 at the rows ROWS::at gives, its partials written to part_h (per head: chunks x
+// (hd + 2)) at chunk c. j_begin >= j_end (a chunk past a short sequence's end) writes o = 0,
+// m = -inf, l = 0, which the reduction weighs by exp(-inf) = 0 exactly.
+template <class ROWS>
+WB_DEVICE void attn_decode_chunk(const float* WB_RESTRICT q, const void* WB_RESTRICT k,
+                                 const void* WB_RESTRICT v, float* WB_RESTRICT part, int nh,
+                                 int hd, int chunks, int c, int j_begin, int j_end, float scale,
+                                 int kv_half, const ROWS& rows) {
   __shared__ float qs[DC_GMAX][ATTN_HD_MAX];    // the block's queries
   __shared__ float ks[DC_TK][ATTN_HD_MAX + 1];  // key tile (padded: 8 keys at one d per warp step)
   __shared__ float vs[DC_TK][ATTN_HD_MAX];      // value tile
@@ -160,15 +173,7 @@ WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
   __shared__ float corr[DC_GMAX];               // exp(old max - new max) per head
 
   const int tid = (int)threadIdx.x;
-  const int group = heads / kv_heads;
-  const int g = (int)blockIdx.x, c = (int)blockIdx.y;
-  const int h0 = g * group + (int)blockIdx.z * DC_GMAX;  // first query head of the block
-  const int nh = group - (int)blockIdx.z * DC_GMAX < DC_GMAX ? group - (int)blockIdx.z * DC_GMAX
-                                                             : DC_GMAX;
-  const int chunks = (int)gridDim.y;
-  const int j_begin = c * chunk, j_end = j_begin + chunk < t ? j_begin + chunk : t;
-  const size_t kv0 = (size_t)g * ctx * hd;  // (t, hd) of KV head g starts here
-  for (int e = tid; e < nh * hd; e += DC_THREADS) qs[e / hd][e % hd] = q[(size_t)h0 * hd + e];
+  for (int e = tid; e < nh * hd; e += DC_THREADS) qs[e / hd][e % hd] = q[e];
 
   const int key_lane = tid % DC_LANES_PER_KEY, key_slot = tid / DC_LANES_PER_KEY;
   const int pj = tid / DC_TK, pjj = tid % DC_TK;  // the (head, key) this thread turns into p
@@ -181,8 +186,9 @@ WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
     for (int e = tid; e < DC_TK * hd; e += DC_THREADS) {
       const int jj = e / hd, d = e % hd;
       const bool in = j0 + jj < j_end;
-      ks[jj][d] = in ? attn_kv(k, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
-      vs[jj][d] = in ? attn_kv(v, kv0 + (size_t)(j0 + jj) * hd + d, kv_half) : 0.0f;
+      const size_t at = in ? ROWS::at(rows, j0 + jj) + d : 0;
+      ks[jj][d] = in ? attn_kv(k, at, kv_half) : 0.0f;
+      vs[jj][d] = in ? attn_kv(v, at, kv_half) : 0.0f;
     }
     __syncthreads();
     for (int j = 0; j < nh; ++j) {
@@ -221,13 +227,70 @@ WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
   for (int i = 0; i < DC_GMAX * ATTN_HD_MAX / DC_THREADS; ++i) {
     const int e = tid + DC_THREADS * i, j = e / hd, d = e % hd;
     if (j >= nh) break;
-    part[((size_t)(h0 + j) * chunks + c) * (hd + 2) + d] = acc[i];
+    part[((size_t)j * chunks + c) * (hd + 2) + d] = acc[i];
   }
   if (pj < nh && pjj == 0) {
-    float* mh = part + ((size_t)(h0 + pj) * chunks + c) * (hd + 2) + hd;
+    float* mh = part + ((size_t)pj * chunks + c) * (hd + 2) + hd;
     mh[0] = m;
     mh[1] = l;
   }
+}
+
+WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode(
+    const float* WB_RESTRICT q, const void* WB_RESTRICT k, const void* WB_RESTRICT v,
+    float* WB_RESTRICT part, int heads, int kv_heads, int hd, int ctx, int t, int chunk,
+    float scale, int kv_half) {
+  const int group = heads / kv_heads;
+  const int g = (int)blockIdx.x, c = (int)blockIdx.y;
+  const int h0 = g * group + (int)blockIdx.z * DC_GMAX;  // first query head of the block
+  const int left = group - (int)blockIdx.z * DC_GMAX;
+  const int nh = left < DC_GMAX ? left : DC_GMAX;
+  const int j_begin = c * chunk, j_end = j_begin + chunk < t ? j_begin + chunk : t;
+  const attn_contiguous_rows rows = {(size_t)g * ctx * hd, hd};
+  attn_decode_chunk(q + (size_t)h0 * hd, k, v, part + (size_t)h0 * gridDim.y * (hd + 2), nh, hd,
+                    (int)gridDim.y, c, j_begin, j_end, scale, kv_half, rows);
+}
+
+// Paged decode: n sequences at once, each with its own length and page table over one layer of
+// a page pool. Sequence s's key j is row j % page_size of page tables[s][j / page_size]:
+//   q       (n, heads, hd) float32, one query per sequence (its last position)
+//   k, v    (pages, page_size, kv_heads, hd) float32, or fp16 when kv_half (one pool layer)
+//   tables  (n, max_pages) int32     lens (n,) int32, keys of each sequence (>= 1)
+//   chunks  (n,) int32 keys per chunk of each sequence (a multiple of DC_TK)
+//   part    (n, heads, max_chunks, hd + 2): attention_decode's partials per sequence
+//   grid (kv_heads, max_chunks, n * ceil(group / DC_GMAX)), block (256,); then
+//   attention_decode_reduce over n * heads "heads".
+// Each sequence is chunked as attention_decode would chunk it alone (the host picks each chunk
+// from the sequence's own length), so its result is bit-identical to attention_decode on its
+// gathered keys, whatever else is in the batch; chunks past its end weigh nothing.
+struct attn_paged_rows {
+  const int* table;  // (max_pages,) of this sequence
+  int page_size, kv_heads, g, hd;
+  WB_DEVICE size_t at(const attn_paged_rows& a, int j) {
+    const size_t page = (size_t)a.table[j / a.page_size];
+    return ((page * a.page_size + j % a.page_size) * a.kv_heads + a.g) * a.hd;
+  }
+};
+
+WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode_paged(
+    const float* WB_RESTRICT q, const void* WB_RESTRICT k, const void* WB_RESTRICT v,
+    const int* WB_RESTRICT tables, const int* WB_RESTRICT lens, const int* WB_RESTRICT chunk_of,
+    float* WB_RESTRICT part, int heads, int kv_heads, int hd, int page_size, int max_pages,
+    float scale, int kv_half) {
+  const int group = heads / kv_heads;
+  const int zg = (group + DC_GMAX - 1) / DC_GMAX;  // blocks per GQA group
+  const int s = (int)blockIdx.z / zg, z = (int)blockIdx.z % zg;
+  const int g = (int)blockIdx.x, c = (int)blockIdx.y, chunks = (int)gridDim.y;
+  const int h0 = g * group + z * DC_GMAX;
+  const int left = group - z * DC_GMAX;
+  const int nh = left < DC_GMAX ? left : DC_GMAX;
+  const int t = lens[s], chunk = chunk_of[s];
+  const int j_begin = c * chunk < t ? c * chunk : t;
+  const int j_end = j_begin + chunk < t ? j_begin + chunk : t;
+  const attn_paged_rows rows = {tables + (size_t)s * max_pages, page_size, kv_heads, g, hd};
+  const size_t sh = (size_t)s * heads + h0;  // the block's first (sequence, head) row
+  attn_decode_chunk(q + sh * hd, k, v, part + sh * chunks * (hd + 2), nh, hd, chunks, c, j_begin,
+                    j_end, scale, kv_half, rows);
 }
 
 WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode_reduce(

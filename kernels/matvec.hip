@@ -5,6 +5,8 @@
 //   matvec<QT>(W, x, xq, y, rows, cols, row_bytes)    QT: a wb_qtype tag from quant.h
 //   W: (rows, row_bytes) uint8, rows of QT blocks    x: (cols,) float32 (read by the float
 //   types)    xq: x as Q8_1 (read by the quantized types)    y: (rows,) float32
+//   quantize_q8_1_rows(x, xq, cols, xq_stride)       x (n, cols) -> xq (n, xq_stride), row by row
+//   matvec_batch<QT>(W, x, xq, y, n, rows, cols, row_bytes, xq_stride)   y (n, rows): below
 //   quantize_q8_1: block (256,), grid (ceil(cols / 32 * 8 / 256),): 8 lanes per 32-element block
 //   matvec: block (WB_MV_THREADS,), grid (ceil(rows / WB_MV_ROWS),): WB_MV_LANES lanes per row
 //
@@ -38,10 +40,9 @@
 #define WB_MV_TILE 2048                            // columns per tile: 4 Q8_1 blocks per lane
 
 // x -> Q8_1 (see quant.h). Lanes 8b .. 8b+7 take elements 4k .. 4k+3 of block b: one 16-byte
-// load each where x is 16-aligned, max and sum combined by a butterfly of width 8.
-WB_KERNEL void quantize_q8_1(const float* WB_RESTRICT x,  // (cols,)
-                             uint8_t* WB_RESTRICT xq,     // (cols + cols / 8,)
-                             int cols) {
+// load each where x is 16-aligned, max and sum combined by a butterfly of width 8. Thread t of
+// the grid's x dimension takes part t of row blockIdx.y of a batch (quantize_q8_1_rows).
+WB_DEVICE void wb_quantize_q8_1_row(const float* WB_RESTRICT x, uint8_t* WB_RESTRICT xq, int cols) {
   const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
   const int b = t / 8, k = t % 8;
   const bool ok = b < cols / WB_Q8_1_QK;  // no early return: the whole warp shuffles below
@@ -76,6 +77,20 @@ WB_KERNEL void quantize_q8_1(const float* WB_RESTRICT x,  // (cols,)
   }
 }
 
+WB_KERNEL void quantize_q8_1(const float* WB_RESTRICT x,  // (cols,)
+                             uint8_t* WB_RESTRICT xq,     // (cols + cols / 8,)
+                             int cols) {
+  wb_quantize_q8_1_row(x, xq, cols);
+}
+
+// The rows of a batch, each as quantize_q8_1 would: grid (as quantize_q8_1's, n).
+WB_KERNEL void quantize_q8_1_rows(const float* WB_RESTRICT x,  // (n, cols)
+                                  uint8_t* WB_RESTRICT xq,     // (n, xq_stride), 16-aligned rows
+                                  int cols, int xq_stride) {
+  const size_t r = blockIdx.y;
+  wb_quantize_q8_1_row(x + r * (size_t)cols, xq + r * (size_t)xq_stride, cols);
+}
+
 // Stages the 16-byte chunk at byte g of buf (16-aligned address) into dst (16-aligned): one vector
 // load when the chunk lies inside the buffer's size bytes, else only its bytes within the wanted
 // range [start, start + n), one at a time (a chunk sticking out of either end of the buffer).
@@ -87,6 +102,36 @@ WB_DEVICE void wb_stage16(uint8_t* dst, const uint8_t* buf, unsigned long long g
   }
   for (int k = 0; k < 16; ++k)
     if (g + k >= start && g + k < start + n) dst[k] = buf[g + k];
+}
+
+// Stages bytes [off, off + nbytes) of rows row0 .. row0 + WB_MV_ROWS - 1 (those < rows) of W
+// into sw, one range per row `stride` bytes apart; or, when `whole` (a tile holds whole rows), the
+// rows as one range (consecutive rows are consecutive bytes: no chunk is loaded twice). Every
+// thread of the block takes chunks; the caller synchronizes.
+WB_DEVICE void wb_stage_rows(uint8_t* sw, int stride, const uint8_t* W, int rows, int row_bytes,
+                             int row0, int off, int nbytes, bool whole) {
+  const unsigned long long lo = wb_addr(W), hi = lo + (unsigned long long)rows * row_bytes;
+  const int nrows = rows - row0 < WB_MV_ROWS ? rows - row0 : WB_MV_ROWS;
+  const int ranges = whole ? 1 : nrows;
+  const int span = whole ? nrows * row_bytes : nbytes;  // bytes per range
+  const int chunks = (span + 30) / 16;                  // covers any start misalignment
+  for (int i = (int)threadIdx.x; i < ranges * chunks; i += (int)blockDim.x) {
+    const int rr = i / chunks, c = i % chunks;
+    const unsigned long long src =
+        lo + (unsigned long long)(row0 + rr) * row_bytes + (unsigned long long)off;
+    const unsigned long long g = (src & ~15ull) + 16ull * c;
+    if (g < src + span) wb_stage16(sw + rr * stride + 16 * c, W, g - lo, src - lo, span, hi - lo);
+  }
+}
+
+// Where row row0 + r's bytes from `off` begin in what wb_stage_rows staged.
+WB_DEVICE const uint8_t* wb_staged_row(const uint8_t* sw, int stride, const uint8_t* W,
+                                       int row_bytes, int row0, int r, int off, bool whole) {
+  const unsigned long long lo = wb_addr(W);
+  if (whole) return sw + (int)((lo + (unsigned long long)row0 * row_bytes) & 15) + r * row_bytes;
+  const unsigned long long src =
+      lo + (unsigned long long)(row0 + r) * row_bytes + (unsigned long long)off;
+  return sw + r * stride + (int)(src & 15);
 }
 
 // Four codes of a staged block as the bytes of an int (every type's codes fit int8).
@@ -151,40 +196,21 @@ struct wb_matvec {
     const int r = tid / WB_MV_LANES, l = tid % WB_MV_LANES;
     const int row0 = (int)blockIdx.x * WB_MV_ROWS;
     const int nb = cols / T::QK;
-    const unsigned long long lo = wb_addr(W), hi = lo + (unsigned long long)rows * row_bytes;
     const uint32_t* ds = wb_q8_1_ds(xq, cols);
     float acc = 0.0f;
     for (int b0 = 0; b0 < nb; b0 += BLOCKS) {
       const int nbt = nb - b0 < BLOCKS ? nb - b0 : BLOCKS;  // blocks in this tile
       const int nbytes = nbt * T::BYTES;
       const int units = nbt * T::QK / WB_Q8_1_QK;
-      // Stage the tile: one range per row, or, when a tile holds whole rows, the block's rows as
-      // one range (consecutive rows are consecutive bytes: no chunk is loaded twice).
-      const bool whole = nb <= BLOCKS;
-      const int nrows = rows - row0 < WB_MV_ROWS ? rows - row0 : WB_MV_ROWS;
-      const int ranges = whole ? 1 : nrows;
-      const int span = whole ? nrows * row_bytes : nbytes;  // bytes per range
-      const int chunks = (span + 30) / 16;                  // covers any start misalignment
-      for (int i = tid; i < ranges * chunks; i += WB_MV_THREADS) {
-        const int rr = i / chunks, c = i % chunks;
-        const unsigned long long src =
-            lo + (unsigned long long)(row0 + rr) * row_bytes + (unsigned long long)b0 * T::BYTES;
-        const unsigned long long g = (src & ~15ull) + 16ull * c;
-        if (g < src + span) {
-          wb_stage16(sw + rr * STRIDE + 16 * c, W, g - lo, src - lo, span, hi - lo);
-        }
-      }
+      wb_stage_rows(sw, STRIDE, W, rows, row_bytes, row0, b0 * T::BYTES, nbytes, nb <= BLOCKS);
       const uint8_t* xt = xq + b0 * T::QK;
       for (int i = tid; i < units * 2; i += WB_MV_THREADS)
         *reinterpret_cast<wb_u32x4*>(sx + 16 * i) = wb_ld16(xt + 16 * i);
       for (int i = tid; i < units; i += WB_MV_THREADS) sd[i] = ds[b0 * T::QK / WB_Q8_1_QK + i];
       __syncthreads();
       if (row0 + r < rows) {
-        const unsigned long long src =
-            lo + (unsigned long long)(row0 + r) * row_bytes + (unsigned long long)b0 * T::BYTES;
-        const uint8_t* row = whole ? sw + (int)((lo + (unsigned long long)row0 * row_bytes) & 15) +
-                                         r * row_bytes
-                                   : sw + r * STRIDE + (int)(src & 15);
+        const uint8_t* row =
+            wb_staged_row(sw, STRIDE, W, row_bytes, row0, r, b0 * T::BYTES, nb <= BLOCKS);
         for (int u = l; u < units; u += WB_MV_LANES) {
           const int e = u * WB_Q8_1_QK;  // first column of the unit within the tile
           const float d8 = wb_half_to_float((uint16_t)(sd[u] & 0xffffu));
@@ -229,9 +255,127 @@ __global__ void matvec(const uint8_t* WB_RESTRICT W,   // (rows, row_bytes)
   if (tid < WB_MV_ROWS && row0 + tid < rows) y[row0 + tid] = sy[tid];
 }
 
+// matvec_batch<QT>(W, x, xq, y, n, rows, cols, row_bytes, xq_stride): Y = X @ W.T for the n
+// rows of X (decode tokens of n sequences), n <= WB_MB_MAX. The block shape is matvec's (16 rows
+// of W, 16 lanes each) and every weight block is staged into shared memory once per tile for all
+// n rows of X: the weights are read once whatever n. Each (row of W, row of X) accumulates
+// exactly as matvec does (lane l takes the Q8_1 units l, l + 16, ... in ascending order, then the
+// same butterfly; the float types fmaf over l, l + 16, ...), so row b of Y is bit-identical to
+// matvec of row b alone: a sequence's logits do not depend on what it is batched with.
+//   x: (n, cols) float32 (the float types)    xq: (n, xq_stride) Q8_1 rows from
+//   quantize_q8_1_rows, xq_stride a multiple of 16    y: (n, rows) float32
+//   grid (ceil(rows / WB_MV_ROWS),), block (WB_MV_THREADS,)
+#define WB_MB_MAX 32    // rows of X per launch (the wrapper splits larger batches)
+#define WB_MB_TILE 512  // columns per tile: WB_MV_LANES Q8_1 units, one per lane of a row
+
+template <int QT, bool IS_FLOAT = wb_q<QT>::IS_FLOAT>
+struct wb_matvec_batch {
+  typedef wb_q<QT> T;
+  static constexpr int BLOCKS = WB_MB_TILE / T::QK;                  // QT blocks per row per tile
+  static constexpr int STRIDE = (BLOCKS * T::BYTES + 31) / 16 * 16;  // staged bytes per row
+  static constexpr int UNITS = WB_MB_TILE / WB_Q8_1_QK;              // Q8_1 units per tile
+
+  WB_DEVICE void run(const uint8_t* W, const float*, const uint8_t* xq, int n, int rows, int cols,
+                     int row_bytes, int xq_stride, float* acc) {
+    __shared__ WB_ALIGN(16) uint8_t sw[WB_MV_ROWS * STRIDE];       // staged rows of the tile
+    __shared__ WB_ALIGN(16) uint8_t sx[WB_MB_MAX][WB_MB_TILE];     // X's codes of the tile
+    __shared__ uint32_t sd[WB_MB_MAX][UNITS];                      // X's (d, s) of the tile
+    const int tid = (int)threadIdx.x;
+    const int r = tid / WB_MV_LANES, l = tid % WB_MV_LANES;
+    const int row0 = (int)blockIdx.x * WB_MV_ROWS;
+    const int nb = cols / T::QK;
+    for (int b0 = 0; b0 < nb; b0 += BLOCKS) {
+      const int nbt = nb - b0 < BLOCKS ? nb - b0 : BLOCKS;  // blocks in this tile
+      const int units = nbt * T::QK / WB_Q8_1_QK;
+      const int u0 = b0 * T::QK / WB_Q8_1_QK;  // the tile's first unit
+      wb_stage_rows(sw, STRIDE, W, rows, row_bytes, row0, b0 * T::BYTES, nbt * T::BYTES,
+                    nb <= BLOCKS);
+      for (int i = tid; i < n * units * 2; i += WB_MV_THREADS) {
+        const int b = i / (units * 2), c = i % (units * 2);
+        *reinterpret_cast<wb_u32x4*>(&sx[b][16 * c]) =
+            wb_ld16(xq + (size_t)b * xq_stride + (size_t)u0 * WB_Q8_1_QK + 16 * c);
+      }
+      for (int i = tid; i < n * units; i += WB_MV_THREADS) {
+        const int b = i / units, u = i % units;
+        sd[b][u] = wb_q8_1_ds(xq + (size_t)b * xq_stride, cols)[u0 + u];
+      }
+      __syncthreads();
+      if (row0 + r < rows) {
+        const uint8_t* row =
+            wb_staged_row(sw, STRIDE, W, row_bytes, row0, r, b0 * T::BYTES, nb <= BLOCKS);
+        for (int u = l; u < units; u += WB_MV_LANES) {
+          const int e = u * WB_Q8_1_QK;  // first column of the unit within the tile
+          const uint8_t* blk = row + (e / T::QK) * T::BYTES;
+#pragma unroll
+          for (int b = 0; b < WB_MB_MAX; ++b) {  // unrolled: acc stays in registers
+            if (b < n) {
+              const float d8 = wb_half_to_float((uint16_t)(sd[b][u] & 0xffffu));
+              const float s8 = wb_half_to_float((uint16_t)(sd[b][u] >> 16));
+              acc[b] += wb_matvec<QT>::unit(blk, e % T::QK,
+                                            reinterpret_cast<const int*>(&sx[b][e]), d8, s8);
+            }
+          }
+        }
+      }
+      __syncthreads();  // the next tile overwrites the staging buffers
+    }
+  }
+};
+
+// The float types: each weight element is loaded once and multiplied into every row of X.
+template <int QT>
+struct wb_matvec_batch<QT, true> {
+  WB_DEVICE void run(const uint8_t* W, const float* x, const uint8_t*, int n, int rows, int cols,
+                     int row_bytes, int, float* acc) {
+    const int row = (int)blockIdx.x * WB_MV_ROWS + (int)threadIdx.x / WB_MV_LANES;
+    if (row >= rows) return;
+    const uint8_t* w = W + (size_t)row * row_bytes;  // (row_bytes,)
+    for (int e = (int)threadIdx.x % WB_MV_LANES; e < cols; e += WB_MV_LANES) {
+      const float wv = wb_q<QT>::value(w + (size_t)e * wb_q<QT>::BYTES, 0);
+#pragma unroll
+      for (int b = 0; b < WB_MB_MAX; ++b) {  // unrolled: acc stays in registers
+        if (b < n) acc[b] = fmaf(wv, x[(size_t)b * cols + e], acc[b]);
+      }
+    }
+  }
+};
+
+template <int QT>
+__global__ WB_LAUNCH_BOUNDS(WB_MV_THREADS) void matvec_batch(const uint8_t* WB_RESTRICT W,   // (rows, row_bytes)
+                             const float* WB_RESTRICT x,     // (n, cols)
+                             const uint8_t* WB_RESTRICT xq,  // (n, xq_stride) Q8_1 rows
+                             float* WB_RESTRICT y,           // (n, rows)
+                             int n, int rows, int cols, int row_bytes, int xq_stride) {
+  __shared__ float sy[WB_MB_MAX][WB_MV_ROWS];  // the block's results
+  float acc[WB_MB_MAX];
+#pragma unroll
+  for (int b = 0; b < WB_MB_MAX; ++b) acc[b] = 0.0f;
+  wb_matvec_batch<QT>::run(W, x, xq, n, rows, cols, row_bytes, xq_stride, acc);
+  const int tid = (int)threadIdx.x, row0 = (int)blockIdx.x * WB_MV_ROWS;
+#pragma unroll
+  for (int b = 0; b < WB_MB_MAX; ++b) {
+    if (b < n) {  // n is the same for the whole block: every lane shuffles
+      float a = acc[b];
+      for (int o = WB_MV_LANES / 2; o > 0; o /= 2) a += WB_SHFL_XOR_W(a, o, WB_MV_LANES);
+      if (tid % WB_MV_LANES == 0) sy[b][tid / WB_MV_LANES] = a;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < n * WB_MV_ROWS; i += WB_MV_THREADS) {
+    const int b = i / WB_MV_ROWS, rr = i % WB_MV_ROWS;
+    if (row0 + rr < rows) y[(size_t)b * rows + row0 + rr] = sy[b][rr];
+  }
+}
+
 #define WB_INSTANCE(QT)                                                                     \
   template __global__ void matvec<QT>(const uint8_t* WB_RESTRICT, const float* WB_RESTRICT, \
                                       const uint8_t* WB_RESTRICT, float* WB_RESTRICT, int,  \
                                       int, int);
+WB_FOR_EACH_QTYPE(WB_INSTANCE)
+#undef WB_INSTANCE
+#define WB_INSTANCE(QT)                                                                          \
+  template __global__ void matvec_batch<QT>(const uint8_t* WB_RESTRICT, const float* WB_RESTRICT, \
+                                            const uint8_t* WB_RESTRICT, float* WB_RESTRICT, int,  \
+                                            int, int, int, int);
 WB_FOR_EACH_QTYPE(WB_INSTANCE)
 #undef WB_INSTANCE

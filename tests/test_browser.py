@@ -329,7 +329,7 @@ def test_notebook_runs_and_every_widget_looks_finished(lab, browser_context, nam
             panel.screenshot(path=str(ARTIFACTS / "02-kernel-timing-compare.png"))
         elif name.startswith("03-"):
             tabs = page.locator(WIDGET_OUTPUT).last.locator(".widget-tab").first
-            for title in ("Generate", "Kernel timing", "Retries", "Errors"):
+            for title in ("Generate", "Kernel timing", "Retries", "Errors", "Serving"):
                 assert tabs.get_by_text(title, exact=False).count() > 0, f"no {title!r} tab"
     finally:
         shutdown(page)

@@ -17,6 +17,7 @@ from workbench.widgets import (
     GenerationPanel,
     KernelTimingPanel,
     RetryStatsPanel,
+    ServingPanel,
 )
 from workbench.widgets.kernel_timing import shape_text
 
@@ -273,9 +274,10 @@ def test_error_inspector_filters_and_shows_a_compile_error_beside_its_lines():
     panel.close()
 
 
-def test_dashboard_puts_four_panels_over_one_engine(engine):
+def test_dashboard_puts_five_panels_over_one_engine(engine):
     dash = Dashboard(engine)
-    assert len(dash.tabs.children) == 4
+    assert len(dash.tabs.children) == 5
+    assert dash.serving.engine is engine
     assert dash.generation.engine is dash.retry_stats.engine is engine
     assert dash.errors.error_log is engine.error_log
     assert "tiny" in dash._header.value
@@ -412,3 +414,30 @@ def test_sweep_view_runs_a_sweep_from_the_timing_panel_and_plots_it():
     view.run()
     _until(lambda: not view.running, "the sweep")
     assert "warps are 32 and/or 64" in view.error
+def test_serving_view_shows_the_batch_metrics_the_server_exports(tiny_model):
+    """Running/waiting sequences, KV page use, prefix hits and preemptions as /metrics has them:
+    a step of three sequences, then a prompt that shares a cached prefix."""
+    engine = Engine(tiny_model, backend="numpy", max_batch=2)
+    panel = ServingPanel(engine)
+    assert not panel.has_data and "no batch step yet" in panel._figures_w.value
+    prefix = [5 + i % 50 for i in range(40)]  # two full pages and a bit
+    cfg = GenerationConfig(temperature=0.0, max_tokens=3)
+    gens = [engine.submit([*prefix, 7, 8], cfg), engine.submit([9, 10, 11], cfg)]
+    gens.append(engine.submit([12, 13], cfg))  # beyond max_batch: waits
+    engine.batcher.step()
+    panel.refresh()
+    state = engine.batcher.state()
+    assert panel.has_data and panel.steps == 1
+    assert (panel.running, panel.waiting) == (state["running"], state["waiting"]) == (2, 1)
+    assert panel.pages_used == state["pages_used"] < panel.pages_total == state["pages_total"]
+    assert panel.pages_used >= 3 and panel._pages_w.value == panel.pages_used
+    for g in gens:
+        g.run()
+    engine.submit([*prefix, 20], cfg).run()  # its first two pages come from the prefix cache
+    panel.refresh()
+    assert panel.prefix_hit_tokens == engine.batcher.state()["prefix_hit_tokens"] >= 32
+    assert panel.running == panel.waiting == 0 and panel.preemptions == 0
+    assert panel.mean_batch > 1.0
+    assert "prefix-cache hit tokens" in panel._figures_w.value
+    assert f"{panel.pages_used} / {panel.pages_total}" in panel._figures_w.value
+    panel.close()

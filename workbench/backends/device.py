@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType
 from workbench.errors import UserError, WorkbenchError
 from workbench.gguf.reader import ModelSpec, Tensor
 from workbench.kernels import ops_kernels as ops
+from workbench.kernels import paged_kernels as pk
 from workbench.kernels import quant_kernels as qk
 from workbench.runtime import faults
 from workbench.runtime.classify import classify
@@ -153,6 +154,25 @@ class DeviceBackend:
             return out[None, :]
         out = xp.empty((n, rows), dtype=xp.float32)
         return qk.launch_matmul(self._quant, w.qtype, x, w.data, out)
+
+    def linear_rows(self, w: DeviceWeight, x: Any) -> Any:
+        """x (n, cols), n decoding rows -> (n, rows): each row exactly as `linear` of that row
+        alone (the one-row matvec), the weights read once for up to 32 rows."""
+        xp = self.xp
+        x = xp.ascontiguousarray(x)
+        if x.shape[0] == 1:
+            return self.linear(w, x)
+        out = xp.empty((x.shape[0], w.shape[0]), dtype=xp.float32)
+        return qk.launch_matvec_batch(self._quant, w.qtype, w.data, x, out)
+
+    def paged_attention(
+        self, q: Any, k_pool: Any, v_pool: Any, tables: list[list[int]], lens: list[int]
+    ) -> Any:
+        """q (n, heads, hd), the last position of each of n sequences; k_pool, v_pool one layer
+        of the page pool (pages, page_size, kv_heads, hd) -> (n, heads*hd). Sequence s attends to
+        its keys 0..lens[s]-1 through its page table, as `attention` on its gathered keys."""
+        q = self.xp.ascontiguousarray(q)
+        return pk.paged_attention(self._m("attention.hip"), q, k_pool, v_pool, tables, lens)
 
     def rmsnorm(self, x: Any, w: DeviceWeight, eps: float) -> Any:
         x = self.xp.ascontiguousarray(x)

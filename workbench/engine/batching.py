@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from workbench.engine import runner
 from workbench.engine.pages import PagePool, default_kv_cache_mb
 from workbench.engine.results import Generation, GenerationConfig, TokenEvent
@@ -35,7 +37,10 @@ class Batcher:
         self.kv_cache_mb = (
             kv_cache_mb if kv_cache_mb is not None else default_kv_cache_mb(spec, max_batch)
         )
-        self.pool = PagePool(spec, self.kv_cache_mb)
+        be = engine.transformer.backend  # its pages live where its arrays do, in its KV type
+        self.pool = PagePool(
+            spec, self.kv_cache_mb, xp=be.xp, dtype=getattr(be, "kv_dtype", np.float32)
+        )
         self.scheduler = Scheduler(
             self.pool, max_batch=max_batch, prefill_chunk=engine.prefill_chunk
         )
@@ -141,7 +146,6 @@ class Batcher:
                     self._end(seq, "error")
                 return len(work)
             self.steps += 1
-            self._publish(len(work))
             eog = self.engine.tokenizer.eog_ids
             for (seq, n), lg in zip(work, logits, strict=True):
                 self.computed_positions += n
@@ -150,6 +154,7 @@ class Batcher:
                     seq.accept(tf.backend.to_host(lg), eog)
                     if seq.finished:
                         self._end(seq, seq.gen.result.finish_reason)  # type: ignore[union-attr]
+            self._publish(len(work))  # after the step: sequences that ended hold no pages
             return len(work)
 
     def _publish(self, size: int) -> None:

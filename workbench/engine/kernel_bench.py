@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType
 from workbench.errors import UserError
 from workbench.gguf.quants import block_layout
 from workbench.kernels import ops_kernels as ops
+from workbench.kernels import paged_kernels as pk
 from workbench.kernels import quant_kernels as qk
 from workbench.kernels.registry import KernelSpec, all_kernels
 from workbench.kernels.registry import get as get_kernel
@@ -223,6 +224,10 @@ def _quant_factory(spec: KernelSpec, t: _Target, s: Mapping[str, int]) -> Callab
     if op == "matvec":
         raw, x, out = _blocks(xp, qtype, rows, cols), _randn(xp, cols), xp.empty(rows, np.float32)
         return lambda: qk.launch_matvec(t.quant, qtype, raw, x, out, t.warp_size)
+    if op == "matvec_batch":
+        raw, x = _blocks(xp, qtype, rows, cols), _randn(xp, s["n"], cols)
+        out = xp.empty((s["n"], rows), np.float32)
+        return lambda: qk.launch_matvec_batch(t.quant, qtype, raw, x, out)
     n = s["n"]
     x, raw = _randn(xp, n, cols), _blocks(xp, qtype, rows, cols)
     out = xp.empty((n, rows), np.float32)
@@ -250,6 +255,15 @@ def _ops_factory(spec: KernelSpec, t: _Target, s: Mapping[str, int]) -> Callable
             return lambda: ops.attention(m, q, kc, vc, s["t"] - 1)
         q = _randn(xp, s["n"], s["heads"], s["head_dim"])
         return lambda: ops.attention_prefill(m, q, kc, vc, s.get("start", 0))
+    if name == "attention_decode_paged":  # n sequences of ragged lengths, pages shuffled
+        n, p = s["n"], s["page_size"]
+        lens = pk.ragged_lens(n, s["t"])
+        need = [-(-t // p) for t in lens]
+        perm = np.random.default_rng().permutation(sum(need)).tolist()
+        tables = [perm[sum(need[:i]) : sum(need[: i + 1])] for i in range(n)]
+        pool = (sum(need), p, s["kv_heads"], s["head_dim"])
+        q, kp, vp = _randn(xp, n, s["heads"], s["head_dim"]), _randn(xp, *pool), _randn(xp, *pool)
+        return lambda: pk.paged_attention(m, q, kp, vp, tables, lens)
     if name in ("swiglu", "add"):
         a, b = _randn(xp, s["count"]), _randn(xp, s["count"])
         out = xp.empty_like(a)
@@ -307,6 +321,7 @@ _QUANT_FALLBACK_SHAPES = {
     "get_rows": {"n": 1, "rows": 49152, "cols": 1536},
     "matvec": {"rows": 576, "cols": 1536},
     "matmul": {"n": 64, "rows": 576, "cols": 1536},
+    "matvec_batch": {"n": 8, "rows": 576, "cols": 1536},
 }
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 OPERATIONS = (
     "embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add",
-    "sample_token",  # device backends only
+    "sample_token", "linear_rows", "paged_attention",  # device backends only
 )  # fmt: skip
 
 
@@ -35,6 +35,11 @@ def kernel_name(op: str, args: tuple[Any, ...]) -> str:
     if op == "linear":
         w, x = args
         return f"{'matvec' if x.shape[0] == 1 else 'matmul'}_{w.qtype.name.lower()}"
+    if op == "linear_rows":
+        w, x = args
+        return f"{'matvec' if x.shape[0] == 1 else 'matvec_batch'}_{w.qtype.name.lower()}"
+    if op == "paged_attention":
+        return "attention_decode_paged"
     if op == "embed":
         return f"get_rows_{args[0].qtype.name.lower()}"
     if op == "attention":
@@ -48,7 +53,7 @@ def kernel_name(op: str, args: tuple[Any, ...]) -> str:
 
 def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
     """(bytes, flops) of the operations that dominate a forward pass; None where not modelled."""
-    if op == "linear":
+    if op in ("linear", "linear_rows"):  # the weights once, whatever the rows
         w, x = args
         n, (rows, cols) = x.shape[0], w.shape
         return int(w.data.nbytes) + 4 * n * (cols + rows), 2 * n * rows * cols

@@ -22,9 +22,9 @@ PAGE_SIZE = 16  # positions per page
 DEFAULT_KV_CACHE_MB_CAP = 512  # the default budget never asks for more than this
 
 
-def bytes_per_position(spec: Any) -> int:
-    """Keys and values of every layer for one position, float32."""
-    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * 4
+def bytes_per_position(spec: Any, itemsize: int = 4) -> int:
+    """Keys and values of every layer for one position, of ``itemsize`` bytes each (float32: 4)."""
+    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * itemsize
 
 
 def default_kv_cache_mb(spec: Any, max_batch: int) -> float:
@@ -40,22 +40,28 @@ def chain_hash(prev: int, tokens: Sequence[int]) -> int:
 
 
 class PagePool:
-    """Pages of keys and values for all layers, handed out to sequences by page table."""
+    """Pages of keys and values for all layers, handed out to sequences by page table.
 
-    def __init__(self, spec: Any, kv_cache_mb: float, xp: Any = np) -> None:
-        n_pages = int(kv_cache_mb * 2**20 // (bytes_per_position(spec) * PAGE_SIZE))
+    ``xp`` and ``dtype`` are the backend's array module and KV element type (a device backend
+    keeps the pages on the device, in fp16 by default: twice the pages for the same budget)."""
+
+    def __init__(
+        self, spec: Any, kv_cache_mb: float, xp: Any = np, dtype: Any = np.float32
+    ) -> None:
+        page_bytes = bytes_per_position(spec, np.dtype(dtype).itemsize) * PAGE_SIZE
+        n_pages = int(kv_cache_mb * 2**20 // page_bytes)
         if n_pages < 1:
             raise UserError(
                 "user.bad_kv_cache_mb",
                 f"a KV cache of {kv_cache_mb} MiB holds no page of {PAGE_SIZE} positions "
-                f"({bytes_per_position(spec) * PAGE_SIZE} bytes each)",
+                f"({page_bytes} bytes each)",
             )
         self.n_pages = n_pages
         self.xp = xp
         shape = (spec.n_layers, n_pages, PAGE_SIZE, spec.n_kv_heads, spec.head_dim)
         # np.zeros commits memory as pages are first written: an idle budget costs nothing.
-        self.k = xp.zeros(shape, dtype=xp.float32)  # (layer, page, PAGE_SIZE, kv_heads, hd)
-        self.v = xp.zeros(shape, dtype=xp.float32)  # (layer, page, PAGE_SIZE, kv_heads, hd)
+        self.k = xp.zeros(shape, dtype=dtype)  # (layer, page, PAGE_SIZE, kv_heads, hd)
+        self.v = xp.zeros(shape, dtype=dtype)  # (layer, page, PAGE_SIZE, kv_heads, hd)
         self.refs = [0] * n_pages
         self.key: list[int | None] = [None] * n_pages  # hash-chain key of a full, computed page
         self.by_key: dict[int, int] = {}  # key -> page
@@ -133,18 +139,19 @@ class PagePool:
         self.hit_tokens += len(pages) * PAGE_SIZE
 
     def write(self, layer: int, table: Sequence[int], start: int, k: Any, v: Any) -> None:
-        """Store k, v (n, kv_heads, hd) of positions start..start+n-1 through a page table."""
+        """Store k, v (n, kv_heads, hd) of positions start..start+n-1 through a page table
+        (an fp16 pool rounds to nearest even, as the device's kv_append)."""
         n = k.shape[0]
         pos = np.arange(start, start + n)
-        pages = np.asarray(table, dtype=np.int64)[pos // PAGE_SIZE]
-        rows = pos % PAGE_SIZE
+        pages = self.xp.asarray(np.asarray(table, dtype=np.int64)[pos // PAGE_SIZE])
+        rows = self.xp.asarray(pos % PAGE_SIZE)
         self.k[layer, pages, rows] = k
         self.v[layer, pages, rows] = v
 
     def gather(self, layer: int, table: Sequence[int], length: int) -> tuple[Any, Any]:
         """Keys and values of positions 0..length-1, each (kv_heads, length, hd), contiguous."""
         n_pages = -(-length // PAGE_SIZE)
-        idx = np.asarray(table[:n_pages], dtype=np.int64)
+        idx = self.xp.asarray(np.asarray(table[:n_pages], dtype=np.int64))
         k = self.k[layer, idx].reshape(n_pages * PAGE_SIZE, *self.k.shape[3:])[:length]
         v = self.v[layer, idx].reshape(n_pages * PAGE_SIZE, *self.v.shape[3:])[:length]
         return (

@@ -16,6 +16,10 @@ matmul     ``matmul<WB_Q4_1>``               x (n, cols), raw W (rows, row_bytes
                                              FP16 matrix cores (MFMA) on `MFMA_ARCHS`
 =========  ================================  ====================================================
 
+and in matvec.hip's module, ``matvec_batch<WB_Q4_1>`` (registry ``matvec_batch_q4_1``): x (n, cols),
+n <= `MAX_BATCH`, raw W -> (n, rows), each weight block read once for all n rows, and row b
+bit-identical to matvec of x[b] alone (``quantize_q8_1_rows`` quantizes the rows first).
+
 Registry names are ``<operation>_<type>``, e.g. ``matvec_q4_1``. dequant and get_rows are
 bit-identical to ``gguf.quants.dequantize``; matvec and matmul accumulate in float32 (see the
 sources for the order) and their references are float64. The quantized types' matvec computes
@@ -59,6 +63,7 @@ __all__ = [
     "launch_matmul",
     "launch_matvec",
     "matmul_fp16_reference",
+    "launch_matvec_batch",
     "matvec_q8_reference",
     "module_args",
     "quantize_q8_1_reference",
@@ -76,6 +81,7 @@ QUANTIZE_THREADS = 256  # quantize_q8_1: 8 lanes per Q8_1 block
 MM_TM, MM_TN, MM_THREADS = 32, 64, 256  # matmul.hip's WB_MM_TM, WB_MM_TN, WB_MM_THREADS
 # The AMD targets whose matmul runs on matrix cores (wb.h's WB_HAS_MFMA: LLVM's mai-insts).
 MFMA_ARCHS = ("gfx908", "gfx90a", "gfx940", "gfx941", "gfx942", "gfx950")
+MAX_BATCH = 32  # matvec_batch: rows of x per launch (matvec.hip's WB_MB_MAX)
 
 # A module: ``get_function(name)`` returns a kernel callable as ``(grid, block, args,
 # shared_mem=0)``. A loader builds (and caches) a module from (path, options, name expressions).
@@ -104,12 +110,19 @@ def gguf_defines() -> dict[str, int]:
     return out
 
 
+# Operations whose source is another operation's (one module holds both).
+SHARED_SOURCE = {"matvec_batch": "matvec"}
+
+
 def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """(source path, options, name expressions for all types): one module per operation."""
+    """(source path, options, name expressions for all types): one module per source, so an
+    operation of `SHARED_SOURCE` gets the module of the operation it shares a source with."""
+    op = SHARED_SOURCE.get(op, op)
     if op not in OPERATIONS:
         raise UserError("user.unknown_kernel", f"no quantized operation {op!r} ({OPERATIONS})")
     options = (*(f"-D{k}={v}" for k, v in gguf_defines().items()), f"-I{kernels_dir()}")
-    names = tuple(symbol(op, q) for q in SUPPORTED_TYPES)
+    ops = (op, *(o for o, base in SHARED_SOURCE.items() if base == op))
+    names = tuple(symbol(o, q) for o in ops for q in SUPPORTED_TYPES)
     return str(kernels_dir() / SOURCES[op]), options, names
 
 
@@ -175,6 +188,10 @@ def matvec_launch(*, rows: int, **_: Any) -> Launch:
 
 def quantize_launch(*, cols: int, **_: Any) -> Launch:
     return Launch((_cdiv(cols // Q8_1_QK * 8, QUANTIZE_THREADS), 1, 1), (QUANTIZE_THREADS, 1, 1))
+
+
+def quantize_rows_launch(*, n: int, cols: int, **_: Any) -> Launch:
+    return Launch((_cdiv(cols // Q8_1_QK * 8, QUANTIZE_THREADS), n, 1), (QUANTIZE_THREADS, 1, 1))
 
 
 def is_integer_path(qtype: GGMLQuantizationType) -> bool:
@@ -243,6 +260,15 @@ def matvec_q8_reference(raw: np.ndarray, x: np.ndarray, qtype: GGMLQuantizationT
     return y
 
 
+def matvec_batch_reference(
+    raw: np.ndarray, x: np.ndarray, qtype: GGMLQuantizationType
+) -> np.ndarray:
+    """raw (rows, row_bytes), x (n, cols) -> (n, rows) float64: each row of x as the single-row
+    matvec's reference (`matvec_q8_reference` for the quantized types)."""
+    one = matvec_q8_reference if is_integer_path(qtype) else matvec_reference
+    return np.stack([one(raw, row, qtype) for row in np.asarray(x, np.float32)])
+
+
 def matmul_reference(x: np.ndarray, raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """x (n, cols), raw (rows, row_bytes) -> x @ W.T (n, rows) in float64."""
     return x.astype(np.float64) @ dequant_reference(raw, qtype).astype(np.float64).T
@@ -269,6 +295,8 @@ def _cost_fn(op: str, qtype: GGMLQuantizationType) -> Callable[..., Cost]:
             return Cost(bytes=n * 4 + n * w + n * cols * 4, flops=n * cols)
         if op == "matvec":  # every block once, x, y
             return Cost(bytes=rows * w + cols * 4 + rows * 4, flops=2 * rows * cols)
+        if op == "matvec_batch":  # every block once for all n rows of x
+            return Cost(bytes=rows * w + n * cols * 4 + n * rows * 4, flops=2 * n * rows * cols)
         return Cost(bytes=rows * w + n * cols * 4 + n * rows * 4, flops=2 * n * rows * cols)
 
     return cost
@@ -289,6 +317,8 @@ def _shapes(op: str, qtype: GGMLQuantizationType) -> tuple[Mapping[str, int], ..
         return tuple({"n": n, "rows": _VOCAB, "cols": 576} for n in (1, 64) if 576 % qk == 0)
     if op == "matmul":
         return tuple({"n": 64, "rows": r, "cols": c} for r, c in mats)
+    if op == "matvec_batch":
+        return tuple({"n": 8, "rows": r, "cols": c} for r, c in mats)
     return tuple({"rows": r, "cols": c} for r, c in mats)
 
 
@@ -297,18 +327,22 @@ _DESCRIPTIONS = {
     "get_rows": "embedding lookup from a {t} table, bit-identical to gguf's dequantize",
     "matvec": "y = W @ x on {t} blocks: x as Q8_1, 16-byte staged loads, integer dot products",
     "matmul": "y = x @ W.T, {t} tiles dequantized into shared memory, float32 accumulation",
+    "matvec_batch": "Y = X @ W.T for 2-32 decode rows on {t} blocks, each block read once, "
+    "each row bit-identical to matvec",
 }
 _LAUNCHES = {
     "dequant": dequant_launch,
     "get_rows": get_rows_launch,
     "matvec": matvec_launch,
     "matmul": matmul_launch,
+    "matvec_batch": matvec_launch,
 }
 _REFERENCES = {
     "dequant": dequant_reference,
     "get_rows": get_rows_reference,
     "matvec": matvec_reference,
     "matmul": matmul_reference,
+    "matvec_batch": matvec_batch_reference,
 }
 
 
@@ -319,12 +353,12 @@ def _reference(op: str, qtype: GGMLQuantizationType) -> Callable[..., np.ndarray
 
 
 def _register_all() -> None:
-    for op in OPERATIONS:
+    for op in (*OPERATIONS, *SHARED_SOURCE):
         for q in SUPPORTED_TYPES:
             register(
                 KernelSpec(
                     name=kernel_name(op, q),
-                    source=SOURCES[op],
+                    source=SOURCES[SHARED_SOURCE.get(op, op)],
                     symbol=symbol(op, q),
                     launch=_LAUNCHES[op],
                     reference=functools.partial(_reference(op, q), qtype=q),
@@ -454,4 +488,31 @@ def launch_matmul(
     _check("out", out, np.float32, (n, rows))
     args = (x, raw, out, np.int32(n), np.int32(rows), np.int32(cols), np.int32(raw.shape[1]))
     _run(_kernel(loader, "matmul", qtype), matmul_launch(n=n, rows=rows), args)
+    return out
+
+
+def launch_matvec_batch(
+    loader: ModuleLoader, qtype: GGMLQuantizationType, raw: Any, x: Any, out: Any
+) -> Any:
+    """raw (rows, row_bytes) uint8, x (n, cols) float32 -> out (n, rows) float32 = x @ W.T, row b
+    bit-identical to `launch_matvec` of x[b]. Any n: launches of up to `MAX_BATCH` rows, each
+    reading the weights once."""
+    cols = _cols(qtype, raw)
+    rows, n = raw.shape[0], x.shape[0]
+    _check("raw", raw, np.uint8, tuple(raw.shape))
+    _check("x", x, np.float32, (n, cols))
+    _check("out", out, np.float32, (n, rows))
+    module = loader(*module_args("matvec"))
+    stride = _cdiv(cols + cols // 8, 16) * 16  # Q8_1 row, padded: every row 16-aligned
+    for b0 in range(0, n, MAX_BATCH):
+        xb, ob = x[b0 : b0 + MAX_BATCH], out[b0 : b0 + MAX_BATCH]  # contiguous row ranges
+        nb = xb.shape[0]
+        xq = xb  # the float types never read it
+        if is_integer_path(qtype) and cols:
+            xq = _aligned_bytes(x, nb * stride).reshape(nb, stride)  # (nb, stride) Q8_1 rows
+            _run(module.get_function("quantize_q8_1_rows"), quantize_rows_launch(n=nb, cols=cols),
+                 (xb, xq, np.int32(cols), np.int32(stride)))  # fmt: skip
+        args = (raw, xb, xq, ob, np.int32(nb), np.int32(rows), np.int32(cols),
+                np.int32(raw.shape[1]), np.int32(stride))  # fmt: skip
+        _run(_kernel(loader, "matvec_batch", qtype), matvec_launch(rows=rows), args)
     return out

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType
 from workbench.errors import UserError
 from workbench.gguf.quants import block_layout
 from workbench.kernels import ops_kernels as ops
+from workbench.kernels import paged_kernels as pk
 from workbench.kernels import quant_kernels as qk
 from workbench.kernels.instrument import TOOLS, KernelReport, check_tools
 from workbench.kernels.registry import KernelSpec, all_kernels, kernels_dir
@@ -31,6 +32,7 @@ QUANT_SHAPES = {
     "get_rows": {"n": 2, "rows": 5, "cols": 512},
     "matvec": {"rows": 5, "cols": 512},
     "matmul": {"n": 3, "rows": 5, "cols": 512},
+    "matvec_batch": {"n": 3, "rows": 5, "cols": 768},  # a full tile and a partial one
 }
 
 
@@ -147,6 +149,9 @@ def _quant_example(
     elif op == "matvec":
         raw, x = _blocks(rng, qtype, rows, cols), _randn(rng, cols)
         qk.launch_matvec(load, qtype, raw, x, np.empty(rows, np.float32), warp)
+    elif op == "matvec_batch":
+        raw, x = _blocks(rng, qtype, rows, cols), _randn(rng, s["n"], cols)
+        qk.launch_matvec_batch(load, qtype, raw, x, np.empty((s["n"], rows), np.float32))
     else:
         x, raw = _randn(rng, s["n"], cols), _blocks(rng, qtype, rows, cols)
         qk.launch_matmul(load, qtype, x, raw, np.empty((s["n"], rows), np.float32))
@@ -168,6 +173,11 @@ def _ops_example(spec: KernelSpec, m: Any, rng: np.random.Generator) -> None:
             ops.attention(m, _randn(rng, 1, 4, 16), kc, vc, 6)
         else:
             ops.attention_prefill(m, _randn(rng, 5, 4, 16), kc, vc, 3)
+    elif name == "attention_decode_paged":  # ragged: one key, a page and a bit, pages shuffled
+        pool = (7, 4, 2, 16)  # (pages, page_size, kv_heads, head_dim)
+        tables = [[5], [2, 0, 6], [3, 1]]
+        pk.paged_attention(m, _randn(rng, 3, 4, 16), _randn(rng, *pool), _randn(rng, *pool),
+                           tables, [1, 9, 8])  # fmt: skip
     elif name in ("swiglu", "add"):
         fn = ops.swiglu if name == "swiglu" else ops.add
         fn(m, _randn(rng, 1000), _randn(rng, 1000))

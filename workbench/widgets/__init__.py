@@ -20,6 +20,7 @@ _EXPORTS = {
     "SweepView": "workbench.widgets.sweep_view",
     "RetryStatsPanel": "workbench.widgets.retry_stats",
     "ErrorInspector": "workbench.widgets.errors",
+    "ServingPanel": "workbench.widgets.serving",
     "Dashboard": "workbench.widgets.dashboard",
     "load_ipython_extension": "workbench.widgets.magic",
 }

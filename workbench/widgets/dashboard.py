@@ -1,4 +1,4 @@
-"""`Dashboard`: the four panels as tabs over one engine."""
+"""`Dashboard`: the five panels as tabs over one engine."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from workbench.widgets.errors import ErrorInspector
 from workbench.widgets.generation import GenerationPanel
 from workbench.widgets.kernel_timing import KernelTimingPanel
 from workbench.widgets.retry_stats import RetryStatsPanel
+from workbench.widgets.serving import ServingPanel
 
-TITLES = ("Generate", "Kernel timing", "Retries & faults", "Errors")
+TITLES = ("Generate", "Kernel timing", "Retries & faults", "Errors", "Serving")
 
 
 class Dashboard(w.VBox):
-    """Tabs: ``generation``, ``kernel_timing``, ``retry_stats``, ``errors`` (the panels)."""
+    """Tabs: ``generation``, ``kernel_timing``, ``retry_stats``, ``errors``, ``serving`` (the
+    panels)."""
 
     def __init__(self, engine: Any, **kwargs: Any) -> None:
         self.engine = engine
@@ -24,12 +26,10 @@ class Dashboard(w.VBox):
         self.kernel_timing = KernelTimingPanel(engine)
         self.retry_stats = RetryStatsPanel(engine)
         self.errors = ErrorInspector(engine)
-        self.tabs = w.Tab(
-            children=[self.generation, self.kernel_timing, self.retry_stats, self.errors],
-            titles=TITLES,
-        )
+        self.serving = ServingPanel(engine)
+        self.tabs = w.Tab(children=self._panels(), titles=TITLES)
         self._header = w.HTML(self._header_html())
-        # Refresh the retry and error views when their tab is opened.
+        # Refresh the retry, error and serving views when their tab is opened.
         self.tabs.observe(self._on_tab, names="selected_index")
         super().__init__([self._header, self.tabs], **kwargs)
 
@@ -46,8 +46,13 @@ class Dashboard(w.VBox):
             self.retry_stats.refresh()
         elif change["new"] == 3:
             self.errors.refresh()
+        elif change["new"] == 4:
+            self.serving.refresh()
+
+    def _panels(self) -> list[Any]:
+        return [self.generation, self.kernel_timing, self.retry_stats, self.errors, self.serving]
 
     def close(self) -> None:
-        for panel in (self.generation, self.kernel_timing, self.retry_stats, self.errors):
+        for panel in self._panels():
             panel.close()
         super().close()
