@@ -414,6 +414,8 @@ def test_sweep_view_runs_a_sweep_from_the_timing_panel_and_plots_it():
     view.run()
     _until(lambda: not view.running, "the sweep")
     assert "warps are 32 and/or 64" in view.error
+
+
 def test_serving_view_shows_the_batch_metrics_the_server_exports(tiny_model):
     """Running/waiting sequences, KV page use, prefix hits and preemptions as /metrics has them:
     a step of three sequences, then a prompt that shares a cached prefix."""
