@@ -63,6 +63,7 @@ __all__ = [
 
 OPERATIONS = ("dequant", "get_rows", "matvec", "matmul")
 SOURCES = {op: f"{op}.hip" for op in OPERATIONS}
+FUSED = ("matvec_fused", "rmsnorm_q8_1", "quantize_q8_1")  # symbols of matvec.hip's module
 
 # Launch constants; they must match the sources.
 ELEMENTWISE_THREADS = 256  # dequant, get_rows: threads per block along a row
@@ -99,11 +100,15 @@ def gguf_defines() -> dict[str, int]:
 
 
 def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """(source path, options, name expressions for all types): one module per operation."""
+    """(source path, options, name expressions for all types): one module per operation (the
+    fused decode kernels, `fused_kernels`, live in matvec's)."""
+    op = "matvec" if op in FUSED else op
     if op not in OPERATIONS:
         raise UserError("user.unknown_kernel", f"no quantized operation {op!r} ({OPERATIONS})")
     options = (*(f"-D{k}={v}" for k, v in gguf_defines().items()), f"-I{kernels_dir()}")
     names = tuple(symbol(op, q) for q in SUPPORTED_TYPES)
+    if op == "matvec":  # matvec.hip also holds the decode step's fused products
+        names += tuple(symbol("matvec_fused", q) for q in SUPPORTED_TYPES)
     return str(kernels_dir() / SOURCES[op]), options, names
 
 

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 # Modules whose import registers kernels. Each owns its own sources.
-KERNEL_MODULES = ("workbench.kernels.quant_kernels", "workbench.kernels.ops_kernels")
+KERNEL_MODULES = (
+    "workbench.kernels.quant_kernels",
+    "workbench.kernels.ops_kernels",
+    "workbench.kernels.fused_kernels",
+)
 
 
 @dataclass(frozen=True)
