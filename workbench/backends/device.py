@@ -242,7 +242,7 @@ class DeviceBackend:
         buf = self._scratch.get(key)
         if buf is None:
             if np.dtype(dtype) == np.uint8:  # Q8_1: 16-aligned
-                buf = fk.q8_1_buffer(self.xp.empty(1, np.float32), n)
+                buf = qk._aligned_bytes(self.xp.empty(1, np.float32), n)
             else:
                 buf = self.xp.zeros(n, dtype=dtype)
             self._scratch[key] = buf
