@@ -405,7 +405,7 @@ WB_KERNEL WB_LAUNCH_BOUNDS(WB_MV_THREADS) void rmsnorm_q8_1(const float* WB_REST
 #define WB_MV_SPLIT 0   // y_m = W_m x for up to three matrices (Q, K, V) by block ranges:
                         // blocks [0, B0) -> W0, [B0, B0 + B1) -> W1, the rest -> W2
 #define WB_MV_SWIGLU 1  // y0 = silu(W0 x) * (W1 x) (gate, up): a block stages 8 rows of each
-#define WB_MV_ADD 2     // y0 += W0 x (the residual stream)
+#define WB_MV_ADD 2     // y0 = y1 + W0 x (the residual stream; y1 may be y0: in place)
 // tail (after every block has written y0, the last block to finish runs it on the whole of y0):
 //   0 none, 1 y0 -> Q8_1 in tq, 2 th = rmsnorm(y0) * tw and th -> Q8_1 in tq (tq_on: quantize)
 // "Last block": each block fences its stores (__threadfence) and counts itself on *counter; the
@@ -415,7 +415,7 @@ __global__ void matvec_fused(const uint8_t* WB_RESTRICT W0, const uint8_t* WB_RE
                              const uint8_t* WB_RESTRICT W2,
                              const float* WB_RESTRICT x,     // (cols,)
                              const uint8_t* WB_RESTRICT xq,  // (cols + cols / 8,) Q8_1
-                             float* y0, float* WB_RESTRICT y1, float* WB_RESTRICT y2,
+                             float* y0, float* y1, float* WB_RESTRICT y2,
                              int rows0, int rows1, int rows2, int cols, int row_bytes, int mode,
                              int tail, const float* WB_RESTRICT tw, float eps, int tq_on,
                              float* WB_RESTRICT th, uint8_t* WB_RESTRICT tq,
@@ -440,7 +440,7 @@ __global__ void matvec_fused(const uint8_t* WB_RESTRICT W0, const uint8_t* WB_RE
     const int row0 = (blk - (m == 0 ? 0 : m == 1 ? nb0 : nb0 + nb1)) * WB_MV_ROWS;
     wb_matvec_rows<QT>(wb_mv_one(W, rows, row0), x, xq, cols, row_bytes, sy);
     if (tid < WB_MV_ROWS && row0 + tid < rows)
-      y[row0 + tid] = mode == WB_MV_ADD ? y[row0 + tid] + sy[tid] : sy[tid];
+      y[row0 + tid] = mode == WB_MV_ADD ? y1[row0 + tid] + sy[tid] : sy[tid];
   }
   if (!tail) return;
   __threadfence();  // this block's y0 stores reach device scope before it is counted
@@ -459,8 +459,8 @@ __global__ void matvec_fused(const uint8_t* WB_RESTRICT W0, const uint8_t* WB_RE
                                       int, int);                                               \
   template __global__ void matvec_fused<QT>(                                                   \
       const uint8_t* WB_RESTRICT, const uint8_t* WB_RESTRICT, const uint8_t* WB_RESTRICT,      \
-      const float* WB_RESTRICT, const uint8_t* WB_RESTRICT, float*, float* WB_RESTRICT,        \
-      float* WB_RESTRICT, int, int, int, int, int, int, int, const float* WB_RESTRICT, float, \
+      const float* WB_RESTRICT, const uint8_t* WB_RESTRICT, float*, float*, float* WB_RESTRICT, \
+      int, int, int, int, int, int, int, const float* WB_RESTRICT, float, \
       int, float* WB_RESTRICT, uint8_t* WB_RESTRICT, unsigned int*);
 WB_FOR_EACH_QTYPE(WB_INSTANCE)
 #undef WB_INSTANCE

@@ -50,11 +50,12 @@ WB_KERNEL void rope_neox(float* x, int n, int heads, int head_dim, int rope_dim,
 }
 
 // The decode step's RoPE fused with the KV-cache write (one launch instead of rope q, rope k and
-// kv_append): q (heads, head_dim) is rotated in place, k (kv_heads, head_dim) is rotated into row
+// kv_append): q (heads, head_dim) is rotated into q_out (may be q: in place; a separate buffer
+// makes a repeated launch give the same result), k (kv_heads, head_dim) is rotated into row
 // pos of k_cache and v copied into row pos of v_cache, both (kv_heads, ctx, head_dim) float32 or,
 // when kv_half != 0, fp16 (rounded to nearest even, as kv_append). One thread per element of the
 // (heads + 2 * kv_heads) rows of head_dim, grid-stride; the rotation is rope_impl's expression.
-WB_KERNEL void rope_kv(float* WB_RESTRICT q, const float* WB_RESTRICT k,
+WB_KERNEL void rope_kv(const float* q, float* q_out, const float* WB_RESTRICT k,
                        const float* WB_RESTRICT v, void* WB_RESTRICT k_cache,
                        void* WB_RESTRICT v_cache, int heads, int kv_heads, int head_dim,
                        int rope_dim, int neox, int pos, const float* WB_RESTRICT table,
@@ -72,11 +73,14 @@ WB_KERNEL void rope_kv(float* WB_RESTRICT q, const float* WB_RESTRICT k,
     const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
     if (row < heads) {  // q: the pair's first thread turns both of its elements
       if (rot && first) {
-        float* h = q + (size_t)row * head_dim;
+        const float* h = q + (size_t)row * head_dim;
+        float* o = q_out + (size_t)row * head_dim;
         const float c = cs[2 * i], s = cs[2 * i + 1];
         const float x0 = h[i0], x1 = h[i1];
-        h[i0] = x0 * c - x1 * s;
-        h[i1] = x0 * s + x1 * c;
+        o[i0] = x0 * c - x1 * s;
+        o[i1] = x0 * s + x1 * c;
+      } else if (!rot) {
+        q_out[(size_t)row * head_dim + d] = q[(size_t)row * head_dim + d];
       }
       continue;
     }

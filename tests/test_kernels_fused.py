@@ -156,6 +156,9 @@ def test_residual_add_with_norm_tail(
         )  # fmt: skip
         assert counter[0] == 0
     assert np.array_equal(y, res + _plain(loader, qtype, raw, x)), f"seed={seed}"
+    y2 = np.full(rows, np.nan, np.float32)  # out of place: the residual read from another buffer
+    fk.launch_matvec_fused(loader, qtype, [raw], x, _xq(x), [y2], mode="add", residual=res)
+    assert np.array_equal(y2, y), f"seed={seed}"
     (ref,) = fk.matvec_fused_reference([raw], x, qtype, mode="add", residual=res)
     assert _close(y, ref), f"seed={seed}"
     h2, q2 = np.empty(rows, np.float32), fk.q8_1_buffer(x, rows)
@@ -211,6 +214,10 @@ def test_rope_kv_is_rope_then_kv_append(
         kc, vc = (rng.standard_normal((kv_heads, ctx, hd)).astype(dtype) for _ in range(2))
         q2, kc2, vc2 = q.copy(), kc.copy(), vc.copy()
         ops.rope_kv(m, q2, k, v, kc2, vc2, pos, mode=mode, rope_dim=rope_dim, table=table)
+        q_out = np.full_like(q, np.nan)  # out of place: every element written, q unchanged
+        ops.rope_kv(m, q, k, v, kc.copy(), vc.copy(), pos, mode=mode, rope_dim=rope_dim,
+                    table=table, q_out=q_out)  # fmt: skip
+        assert np.array_equal(q_out, q2), f"seed={seed}"
         q3, k3, kc3, vc3 = q.copy()[None], k.copy()[None], kc.copy(), vc.copy()
         ops.rope(m, q3, pos, mode=mode, rope_dim=rope_dim, base=10000.0, table=table)
         ops.rope(m, k3, pos, mode=mode, rope_dim=rope_dim, base=10000.0, table=table)

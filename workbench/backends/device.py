@@ -288,13 +288,15 @@ class DeviceBackend:
         start: int,
         spec: ModelSpec,
         factors: DeviceWeight | None,
-    ) -> None:
-        """RoPE of q (in place) and k, and k, v into the cache at position start: one launch."""
+    ) -> Any:
+        """RoPE of q and k, and k, v into the cache at position start: one launch. Returns the
+        rotated q (another buffer: a retried launch computes the same)."""
         hd = spec.head_dim
-        ops.rope_kv(
+        return ops.rope_kv(
             self._m("rope.hip"), q.reshape(-1, hd), k.reshape(-1, hd), v.reshape(-1, hd),
             k_cache, v_cache, start, mode=spec.rope_mode, rope_dim=spec.rope_dim,
             table=self._rope_table(spec, factors, start + 1),
+            q_out=self._buf("q.rot", q.size).reshape(-1, hd),
         )  # fmt: skip
 
     def attention_quant(self, q: Any, k_cache: Any, v_cache: Any, start: int) -> Activation:
@@ -322,13 +324,18 @@ class DeviceBackend:
     def linear_add(
         self, w: DeviceWeight, act: Activation, x: Any, norm: DeviceWeight, eps: float
     ) -> Activation:
-        """x += W @ act in place (x: (1, rows)), then rmsnorm(x) * norm as an `Activation`, by the
-        last block of the same launch."""
-        kw, out = self._tail(w.shape[0], norm, eps)
+        """(x + W @ act, rmsnorm of it * norm as an `Activation`): one launch, the norm by its last
+        block. x: (rows,) or (1, rows); the sum goes to another buffer than x, so that a retried
+        launch (after a failed synchronisation) computes the same."""
+        rows = w.shape[0]
+        kw, out = self._tail(rows, norm, eps)
+        a = self._buf("x.a", rows)
+        x_new = self._buf("x.b", rows) if x is a else a
         fk.launch_matvec_fused(
-            self._quant, w.qtype, [w.data], act.h, act.xq, [x.reshape(-1)], mode="add", **kw
-        )
-        return out
+            self._quant, w.qtype, [w.data], act.h, act.xq, [x_new], mode="add",
+            residual=x.reshape(-1), **kw,
+        )  # fmt: skip
+        return x_new, out
 
     def linear_swiglu(self, wg: DeviceWeight, wu: DeviceWeight, act: Activation) -> Activation:
         """silu(Wg @ act) * (Wu @ act) as an `Activation` (quantized by the last block)."""

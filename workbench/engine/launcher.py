@@ -63,7 +63,7 @@ def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
         n, (rows, cols) = x.shape[0], w.shape
         return int(w.data.nbytes) + 4 * n * (cols + rows), 2 * n * rows * cols
     if op in _FUSED_LINEAR:  # the matrices, the input once, the outputs
-        ws = [a for a in args if hasattr(a, "qtype")]
+        ws = [a for a in args if hasattr(a, "qtype") and len(a.shape) == 2]  # not the norm
         cols = ws[0].shape[1]
         rows = sum(w.shape[0] for w in ws)
         nbytes = sum(int(w.data.nbytes) for w in ws) + 4 * (cols + rows)

@@ -170,11 +170,13 @@ def launch_matvec_fused(
     tail_h: Any | None = None,
     tail_q: Any | None = None,
     counter: Any | None = None,
+    residual: Any | None = None,
 ) -> None:
     """One matvec_fused launch.
 
     raws: 1..3 (rows_m, row_bytes) uint8 matrices of ``qtype`` sharing cols (split: y_m = W_m x;
-    swiglu: two of one shape, y0 = silu(W0 x) * (W1 x); add: one, y0 += W0 x). x (cols,) float32;
+    swiglu: two of one shape, y0 = silu(W0 x) * (W1 x); add: one, y0 = residual + W0 x, residual
+    (rows0,) defaulting to y0 itself: in place). x (cols,) float32;
     xq its Q8_1 (the quantized types read only xq, the float types only x). ys: split one per
     matrix, otherwise one (rows0,) float32. tail (needs ``counter``, a (1,) uint32 of zeros that
     the kernel leaves at zero): "quant" writes y0 as Q8_1 into tail_q; "norm" writes
@@ -200,6 +202,9 @@ def launch_matvec_fused(
         _check(f"ys[{i}]", y, np.float32, (rows[i],))
     mats = [*raws, *[raws[0]] * (3 - len(raws))]
     outs = [*ys, *[ys[0]] * (3 - len(ys))]
+    if mode == "add" and residual is not None:
+        _check("residual", residual, np.float32, (rows[0],))
+        outs[1] = residual
     counts = [*rows, *[0] * (3 - len(rows))]
     if mode != "split":
         counts[1:] = [rows[-1] if mode == "swiglu" else 0, 0]

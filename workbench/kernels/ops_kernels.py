@@ -521,14 +521,18 @@ def rope_kv(
     rope_dim: int,
     table: Array,
     table_pos0: int = 0,
-) -> None:
-    """One decode position: q (heads, hd) rotated in place, k (kv_heads, hd) rotated into row
-    pos of k_cache and v copied into row pos of v_cache ((kv_heads, ctx, hd) float32 or fp16);
-    ``table`` as `rope`'s. The same values as `rope` of q and k, then `kv_append`."""
+    q_out: Array | None = None,
+) -> Array:
+    """One decode position: q (heads, hd) rotated into q_out (default: q itself, in place),
+    k (kv_heads, hd) rotated into row pos of k_cache and v copied into row pos of v_cache
+    ((kv_heads, ctx, hd) float32 or fp16); ``table`` as `rope`'s. The same values as `rope` of
+    q and k, then `kv_append`. Returns q_out."""
     heads, hd = q.shape
     kv_heads = k.shape[0]
     ctx = k_cache.shape[1]
     _check("q", q)
+    q_out = q if q_out is None else q_out
+    _check("q_out", q_out, (heads, hd))
     _check("k", k, (kv_heads, hd))
     _check("v", v, (kv_heads, hd))
     kv_half = _kv_half(k_cache)
@@ -545,9 +549,11 @@ def rope_kv(
         raise UserError("user.bad_argument", f"RoPE table does not cover position {pos}")
     if not 0 <= pos < ctx:
         raise UserError("user.context_overflow", f"position {pos} does not fit {ctx}")
-    args = (q, k, v, k_cache, v_cache, *_i32(heads, kv_heads, hd, rope_dim, mode == "neox", pos))
-    args += (table, *_i32(table_pos0, ctx), kv_half)
+    args = (q, q_out, k, v, k_cache, v_cache)
+    args += (*_i32(heads, kv_heads, hd, rope_dim, mode == "neox", pos), table)
+    args += (*_i32(table_pos0, ctx), kv_half)
     _launch(module, "rope_kv", _rope_kv_launch(heads, kv_heads, hd), args)
+    return q_out
 
 
 def _host(a: Array) -> np.ndarray:
