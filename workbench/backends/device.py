@@ -300,9 +300,9 @@ class DeviceBackend:
         )  # fmt: skip
 
     def attention_quant(self, q: Any, k_cache: Any, v_cache: Any, start: int) -> Activation:
-        """Decode attention of q (heads*hd,) whose merge also writes its output as Q8_1."""
+        """Decode attention of q (heads, hd) whose merge also writes its output as Q8_1."""
         hd = k_cache.shape[2]
-        n = q.shape[-1]
+        n = q.size  # heads * hd
         act = self._act("att", n)
         out = act.h.reshape(1, n)
         ops.attention(
