@@ -293,20 +293,52 @@ WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode_paged(
                     j_end, scale, kv_half, rows);
 }
 
-WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode_reduce(
-    const float* WB_RESTRICT part, float* WB_RESTRICT out, int heads, int hd, int chunks) {
-  const int h = (int)blockIdx.x;
+// Head h's merged output element d (see attention_decode_reduce).
+WB_DEVICE float attn_reduce(const float* part, int h, int hd, int chunks, int d) {
   const float* ph = part + (size_t)h * chunks * (hd + 2);  // (chunks, hd + 2)
   float mx = attn_neg_inf();
   for (int c = 0; c < chunks; ++c) mx = fmaxf(mx, ph[(size_t)c * (hd + 2) + hd]);
-  for (int d = (int)threadIdx.x; d < hd; d += DC_THREADS) {
-    float o = 0.0f, s = 0.0f;
-    for (int c = 0; c < chunks; ++c) {
-      const float* pc = ph + (size_t)c * (hd + 2);
-      const float w = expf(pc[hd] - mx);
-      o = fmaf(w, pc[d], o);
-      s = fmaf(w, pc[hd + 1], s);
-    }
-    out[(size_t)h * hd + d] = o / s;
+  float o = 0.0f, s = 0.0f;
+  for (int c = 0; c < chunks; ++c) {
+    const float* pc = ph + (size_t)c * (hd + 2);
+    const float w = expf(pc[hd] - mx);
+    o = fmaf(w, pc[d], o);
+    s = fmaf(w, pc[hd + 1], s);
+  }
+  return o / s;
+}
+
+WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode_reduce(
+    const float* WB_RESTRICT part, float* WB_RESTRICT out, int heads, int hd, int chunks) {
+  const int h = (int)blockIdx.x;
+  for (int d = (int)threadIdx.x; d < hd; d += DC_THREADS)
+    out[(size_t)h * hd + d] = attn_reduce(part, h, hd, chunks, d);
+}
+
+// attention_decode_reduce fused with the Q8_1 quantization of its output (the input of the output
+// projection's integer matvec): grid (ceil(heads * hd / 256),), thread e of the flattened
+// (heads * hd,) output merges its element, and each Q8_1 block of 32 is held by 32 consecutive
+// threads (one element each) that combine max and sum by a butterfly of width 32 (heads * hd
+// % 32 == 0; a block may span heads). xq: (heads * hd * 9 / 8,) laid out as quant.h's Q8_1; the
+// same bits as quantize_q8_1 of out.
+WB_KERNEL WB_LAUNCH_BOUNDS(DC_THREADS) void attention_decode_reduce_q8_1(
+    const float* WB_RESTRICT part, float* WB_RESTRICT out, uint8_t* WB_RESTRICT xq, int heads,
+    int hd, int chunks) {
+  const int cols = heads * hd, e = (int)(blockIdx.x * DC_THREADS + threadIdx.x);
+  const bool ok = e < cols;
+  const float val = ok ? attn_reduce(part, e / hd, hd, chunks, e % hd) : 0.0f;
+  if (ok) out[e] = val;
+  float amax = fabsf(val);
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, WB_SHFL_XOR_W(amax, o, 32));
+  const float dq = amax / 127.0f;
+  const int q = amax == 0.0f ? 0 : (int)roundf(val / dq);
+  int sum = q;
+  for (int o = 16; o > 0; o /= 2) sum += WB_SHFL_XOR_W(sum, o, 32);
+  if (!ok) return;
+  xq[e] = (uint8_t)(q & 255);
+  if (e % 32 == 0) {
+    const uint32_t ds = (uint32_t)wb_float_to_half(dq) |
+                        ((uint32_t)wb_float_to_half(dq * (float)sum) << 16);
+    reinterpret_cast<uint32_t*>(xq + cols)[e / 32] = ds;
   }
 }

@@ -1,5 +1,5 @@
 // matvec.hip: y = W @ x straight from GGUF blocks (the decode step's GEMV); the float32 matrix
-// never exists.
+// never exists. Also the decode step's fused kernels around it (see "Fusion" below).
 //
 //   quantize_q8_1(x, xq, cols)                        x (cols,) float32 -> xq: Q8_1 (quant.h)
 //   matvec<QT>(W, x, xq, y, rows, cols, row_bytes)    QT: a wb_qtype tag from quant.h
@@ -9,6 +9,7 @@
 //   matvec_batch<QT>(W, x, xq, y, n, rows, cols, row_bytes, xq_stride)   y (n, rows): below
 //   quantize_q8_1: block (256,), grid (ceil(cols / 32 * 8 / 256),): 8 lanes per 32-element block
 //   matvec: block (WB_MV_THREADS,), grid (ceil(rows / WB_MV_ROWS),): WB_MV_LANES lanes per row
+//   rmsnorm_q8_1, matvec_fused<QT>: see their comments (workbench/kernels/fused_kernels.py)
 //
 // The quantized types (the technique of ggml's mmvq): x is quantized once per token into 8-bit
 // codes with a scale per 32 elements, and each weight block's integer codes are dotted with those
@@ -19,15 +20,17 @@
 // more dot product against 0x01010101.) Every integer sum is exact (|sum| < 2^24).
 //
 // Wide loads: a block is 18, 20, 34, 84, 144 ... bytes, so the multi-byte fields of a GGUF row are
-// unaligned and the row itself starts anywhere. A block of WB_MV_ROWS consecutive rows works
-// through the columns in tiles of WB_MV_TILE; for each tile it copies every row's bytes into
-// shared memory by the aligned 16-byte chunks that cover them (one vector load per lane; chunks
-// that stick out of the matrix at its two ends copy only the bytes inside it), and the tile of x's
-// codes (16-byte loads) and scales (4-byte loads) once for all its rows. The codes are then decoded
-// from shared memory by quant.h's traits, so every quantized type takes this path.
+// unaligned and the row itself starts anywhere. A block of WB_MV_ROWS rows works through the
+// columns in tiles of WB_MV_TILE; for each tile it copies every row's bytes into shared memory by
+// the aligned 16-byte chunks that cover them, counted from the 64-byte boundary below the row's
+// start so that a warp's loads cover whole 64-byte segments (one vector load per lane; chunks
+// that stick out of the matrix at its two ends copy only the bytes inside it), and the tile of
+// x's codes (16-byte loads) and scales (4-byte loads) once for all its rows. The codes are then
+// decoded from shared memory by quant.h's traits, so every quantized type takes this path.
 //
-// The float types (F32/F16/BF16) have no codes: their lanes read x and the weights directly and
-// accumulate by fmaf in float32 (x is not quantized for them).
+// The float types (F32/F16/BF16) have no codes: x's tile is staged in shared memory by 16-byte
+// loads, and each row's lanes read its aligned 16-byte chunks of weights straight from global
+// memory (4 or 8 values per load), accumulating by fmaf in float32 (x is not quantized for them).
 //
 // Reduction: each row's WB_MV_LANES lanes combine their sums by an xor butterfly of width
 // WB_MV_LANES; results at wave32 and wave64 are identical (the lanes of a row never depend on the
@@ -39,24 +42,10 @@
 #define WB_MV_LANES (WB_MV_THREADS / WB_MV_ROWS)   // lanes per row (16: within any warp)
 #define WB_MV_TILE 2048                            // columns per tile: 4 Q8_1 blocks per lane
 
-// x -> Q8_1 (see quant.h). Lanes 8b .. 8b+7 take elements 4k .. 4k+3 of block b: one 16-byte
-// load each where x is 16-aligned, max and sum combined by a butterfly of width 8. Thread t of
-// the grid's x dimension takes part t of row blockIdx.y of a batch (quantize_q8_1_rows).
-WB_DEVICE void wb_quantize_q8_1_row(const float* WB_RESTRICT x, uint8_t* WB_RESTRICT xq, int cols) {
-  const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-  const int b = t / 8, k = t % 8;
-  const bool ok = b < cols / WB_Q8_1_QK;  // no early return: the whole warp shuffles below
-  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (ok) {
-    const float* p = x + b * WB_Q8_1_QK + k * 4;
-    if ((wb_addr(p) & 15) == 0) {
-      const wb_u32x4 u = wb_ld16(reinterpret_cast<const uint8_t*>(p));
-      const uint32_t* bits = reinterpret_cast<const uint32_t*>(&u);
-      for (int j = 0; j < 4; ++j) v[j] = wb_bits_to_float(bits[j]);
-    } else {
-      for (int j = 0; j < 4; ++j) v[j] = p[j];
-    }
-  }
+// Lane k (0..7) of the 8 lanes of Q8_1 block b holds elements 4k .. 4k+3 of the block in v:
+// max and sum combined by a butterfly of width 8, the codes and (d, s) written to xq (see
+// quant.h). Every lane of the warp calls it (the shuffles); lanes with ok == false write nothing.
+WB_DEVICE void wb_q8_1_store(const float* v, int b, int k, bool ok, uint8_t* xq, int cols) {
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
   for (int o = 4; o > 0; o /= 2) amax = fmaxf(amax, WB_SHFL_XOR_W(amax, o, 8));
   const float d = amax / 127.0f;
@@ -75,6 +64,29 @@ WB_DEVICE void wb_quantize_q8_1_row(const float* WB_RESTRICT x, uint8_t* WB_REST
                         ((uint32_t)wb_float_to_half(d * (float)sum) << 16);
     reinterpret_cast<uint32_t*>(xq + cols)[b] = ds;
   }
+}
+
+// Four floats at p into v: one 16-byte load where p is 16-aligned.
+WB_DEVICE void wb_ld_f4(const float* p, float* v) {
+  if ((wb_addr(p) & 15) == 0) {
+    const wb_u32x4 u = wb_ld16(reinterpret_cast<const uint8_t*>(p));
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(&u);
+    for (int j = 0; j < 4; ++j) v[j] = wb_bits_to_float(bits[j]);
+  } else {
+    for (int j = 0; j < 4; ++j) v[j] = p[j];
+  }
+}
+
+// x -> Q8_1 (see quant.h). Lanes 8b .. 8b+7 take elements 4k .. 4k+3 of block b: one 16-byte
+// load each where x is 16-aligned, max and sum combined by a butterfly of width 8. Thread t of
+// the grid's x dimension takes part t of the row (quantize_q8_1_rows: of row blockIdx.y).
+WB_DEVICE void wb_quantize_q8_1_row(const float* WB_RESTRICT x, uint8_t* WB_RESTRICT xq, int cols) {
+  const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  const int b = t / 8, k = t % 8;
+  const bool ok = b < cols / WB_Q8_1_QK;  // no early return: the whole warp shuffles below
+  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (ok) wb_ld_f4(x + b * WB_Q8_1_QK + k * 4, v);
+  wb_q8_1_store(v, b, k, ok, xq, cols);
 }
 
 WB_KERNEL void quantize_q8_1(const float* WB_RESTRICT x,  // (cols,)
@@ -104,10 +116,10 @@ WB_DEVICE void wb_stage16(uint8_t* dst, const uint8_t* buf, unsigned long long g
     if (g + k >= start && g + k < start + n) dst[k] = buf[g + k];
 }
 
-// Stages bytes [off, off + nbytes) of rows row0 .. row0 + WB_MV_ROWS - 1 (those < rows) of W
-// into sw, one range per row `stride` bytes apart; or, when `whole` (a tile holds whole rows), the
-// rows as one range (consecutive rows are consecutive bytes: no chunk is loaded twice). Every
-// thread of the block takes chunks; the caller synchronizes.
+// matvec_batch's staging. Stages bytes [off, off + nbytes) of rows row0 .. row0 + WB_MV_ROWS - 1
+// (those < rows) of W into sw, one range per row `stride` bytes apart; or, when `whole` (a tile
+// holds whole rows), the rows as one range (consecutive rows are consecutive bytes: no chunk is
+// loaded twice). Every thread of the block takes chunks; the caller synchronizes.
 WB_DEVICE void wb_stage_rows(uint8_t* sw, int stride, const uint8_t* W, int rows, int row_bytes,
                              int row0, int off, int nbytes, bool whole) {
   const unsigned long long lo = wb_addr(W), hi = lo + (unsigned long long)rows * row_bytes;
@@ -143,12 +155,33 @@ WB_DEVICE int wb_codes4(const uint8_t* blk, int i) {
                ((uint32_t)(T::code(blk, i + 3) & 255) << 24));
 }
 
+// Where a block's WB_MV_ROWS rows come from: `segs` (1 or 2) segments of WB_MV_ROWS / segs
+// consecutive rows, segment s being rows row0[s] .. of the (rows[s], row_bytes) matrix at base[s].
+struct wb_mv_rows {
+  const uint8_t* base[2];
+  int rows[2];
+  int row0[2];
+  int segs;
+};
+WB_DEVICE int wb_mv_nrows(const wb_mv_rows& R, int s) {  // rows of segment s inside its matrix
+  const int n = R.rows[s] - R.row0[s], cap = WB_MV_ROWS / R.segs;
+  return n < 0 ? 0 : n < cap ? n : cap;
+}
+WB_DEVICE wb_mv_rows wb_mv_one(const uint8_t* W, int rows, int row0) {
+  const wb_mv_rows R = {{W, W}, {rows, rows}, {row0, row0}, 1};
+  return R;
+}
+WB_DEVICE wb_mv_rows wb_mv_two(const uint8_t* A, const uint8_t* B, int rows, int row0) {
+  const wb_mv_rows R = {{A, B}, {rows, rows}, {row0, row0}, 2};
+  return R;
+}
+
 // The quantized types: shared-memory staging and integer dot products (see the header comment).
 template <int QT, bool IS_FLOAT = wb_q<QT>::IS_FLOAT>
 struct wb_matvec {
   typedef wb_q<QT> T;
   static constexpr int BLOCKS = WB_MV_TILE / T::QK;                // QT blocks per row per tile
-  static constexpr int STRIDE = (BLOCKS * T::BYTES + 31) / 16 * 16;  // staged bytes per row
+  static constexpr int STRIDE = (BLOCKS * T::BYTES + 78) / 16 * 16;  // staged bytes per row
 
   // Sum over the 32 elements [i0, i0 + 32) of the block at blk times x's codes xs (8 ints) with
   // x's scale d8 and fp16 sum term s8 = d8 * sum(q).
@@ -187,14 +220,14 @@ struct wb_matvec {
     return r;
   }
 
-  WB_DEVICE float run(const uint8_t* W, const float*, const uint8_t* xq, int rows, int cols,
+  WB_DEVICE float run(const wb_mv_rows& R, const float*, const uint8_t* xq, int cols,
                       int row_bytes) {
     __shared__ WB_ALIGN(16) uint8_t sw[WB_MV_ROWS * STRIDE];  // staged rows of the tile
     __shared__ WB_ALIGN(16) uint8_t sx[WB_MV_TILE];           // x's codes of the tile
     __shared__ uint32_t sd[WB_MV_TILE / WB_Q8_1_QK];          // x's (d, s) of the tile
     const int tid = (int)threadIdx.x;
     const int r = tid / WB_MV_LANES, l = tid % WB_MV_LANES;
-    const int row0 = (int)blockIdx.x * WB_MV_ROWS;
+    const int rs = WB_MV_ROWS / R.segs;  // staged rows per segment
     const int nb = cols / T::QK;
     const uint32_t* ds = wb_q8_1_ds(xq, cols);
     float acc = 0.0f;
@@ -202,15 +235,40 @@ struct wb_matvec {
       const int nbt = nb - b0 < BLOCKS ? nb - b0 : BLOCKS;  // blocks in this tile
       const int nbytes = nbt * T::BYTES;
       const int units = nbt * T::QK / WB_Q8_1_QK;
-      wb_stage_rows(sw, STRIDE, W, rows, row_bytes, row0, b0 * T::BYTES, nbytes, nb <= BLOCKS);
+      // Stage the tile: one range per row, or, when a tile holds whole rows, each segment's rows
+      // as one range (consecutive rows are consecutive bytes: no chunk is loaded twice).
+      const bool whole = nb <= BLOCKS;
+      const int ranges = whole ? R.segs : WB_MV_ROWS;
+      const int span_max = whole ? rs * row_bytes : nbytes;
+      const int chunks = (span_max + 78) / 16;  // from the 64-byte boundary below the start
+      for (int i = tid; i < ranges * chunks; i += WB_MV_THREADS) {
+        const int rr = i / chunks, c = i % chunks;
+        const int s = whole ? rr : rr / rs, rl = whole ? 0 : rr % rs;
+        const int nrows = wb_mv_nrows(R, s);
+        if (rl >= nrows) continue;
+        const unsigned long long lo = wb_addr(R.base[s]);
+        const unsigned long long size = (unsigned long long)R.rows[s] * row_bytes;
+        const int span = whole ? nrows * row_bytes : nbytes;
+        const unsigned long long src = lo + (unsigned long long)(R.row0[s] + rl) * row_bytes +
+                                       (unsigned long long)b0 * T::BYTES;
+        const unsigned long long g = (src & ~63ull) + 16ull * c;
+        uint8_t* dst = sw + (whole ? s * rs : rr) * STRIDE + 16 * c;
+        if (g < src + span && g + 16 > src)
+          wb_stage16(dst, R.base[s], g - lo, src - lo, span, size);
+      }
       const uint8_t* xt = xq + b0 * T::QK;
       for (int i = tid; i < units * 2; i += WB_MV_THREADS)
         *reinterpret_cast<wb_u32x4*>(sx + 16 * i) = wb_ld16(xt + 16 * i);
       for (int i = tid; i < units; i += WB_MV_THREADS) sd[i] = ds[b0 * T::QK / WB_Q8_1_QK + i];
       __syncthreads();
-      if (row0 + r < rows) {
-        const uint8_t* row =
-            wb_staged_row(sw, STRIDE, W, row_bytes, row0, r, b0 * T::BYTES, nb <= BLOCKS);
+      const int s = r / rs, rl = r % rs;
+      if (rl < wb_mv_nrows(R, s)) {
+        const unsigned long long first =
+            wb_addr(R.base[s]) + (unsigned long long)R.row0[s] * row_bytes;  // segment's row 0
+        const unsigned long long src =
+            first + (unsigned long long)rl * row_bytes + (unsigned long long)b0 * T::BYTES;
+        const uint8_t* row = whole ? sw + s * rs * STRIDE + (int)(first & 63) + rl * row_bytes
+                                   : sw + r * STRIDE + (int)(src & 63);
         for (int u = l; u < units; u += WB_MV_LANES) {
           const int e = u * WB_Q8_1_QK;  // first column of the unit within the tile
           const float d8 = wb_half_to_float((uint16_t)(sd[u] & 0xffffu));
@@ -225,20 +283,87 @@ struct wb_matvec {
   }
 };
 
-// The float types: lane l of a row takes elements l, l + WB_MV_LANES, ...
+// Element j of a 16-byte chunk of F32 (4), F16 or BF16 (8) values.
+template <int QT>
+WB_DEVICE float wb_chunk_value(const uint32_t* bits, int j) {
+  if (QT == WB_F32) return wb_bits_to_float(bits[j]);
+  const uint16_t h = (uint16_t)(bits[j / 2] >> (16 * (j % 2)));
+  return QT == WB_F16 ? wb_half_to_float(h) : wb_bf16_to_float(h);
+}
+
+// The float types: no codes and no scales, so nothing to stage but x. Per tile of WB_MV_FTILE
+// columns, x is copied into shared memory by 16-byte loads; the WB_MV_LANES lanes of a row then
+// read the row's aligned 16-byte chunks straight from global memory (one vector load each,
+// consecutive lanes on consecutive chunks) and accumulate by fmaf in float32, chunk by chunk in
+// column order. Chunks at a row's ends that reach outside the row, or a matrix whose elements are
+// not aligned to their size, are read element by element.
+#define WB_MV_FTILE 2048  // columns per tile of the float types (8 KiB of x)
 template <int QT>
 struct wb_matvec<QT, true> {
-  WB_DEVICE float run(const uint8_t* W, const float* x, const uint8_t*, int rows, int cols,
+  static constexpr int B = wb_q<QT>::BYTES;  // bytes per element: 4 or 2
+  WB_DEVICE float run(const wb_mv_rows& R, const float* x, const uint8_t*, int cols,
                       int row_bytes) {
-    const int row = (int)blockIdx.x * WB_MV_ROWS + (int)threadIdx.x / WB_MV_LANES;
+    __shared__ WB_ALIGN(16) float sxf[WB_MV_FTILE];  // x's tile
+    const int tid = (int)threadIdx.x;
+    const int r = tid / WB_MV_LANES, l = tid % WB_MV_LANES;
+    const int rs = WB_MV_ROWS / R.segs, s = r / rs, rl = r % rs;
+    const bool ok = rl < wb_mv_nrows(R, s);
+    const uint8_t* w = R.base[s] + (size_t)(R.row0[s] + rl) * row_bytes;  // (row_bytes,)
+    const unsigned long long lo = wb_addr(R.base[s]);
+    const unsigned long long hi = lo + (unsigned long long)R.rows[s] * row_bytes;
     float acc = 0.0f;
-    if (row >= rows) return acc;
-    const uint8_t* w = W + (size_t)row * row_bytes;  // (row_bytes,)
-    for (int e = (int)threadIdx.x % WB_MV_LANES; e < cols; e += WB_MV_LANES)
-      acc = fmaf(wb_q<QT>::value(w + (size_t)e * wb_q<QT>::BYTES, 0), x[e], acc);
+    for (int c0 = 0; c0 < cols; c0 += WB_MV_FTILE) {
+      const int n = cols - c0 < WB_MV_FTILE ? cols - c0 : WB_MV_FTILE;  // columns in the tile
+      for (int i = tid; 4 * i < n; i += WB_MV_THREADS) {
+        const float* p = x + c0 + 4 * i;
+        if (4 * i + 4 <= n && (wb_addr(p) & 15) == 0) {
+          *reinterpret_cast<wb_u32x4*>(sxf + 4 * i) = wb_ld16(reinterpret_cast<const uint8_t*>(p));
+        } else {
+          for (int j = 0; j < 4 && 4 * i + j < n; ++j) sxf[4 * i + j] = p[j];
+        }
+      }
+      __syncthreads();
+      if (ok) {
+        const unsigned long long start = wb_addr(w) + (unsigned long long)c0 * B;
+        const unsigned long long end = start + (unsigned long long)n * B;
+        if (start % B) {  // elements straddle the chunks: element by element
+          for (int e = l; e < n; e += WB_MV_LANES)
+            acc = fmaf(wb_q<QT>::value(w + (size_t)(c0 + e) * B, 0), sxf[e], acc);
+        } else {
+          for (unsigned long long g = (start & ~15ull) + 16ull * l; g < end;
+               g += 16ull * WB_MV_LANES) {
+            const long long e0 = ((long long)g - (long long)start) / B;  // column of byte 0
+            if (g >= start && g + 16 <= end && g + 16 <= hi) {
+              const wb_u32x4 u = wb_ld16(R.base[s] + (g - lo));
+              const uint32_t* bits = reinterpret_cast<const uint32_t*>(&u);
+#pragma unroll
+              for (int j = 0; j < 16 / B; ++j)
+                acc = fmaf(wb_chunk_value<QT>(bits, j), sxf[e0 + j], acc);
+            } else {
+              for (int j = 0; j < 16 / B; ++j) {
+                if (e0 + j < 0 || e0 + j >= n) continue;
+                acc = fmaf(wb_q<QT>::value(w + (size_t)(c0 + e0 + j) * B, 0), sxf[e0 + j], acc);
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();  // the next tile overwrites sxf
+    }
     return acc;
   }
 };
+
+// The block's WB_MV_ROWS row sums, reduced over each row's lanes into sy (WB_MV_ROWS,).
+template <int QT>
+WB_DEVICE void wb_matvec_rows(const wb_mv_rows& R, const float* x, const uint8_t* xq, int cols,
+                              int row_bytes, float* sy) {
+  float acc = wb_matvec<QT>::run(R, x, xq, cols, row_bytes);
+  for (int o = WB_MV_LANES / 2; o > 0; o /= 2) acc += WB_SHFL_XOR_W(acc, o, WB_MV_LANES);
+  const int tid = (int)threadIdx.x;
+  if (tid % WB_MV_LANES == 0) sy[tid / WB_MV_LANES] = acc;
+  __syncthreads();
+}
 
 template <int QT>
 __global__ void matvec(const uint8_t* WB_RESTRICT W,   // (rows, row_bytes)
@@ -246,12 +371,10 @@ __global__ void matvec(const uint8_t* WB_RESTRICT W,   // (rows, row_bytes)
                        const uint8_t* WB_RESTRICT xq,  // (cols + cols / 8,) Q8_1, 16-aligned
                        float* WB_RESTRICT y,           // (rows,)
                        int rows, int cols, int row_bytes) {
-  __shared__ float sy[WB_MV_ROWS];  // the block's results, stored by WB_MV_ROWS adjacent lanes
-  float acc = wb_matvec<QT>::run(W, x, xq, rows, cols, row_bytes);
-  for (int o = WB_MV_LANES / 2; o > 0; o /= 2) acc += WB_SHFL_XOR_W(acc, o, WB_MV_LANES);
-  const int tid = (int)threadIdx.x, row0 = (int)blockIdx.x * WB_MV_ROWS;
-  if (tid % WB_MV_LANES == 0) sy[tid / WB_MV_LANES] = acc;
-  __syncthreads();
+  __shared__ float sy[WB_MV_ROWS];  // the block's results
+  const int row0 = (int)blockIdx.x * WB_MV_ROWS;
+  wb_matvec_rows<QT>(wb_mv_one(W, rows, row0), x, xq, cols, row_bytes, sy);
+  const int tid = (int)threadIdx.x;
   if (tid < WB_MV_ROWS && row0 + tid < rows) y[row0 + tid] = sy[tid];
 }
 
@@ -367,10 +490,135 @@ __global__ WB_LAUNCH_BOUNDS(WB_MV_THREADS) void matvec_batch(const uint8_t* WB_R
   }
 }
 
-#define WB_INSTANCE(QT)                                                                     \
-  template __global__ void matvec<QT>(const uint8_t* WB_RESTRICT, const float* WB_RESTRICT, \
-                                      const uint8_t* WB_RESTRICT, float* WB_RESTRICT, int,  \
-                                      int, int);
+// --- Fusion: the decode step's matvecs with what comes before and after them ----------------------
+//
+// A decoded token runs, per layer, matvec_fused (Q, K, V) -> rope_kv -> attention_decode ->
+// attention_decode_reduce_q8_1 -> matvec_fused (output projection + residual, RMSNorm + Q8_1 tail)
+// -> matvec_fused (gate, up, SwiGLU, Q8_1 tail) -> matvec_fused (down + residual, the next RMSNorm
+// + Q8_1 tail): 7 launches (the first layer adds rmsnorm_q8_1), from 24 unfused.
+//
+// RMSNorm and Q8_1 of a whole vector, by one block of WB_MV_THREADS: the sum of squares in float
+// (16-lane butterflies, then the 16 partials in order: the same bits at any warp width), then
+// h = (x * scale) * w as rmsnorm.hip computes it, and h's Q8_1 blocks by 8 lanes each from the
+// values in registers (no read-back). norm == 0 quantizes x itself (h is then not written).
+// Q8_1 needs cols % 32 == 0; quant == 0 (the float types' products read h) skips it.
+WB_DEVICE void wb_norm_q8_1(const float* x, const float* w, float eps, int cols, int norm,
+                            int quant, float* h, uint8_t* xq) {
+  __shared__ float part[WB_MV_THREADS / 16];  // (16,) partial sums of squares
+  const int tid = (int)threadIdx.x;
+  float scale = 1.0f;
+  if (norm) {
+    float ss = 0.0f;
+    for (int i = tid; i < cols; i += WB_MV_THREADS) ss = fmaf(x[i], x[i], ss);
+    for (int o = 8; o > 0; o /= 2) ss += WB_SHFL_XOR_W(ss, o, 16);
+    if (tid % 16 == 0) part[tid / 16] = ss;
+    __syncthreads();
+    ss = 0.0f;
+    for (int i = 0; i < WB_MV_THREADS / 16; ++i) ss += part[i];
+    scale = 1.0f / sqrtf(ss / (float)cols + eps);  // as rmsnorm.hip
+  }
+  if (!quant) {
+    if (norm)
+      for (int i = tid; i < cols; i += WB_MV_THREADS) h[i] = x[i] * scale * w[i];
+    return;
+  }
+  const int blocks = cols / WB_Q8_1_QK;
+  for (int b0 = 0; b0 < blocks; b0 += WB_MV_THREADS / 8) {  // uniform trip count: all shuffle
+    const int b = b0 + tid / 8, k = tid % 8;
+    const bool ok = b < blocks;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (ok) {
+      const int i = b * WB_Q8_1_QK + 4 * k;
+      wb_ld_f4(x + i, v);
+      if (norm) {
+        float g[4];
+        wb_ld_f4(w + i, g);
+        for (int j = 0; j < 4; ++j) v[j] = v[j] * scale * g[j];
+        if ((wb_addr(h + i) & 15) == 0) {
+          wb_u32x4 u;
+          uint32_t* ub = reinterpret_cast<uint32_t*>(&u);
+          for (int j = 0; j < 4; ++j) ub[j] = wb_float_to_bits(v[j]);
+          *reinterpret_cast<wb_u32x4*>(h + i) = u;
+        } else {
+          for (int j = 0; j < 4; ++j) h[i + j] = v[j];
+        }
+      }
+    }
+    wb_q8_1_store(v, b, k, ok, xq, cols);
+  }
+}
+
+// x (cols,) -> h = rmsnorm(x) * w (cols,) and, when quant != 0, h as Q8_1 in xq. grid (1,),
+// block (WB_MV_THREADS,): the first norm of a decode step (the later ones are matvec_fused tails).
+WB_KERNEL WB_LAUNCH_BOUNDS(WB_MV_THREADS) void rmsnorm_q8_1(const float* WB_RESTRICT x,
+                                                            const float* WB_RESTRICT w,
+                                                            float* WB_RESTRICT h,
+                                                            uint8_t* WB_RESTRICT xq, int cols,
+                                                            float eps, int quant) {
+  wb_norm_q8_1(x, w, eps, cols, 1, quant, h, xq);
+}
+
+// matvec_fused: one launch for what the decode step does around a product. mode:
+#define WB_MV_SPLIT 0   // y_m = W_m x for up to three matrices (Q, K, V) by block ranges:
+                        // blocks [0, B0) -> W0, [B0, B0 + B1) -> W1, the rest -> W2
+#define WB_MV_SWIGLU 1  // y0 = silu(W0 x) * (W1 x) (gate, up): a block stages 8 rows of each
+#define WB_MV_ADD 2     // y0 = y1 + W0 x (the residual stream; y1 may be y0: in place)
+// tail (after every block has written y0, the last block to finish runs it on the whole of y0):
+//   0 none, 1 y0 -> Q8_1 in tq, 2 th = rmsnorm(y0) * tw and th -> Q8_1 in tq (tq_on: quantize)
+// "Last block": each block fences its stores (__threadfence) and counts itself on *counter; the
+// block that counts gridDim.x runs the tail and resets the counter to 0 for the next launch.
+template <int QT>
+__global__ void matvec_fused(const uint8_t* WB_RESTRICT W0, const uint8_t* WB_RESTRICT W1,
+                             const uint8_t* WB_RESTRICT W2,
+                             const float* WB_RESTRICT x,     // (cols,)
+                             const uint8_t* WB_RESTRICT xq,  // (cols + cols / 8,) Q8_1
+                             float* y0, float* y1, float* WB_RESTRICT y2,
+                             int rows0, int rows1, int rows2, int cols, int row_bytes, int mode,
+                             int tail, const float* WB_RESTRICT tw, float eps, int tq_on,
+                             float* WB_RESTRICT th, uint8_t* WB_RESTRICT tq,
+                             unsigned int* counter) {
+  __shared__ float sy[WB_MV_ROWS];
+  __shared__ int last;
+  const int tid = (int)threadIdx.x, blk = (int)blockIdx.x;
+  const int nb0 = (rows0 + WB_MV_ROWS - 1) / WB_MV_ROWS;  // blocks of W0, then of W1
+  const int nb1 = (rows1 + WB_MV_ROWS - 1) / WB_MV_ROWS;
+  if (mode == WB_MV_SWIGLU) {
+    const int row0 = blk * (WB_MV_ROWS / 2);
+    wb_matvec_rows<QT>(wb_mv_two(W0, W1, rows0, row0), x, xq, cols, row_bytes, sy);
+    if (tid < WB_MV_ROWS / 2 && row0 + tid < rows0) {
+      const float g = sy[tid];
+      y0[row0 + tid] = g / (1.0f + expf(-g)) * sy[WB_MV_ROWS / 2 + tid];  // as swiglu
+    }
+  } else {
+    const int m = blk < nb0 ? 0 : blk < nb0 + nb1 ? 1 : 2;
+    const uint8_t* W = m == 0 ? W0 : m == 1 ? W1 : W2;
+    float* y = m == 0 ? y0 : m == 1 ? y1 : y2;
+    const int rows = m == 0 ? rows0 : m == 1 ? rows1 : rows2;
+    const int row0 = (blk - (m == 0 ? 0 : m == 1 ? nb0 : nb0 + nb1)) * WB_MV_ROWS;
+    wb_matvec_rows<QT>(wb_mv_one(W, rows, row0), x, xq, cols, row_bytes, sy);
+    if (tid < WB_MV_ROWS && row0 + tid < rows)
+      y[row0 + tid] = mode == WB_MV_ADD ? y1[row0 + tid] + sy[tid] : sy[tid];
+  }
+  if (!tail) return;
+  __threadfence();  // this block's y0 stores reach device scope before it is counted
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // and the other blocks' stores are seen by this one
+  wb_norm_q8_1(y0, tw, eps, rows0, tail == 2, tq_on, th, tq);
+  if (tid == 0) atomicExch(counter, 0u);
+}
+
+#define WB_INSTANCE(QT)                                                                        \
+  template __global__ void matvec<QT>(const uint8_t* WB_RESTRICT, const float* WB_RESTRICT,    \
+                                      const uint8_t* WB_RESTRICT, float* WB_RESTRICT, int,     \
+                                      int, int);                                               \
+  template __global__ void matvec_fused<QT>(                                                   \
+      const uint8_t* WB_RESTRICT, const uint8_t* WB_RESTRICT, const uint8_t* WB_RESTRICT,      \
+      const float* WB_RESTRICT, const uint8_t* WB_RESTRICT, float*, float*, float* WB_RESTRICT, \
+      int, int, int, int, int, int, int, const float* WB_RESTRICT, float, \
+      int, float* WB_RESTRICT, uint8_t* WB_RESTRICT, unsigned int*);
 WB_FOR_EACH_QTYPE(WB_INSTANCE)
 #undef WB_INSTANCE
 #define WB_INSTANCE(QT)                                                                          \

@@ -6,7 +6,9 @@ import os
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
 
+from tests.synth import TinyConfig, write_tiny_llama
 from workbench.backends.device import DeviceBackend
 from workbench.engine.generate import Engine, GenerationConfig
 from workbench.gguf.quants import SUPPORTED_TYPES
@@ -63,6 +65,46 @@ def test_emulator_generates_the_numpy_greedy_tokens(tiny_model):
     a = Engine(tiny_model, backend="numpy").generate("the cat", cfg).run()
     b = Engine(tiny_model, backend="emulator").generate("the cat", cfg).run()
     assert a.token_ids == b.token_ids and a.text == b.text
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "F32"])
+def test_fused_decode_launches_at_most_8_kernels_per_layer(tiny_models, kind):
+    """The profiler's records of a decoded token, each carrying the kernels its operation
+    launched: a layer (from its Q/K/V launch to its down projection, the first layer's RMSNorm
+    included) runs at most 8 kernels (7 after the first), the token 7 * layers + 4 in all."""
+    dev = Engine(tiny_models[kind], backend="emulator")
+    n_layers = dev.transformer.spec.n_layers
+    dev.generate("the cat", GenerationConfig(max_tokens=3, temperature=0), request_id="d").run()
+    recs = [r for r in dev.profiler.records(request_id="d") if r.phase == "decode"]
+    tokens = [i for i, r in enumerate(recs) if r.name.startswith("get_rows_")]
+    assert len(tokens) >= 1
+    for t0, t1 in zip(tokens, [*tokens[1:], len(recs)], strict=True):
+        token = recs[t0:t1]
+        ropes = [i for i, r in enumerate(token) if r.name == "rope_kv"]
+        assert len(ropes) == n_layers, [r.name for r in token]
+        # layer i: from its Q/K/V product (just before rope_kv) to the record before the next's
+        starts = [1] + [i - 1 for i in ropes[1:]]  # layer 0 from its norm (after get_rows)
+        ends = [i - 1 for i in ropes[1:]] + [len(token) - 2]  # then the logits and the pick
+        per_layer = [sum(r.launches for r in token[a:b]) for a, b in zip(starts, ends, strict=True)]
+        assert max(per_layer) <= 8 and per_layer[1:] == [7] * (n_layers - 1), per_layer
+        assert sum(r.launches for r in token) == 7 * n_layers + 4, [r.name for r in token]
+
+
+def test_fused_decode_with_mixed_weight_types(tmp_path, rng):
+    """Q/K/V or gate/up of different types fall back to one product per matrix (and SwiGLU and
+    quantize launches): decode logits stay within KL 0.01 of the NumPy backend's."""
+    mixed = (("attn_v", Q.Q8_0), ("ffn_up", Q.Q5_0), ("attn_output", Q.F16))
+    path = write_tiny_llama(
+        tmp_path / "mixed.gguf", TinyConfig(qtype=Q.Q4_1, overrides=mixed), seed=3
+    )
+    tokens = rng.integers(3, 200, size=6)
+    ref = Engine(path, backend="numpy").transformer
+    dev = Engine(path, backend="emulator").transformer
+    ca, cb = ref.new_cache(), dev.new_cache()
+    ref.prefill(tokens[:3], ca)
+    dev.prefill(tokens[:3], cb)
+    for t in tokens[3:]:
+        assert _kl(ref.decode_one_token(int(t), ca), dev.decode_one_token(int(t), cb)) < 0.01
 
 
 def test_device_sampling_draws_what_the_host_sampler_draws(tiny_model):

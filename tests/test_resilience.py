@@ -79,8 +79,11 @@ def test_every_launch_is_profiled_per_request_and_phase(tiny_model):
     assert phases == ({"prefill", "decode"} if len(r.token_ids) > 1 else {"prefill"})
     layers = engine.spec.n_layers
     decode_steps = len(r.token_ids) - 1 + (r.finish_reason == "stop")
-    matvecs = [x for x in recs if x.name == "matvec_q8_0" and x.phase == "decode"]
-    assert len(matvecs) == decode_steps * (7 * layers + 1)  # 7 per layer + the output
+    # decode: the fused products (Q/K/V, output + residual, gate/up, down + residual) + logits
+    fused = [x for x in recs if x.name == "matvec_fused_q8_0" and x.phase == "decode"]
+    assert len(fused) == decode_steps * (4 * layers + 1)
+    decode = [x for x in recs if x.phase == "decode"]
+    assert sum(x.launches for x in decode) == decode_steps * (7 * layers + 4)
     summary = {row["name"]: row for row in engine.profiler.summary()}
     assert summary["matvec_q8_0"]["gb_s"] > 0
     assert metric(engine, "workbench_kernel_launch_duration_seconds_count", kernel="rmsnorm") > 0

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.gguf.reader import ModelSpec, Tensor
+from workbench.kernels import fused_kernels as fk
 from workbench.kernels import ops_kernels as ops
 from workbench.kernels import paged_kernels as pk
 from workbench.kernels import quant_kernels as qk
@@ -30,6 +31,40 @@ COMPILE_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.05, max_delay_s=1.
 
 # (modules built so far, modules in all, the one being built now: a source file name).
 CompileProgress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A decode step's vector as the next product reads it: h (cols,) float32 (the float types'
+    input) and, where cols % 32 == 0, h as Q8_1 (the quantized types'; None otherwise)."""
+
+    h: Any
+    xq: Any | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.h.shape)
+
+
+class _CountingModule:
+    """A compiled module whose kernels count their launches on the backend (``launches``): the
+    launcher records how many kernels each operation ran."""
+
+    def __init__(self, module: Any, backend: DeviceBackend) -> None:
+        self._module, self._backend = module, backend
+
+    def get_function(self, name: str) -> Callable[..., Any]:
+        fn = self._module.get_function(name)
+        backend = self._backend
+
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            backend.launches += 1
+            return fn(*args, **kwargs)
+
+        return launch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
 
 
 @dataclass(frozen=True)
@@ -64,6 +99,8 @@ class DeviceBackend:
             )
         self.kv_dtype = np.dtype(kv_dtype)  # KVCache allocates (layer, kv_heads, ctx, hd) of it
         self.name = target
+        self.launches = 0  # kernels launched so far (the launcher's per-operation count)
+        self.fused_decode = True  # the engine decodes a token through the fused operations
         self.threads = 1
         if target == "cupy":
             from workbench.kernels.cupy_target import device_arch, import_cupy
@@ -73,7 +110,7 @@ class DeviceBackend:
             self.xp = cupy
             self.warp_size = device_warp_size(cupy)
             self.arch: str | None = device_arch(cupy)  # hiprtc compiles for it: MFMA if it has
-            self._quant = qk.cupy_loader()
+            loader = qk.cupy_loader()
         else:
             if qk.has_mfma(arch) and warp_size != 64:
                 raise UserError(
@@ -83,8 +120,9 @@ class DeviceBackend:
             self.xp = np
             self.warp_size = warp_size
             self.arch = arch
-            self._quant = qk.emulator_loader(warp_size, arch=arch)
+            loader = qk.emulator_loader(warp_size, arch=arch)
         self.mfma = qk.has_mfma(self.arch)
+        self._quant: qk.ModuleLoader = lambda *a: _CountingModule(loader(*a), self)
         jobs: list[tuple[str, Callable[[], Any]]] = [
             (src, functools.partial(self._load_ops, src)) for src in ops.SOURCES
         ]
@@ -98,10 +136,11 @@ class DeviceBackend:
                 progress(i, len(jobs), source)
             module = self._compile(source, build)
             if source in ops.SOURCES:
-                self._ops[source] = module
+                self._ops[source] = _CountingModule(module, self)
         if progress is not None:
             progress(len(jobs), len(jobs), "")
         self._rope_tables: dict[tuple, Any] = {}  # (rope_dim, base, scale, factors) -> table
+        self._scratch: dict[tuple, Any] = {}  # the fused decode's buffers, by (role, size)
 
     def _load_ops(self, source: str) -> Any:
         if self.name == "emulator":
@@ -227,6 +266,137 @@ class DeviceBackend:
 
     def add(self, a: Any, b: Any) -> Any:
         return ops.add(self._m("elementwise.hip"), self.xp.ascontiguousarray(a), b)
+
+    # -- the fused decode step (one token; see docs/kernels.md "Fusion") ----------------------
+    def _buf(self, role: str, n: int, dtype: Any = np.float32) -> Any:
+        """A persistent (n,) buffer for one role of the decode step (reused every token)."""
+        key = (role, n, np.dtype(dtype).str)
+        buf = self._scratch.get(key)
+        if buf is None:
+            if np.dtype(dtype) == np.uint8:  # Q8_1: 16-aligned
+                buf = qk._aligned_bytes(self.xp.empty(1, np.float32), n)
+            else:
+                buf = self.xp.zeros(n, dtype=dtype)
+            self._scratch[key] = buf
+        return buf
+
+    def _act(self, role: str, n: int) -> Activation:
+        xq = self._buf(role + ".q", n + n // 8, np.uint8) if n % qk.Q8_1_QK == 0 else None
+        return Activation(self._buf(role, n), xq)
+
+    def norm_quant(self, x: Any, w: DeviceWeight, eps: float) -> Activation:
+        """x (1, dim) -> rmsnorm(x) * w as an `Activation` (rmsnorm_q8_1: one launch)."""
+        act = self._act("norm", x.shape[-1])
+        fk.launch_rmsnorm_q8_1(self._quant, x.reshape(-1), w.data, eps, act.h, act.xq)
+        return act
+
+    def _products(self, ws: list[DeviceWeight], act: Activation, ys: list[Any]) -> None:
+        """y_m = W_m @ act: one matvec_fused launch when the matrices share a type, else one
+        per matrix."""
+        groups = [ws] if len({w.qtype for w in ws}) == 1 else [[w] for w in ws]
+        i = 0
+        for group in groups:
+            fk.launch_matvec_fused(
+                self._quant, group[0].qtype, [w.data for w in group], act.h, act.xq,
+                ys[i : i + len(group)], mode="split",
+            )  # fmt: skip
+            i += len(group)
+
+    def linear_qkv(
+        self, wq: DeviceWeight, wk: DeviceWeight, wv: DeviceWeight, act: Activation
+    ) -> tuple[Any, Any, Any]:
+        """q, k, v = Wq h, Wk h, Wv h in one launch (block ranges over the three matrices)."""
+        ys = [self._buf(role, w.shape[0]) for role, w in (("q", wq), ("k", wk), ("v", wv))]
+        self._products([wq, wk, wv], act, ys)
+        return ys[0], ys[1], ys[2]
+
+    def rope_kv(
+        self,
+        q: Any,
+        k: Any,
+        v: Any,
+        k_cache: Any,
+        v_cache: Any,
+        start: int,
+        spec: ModelSpec,
+        factors: DeviceWeight | None,
+    ) -> Any:
+        """RoPE of q and k, and k, v into the cache at position start: one launch. Returns the
+        rotated q (another buffer: a retried launch computes the same)."""
+        hd = spec.head_dim
+        return ops.rope_kv(
+            self._m("rope.hip"), q.reshape(-1, hd), k.reshape(-1, hd), v.reshape(-1, hd),
+            k_cache, v_cache, start, mode=spec.rope_mode, rope_dim=spec.rope_dim,
+            table=self._rope_table(spec, factors, start + 1),
+            q_out=self._buf("q.rot", q.size).reshape(-1, hd),
+        )  # fmt: skip
+
+    def attention_quant(self, q: Any, k_cache: Any, v_cache: Any, start: int) -> Activation:
+        """Decode attention of q (heads, hd) whose merge also writes its output as Q8_1."""
+        hd = k_cache.shape[2]
+        n = q.size  # heads * hd
+        act = self._act("att", n)
+        out = act.h.reshape(1, n)
+        ops.attention(
+            self._m("attention.hip"), q.reshape(1, n // hd, hd), k_cache, v_cache, start,
+            out=out, xq=act.xq,
+        )  # fmt: skip
+        return act
+
+    def _tail(self, n: int, norm: DeviceWeight | None, eps: float) -> tuple[dict, Activation]:
+        act = self._act("norm" if norm is not None else "ff", n)
+        if act.xq is None and norm is None:
+            return {}, act  # nothing to do after the product
+        kw = {"tail": "norm" if norm is not None else "quant", "tail_q": act.xq,
+              "counter": self._buf("counter", 1, np.uint32), "eps": eps}  # fmt: skip
+        if norm is not None:
+            kw |= {"tail_w": norm.data, "tail_h": act.h}
+        return kw, act
+
+    def linear_add(
+        self, w: DeviceWeight, act: Activation, x: Any, norm: DeviceWeight, eps: float
+    ) -> Activation:
+        """(x + W @ act, rmsnorm of it * norm as an `Activation`): one launch, the norm by its last
+        block. x: (rows,) or (1, rows); the sum goes to another buffer than x, so that a retried
+        launch (after a failed synchronisation) computes the same."""
+        rows = w.shape[0]
+        kw, out = self._tail(rows, norm, eps)
+        a = self._buf("x.a", rows)
+        x_new = self._buf("x.b", rows) if x is a else a
+        fk.launch_matvec_fused(
+            self._quant, w.qtype, [w.data], act.h, act.xq, [x_new], mode="add",
+            residual=x.reshape(-1), **kw,
+        )  # fmt: skip
+        return x_new, out
+
+    def linear_swiglu(self, wg: DeviceWeight, wu: DeviceWeight, act: Activation) -> Activation:
+        """silu(Wg @ act) * (Wu @ act) as an `Activation` (quantized by the last block)."""
+        kw, out = self._tail(wg.shape[0], None, 0.0)
+        if wg.qtype == wu.qtype:
+            fk.launch_matvec_fused(
+                self._quant, wg.qtype, [wg.data, wu.data], act.h, act.xq, [out.h],
+                mode="swiglu", **kw,
+            )  # fmt: skip
+            return out
+        up = self._buf("up", wu.shape[0])
+        self._products([wg, wu], act, [out.h, up])
+        ops.swiglu(self._m("elementwise.hip"), out.h, up, out=out.h)
+        if out.xq is not None:
+            self._products_quantize(out)
+        return out
+
+    def _products_quantize(self, act: Activation) -> None:
+        module = self._quant(*qk.module_args("matvec"))
+        n = act.h.shape[0]
+        launch = qk.quantize_launch(cols=n)
+        args = (act.h, act.xq, np.int32(n))
+        module.get_function("quantize_q8_1")(launch.grid, launch.block, args)
+
+    def linear_act(self, w: DeviceWeight, act: Activation) -> Any:
+        """W @ act (1, rows): the logits."""
+        out = self.xp.empty((1, w.shape[0]), dtype=self.xp.float32)
+        self._products([w], act, [out.reshape(-1)])
+        return out
 
     def sample_token(
         self, logits: Any, *, temperature: float, top_k: int, top_p: float, min_p: float, u: float

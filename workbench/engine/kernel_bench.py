@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType
 
 from workbench.errors import UserError
 from workbench.gguf.quants import block_layout
+from workbench.kernels import fused_kernels as fk
 from workbench.kernels import ops_kernels as ops
 from workbench.kernels import paged_kernels as pk
 from workbench.kernels import quant_kernels as qk
@@ -210,8 +211,18 @@ def _blocks(xp: Any, qtype: GGMLQuantizationType, rows: int, cols: int) -> Any:
 
 def _quant_factory(spec: KernelSpec, t: _Target, s: Mapping[str, int]) -> Callable[[], Any]:
     op, _, tname = spec.symbol.partition("<")
+    if op == "rmsnorm_q8_1":
+        x, w, h = _randn(t.xp, s["dim"]), _randn(t.xp, s["dim"]), t.xp.empty(s["dim"], np.float32)
+        xq = fk.q8_1_buffer(x, s["dim"])
+        return lambda: fk.launch_rmsnorm_q8_1(t.quant, x, w, 1e-5, h, xq)
     qtype = GGMLQuantizationType[tname.rstrip(">").removeprefix("WB_")]
     xp, rows, cols = t.xp, s["rows"], s["cols"]
+    if op == "matvec_fused":  # one matrix of the split (its rows; the Q8_1 x made once here)
+        xh = np.random.default_rng().standard_normal(cols, dtype=np.float32)
+        raw, x, out = _blocks(xp, qtype, rows, cols), xp.asarray(xh), xp.empty(rows, np.float32)
+        xq = fk.q8_1_buffer(x, cols)
+        xq[:] = xp.asarray(qk.quantize_q8_1_reference(xh))
+        return lambda: fk.launch_matvec_fused(t.quant, qtype, [raw], x, xq, [out])
     if op == "dequant":
         raw, out = _blocks(xp, qtype, rows, cols), xp.empty((rows, cols), np.float32)
         return lambda: qk.launch_dequant(t.quant, qtype, raw, out)
@@ -264,6 +275,14 @@ def _ops_factory(spec: KernelSpec, t: _Target, s: Mapping[str, int]) -> Callable
         pool = (sum(need), p, s["kv_heads"], s["head_dim"])
         q, kp, vp = _randn(xp, n, s["heads"], s["head_dim"]), _randn(xp, *pool), _randn(xp, *pool)
         return lambda: pk.paged_attention(m, q, kp, vp, tables, lens)
+    if name == "rope_kv":
+        q = _randn(xp, s["heads"], s["head_dim"])
+        k, v = (_randn(xp, s["kv_heads"], s["head_dim"]) for _ in range(2))
+        kc, vc = (xp.zeros((s["kv_heads"], 64, s["head_dim"]), np.float16) for _ in range(2))
+        table = xp.asarray(ops.rope_table(64, s["rope_dim"], 10000.0))
+        return lambda: ops.rope_kv(
+            m, q, k, v, kc, vc, 5, mode="norm", rope_dim=s["rope_dim"], table=table
+        )
     if name in ("swiglu", "add"):
         a, b = _randn(xp, s["count"]), _randn(xp, s["count"])
         out = xp.empty_like(a)

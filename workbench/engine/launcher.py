@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 OPERATIONS = (
     "embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add",
     "sample_token", "linear_rows", "paged_attention",  # device backends only
+    # the device backend's fused decode step (see Transformer.forward)
+    "norm_quant", "linear_qkv", "rope_kv", "attention_quant", "linear_add", "linear_swiglu",
+    "linear_act",
 )  # fmt: skip
+_FUSED_LINEAR = ("linear_qkv", "linear_add", "linear_swiglu", "linear_act")
 
 
 def kernel_name(op: str, args: tuple[Any, ...]) -> str:
@@ -46,6 +50,12 @@ def kernel_name(op: str, args: tuple[Any, ...]) -> str:
         return "attention_decode" if args[0].shape[0] == 1 else "attention_prefill"
     if op == "rope":
         return f"rope_{args[2].rope_mode}"
+    if op in _FUSED_LINEAR:
+        return f"matvec_fused_{args[0].qtype.name.lower()}"
+    if op == "norm_quant":
+        return "rmsnorm_q8_1"
+    if op == "attention_quant":
+        return "attention_decode"
     if op == "sample_token":
         return "sample_top_k_top_p"  # argmax when greedy; named for the family
     return op
@@ -57,6 +67,12 @@ def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
         w, x = args
         n, (rows, cols) = x.shape[0], w.shape
         return int(w.data.nbytes) + 4 * n * (cols + rows), 2 * n * rows * cols
+    if op in _FUSED_LINEAR:  # the matrices, the input once, the outputs
+        ws = [a for a in args if hasattr(a, "qtype") and len(a.shape) == 2]  # not the norm
+        cols = ws[0].shape[1]
+        rows = sum(w.shape[0] for w in ws)
+        nbytes = sum(int(w.data.nbytes) for w in ws) + 4 * (cols + rows)
+        return nbytes, 2 * rows * cols
     return None, None
 
 
@@ -140,6 +156,7 @@ class Launcher:
             if not self.profiler.enabled:
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
+            n0 = getattr(be, "launches", None)
             out = fn(*args, **kwargs)
             if self.resilient:
                 self._fault("sync", op, args)
@@ -152,6 +169,7 @@ class Launcher:
                 shapes=shapes,
                 bytes=nbytes,
                 flops=flops,
+                launches=1 if n0 is None else be.launches - n0,
             )
             return out
 

@@ -108,6 +108,10 @@ class Transformer:
             return logits
 
         x = be.embed(self.tok_embd, tokens)  # (n, dim)
+        if n == 1 and not all_logits and getattr(be, "fused_decode", False):
+            logits = self._decode_step(x, cache, start)
+            cache.length = end
+            return logits
         for i, lw in enumerate(self.layers):
             h = be.rmsnorm(x, lw.attn_norm, spec.norm_eps)  # (n, dim)
             q = be.linear(lw.attn_q, h).reshape(n, nh, hd)  # (n, heads, hd)
@@ -127,6 +131,23 @@ class Transformer:
             x = x[-1:]
         logits = be.linear(self.output, be.rmsnorm(x, self.output_norm, spec.norm_eps))
         return logits if all_logits else logits[0]  # (n, vocab) or (vocab,)
+
+    def _decode_step(self, x: Any, cache: KVCache, start: int) -> Any:
+        """One position through the device backend's fused operations: 7 kernel launches per
+        layer (8 in the first, which normalizes the embedding), see docs/kernels.md "Fusion".
+        x (1, dim) is the residual stream; returns logits (vocab,)."""
+        spec, be, eps = self.spec, self.backend, self.spec.norm_eps
+        act = be.norm_quant(x, self.layers[0].attn_norm, eps)  # rmsnorm_q8_1
+        for i, lw in enumerate(self.layers):
+            q, k, v = be.linear_qkv(lw.attn_q, lw.attn_k, lw.attn_v, act)  # 1 launch
+            q = be.rope_kv(q, k, v, cache.k[i], cache.v[i], start, spec, self.rope_factors)  # 1
+            att = be.attention_quant(q, cache.k[i], cache.v[i], start)  # split + merge: 2
+            x, act = be.linear_add(lw.attn_output, att, x, lw.ffn_norm, eps)  # 1, norm as tail
+            ff = be.linear_swiglu(lw.ffn_gate, lw.ffn_up, act)  # 1, Q8_1 as tail
+            last = i + 1 == len(self.layers)
+            norm = self.output_norm if last else self.layers[i + 1].attn_norm
+            x, act = be.linear_add(lw.ffn_down, ff, x, norm, eps)  # 1, the next norm as tail
+        return be.linear_act(self.output, act)[0]  # (vocab,)
 
     def prefill(self, tokens: np.ndarray, cache: KVCache) -> Any:
         return self.forward(np.asarray(tokens, dtype=np.int64), cache)

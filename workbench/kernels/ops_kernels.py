@@ -224,6 +224,42 @@ def _rope_cost(n: int, heads: int, rope_dim: int, **_: int) -> Cost:
     return Cost(bytes=8 * n * heads * rope_dim, flops=3 * n * heads * rope_dim)
 
 
+def _rope_kv_launch(heads: int, kv_heads: int, head_dim: int, **_: int) -> Launch:
+    return _flat_launch((heads + 2 * kv_heads) * head_dim)
+
+
+def _rope_kv_cost(heads: int, kv_heads: int, head_dim: int, rope_dim: int, **_: int) -> Cost:
+    # q read and written, k and v read, fp16 cache rows written, the table row read
+    return Cost(
+        bytes=8 * heads * head_dim + 12 * kv_heads * head_dim + 4 * rope_dim,
+        flops=3 * (heads + kv_heads) * rope_dim,
+    )
+
+
+def rope_kv_reference(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    pos: int,
+    *,
+    mode: str,
+    rope_dim: int,
+    base: float,
+    rope_scale: float = 1.0,
+    freq_factors: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rotated q, k_cache, v_cache) as new arrays: `rope_reference` of q and k (heads, hd) at
+    pos, then `kv_append_reference` (the cache's dtype rounds, as the kernel)."""
+    rot = {"mode": mode, "rope_dim": rope_dim, "base": base, "rope_scale": rope_scale,
+           "freq_factors": freq_factors}  # fmt: skip
+    qr = rope_reference(q[None], pos, **rot)[0]
+    kr = rope_reference(k[None], pos, **rot)
+    kc, vc = kv_append_reference(kr, v[None], k_cache, v_cache, pos)
+    return qr, kc, vc
+
+
 def _prefill_launch(n: int, heads: int, **_: int) -> Launch:
     return Launch((-(-n // PREFILL_QUERIES), heads, 1), (ATTN_THREADS, 1, 1))
 
@@ -300,6 +336,12 @@ _SPECS = (
         "rope_neox", "rope.hip", "rope_neox", _rope_launch,
         rope_reference, _rope_cost,
         "RoPE in place, pairs (i, i + rope_dim/2)", shapes=_ROPE,
+    ),
+    KernelSpec(
+        "rope_kv", "rope.hip", "rope_kv", _rope_kv_launch,
+        rope_kv_reference, _rope_kv_cost,
+        "decode RoPE of q and k fused with the KV-cache write of k and v",
+        shapes=({"heads": 9, "kv_heads": 3, "head_dim": 64, "rope_dim": 64},),
     ),
     KernelSpec(
         "attention_prefill", "attention.hip", "attention_prefill", _prefill_launch,
@@ -466,6 +508,54 @@ def rope(
     return x
 
 
+def rope_kv(
+    module: Any,
+    q: Array,
+    k: Array,
+    v: Array,
+    k_cache: Array,
+    v_cache: Array,
+    pos: int,
+    *,
+    mode: str,
+    rope_dim: int,
+    table: Array,
+    table_pos0: int = 0,
+    q_out: Array | None = None,
+) -> Array:
+    """One decode position: q (heads, hd) rotated into q_out (default: q itself, in place),
+    k (kv_heads, hd) rotated into row pos of k_cache and v copied into row pos of v_cache
+    ((kv_heads, ctx, hd) float32 or fp16); ``table`` as `rope`'s. The same values as `rope` of
+    q and k, then `kv_append`. Returns q_out."""
+    heads, hd = q.shape
+    kv_heads = k.shape[0]
+    ctx = k_cache.shape[1]
+    _check("q", q)
+    q_out = q if q_out is None else q_out
+    _check("q_out", q_out, (heads, hd))
+    _check("k", k, (kv_heads, hd))
+    _check("v", v, (kv_heads, hd))
+    kv_half = _kv_half(k_cache)
+    _check("k_cache", k_cache, (kv_heads, ctx, hd), k_cache.dtype)
+    _check("v_cache", v_cache, (kv_heads, ctx, hd), k_cache.dtype)
+    _check("table", table)
+    if mode not in ("norm", "neox"):
+        raise UserError("user.bad_argument", f"RoPE mode must be 'norm' or 'neox', not {mode!r}")
+    if rope_dim % 2 or not 0 < rope_dim <= hd:
+        raise UserError("user.bad_argument", f"rope_dim {rope_dim} must be even, <= {hd}")
+    if table.ndim != 3 or table.shape[1:] != (rope_dim // 2, 2):
+        raise UserError("user.bad_argument", f"RoPE table has shape {table.shape}")
+    if not table_pos0 <= pos < table_pos0 + table.shape[0]:
+        raise UserError("user.bad_argument", f"RoPE table does not cover position {pos}")
+    if not 0 <= pos < ctx:
+        raise UserError("user.context_overflow", f"position {pos} does not fit {ctx}")
+    args = (q, q_out, k, v, k_cache, v_cache)
+    args += (*_i32(heads, kv_heads, hd, rope_dim, mode == "neox", pos), table)
+    args += (*_i32(table_pos0, ctx), kv_half)
+    _launch(module, "rope_kv", _rope_kv_launch(heads, kv_heads, hd), args)
+    return q_out
+
+
 def _host(a: Array) -> np.ndarray:
     return a.get() if _xp(a) is not np else np.asarray(a)
 
@@ -501,11 +591,22 @@ def _check_attention(q: Array, k_cache: Array, v_cache: Array, start: int) -> tu
 
 
 def attention(
-    module: Any, q: Array, k_cache: Array, v_cache: Array, start: int, *, out: Array | None = None
+    module: Any,
+    q: Array,
+    k_cache: Array,
+    v_cache: Array,
+    start: int,
+    *,
+    out: Array | None = None,
+    xq: Array | None = None,
 ) -> Array:
     """q (n, heads, hd) at positions start..; k_cache, v_cache (kv_heads, ctx, hd), one layer
-    holding rows 0..start+n-1 -> out (n, heads*hd). n == 1 uses the decode kernel."""
+    holding rows 0..start+n-1 -> out (n, heads*hd). n == 1 uses the decode kernel; then ``xq``
+    ((heads*hd) * 9/8,) uint8, 16-aligned, heads*hd % 32 == 0) also receives out as Q8_1, by
+    the merge kernel (attention_decode_reduce_q8_1: the next matvec needs no quantize launch)."""
     n, heads, hd, kv_heads, ctx = _check_attention(q, k_cache, v_cache, start)
+    if xq is not None and (n != 1 or heads * hd % 32):
+        raise UserError("user.bad_argument", "xq needs one query and heads * head_dim % 32 == 0")
     out = _xp(q).empty((n, heads * hd), dtype=np.float32) if out is None else out
     _check("out", out, (n, heads * hd))
     scale = np.float32(1.0 / math.sqrt(hd))  # as the reference: float32(1/sqrt(hd))
@@ -518,7 +619,14 @@ def attention(
         args = (q, k_cache, v_cache, part, *dims, scale, _kv_half(k_cache))
         _launch(module, "attention_decode", launch, args)
         reduce = Launch((heads, 1, 1), (ATTN_THREADS, 1, 1))
-        _launch(module, "attention_decode_reduce", reduce, (part, out, *_i32(heads, hd, chunks)))
+        if xq is None:
+            args = (part, out, *_i32(heads, hd, chunks))
+            _launch(module, "attention_decode_reduce", reduce, args)
+        else:
+            _check("xq", xq, (heads * hd + heads * hd // 8,), np.uint8)
+            args = (part, out, xq, *_i32(heads, hd, chunks))
+            merge = Launch((-(-heads * hd // ATTN_THREADS), 1, 1), (ATTN_THREADS, 1, 1))
+            _launch(module, "attention_decode_reduce_q8_1", merge, args)
     else:
         launch = _prefill_launch(n, heads)
         dims = _i32(n, heads, kv_heads, hd, ctx, start)

@@ -72,6 +72,7 @@ __all__ = [
 
 OPERATIONS = ("dequant", "get_rows", "matvec", "matmul")
 SOURCES = {op: f"{op}.hip" for op in OPERATIONS}
+FUSED = ("matvec_fused", "rmsnorm_q8_1", "quantize_q8_1")  # symbols of matvec.hip's module
 
 # Launch constants; they must match the sources.
 ELEMENTWISE_THREADS = 256  # dequant, get_rows: threads per block along a row
@@ -111,13 +112,14 @@ def gguf_defines() -> dict[str, int]:
 
 
 # Operations whose source is another operation's (one module holds both).
-SHARED_SOURCE = {"matvec_batch": "matvec"}
+SHARED_SOURCE = {"matvec_batch": "matvec", "matvec_fused": "matvec"}
 
 
 def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """(source path, options, name expressions for all types): one module per source, so an
-    operation of `SHARED_SOURCE` gets the module of the operation it shares a source with."""
-    op = SHARED_SOURCE.get(op, op)
+    operation of `SHARED_SOURCE` gets the module of the operation it shares a source with (and
+    the fused decode kernels of `FUSED`, in `fused_kernels`, matvec's)."""
+    op = "matvec" if op in FUSED else SHARED_SOURCE.get(op, op)
     if op not in OPERATIONS:
         raise UserError("user.unknown_kernel", f"no quantized operation {op!r} ({OPERATIONS})")
     options = (*(f"-D{k}={v}" for k, v in gguf_defines().items()), f"-I{kernels_dir()}")

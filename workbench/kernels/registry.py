@@ -19,6 +19,7 @@ KERNEL_MODULES = (
     "workbench.kernels.quant_kernels",
     "workbench.kernels.ops_kernels",
     "workbench.kernels.paged_kernels",
+    "workbench.kernels.fused_kernels",
 )
 
 

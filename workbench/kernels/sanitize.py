@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType
 
 from workbench.errors import UserError
 from workbench.gguf.quants import block_layout
+from workbench.kernels import fused_kernels as fk
 from workbench.kernels import ops_kernels as ops
 from workbench.kernels import paged_kernels as pk
 from workbench.kernels import quant_kernels as qk
@@ -134,9 +135,17 @@ def _quant_example(
     warp: int,
     rng: np.random.Generator,
 ) -> None:
-    qtype = GGMLQuantizationType[tname.rstrip(">").removeprefix("WB_")]
-    s = QUANT_SHAPES[op]
     load = lambda *_: module  # noqa: E731 - a loader that always returns this module
+    if op == "rmsnorm_q8_1":
+        x = _randn(rng, 96)
+        fk.launch_rmsnorm_q8_1(load, x, _randn(rng, 96), 1e-5, np.empty(96, np.float32),
+                               fk.q8_1_buffer(x, 96))  # fmt: skip
+        return
+    qtype = GGMLQuantizationType[tname.rstrip(">").removeprefix("WB_")]
+    if op == "matvec_fused":
+        _fused_example(load, qtype, rng)
+        return
+    s = QUANT_SHAPES[op]
     rows, cols = s["rows"], s["cols"]
     if op == "dequant":
         qk.launch_dequant(
@@ -155,6 +164,27 @@ def _quant_example(
     else:
         x, raw = _randn(rng, s["n"], cols), _blocks(rng, qtype, rows, cols)
         qk.launch_matmul(load, qtype, x, raw, np.empty((s["n"], rows), np.float32))
+
+
+def _fused_example(load: Any, qtype: GGMLQuantizationType, rng: np.random.Generator) -> None:
+    """Every mode once, ragged: Q/K/V of 21, 5 and 5 rows; gate/up of 32 rows (4 blocks, then
+    the quantize tail); a residual add of 32 rows with the norm tail."""
+    cols = 512
+    x = _randn(rng, cols)
+    xq = fk.q8_1_buffer(x, cols)
+    xq[:] = qk.quantize_q8_1_reference(x)
+    mats = [_blocks(rng, qtype, r, cols) for r in (21, 5, 5)]
+    fk.launch_matvec_fused(load, qtype, mats, x, xq, [np.empty(r, np.float32) for r in (21, 5, 5)])
+    gate, up = _blocks(rng, qtype, 32, cols), _blocks(rng, qtype, 32, cols)
+    y, counter = np.empty(32, np.float32), np.zeros(1, np.uint32)
+    tq = fk.q8_1_buffer(x, 32)
+    fk.launch_matvec_fused(load, qtype, [gate, up], x, xq, [y], mode="swiglu", tail="quant",
+                           tail_q=tq, counter=counter)  # fmt: skip
+    fk.launch_matvec_fused(
+        load, qtype, [gate], x, xq, [_randn(rng, 32)], mode="add", tail="norm",
+        tail_w=_randn(rng, 32), eps=1e-5, tail_h=np.empty(32, np.float32), tail_q=tq,
+        counter=counter,
+    )  # fmt: skip
 
 
 def _ops_example(spec: KernelSpec, m: Any, rng: np.random.Generator) -> None:
@@ -178,6 +208,11 @@ def _ops_example(spec: KernelSpec, m: Any, rng: np.random.Generator) -> None:
         tables = [[5], [2, 0, 6], [3, 1]]
         pk.paged_attention(m, _randn(rng, 3, 4, 16), _randn(rng, *pool), _randn(rng, *pool),
                            tables, [1, 9, 8])  # fmt: skip
+    elif name == "rope_kv":
+        kc, vc = np.zeros((2, 40, 16), np.float16), np.zeros((2, 40, 16), np.float16)
+        table = ops.rope_table(40, 12, 10000.0)
+        ops.rope_kv(m, _randn(rng, 4, 16), _randn(rng, 2, 16), _randn(rng, 2, 16), kc, vc, 7,
+                    mode="neox", rope_dim=12, table=table)  # fmt: skip
     elif name in ("swiglu", "add"):
         fn = ops.swiglu if name == "swiglu" else ops.add
         fn(m, _randn(rng, 1000), _randn(rng, 1000))

@@ -54,6 +54,7 @@ class LaunchRecord:
     request_id: str | None = None
     bytes: int | None = None  # global-memory traffic from the cost model
     flops: int | None = None
+    launches: int = 1  # kernels the record covers (a device operation may launch several)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -139,6 +140,7 @@ class Profiler:
         bytes: int | None = None,  # the cost model's field name
         flops: int | None = None,
         start_s: float | None = None,
+        launches: int = 1,
     ) -> LaunchRecord | None:
         """Add one launch. ``phase`` and ``request_id`` default to the current context's.
 
@@ -161,6 +163,7 @@ class Profiler:
             request_id=request_id if request_id is not None else _request_id.get(),
             bytes=bytes,
             flops=flops,
+            launches=launches,
         )
         with self._lock:
             if len(self._records) == self._records.maxlen:
