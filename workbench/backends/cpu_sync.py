@@ -1,4 +1,4 @@
-"""A spin-then-sleep barrier for numba code that several OS threads run at once.
+"""A spin-then-sleep barrier, and a clock, for numba code that several OS threads run at once.
 
 Why not numba's parallel regions. A decode token of a 30-layer model needs about 120 points
 where the threads must meet (after each group of matrix rows). As numba parallel regions with
@@ -10,6 +10,9 @@ bounded number of polls (a meeting costs well under a microsecond when both thre
 sleeps on a futex (Linux; elsewhere it yields its core at every poll) until the last thread
 arrives and wakes it, so a thread whose partner was descheduled does not hold a core the partner
 needs. (Yielding instead of sleeping cost up to 100 us per meeting on the loaded machine.)
+
+`monotonic()` reads the monotonic clock inside compiled code, so that a team's call can time
+its own phases instead of being split into one call per phase.
 
 The barrier state is a small int32 array shared by the team (`new_barrier`). Memory order is
 sequentially consistent: everything a thread wrote before the barrier is visible to every thread
@@ -34,6 +37,7 @@ _SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(_MACH
 if not sys.platform.startswith("linux"):
     _SYS_FUTEX = 0
 _FUTEX_WAIT_PRIVATE, _FUTEX_WAKE_PRIVATE = 0 | 128, 1 | 128
+_CLOCK_MONOTONIC = 6 if sys.platform == "darwin" else 1
 
 # Barrier array layout (int32 slots): the arrival count, the generation and the number of
 # sleepers, each on its own 64-byte cache line.
@@ -158,3 +162,23 @@ def barrier_wait(state: np.ndarray, n: int, spins: int) -> None:
             _atomic_add(state, _SLEEPERS, -1)
         else:
             _sched_yield()
+
+
+@intrinsic
+def monotonic(typingctx):
+    """Seconds on the monotonic clock (``clock_gettime``), as ``time.monotonic()``."""
+
+    def codegen(context, builder, sig, args):
+        ts = builder.alloca(ir.ArrayType(_I64, 2))  # struct timespec {tv_sec, tv_nsec}
+        fn = _libc(builder, "clock_gettime", _I32, [_I32, ts.type])
+        builder.call(fn, [ir.Constant(_I32, _CLOCK_MONOTONIC), ts])
+        zero = ir.Constant(_I32, 0)
+        sec = builder.load(builder.gep(ts, [zero, zero]))
+        nsec = builder.load(builder.gep(ts, [zero, ir.Constant(_I32, 1)]))
+        f64 = ir.DoubleType()
+        return builder.fadd(
+            builder.sitofp(sec, f64),
+            builder.fmul(builder.sitofp(nsec, f64), ir.Constant(f64, 1e-9)),
+        )
+
+    return types.float64(), codegen

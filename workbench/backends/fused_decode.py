@@ -5,7 +5,13 @@ per layer; at a few microseconds of dispatch each that is a sizeable share of a 
 whole token -- RMSNorm, the Q/K/V products, RoPE, the KV append, attention, the output
 projection, the residuals, the FFN norm, gate/up and SwiGLU, down, and finally the output norm and
 logits -- is one numba call over preallocated buffers. Matrix-vector products of one input are
-merged into one threaded loop (Q, K and V; gate and up), so a layer is four parallel regions.
+merged into one loop over their stacked rows (Q, K and V; gate and up).
+
+Threads. With N threads a fixed team (the caller and N - 1 helper threads, `_Team`) runs the
+token's call together, each on its share of every product's rows and of the attention heads,
+and the threads meet at a spin-then-sleep barrier (`cpu_sync`) six times per layer. A token
+costs one wake-up of the helpers instead of four numba parallel regions per layer (about 120 per
+token, each a wake-up of passive OpenMP workers: 25-45 us on this project's VM).
 
 Numerics are the reference's: the same row kernels (`quant_blocks._dot_*_row`, whose accumulation
 order is fixed per row), the same block sums of the input, the same RMSNorm, RoPE tables and
@@ -20,7 +26,6 @@ them through a table of (offset, rows, row_bytes, type) entries into that map.
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -148,10 +153,12 @@ def _matvec_rows(blob, table, m0, m1, x, out, tid, nt):
 @njit(cache=True, nogil=True)
 def _team_step(
     tid, nt, sync, spins, blob, table, norms, out_norm, eps, dims, xs, pos, cos, sin, neox,
-    k_cache, v_cache, qkv, att, tmp, hs, gu, ffs, logits, l0, l1, head,
+    k_cache, v_cache, qkv, att, tmp, hs, gu, ffs, logits, stamps,
 ):  # fmt: skip
-    """Thread tid of nt: layers l0..l1-1 of one token at position ``pos``, then (if ``head``)
-    the output norm and logits. Every thread of the team calls this with the same arguments.
+    """Thread tid of nt: every layer of one token at position ``pos``, then the output norm and
+    logits. Every thread of the team calls this with the same arguments. Thread 0 writes the
+    monotonic clock to stamps (layers + 2,) float64 at the start and after each layer and the
+    head: the per-layer times the profiler reports, taken without splitting the call.
 
     Each thread keeps its own copy of the residual stream (xs[tid]), its norm (hs[tid]) and
     SwiGLU output (ffs[tid]), computed identically on every thread, so that only the products'
@@ -170,7 +177,9 @@ def _team_step(
     x, h, ff = xs[tid], hs[tid], ffs[tid]
     h0, h1 = _part(0, nh, tid, nt)  # this thread's query heads
     g0, g1 = _part(0, nkv, tid, nt)  # and KV heads
-    for layer in range(l0, l1):
+    if tid == 0:
+        stamps[0] = cpu_sync.monotonic()
+    for layer in range(norms.shape[0]):
         t = layer * _PER_LAYER
         cpu_ops.rmsnorm(x, norms[layer, 0], eps, h)
         _matvec_rows(blob, table, t + _Q, t + _O, h[0], qkv, tid, nt)
@@ -201,10 +210,13 @@ def _team_step(
         cpu_sync.barrier_wait(sync, nt, spins)
         for j in range(x.shape[1]):
             x[0, j] = x[0, j] + tmp[j]
-    if head:
-        cpu_ops.rmsnorm(x, out_norm, eps, h)
-        m = table.shape[0] - 1
-        _matvec_rows(blob, table, m, m + 1, h[0], logits, tid, nt)
+        if tid == 0:
+            stamps[layer + 1] = cpu_sync.monotonic()
+    cpu_ops.rmsnorm(x, out_norm, eps, h)
+    m = table.shape[0] - 1
+    _matvec_rows(blob, table, m, m + 1, h[0], logits, tid, nt)
+    if tid == 0:
+        stamps[-1] = cpu_sync.monotonic()
 
 
 class _Team:
@@ -312,6 +324,7 @@ class FusedDecoder:
         self.gu = np.empty(2 * ffn, np.float32)  # gate then up
         self.sync = cpu_sync.new_barrier()
         self.spins = cpu_sync.SPINS  # polls of a barrier before a thread sleeps
+        self.stamps = np.zeros(spec.n_layers + 2, np.float64)  # clock after each phase, seconds
         self.vocab = int(table[-1, _ROWS])
         self._lock = threading.Lock()  # one step at a time: the scratch buffers are shared
         self._team = _Team(nt) if nt > 1 else None
@@ -358,19 +371,19 @@ class FusedDecoder:
     def step(self, token: int, cache: Any, on_layer: LayerHook | None = None) -> np.ndarray:
         """Logits (vocab,) of ``token`` at position cache.length; writes that position's K/V.
 
-        ``on_layer(layer, seconds)`` (layer -1 for the output norm and logits), when given, makes
-        each layer a separate call so that it can be timed.
+        ``on_layer(layer, seconds)``, when given, is called after the token for each layer and
+        once with layer -1 for the output norm and logits, with the times the call measured.
         """
         with self._lock:
-            return self._step(token, cache, on_layer)
+            logits = self._step(token, cache)
+            if on_layer is not None:
+                times = np.diff(self.stamps)  # (layers + 1,) seconds
+                for layer in range(self.spec.n_layers):
+                    on_layer(layer, float(times[layer]))
+                on_layer(-1, float(times[-1]))
+            return logits
 
-    def _run(self, args: tuple) -> None:
-        if self._team is None:
-            _team_step(0, 1, *args)
-        else:
-            self._team.run(_team_step, (self.threads, *args))
-
-    def _step(self, token: int, cache: Any, on_layer: LayerHook | None) -> np.ndarray:
+    def _step(self, token: int, cache: Any) -> np.ndarray:
         tf, spec = self.transformer, self.spec
         pos = cache.length
         self.xs[:] = quant_cpu.get_rows(tf.tok_embd.qtype, tf.tok_embd.data, np.array([token]))
@@ -378,20 +391,13 @@ class FusedDecoder:
         neox = spec.rope_mode == "neox"
         logits = np.empty(self.vocab, np.float32)
         args = (self.sync, self.spins, self.blob, self.table, self.norms, self.out_norm,
-                float(spec.norm_eps),
-                self.dims, self.xs, pos, cos, sin, neox, cache.k, cache.v, self.qkv, self.att,
-                self.tmp, self.hs, self.gu, self.ffs, logits)  # fmt: skip
-        n = spec.n_layers
-        if on_layer is None:
-            self._run((*args, 0, n, True))
-            return logits
-        for layer in range(n):
-            t0 = time.perf_counter()
-            self._run((*args, layer, layer + 1, False))
-            on_layer(layer, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        self._run((*args, n, n, True))
-        on_layer(-1, time.perf_counter() - t0)
+                float(spec.norm_eps), self.dims, self.xs, pos, cos, sin, neox, cache.k, cache.v,
+                self.qkv, self.att, self.tmp, self.hs, self.gu, self.ffs, logits,
+                self.stamps)  # fmt: skip
+        if self._team is None:
+            _team_step(0, 1, *args)
+        else:
+            self._team.run(_team_step, (self.threads, *args))
         return logits
 
 
@@ -425,6 +431,7 @@ def warm_up() -> None:
     gu, ffs = np.zeros(2 * ffn, np.float32), np.zeros((1, ffn), np.float32)
     logits = np.zeros(vocab, np.float32)
     dims = (heads, kv_heads, hd, ffn)
+    stamps = np.zeros(3, np.float64)
     _team_step(0, 1, cpu_sync.new_barrier(), cpu_sync.SPINS, blob, table, norms, out_norm, 1e-5,
                dims, xs, 0, cos, sin, False, k_cache, v_cache, qkv, att, tmp, hs, gu, ffs, logits,
-               0, 1, True)  # fmt: skip
+               stamps)  # fmt: skip
