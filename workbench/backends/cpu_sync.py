@@ -6,10 +6,10 @@ passive OpenMP workers each costs a futex wake-up, 25-30 us on this project's sh
 machine: 3-4 ms of an 8-30 ms token. Spinning OpenMP workers meet faster but spin for up to
 300,000 polls after every region, starving BLAS and other processes. Here a fixed team of threads
 runs the whole token in one call each (`fused_decode`) and meets at this barrier: it spins for a
-bounded number of polls (a meeting costs well under a microsecond when both threads run), then
-sleeps on a futex (Linux; elsewhere it yields its core at every poll) until the last thread
-arrives and wakes it, so a thread whose partner was descheduled does not hold a core the partner
-needs. (Yielding instead of sleeping cost up to 100 us per meeting on the loaded machine.)
+bounded, adaptive number of polls (a meeting costs well under a microsecond when both threads
+run), then sleeps on a futex (Linux; elsewhere it yields its core at every poll) until the last
+thread arrives and wakes it, so a thread whose partner was descheduled does not hold a core the
+partner needs. (Yielding instead of sleeping cost up to 100 us per meeting on the loaded machine.)
 
 `monotonic()` reads the monotonic clock inside compiled code, so that a team's call can time
 its own phases instead of being split into one call per phase.
@@ -39,17 +39,23 @@ if not sys.platform.startswith("linux"):
 _FUTEX_WAIT_PRIVATE, _FUTEX_WAKE_PRIVATE = 0 | 128, 1 | 128
 _CLOCK_MONOTONIC = 6 if sys.platform == "darwin" else 1
 
-# Barrier array layout (int32 slots): the arrival count, the generation and the number of
-# sleepers, each on its own 64-byte cache line.
-_COUNT, _GEN, _SLEEPERS, _SLOTS = 0, 16, 32, 48
+# Barrier array layout (int32 slots): the arrival count, the generation, the number of sleepers
+# and the current spin budget, each on its own 64-byte cache line.
+_COUNT, _GEN, _SLEEPERS, _BUDGET, _SLOTS = 0, 16, 32, 48, 64
 # Polls before a waiting thread goes to sleep (tens of microseconds of ``pause`` on x86): longer
 # than the imbalance between threads that share work evenly, far shorter than a scheduler tick.
 SPINS = 2000
+# The spin budget adapts between these: halved after a wait that had to sleep (the partner was
+# descheduled: spinning only burns a core someone else could use), doubled after one that a
+# spin caught.
+_MIN_SPINS = 32
 
 
 def new_barrier() -> np.ndarray:
-    """The state of one barrier: (48,) int32 zeros."""
-    return np.zeros(_SLOTS, np.int32)
+    """The state of one barrier: (64,) int32, the spin budget starting at `SPINS`."""
+    state = np.zeros(_SLOTS, np.int32)
+    state[_BUDGET] = SPINS
+    return state
 
 
 def _slot(context, builder, sig, args):
@@ -149,19 +155,27 @@ def barrier_wait(state: np.ndarray, n: int, spins: int) -> None:
         if _SYS_FUTEX != 0 and _atomic_load(state, _SLEEPERS) > 0:
             _futex(state, _GEN, _FUTEX_WAKE_PRIVATE, n)
         return
+    budget = min(_atomic_load(state, _BUDGET), spins)
     polls = 0
+    slept = False
     while _atomic_load(state, _GEN) == gen:
-        if polls < spins:
+        if polls < budget:
             _pause()
             polls += 1
         elif _SYS_FUTEX != 0:
             # Announce the sleep, then sleep only while the generation is still ``gen`` (the
             # kernel checks that atomically): a release in between is never missed.
+            slept = True
             _atomic_add(state, _SLEEPERS, 1)
             _futex(state, _GEN, _FUTEX_WAIT_PRIVATE, gen)
             _atomic_add(state, _SLEEPERS, -1)
         else:
+            slept = True
             _sched_yield()
+    if slept:
+        _atomic_store(state, _BUDGET, max(budget // 2, _MIN_SPINS))
+    elif budget < spins:
+        _atomic_store(state, _BUDGET, min(2 * budget, spins))
 
 
 @intrinsic
