@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,33 @@ def test_warm_up_compiles_what_a_real_model_runs(tiny_model):
         engine.profiler.enabled = profiling
         engine.generate([5, 6], GenerationConfig(max_tokens=3, temperature=0)).run()
     assert [len(k.signatures) for k in kernels] == before
+
+
+def test_team_runs_every_thread_and_restarts_helpers_that_are_gone():
+    """Every tid runs once per call; helpers that no longer run (closed, or absent in a forked
+    child) are started again by the next call; a helper's exception reaches the caller."""
+    team = fused_decode._Team(3)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def record(tid: int, out: list[int]) -> None:
+        with lock:
+            out.append(tid)
+
+    team.run(record, (seen,))
+    assert sorted(seen) == [0, 1, 2]
+    team.close()
+    for th in team._threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in team._threads)
+    seen.clear()
+    team.run(record, (seen,))
+    assert sorted(seen) == [0, 1, 2]
+
+    def fail_in_helper(tid: int) -> None:
+        if tid == 2:
+            raise ValueError("helper failed")
+
+    with pytest.raises(ValueError, match="helper failed"):
+        team.run(fail_in_helper, ())
+    team.close()

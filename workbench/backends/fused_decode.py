@@ -227,18 +227,23 @@ class _Team:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self._go = [threading.Event() for _ in range(n - 1)]
-        self._done = [threading.Event() for _ in range(n - 1)]
         self._job: tuple[Callable[..., None], tuple] | None = None
         self._error: BaseException | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._go = [threading.Event() for _ in range(self.n - 1)]
+        self._done = [threading.Event() for _ in range(self.n - 1)]
         self._threads = [
             threading.Thread(target=self._loop, args=(tid,), daemon=True, name=f"decode-{tid}")
-            for tid in range(1, n)
+            for tid in range(1, self.n)
         ]
         for th in self._threads:
             th.start()
 
     def run(self, fn: Callable[..., None], args: tuple) -> None:
+        if not all(th.is_alive() for th in self._threads):
+            self._start()  # a forked child inherits no threads: start the helpers again
         self._job = (fn, args)
         for go in self._go:
             go.set()
