@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,10 @@ def seed(request: pytest.FixtureRequest) -> int:
     return s
 
 
-@pytest.fixture(params=["serial", "parallel"])
-def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """The single-thread loops, and the threaded loops forced on for every matrix."""
-    if request.param == "serial":
-        return 1
-    monkeypatch.setattr(fused_decode, "_PAR_MIN_BYTES", 0)
-    return 2
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def threads(request: pytest.FixtureRequest) -> int:
+    """One thread, and teams of 2 and 3 (3 splits the tiny model's 2 KV heads unevenly)."""
+    return request.param
 
 
 def tiny(tmp_path: Path, seed: int, **cfg) -> Path:
@@ -51,8 +49,10 @@ def tiny(tmp_path: Path, seed: int, **cfg) -> Path:
 def compare(path: Path, seed: int, threads: int, steps: int = 6) -> None:
     """Prefill a random prompt, then greedy-decode on both paths: same logits and tokens."""
     model = read_gguf(path)
-    fused = Transformer(model, NumpyBackend(threads=threads))
-    ref = Transformer(model, NumpyBackend(threads=threads, fused=False))
+    backend_threads = min(threads, 2)  # numba's limit may be 2; the decode team is not bound by it
+    fused = Transformer(model, NumpyBackend(threads=backend_threads))
+    fused._decode_fused = fused_decode.FusedDecoder.build(fused, threads)
+    ref = Transformer(model, NumpyBackend(threads=backend_threads, fused=False))
     assert fused._decode_fused is not None and ref._decode_fused is None
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, model.spec.vocab_size, size=int(rng.integers(1, 9)))
@@ -110,7 +110,7 @@ def test_weights_outside_one_file_map_use_the_per_operation_path(tiny_model):
 def test_warm_up_compiles_what_a_real_model_runs(tiny_model):
     """After warm_up, decoding (with and without per-layer timing) compiles nothing new."""
     NumpyBackend.warm_up()
-    kernels = (fused_decode._decode_token, fused_decode._decode_layers, fused_decode._decode_head)
+    kernels = (fused_decode._team_step,)
     before = [len(k.signatures) for k in kernels]
     assert all(before)
     engine = Engine(tiny_model, backend="numpy")
@@ -118,3 +118,33 @@ def test_warm_up_compiles_what_a_real_model_runs(tiny_model):
         engine.profiler.enabled = profiling
         engine.generate([5, 6], GenerationConfig(max_tokens=3, temperature=0)).run()
     assert [len(k.signatures) for k in kernels] == before
+
+
+def test_team_runs_every_thread_and_restarts_helpers_that_are_gone():
+    """Every tid runs once per call; helpers that no longer run (closed, or absent in a forked
+    child) are started again by the next call; a helper's exception reaches the caller."""
+    team = fused_decode._Team(3)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def record(tid: int, out: list[int]) -> None:
+        with lock:
+            out.append(tid)
+
+    team.run(record, (seen,))
+    assert sorted(seen) == [0, 1, 2]
+    team.close()
+    for th in team._threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in team._threads)
+    seen.clear()
+    team.run(record, (seen,))
+    assert sorted(seen) == [0, 1, 2]
+
+    def fail_in_helper(tid: int) -> None:
+        if tid == 2:
+            raise ValueError("helper failed")
+
+    with pytest.raises(ValueError, match="helper failed"):
+        team.run(fail_in_helper, ())
+    team.close()

@@ -54,11 +54,19 @@ def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: n
     Query head h reads KV head h // (heads / kv_heads). Softmax in float32 after subtracting the
     row maximum, as the NumPy path; fastmath only lets the dot products vectorise.
     """
+    attention_decode_heads(q, k, v, t, out, 0, q.shape[0])
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def attention_decode_heads(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: np.ndarray, h0: int, h1: int
+) -> None:
+    """`attention_decode` for query heads h0..h1-1 only (out's other heads are not touched)."""
     heads, hd = q.shape
     group = heads // k.shape[0]
     scale = np.float32(1.0 / math.sqrt(hd))
     scores = np.empty(t, dtype=np.float32)
-    for h in range(heads):
+    for h in range(h0, h1):
         g = h // group
         m = -np.inf
         for j in range(t):
