@@ -112,7 +112,7 @@ def gguf_defines() -> dict[str, int]:
 
 
 # Operations whose source is another operation's (one module holds both).
-SHARED_SOURCE = {"matvec_batch": "matvec", "matvec_fused": "matvec"}
+SHARED_SOURCE = {"matvec_batch": "matvec"}
 
 
 def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
@@ -124,6 +124,8 @@ def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         raise UserError("user.unknown_kernel", f"no quantized operation {op!r} ({OPERATIONS})")
     options = (*(f"-D{k}={v}" for k, v in gguf_defines().items()), f"-I{kernels_dir()}")
     ops = (op, *(o for o, base in SHARED_SOURCE.items() if base == op))
+    if op == "matvec":  # matvec.hip also holds the decode step's fused products
+        ops += ("matvec_fused",)
     names = tuple(symbol(o, q) for o in ops for q in SUPPORTED_TYPES)
     return str(kernels_dir() / SOURCES[op]), options, names
 
