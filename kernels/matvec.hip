@@ -445,19 +445,49 @@ struct wb_matvec_batch {
   }
 };
 
-// The float types: each weight element is loaded once and multiplied into every row of X.
+// The float types: each weight chunk is loaded once and multiplied into every row of X, in the
+// order matvec's float body takes them (tiles of WB_MV_FTILE columns; lane l's 16-byte chunks
+// l, l + 16, ... from the 16-byte boundary below the tile's start, element by element at the
+// ends and when the elements straddle chunks), so each row of Y has matvec's bits.
 template <int QT>
 struct wb_matvec_batch<QT, true> {
+  static constexpr int B = wb_q<QT>::BYTES;  // bytes per element: 4 or 2
   WB_DEVICE void run(const uint8_t* W, const float* x, const uint8_t*, int n, int rows, int cols,
                      int row_bytes, int, float* acc) {
     const int row = (int)blockIdx.x * WB_MV_ROWS + (int)threadIdx.x / WB_MV_LANES;
+    const int l = (int)threadIdx.x % WB_MV_LANES;
     if (row >= rows) return;
     const uint8_t* w = W + (size_t)row * row_bytes;  // (row_bytes,)
-    for (int e = (int)threadIdx.x % WB_MV_LANES; e < cols; e += WB_MV_LANES) {
-      const float wv = wb_q<QT>::value(w + (size_t)e * wb_q<QT>::BYTES, 0);
+    const unsigned long long lo = wb_addr(W), hi = lo + (unsigned long long)rows * row_bytes;
+    for (int c0 = 0; c0 < cols; c0 += WB_MV_FTILE) {
+      const int nc = cols - c0 < WB_MV_FTILE ? cols - c0 : WB_MV_FTILE;  // columns in the tile
+      const float* xt = x + c0;  // (n, cols) from the tile's first column
+      const unsigned long long start = wb_addr(w) + (unsigned long long)c0 * B;
+      const unsigned long long end = start + (unsigned long long)nc * B;
+      if (start % B) {
+        for (int e = l; e < nc; e += WB_MV_LANES) {
+          const float wv = wb_q<QT>::value(w + (size_t)(c0 + e) * B, 0);
 #pragma unroll
-      for (int b = 0; b < WB_MB_MAX; ++b) {  // unrolled: acc stays in registers
-        if (b < n) acc[b] = fmaf(wv, x[(size_t)b * cols + e], acc[b]);
+          for (int b = 0; b < WB_MB_MAX; ++b)  // unrolled: acc stays in registers
+            if (b < n) acc[b] = fmaf(wv, xt[(size_t)b * cols + e], acc[b]);
+        }
+        continue;
+      }
+      for (unsigned long long g = (start & ~15ull) + 16ull * l; g < end;
+           g += 16ull * WB_MV_LANES) {
+        const long long e0 = ((long long)g - (long long)start) / B;  // column of byte 0
+        const bool whole = g >= start && g + 16 <= end && g + 16 <= hi;
+        wb_u32x4 u;
+        if (whole) u = wb_ld16(W + (g - lo));
+        const uint32_t* bits = reinterpret_cast<const uint32_t*>(&u);
+        for (int j = 0; j < 16 / B; ++j) {
+          if (!whole && (e0 + j < 0 || e0 + j >= nc)) continue;
+          const float wv = whole ? wb_chunk_value<QT>(bits, j)
+                                 : wb_q<QT>::value(w + (size_t)(c0 + e0 + j) * B, 0);
+#pragma unroll
+          for (int b = 0; b < WB_MB_MAX; ++b)
+            if (b < n) acc[b] = fmaf(wv, xt[(size_t)b * cols + e0 + j], acc[b]);
+        }
       }
     }
   }
