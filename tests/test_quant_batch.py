@@ -68,3 +68,35 @@ def test_bad_input_is_a_user_error(r: Rand) -> None:
     with pytest.raises(UserError, match="x must be"):
         qb.matvec_rows(Q.Q8_0, raw, np.zeros((2, 32), np.float32))
     assert qb.matvec_rows(Q.Q8_0, raw, np.zeros((0, 64), np.float32)).shape == (0, 4)
+
+
+def test_paged_attention_reads_through_page_tables(r: Rand) -> None:
+    """Each row equals `cpu_ops.attention_decode` on its own gathered cache, and does not
+    change with the other rows of the batch."""
+    from workbench.backends import cpu_ops, paged_ops
+
+    size, kvh, group, hd, n_pages = 4, 2, 3, 8, 40
+    k = r.rng.standard_normal((n_pages, size, kvh, hd)).astype(np.float32)
+    v = r.rng.standard_normal((n_pages, size, kvh, hd)).astype(np.float32)
+    lengths = r.rng.integers(1, 9 * size, 5)
+    pages = r.rng.permutation(n_pages)
+    tables = np.zeros((5, 9), np.int64)
+    used = 0
+    for i, t in enumerate(lengths):
+        need = -(-int(t) // size)
+        tables[i, :need] = pages[used : used + need]
+        used += need
+    q = r.rng.standard_normal((5, kvh * group, hd)).astype(np.float32)
+    out = np.empty((5, kvh * group * hd), np.float32)
+    paged_ops.attention_decode_paged(q, k, v, tables, lengths.astype(np.int64), out)
+    for i, t in enumerate(lengths):
+        rows = k[tables[i]].reshape(-1, kvh, hd)[:t].transpose(1, 0, 2)  # (kv_heads, t, hd)
+        vals = v[tables[i]].reshape(-1, kvh, hd)[:t].transpose(1, 0, 2)
+        want = np.empty(kvh * group * hd, np.float32)
+        cpu_ops.attention_decode(q[i], np.ascontiguousarray(rows), np.ascontiguousarray(vals),
+                                 int(t), want)  # fmt: skip
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6, err_msg=f"row {i} {r}")
+        one = np.empty((1, kvh * group * hd), np.float32)
+        paged_ops.attention_decode_paged(q[i : i + 1], k, v, tables[i : i + 1],
+                                         lengths[i : i + 1].astype(np.int64), one)  # fmt: skip
+        assert_bits_equal(one[0], out[i], f"row {i} alone vs in the batch {r}")

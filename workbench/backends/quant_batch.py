@@ -5,12 +5,15 @@
 it is in the first-level cache. The common decode types (Q4_0, Q4_1, Q8_0) go further and decode
 each block's codes into registers once per group of four input rows.
 
-Numerical contract: row i of the result is bit for bit `quant_cpu.matvec(qtype, raw, x[i])`,
-whatever else is in the batch. Every input row goes through the same float32 operations in the
-same order as the one-row kernels of `quant_blocks` (the same block sums of x, the same partial
-products and FMAs per block, the same horizontal sum), only interleaved with the other rows'. So
-a sequence's greedy tokens do not depend on who it is batched with
-(`tests/test_quant_batch.py` checks every type).
+Numerical contract: row i of the result does not depend on the other rows. Every input row goes
+through the same float32 operations in the same order whatever the batch holds (the block sums
+of its own x, the one-row kernels' partial products and FMAs per block, the same horizontal
+sum), only interleaved with the other rows', so row i is bit for bit the result of x[i] alone
+(``matvec_rows(qtype, raw, x[i:i+1])``) and a sequence's greedy tokens do not depend on who it is
+batched with. Against `quant_cpu.matvec` of the same row the results agree to float32 rounding:
+they are the same operations, but compiled in another context LLVM may reassociate the scalar
+block-offset sums of fast-math code differently (bit-equal in tests for Q4_0, Q4_1, Q8_0 and the
+float types, not for Q4_K). `tests/test_quant_batch.py` checks both, for every type.
 """
 
 from __future__ import annotations
@@ -286,8 +289,9 @@ def matvec_rows(
 ) -> np.ndarray:
     """``x @ W.T`` for a few rows: raw (rows, row_bytes) uint8, x (n, cols) -> (n, rows) float32.
 
-    Row i of the result is bit for bit ``quant_cpu.matvec(qtype, raw, x[i])``; the weights are
-    read once for all n rows. Meant for n up to `MAX_ROWS` (any n works)."""
+    Row i of the result is bit for bit that of x[i] alone, whatever the other rows (see the
+    module docstring); the weights are read once for all n rows. Meant for n up to `MAX_ROWS`
+    (any n works)."""
     k = quant_cpu._kernels(qtype)
     raw, cols = quant_cpu._matrix("matvec_rows", k, raw)
     x = np.asarray(x)

@@ -1,14 +1,21 @@
 """One forward pass over a batch of sequences whose keys and values live in pages.
 
-The rows of every sequence in the step (one per decoding sequence, a chunk for a prefilling one)
-go through the elementwise operations (embedding, norms, residual adds, SwiGLU) together. The
-weight products run per sequence through the backend's own `linear`, so a decoding row takes the
-same one-row kernel (and the same accumulation order) whatever else is in the step, and a
-prefill chunk the same matrix product: a sequence's tokens do not depend on who it is batched
-with. (A single caller's `Engine.generate` decodes through the NumPy backend's fused one-call
-path instead, which agrees with these per-operation kernels to about 1e-6, not bit for bit.)
-Attention gathers each sequence's pages into one contiguous run of
-positions and calls the backend's attention, as the single-caller path does on its own cache.
+A step holds decode rows (one position of each decoding sequence) and at most one prefill chunk
+(several positions of one sequence). All rows go through the elementwise operations (embedding,
+norms, residual adds, SwiGLU) together: row-by-row arithmetic.
+
+On a backend with the batched decode operations (the NumPy backend: ``linear_rows``,
+``rope_rows``, ``attention_paged``) the decode rows of all sequences take each weight product as
+one call that reads the weights once for all of them (`quant_batch.matvec_rows`), and attention
+reads every sequence's keys and values through its page table, with nothing copied. Each row's
+arithmetic is the same whatever else is in the batch, so a sequence's tokens do not depend on who
+it is batched with (a sequence alone takes the same calls with one row). A prefill chunk takes the
+backend's `linear` (a matrix product) and its attention gathers the chunk's pages into one
+contiguous run of positions, as the single-caller path does on its own cache. Backends without
+the batched operations run every slice through `linear` and the gathered attention.
+
+(A single caller's `Engine.generate` decodes through the NumPy backend's fused one-call path
+instead, which agrees with these kernels to about 1e-6, not bit for bit.)
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from workbench.engine.model import Transformer
-from workbench.engine.pages import PagePool
+from workbench.engine.pages import PAGE_SIZE, PagePool
 
 # (page table, first position, token ids) of one sequence's rows in a step
 Slice = tuple[list[int], int, list[int]]
@@ -27,16 +34,49 @@ Slice = tuple[list[int], int, list[int]]
 def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
     """Run every slice's tokens at its positions; return each slice's last-position logits
     (vocab,), in order. Keys and values are written into the slices' pages."""
+    be = tf.backend
+    batched = hasattr(be, "linear_rows") and hasattr(be, "attention_paged")
+    if batched:
+        order = [j for j, s in enumerate(slices) if len(s[2]) == 1]
+        order += [j for j, s in enumerate(slices) if len(s[2]) > 1]
+        n_decode = sum(1 for s in slices if len(s[2]) == 1)
+    else:
+        order, n_decode = list(range(len(slices))), 0
+    ordered = [slices[j] for j in order]
+    last = _forward(tf, pool, ordered, n_decode)
+    out: list[Any] = [None] * len(slices)
+    for j, lg in zip(order, last, strict=True):
+        out[j] = lg
+    return out
+
+
+def _forward(tf: Transformer, pool: PagePool, slices: list[Slice], n_decode: int) -> list[Any]:
+    """`forward` with the slices ordered: the first ``n_decode`` are single decode rows (taken
+    together through the batched operations), the rest go one by one."""
     spec, be = tf.spec, tf.backend
     hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    dn = n_decode
     bounds = []
-    row = 0
-    for _, _, toks in slices:
+    row = dn
+    for _, _, toks in slices[dn:]:
         bounds.append((row, row + len(toks)))
         row += len(toks)
+    if dn:
+        dec = slices[:dn]
+        positions = tuple(start for _, start, _ in dec)
+        # Page and row of each decode position; the tables padded to one width (unused pages
+        # are never read: lengths stop each row at its own positions).
+        wpage = np.asarray([t[p // PAGE_SIZE] for t, p, _ in dec], dtype=np.int64)  # (dn,)
+        wrow = np.asarray([p % PAGE_SIZE for p in positions], dtype=np.int64)  # (dn,)
+        width = max(p // PAGE_SIZE + 1 for p in positions)
+        tables = np.zeros((dn, width), dtype=np.int64)  # (dn, width)
+        for i, (t, p, _) in enumerate(dec):
+            tables[i, : p // PAGE_SIZE + 1] = t[: p // PAGE_SIZE + 1]
+        lengths = np.asarray([p + 1 for p in positions], dtype=np.int64)  # (dn,)
 
     def linear(w: Any, h: Any) -> Any:
-        parts = [be.linear(w, h[a:b]) for a, b in bounds]
+        parts = [be.linear_rows(w, h[:dn])] if dn else []
+        parts += [be.linear(w, h[a:b]) for a, b in bounds]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     ids = np.asarray([t for _, _, toks in slices for t in toks], dtype=np.int64)
@@ -44,7 +84,16 @@ def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
     for i, lw in enumerate(tf.layers):
         h = be.rmsnorm(x, lw.attn_norm, spec.norm_eps)  # (rows, dim)
         att = []
-        for (a, b), (table, start, _) in zip(bounds, slices, strict=True):
+        if dn:
+            q = be.linear_rows(lw.attn_q, h[:dn]).reshape(dn, nh, hd)  # (dn, heads, hd)
+            k = be.linear_rows(lw.attn_k, h[:dn]).reshape(dn, nkv, hd)  # (dn, kv_heads, hd)
+            v = be.linear_rows(lw.attn_v, h[:dn]).reshape(dn, nkv, hd)  # (dn, kv_heads, hd)
+            be.rope_rows(q, positions, spec, tf.rope_factors)
+            be.rope_rows(k, positions, spec, tf.rope_factors)
+            pool.k[i, wpage, wrow] = k
+            pool.v[i, wpage, wrow] = v
+            att.append(be.attention_paged(q, pool.k[i], pool.v[i], tables, lengths))
+        for (a, b), (table, start, _) in zip(bounds, slices[dn:], strict=True):
             n = b - a
             q = be.linear(lw.attn_q, h[a:b]).reshape(n, nh, hd)  # (n, heads, hd)
             k = be.linear(lw.attn_k, h[a:b]).reshape(n, nkv, hd)  # (n, kv_heads, hd)
@@ -58,6 +107,10 @@ def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
         h = be.rmsnorm(x, lw.ffn_norm, spec.norm_eps)
         ff = be.swiglu(linear(lw.ffn_gate, h), linear(lw.ffn_up, h))  # (rows, ffn)
         x = be.add(x, linear(lw.ffn_down, ff))
-    last = x[[b - 1 for _, b in bounds]]  # (slices, dim)
-    h = be.rmsnorm(last, tf.output_norm, spec.norm_eps)
-    return [be.linear(tf.output, h[j : j + 1])[0] for j in range(len(slices))]
+    ends = list(range(dn)) + [b - 1 for _, b in bounds]
+    h = be.rmsnorm(x[ends], tf.output_norm, spec.norm_eps)  # (slices, dim)
+    logits = []
+    if dn:
+        logits += list(be.linear_rows(tf.output, h[:dn]))
+    logits += [be.linear(tf.output, h[j : j + 1])[0] for j in range(dn, len(ends))]
+    return logits
