@@ -97,6 +97,8 @@ class NumpyBackend:
             quant_cpu.set_threads(threads)
 
     # -- the batched runner's decode step (`workbench.engine.runner`) ------------------------
+    linear_rows_max = quant_batch.MAX_ROWS  # rows worth a `linear_rows` call over a `linear`
+
     def linear_rows(self, w: Weight, x: np.ndarray) -> np.ndarray:
         """x (n, cols), one decode row per sequence -> (n, rows) = x @ W.T, the weights read
         once for all rows; row i does not depend on the others (`quant_batch.matvec_rows`)."""

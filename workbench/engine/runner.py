@@ -9,8 +9,9 @@ On a backend with the batched decode operations (the NumPy backend: ``linear_row
 one call that reads the weights once for all of them (`quant_batch.matvec_rows`), and attention
 reads every sequence's keys and values through its page table, with nothing copied. Each row's
 arithmetic is the same whatever else is in the batch, so a sequence's tokens do not depend on who
-it is batched with (a sequence alone takes the same calls with one row). A prefill chunk takes the
-backend's `linear` (a matrix product) and its attention gathers the chunk's pages into one
+it is batched with (a sequence alone takes the same calls with one row). A prompt chunk of at
+most ``linear_rows_max`` rows joins the decode rows in the batched products; a longer one takes
+the backend's `linear` (a matrix product). A chunk's attention gathers its pages into one
 contiguous run of positions, as the single-caller path does on its own cache. Backends without
 the batched operations run every slice through `linear` and the gathered attention.
 
@@ -43,19 +44,22 @@ def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
     else:
         order, n_decode = list(range(len(slices))), 0
     ordered = [slices[j] for j in order]
-    last = _forward(tf, pool, ordered, n_decode)
+    last = _forward(tf, pool, ordered, n_decode if batched else None)
     out: list[Any] = [None] * len(slices)
     for j, lg in zip(order, last, strict=True):
         out[j] = lg
     return out
 
 
-def _forward(tf: Transformer, pool: PagePool, slices: list[Slice], n_decode: int) -> list[Any]:
+def _forward(
+    tf: Transformer, pool: PagePool, slices: list[Slice], n_decode: int | None
+) -> list[Any]:
     """`forward` with the slices ordered: the first ``n_decode`` are single decode rows (taken
-    together through the batched operations), the rest go one by one."""
+    together through the batched operations), the rest go one by one. ``n_decode`` None: the
+    backend has no batched operations."""
     spec, be = tf.spec, tf.backend
     hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
-    dn = n_decode
+    dn = n_decode or 0
     bounds = []
     row = dn
     for _, _, toks in slices[dn:]:
@@ -74,20 +78,40 @@ def _forward(tf: Transformer, pool: PagePool, slices: list[Slice], n_decode: int
             tables[i, : p // PAGE_SIZE + 1] = t[: p // PAGE_SIZE + 1]
         lengths = np.asarray([p + 1 for p in positions], dtype=np.int64)  # (dn,)
 
+    # A prompt chunk of a few rows goes through the batched product with the decode rows: read
+    # once per weight row costs it less than a matrix product, which first dequantizes every
+    # weight matrix. Whether a chunk does depends on its own size only, so its rows' arithmetic
+    # does not depend on the rest of the step.
+    rmax = getattr(be, "linear_rows_max", 0) if n_decode is not None else 0
+    small = [b - a <= rmax for a, b in bounds]
+
     def linear(w: Any, h: Any) -> Any:
-        parts = [be.linear_rows(w, h[:dn])] if dn else []
-        parts += [be.linear(w, h[a:b]) for a, b in bounds]
+        parts = []
+        lo, hi = 0, dn  # a run of rows for linear_rows: the decode rows, then small chunks
+        for (a, b), sm in zip(bounds, small, strict=True):
+            if sm:
+                hi = b
+                continue
+            if hi > lo:
+                parts.append(be.linear_rows(w, h[lo:hi]))
+            parts.append(be.linear(w, h[a:b]))
+            lo = hi = b
+        if hi > lo:
+            parts.append(be.linear_rows(w, h[lo:hi]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     ids = np.asarray([t for _, _, toks in slices for t in toks], dtype=np.int64)
     x = be.embed(tf.tok_embd, ids)  # (rows, dim)
     for i, lw in enumerate(tf.layers):
         h = be.rmsnorm(x, lw.attn_norm, spec.norm_eps)  # (rows, dim)
+        q_all = linear(lw.attn_q, h)  # (rows, heads*hd)
+        k_all = linear(lw.attn_k, h)  # (rows, kv_heads*hd)
+        v_all = linear(lw.attn_v, h)  # (rows, kv_heads*hd)
         att = []
         if dn:
-            q = be.linear_rows(lw.attn_q, h[:dn]).reshape(dn, nh, hd)  # (dn, heads, hd)
-            k = be.linear_rows(lw.attn_k, h[:dn]).reshape(dn, nkv, hd)  # (dn, kv_heads, hd)
-            v = be.linear_rows(lw.attn_v, h[:dn]).reshape(dn, nkv, hd)  # (dn, kv_heads, hd)
+            q = q_all[:dn].reshape(dn, nh, hd)  # (dn, heads, hd)
+            k = k_all[:dn].reshape(dn, nkv, hd)  # (dn, kv_heads, hd)
+            v = v_all[:dn].reshape(dn, nkv, hd)  # (dn, kv_heads, hd)
             be.rope_rows(q, positions, spec, tf.rope_factors)
             be.rope_rows(k, positions, spec, tf.rope_factors)
             pool.k[i, wpage, wrow] = k
@@ -95,9 +119,9 @@ def _forward(tf: Transformer, pool: PagePool, slices: list[Slice], n_decode: int
             att.append(be.attention_paged(q, pool.k[i], pool.v[i], tables, lengths))
         for (a, b), (table, start, _) in zip(bounds, slices[dn:], strict=True):
             n = b - a
-            q = be.linear(lw.attn_q, h[a:b]).reshape(n, nh, hd)  # (n, heads, hd)
-            k = be.linear(lw.attn_k, h[a:b]).reshape(n, nkv, hd)  # (n, kv_heads, hd)
-            v = be.linear(lw.attn_v, h[a:b]).reshape(n, nkv, hd)  # (n, kv_heads, hd)
+            q = q_all[a:b].reshape(n, nh, hd)  # (n, heads, hd)
+            k = k_all[a:b].reshape(n, nkv, hd)  # (n, kv_heads, hd)
+            v = v_all[a:b].reshape(n, nkv, hd)  # (n, kv_heads, hd)
             be.rope(q, start, spec, tf.rope_factors)
             be.rope(k, start, spec, tf.rope_factors)
             pool.write(i, table, start, k, v)
@@ -109,8 +133,6 @@ def _forward(tf: Transformer, pool: PagePool, slices: list[Slice], n_decode: int
         x = be.add(x, linear(lw.ffn_down, ff))
     ends = list(range(dn)) + [b - 1 for _, b in bounds]
     h = be.rmsnorm(x[ends], tf.output_norm, spec.norm_eps)  # (slices, dim)
-    logits = []
-    if dn:
-        logits += list(be.linear_rows(tf.output, h[:dn]))
-    logits += [be.linear(tf.output, h[j : j + 1])[0] for j in range(dn, len(ends))]
-    return logits
+    if n_decode is not None:  # every slice's logits from one read of the output matrix
+        return list(be.linear_rows(tf.output, h))
+    return [be.linear(tf.output, h[j : j + 1])[0] for j in range(len(ends))]
