@@ -75,3 +75,28 @@ def test_bench_serve_reports_every_level(tiny_model: Path):
     assert engine.batcher.max_batch >= 2
     d = r.to_dict()
     assert set(d["levels"][0]) >= {"tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"}
+
+
+def test_bench_shared_prefix_second_request_computes_only_its_tail(tmp_path: Path):
+    """`bench serve --shared-prefix`: the second request finds the prefix's full pages cached
+    and its prefill runs only the positions after them (counted, not timed)."""
+    from tests.synth import TinyConfig, write_tiny_llama
+    from workbench.engine.pages import PAGE_SIZE
+    from workbench.server.bench import bench_serve
+
+    model = write_tiny_llama(tmp_path / "tiny-320.gguf", TinyConfig(context_length=320), seed=5)
+    engine = Engine(model, backend="numpy")
+    r = bench_serve(engine, [1], prompt_tokens=8, gen_tokens=2, requests=1, shared_prefix=150)
+    sp = r.shared_prefix
+    assert sp is not None and sp.prefix_tokens >= 150
+    # The first request's prefix is new: every prompt position is computed.
+    assert sp.first_computed_positions == sp.first_prompt_tokens
+    # The second: the full pages of the shared prefix come from the cache (all but the page
+    # where the prompts part, at most), and only the rest is computed.
+    assert sp.second_cached_tokens % PAGE_SIZE == 0
+    assert sp.second_cached_tokens >= (sp.prefix_tokens // PAGE_SIZE - 1) * PAGE_SIZE
+    assert sp.second_cached_tokens < sp.second_prompt_tokens
+    assert sp.second_computed_positions == sp.second_prompt_tokens - sp.second_cached_tokens
+    assert sp.first_ttft_s > 0 and sp.second_ttft_s > 0
+    assert sp.ttft_ratio == sp.second_ttft_s / sp.first_ttft_s
+    assert r.to_dict()["shared_prefix"]["ttft_ratio"] == sp.ttft_ratio

@@ -204,14 +204,23 @@ class DeviceBackend:
         out = xp.empty((x.shape[0], w.shape[0]), dtype=xp.float32)
         return qk.launch_matvec_batch(self._quant, w.qtype, w.data, x, out)
 
-    def paged_attention(
-        self, q: Any, k_pool: Any, v_pool: Any, tables: list[list[int]], lens: list[int]
-    ) -> Any:
+    def attention_paged(self, q: Any, k_pool: Any, v_pool: Any, tables: Any, lengths: Any) -> Any:
         """q (n, heads, hd), the last position of each of n sequences; k_pool, v_pool one layer
-        of the page pool (pages, page_size, kv_heads, hd) -> (n, heads*hd). Sequence s attends to
-        its keys 0..lens[s]-1 through its page table, as `attention` on its gathered keys."""
+        of the page pool (pages, page_size, kv_heads, hd); tables (n, max_pages), lengths (n,)
+        -> (n, heads*hd). Sequence s attends to its keys 0..lengths[s]-1 through its page
+        table, as `attention` on its gathered keys: one launch for all of them."""
+        page_size = k_pool.shape[1]
+        lens = [int(t) for t in lengths]
+        pages = [[int(p) for p in row[: -(-t // page_size)]] for row, t in zip(tables, lens)]
         q = self.xp.ascontiguousarray(q)
-        return pk.paged_attention(self._m("attention.hip"), q, k_pool, v_pool, tables, lens)
+        return pk.paged_attention(self._m("attention.hip"), q, k_pool, v_pool, pages, lens)
+
+    def rope_rows(
+        self, x: Any, positions: tuple[int, ...], spec: ModelSpec, factors: DeviceWeight | None
+    ) -> None:
+        """Rotate x (n, heads, hd) in place, row i at position positions[i] (a launch per row)."""
+        for i, p in enumerate(positions):
+            self.rope(x[i : i + 1], p, spec, factors)
 
     def rmsnorm(self, x: Any, w: DeviceWeight, eps: float) -> Any:
         x = self.xp.ascontiguousarray(x)

@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from threadpoolctl import threadpool_limits
 
-from workbench.backends import cpu_ops, fused_decode, quant_cpu
+from workbench.backends import cpu_ops, fused_decode, paged_ops, quant_batch, quant_cpu
 from workbench.backends.fused_decode import FusedDecoder
 from workbench.gguf.reader import ModelSpec, Tensor
 
@@ -46,6 +46,8 @@ class NumpyBackend:
         self.threads = quant_cpu.get_threads()
         self._rope_key: tuple | None = None
         self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
+        self._rope_rows_key: tuple | None = None
+        self._rope_rows_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
         self.fused = fused
 
@@ -93,6 +95,43 @@ class NumpyBackend:
             return quant_cpu.matmul(w.qtype, w.data, x, scratch=self._scratch)
         finally:
             quant_cpu.set_threads(threads)
+
+    # -- the batched runner's decode step (`workbench.engine.runner`) ------------------------
+    linear_rows_max = quant_batch.MAX_ROWS  # rows worth a `linear_rows` call over a `linear`
+
+    def linear_rows(self, w: Weight, x: np.ndarray) -> np.ndarray:
+        """x (n, cols), one decode row per sequence -> (n, rows) = x @ W.T, the weights read
+        once for all rows; row i does not depend on the others (`quant_batch.matvec_rows`)."""
+        return quant_batch.matvec_rows(w.qtype, w.data, x)
+
+    def rope_rows(
+        self, x: np.ndarray, positions: tuple[int, ...], spec: ModelSpec, factors: Weight | None
+    ) -> None:
+        """Rotate x (n, heads, head_dim) in place, row i for position positions[i]."""
+        # Every layer of a step rotates at the same positions: the tables are built once (apart
+        # from `rope`'s, which a prefill chunk in the same step uses).
+        key = (positions, spec, None if factors is None else factors.name)
+        if self._rope_rows_key != key:
+            tables = [cpu_ops.rope_tables(p, 1, spec, factors) for p in positions]
+            self._rope_rows_key = key
+            self._rope_rows_cos_sin = (
+                np.concatenate([c for c, _ in tables]),  # (n, rope_dim/2)
+                np.concatenate([s for _, s in tables]),  # (n, rope_dim/2)
+            )
+        cos, sin = self._rope_rows_cos_sin  # type: ignore[misc]
+        cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
+
+    def attention_paged(
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, tables: np.ndarray, lengths: np.ndarray
+    ) -> np.ndarray:
+        """One query position per sequence, read through page tables.
+
+        q (n, heads, hd); k, v (pages, page_size, kv_heads, hd) one layer of the page pool;
+        tables (n, max_pages) int64; lengths (n,) int64 positions each row sees. -> (n, heads*hd).
+        """
+        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)
+        paged_ops.attention_decode_paged(np.ascontiguousarray(q), k, v, tables, lengths, out)
+        return out
 
     def rmsnorm(self, x: np.ndarray, w: Weight, eps: float) -> np.ndarray:
         """x (n, dim) -> (n, dim): x / sqrt(mean(x^2) + eps) * w, as llama.cpp (eps inside sqrt)."""

@@ -259,6 +259,14 @@ def register_serve(bsub: argparse._SubParsersAction) -> None:
     s.add_argument("--gen-tokens", type=int, default=64, help="max tokens per request (64)")
     s.add_argument("--requests", type=int, default=2, help="requests per client per level (2)")
     s.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="first send two requests in turn whose prompts share their first TOKENS tokens and "
+        "report the second's time to first token over the first's (the prefix cache's gain)",
+    )
+    s.add_argument(
         "--kv-cache-mb", type=float, metavar="MIB", help="the in-process server's KV budget"
     )
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -299,8 +307,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         gen_tokens=args.gen_tokens,
         requests=args.requests,
         api_key=args.api_key or os.environ.get("WORKBENCH_API_KEY"),
+        shared_prefix=args.shared_prefix,
         progress=progress,
     )
+    sp = r.shared_prefix
+    if sp is not None and not args.json:
+        print(
+            f"shared prefix of {sp.prefix_tokens} tokens: TTFT {sp.first_ttft_s * 1000:.1f} ms "
+            f"then {sp.second_ttft_s * 1000:.1f} ms, ratio {sp.ttft_ratio:.3f}"
+            + (
+                f" ({sp.second_cached_tokens} of {sp.second_prompt_tokens} prompt tokens cached)"
+                if sp.second_cached_tokens is not None
+                else ""
+            ),
+            flush=True,
+        )
     obj = r.to_dict()
     if args.output:
         with open(args.output, "w") as f:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 OPERATIONS = (
     "embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add",
-    "sample_token", "linear_rows", "paged_attention",  # device backends only
+    "linear_rows", "rope_rows", "attention_paged",  # a batch's decode rows (engine/runner.py)
+    "sample_token",  # device backends only
     # the device backend's fused decode step (see Transformer.forward)
     "norm_quant", "linear_qkv", "rope_kv", "attention_quant", "linear_add", "linear_swiglu",
     "linear_act",
@@ -42,13 +43,13 @@ def kernel_name(op: str, args: tuple[Any, ...]) -> str:
     if op == "linear_rows":
         w, x = args
         return f"{'matvec' if x.shape[0] == 1 else 'matvec_batch'}_{w.qtype.name.lower()}"
-    if op == "paged_attention":
+    if op == "attention_paged":
         return "attention_decode_paged"
     if op == "embed":
         return f"get_rows_{args[0].qtype.name.lower()}"
     if op == "attention":
         return "attention_decode" if args[0].shape[0] == 1 else "attention_prefill"
-    if op == "rope":
+    if op in ("rope", "rope_rows"):
         return f"rope_{args[2].rope_mode}"
     if op in _FUSED_LINEAR:
         return f"matvec_fused_{args[0].qtype.name.lower()}"

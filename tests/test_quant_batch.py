@@ -1,0 +1,102 @@
+"""The batched matvec (`quant_batch.matvec_rows`): every row bit for bit the same as alone.
+
+A sequence's greedy tokens must not depend on who it is batched with, so each row of a batch is
+compared bit for bit with the same row as a batch of one, for every type, batch sizes around the
+group of four, serial and threaded loops, seeded random data; and with `quant_cpu.matvec` (the
+single-caller path) to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from tests.test_quant_cpu import Rand, assert_bits_equal, finite_data, ncols
+from workbench.backends import quant_batch as qb
+from workbench.backends import quant_cpu as qc
+from workbench.errors import UserError
+from workbench.gguf.quants import SUPPORTED_TYPES
+
+
+@pytest.fixture
+def r(seed: int) -> Rand:
+    return Rand(seed, np.random.default_rng(seed))
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(qc, "_PAR_MIN_BYTES", 1 << 62 if request.param == "serial" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)
+def test_rows_bit_identical_to_each_row_alone(qtype: Q, path: str, r: Rand) -> None:
+    cols = ncols(qtype, r)
+    rows = int(r.rng.integers(1, 60))
+    raw = finite_data(qtype, rows, cols, r)
+    for n in (1, 2, 3, 4, 5, 8, 13, qb.MAX_ROWS):
+        # Rows of very different magnitudes: a shared accumulator would show at once.
+        x = r.rng.standard_normal((n, cols)) * 10.0 ** r.rng.integers(-3, 3, (n, 1))
+        x = x.astype(np.float32)
+        out = np.full((n, rows), np.nan, np.float32)  # poisoned: unwritten values show
+        got = qb.matvec_rows(qtype, raw, x, out)
+        assert got is out
+        for i in range(n):
+            what = f"{qtype.name} {path} row {i} of {n} {raw.shape} {r}"
+            assert_bits_equal(got[i], qb.matvec_rows(qtype, raw, x[i : i + 1])[0], what)
+            one = qc.matvec(qtype, raw, x[i])
+            scale = np.abs(one).max() + 1e-30
+            assert np.abs(got[i] - one).max() <= 1e-6 * scale, f"against matvec: {what}"
+
+
+def test_a_row_does_not_depend_on_its_neighbours(r: Rand) -> None:
+    """The same row at another place in another batch gives the same bits."""
+    qtype = Q.Q4_1
+    raw = finite_data(qtype, 40, 256, r)
+    x = r.rng.standard_normal((7, 256)).astype(np.float32)
+    alone = qb.matvec_rows(qtype, raw, x[3:4])
+    other = np.concatenate([r.rng.standard_normal((5, 256)).astype(np.float32), x[3:4]])
+    assert_bits_equal(qb.matvec_rows(qtype, raw, x)[3], alone[0], f"in a batch of 7 {r}")
+    assert_bits_equal(qb.matvec_rows(qtype, raw, other)[5], alone[0], f"last of 6 {r}")
+
+
+def test_bad_input_is_a_user_error(r: Rand) -> None:
+    raw = finite_data(Q.Q8_0, 4, 64, r)
+    with pytest.raises(UserError, match=r"x must be \(n, 64\)"):
+        qb.matvec_rows(Q.Q8_0, raw, np.zeros(64, np.float32))
+    with pytest.raises(UserError, match="x must be"):
+        qb.matvec_rows(Q.Q8_0, raw, np.zeros((2, 32), np.float32))
+    assert qb.matvec_rows(Q.Q8_0, raw, np.zeros((0, 64), np.float32)).shape == (0, 4)
+
+
+def test_paged_attention_reads_through_page_tables(r: Rand) -> None:
+    """Each row equals `cpu_ops.attention_decode` on its own gathered cache, and does not
+    change with the other rows of the batch."""
+    from workbench.backends import cpu_ops, paged_ops
+
+    size, kvh, group, hd, n_pages = 4, 2, 3, 8, 40
+    k = r.rng.standard_normal((n_pages, size, kvh, hd)).astype(np.float32)
+    v = r.rng.standard_normal((n_pages, size, kvh, hd)).astype(np.float32)
+    lengths = r.rng.integers(1, 9 * size, 5)
+    pages = r.rng.permutation(n_pages)
+    tables = np.zeros((5, 9), np.int64)
+    used = 0
+    for i, t in enumerate(lengths):
+        need = -(-int(t) // size)
+        tables[i, :need] = pages[used : used + need]
+        used += need
+    q = r.rng.standard_normal((5, kvh * group, hd)).astype(np.float32)
+    out = np.empty((5, kvh * group * hd), np.float32)
+    paged_ops.attention_decode_paged(q, k, v, tables, lengths.astype(np.int64), out)
+    for i, t in enumerate(lengths):
+        rows = k[tables[i]].reshape(-1, kvh, hd)[:t].transpose(1, 0, 2)  # (kv_heads, t, hd)
+        vals = v[tables[i]].reshape(-1, kvh, hd)[:t].transpose(1, 0, 2)
+        want = np.empty(kvh * group * hd, np.float32)
+        cpu_ops.attention_decode(q[i], np.ascontiguousarray(rows), np.ascontiguousarray(vals),
+                                 int(t), want)  # fmt: skip
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6, err_msg=f"row {i} {r}")
+        one = np.empty((1, kvh * group * hd), np.float32)
+        paged_ops.attention_decode_paged(q[i : i + 1], k, v, tables[i : i + 1],
+                                         lengths[i : i + 1].astype(np.int64), one)  # fmt: skip
+        assert_bits_equal(one[0], out[i], f"row {i} alone vs in the batch {r}")

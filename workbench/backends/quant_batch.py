@@ -1,0 +1,316 @@
+"""Batched matrix-vector products on GGUF blocks: several input rows, the weights read once.
+
+`matvec_rows(qtype, raw, x)` computes ``x @ W.T`` for a small batch of rows (the decode step of
+2-32 sequences): each weight row is read from memory once and dotted with every input row while
+it is in the first-level cache. The common decode types (Q4_0, Q4_1, Q8_0) go further and decode
+each block's codes into registers once per group of four input rows.
+
+Numerical contract: row i of the result does not depend on the other rows. Every input row goes
+through the same float32 operations in the same order whatever the batch holds (the block sums
+of its own x, the one-row kernels' partial products and FMAs per block, the same horizontal
+sum), only interleaved with the other rows', so row i is bit for bit the result of x[i] alone
+(``matvec_rows(qtype, raw, x[i:i+1])``) and a sequence's greedy tokens do not depend on who it is
+batched with. Against `quant_cpu.matvec` of the same row the results agree to float32 rounding:
+they are the same operations, but compiled in another context LLVM may reassociate the scalar
+block-offset sums of fast-math code differently (bit-equal in tests for Q4_0, Q4_1, Q8_0 and the
+float types, not for Q4_K). `tests/test_quant_batch.py` checks both, for every type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf.constants import QK_K
+from numba import njit, prange
+
+from workbench.backends import quant_cpu
+from workbench.backends.quant_blocks import (
+    _Q4_0_B,
+    _Q4_0_QS,
+    _Q4_1_B,
+    _Q4_1_QS,
+    _Q8_0_B,
+    _Q8_0_QS,
+    _QK4_0,
+    _QK4_1,
+    _QK8_0,
+    _dot_bf16_row,
+    _dot_f16_row,
+    _dot_f32_row,
+    _dot_q2_k_row,
+    _dot_q3_k_row,
+    _dot_q4_0_row,
+    _dot_q4_1_row,
+    _dot_q4_k_row,
+    _dot_q5_0_row,
+    _dot_q5_1_row,
+    _dot_q5_k_row,
+    _dot_q6_k_row,
+    _dot_q8_0_row,
+    _group_sums,
+)
+from workbench.backends.quant_simd import (
+    _ld_f16_fast,
+    _ld_f16x2_fast,
+    _vadd,
+    _vand,
+    _vfma,
+    _vhsum,
+    _vi2f,
+    _vld_f32,
+    _vld_i8,
+    _vld_u8,
+    _vmul,
+    _vshr,
+    _vsplat,
+    _vzero,
+)
+from workbench.errors import UserError
+
+Q = GGMLQuantizationType
+
+__all__ = ["MAX_ROWS", "matvec_rows"]
+
+MAX_ROWS = 32  # the batch sizes this is for; more rows are a matrix product (`quant_cpu.matmul`)
+
+# Type codes for the generic driver's dispatch (the gguf enum values).
+_T_F32, _T_F16, _T_BF16 = int(Q.F32), int(Q.F16), int(Q.BF16)
+_T_Q4_0, _T_Q4_1, _T_Q5_0, _T_Q5_1, _T_Q8_0 = (
+    int(Q.Q4_0), int(Q.Q4_1), int(Q.Q5_0), int(Q.Q5_1), int(Q.Q8_0)
+)  # fmt: skip
+_T_Q2_K, _T_Q3_K, _T_Q4_K, _T_Q5_K, _T_Q6_K = (
+    int(Q.Q2_K), int(Q.Q3_K), int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K)
+)  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def _row_sums(x, g):
+    """`_group_sums` of every row of x: (n, cols) -> (n, cols // g), each row as the one-row
+    drivers compute it."""
+    out = np.empty((x.shape[0], x.shape[1] // g), np.float32)  # (n, cols // g)
+    for i in range(x.shape[0]):
+        out[i] = _group_sums(x[i], g)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The generic driver: each weight row once from memory, then every input row through the type's
+# one-row kernel (the row stays in L1 between them).
+# ------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_row(code, row, x, xs32, xs16, nb):
+    """sum(W[row] * x) through ``code``'s one-row kernel, with the block sums `quant_cpu`'s
+    drivers pass it (xs32 for Q4_*, Q5_*, Q4_K, Q5_K; xs16 for Q2_K; x where unused)."""
+    if code == _T_Q4_1:
+        return _dot_q4_1_row(row, x, xs32, nb)
+    if code == _T_Q8_0:
+        return _dot_q8_0_row(row, x, x, nb)
+    if code == _T_Q4_0:
+        return _dot_q4_0_row(row, x, xs32, nb)
+    if code == _T_Q5_0:
+        return _dot_q5_0_row(row, x, xs32, nb)
+    if code == _T_Q5_1:
+        return _dot_q5_1_row(row, x, xs32, nb)
+    if code == _T_Q2_K:
+        return _dot_q2_k_row(row, x, xs16, nb)
+    if code == _T_Q3_K:
+        return _dot_q3_k_row(row, x, x, nb)
+    if code == _T_Q4_K:
+        return _dot_q4_k_row(row, x, xs32, nb)
+    if code == _T_Q5_K:
+        return _dot_q5_k_row(row, x, xs32, nb)
+    if code == _T_Q6_K:
+        return _dot_q6_k_row(row, x, x, nb)
+    if code == _T_F16:
+        return _dot_f16_row(row, x, x, nb)
+    if code == _T_BF16:
+        return _dot_bf16_row(row, x, x, nb)
+    return _dot_f32_row(row, x, x, nb)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def _mvr_generic(code, raw, x, nb, out, par):
+    """out (n, rows) = x (n, cols) @ W.T, every row of x through the one-row kernel."""
+    xs32 = _row_sums(x, 32)  # (n, cols // 32)
+    xs16 = _row_sums(x, QK_K // 16)  # (n, cols // 16)
+    n = x.shape[0]
+    if par:
+        for r in prange(raw.shape[0]):
+            for i in range(n):
+                out[i, r] = _dot_row(code, raw[r], x[i], xs32[i], xs16[i], nb)
+    else:
+        for r in range(raw.shape[0]):
+            for i in range(n):
+                out[i, r] = _dot_row(code, raw[r], x[i], xs32[i], xs16[i], nb)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode-once kernels. Per block, the codes become float vectors once; then each input row of a
+# group of four (or one, for the rest of the batch) takes exactly the one-row kernel's operations
+# on them. ``_part_*`` is one input row's share of a block, written once and used by both widths.
+# ------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _part_nibbles(q0l, q1l, q0h, q1h, x, e):
+    """One block's sum of codes times x for Q4_0/Q4_1: two chains (lo, hi), as the row kernels."""
+    lo = _vfma(q1l, _vld_f32(x, e + 8), _vmul(q0l, _vld_f32(x, e)))
+    hi = _vfma(q1h, _vld_f32(x, e + 24), _vmul(q0h, _vld_f32(x, e + 16)))
+    return _vadd(lo, hi)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _q4_1_rows(row, x, xs, i0, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] for a Q4_1 row; w is 4 or 1."""
+    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    m0, m1, m2, m3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    for b in range(nb):
+        o, e = b * _Q4_1_B, b * _QK4_1
+        z0 = _vld_u8(row, o + _Q4_1_QS)
+        z1 = _vld_u8(row, o + _Q4_1_QS + 8)
+        q0l, q1l = _vi2f(_vand(z0, 15)), _vi2f(_vand(z1, 15))
+        q0h, q1h = _vi2f(_vshr(z0, 4)), _vi2f(_vshr(z1, 4))
+        d, m = _ld_f16x2_fast(row, o)
+        dv = _vsplat(d)
+        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0], e), a0)
+        m0 += m * xs[i0, b]
+        if w == 4:
+            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 1], e), a1)
+            m1 += m * xs[i0 + 1, b]
+            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 2], e), a2)
+            m2 += m * xs[i0 + 2, b]
+            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 3], e), a3)
+            m3 += m * xs[i0 + 3, b]
+    out[i0, r] = _vhsum(a0) + m0
+    if w == 4:
+        out[i0 + 1, r] = _vhsum(a1) + m1
+        out[i0 + 2, r] = _vhsum(a2) + m2
+        out[i0 + 3, r] = _vhsum(a3) + m3
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _q4_0_rows(row, x, xs, i0, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] for a Q4_0 row; w is 4 or 1. The -8 offset: -8 d * xs[b]."""
+    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    for b in range(nb):
+        o, e = b * _Q4_0_B, b * _QK4_0
+        z0 = _vld_u8(row, o + _Q4_0_QS)
+        z1 = _vld_u8(row, o + _Q4_0_QS + 8)
+        q0l, q1l = _vi2f(_vand(z0, 15)), _vi2f(_vand(z1, 15))
+        q0h, q1h = _vi2f(_vshr(z0, 4)), _vi2f(_vshr(z1, 4))
+        d = _ld_f16_fast(row, o)
+        dv = _vsplat(d)
+        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0], e), a0)
+        s0 += d * xs[i0, b]
+        if w == 4:
+            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 1], e), a1)
+            s1 += d * xs[i0 + 1, b]
+            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 2], e), a2)
+            s2 += d * xs[i0 + 2, b]
+            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 3], e), a3)
+            s3 += d * xs[i0 + 3, b]
+    eight = np.float32(8.0)
+    out[i0, r] = _vhsum(a0) - eight * s0
+    if w == 4:
+        out[i0 + 1, r] = _vhsum(a1) - eight * s1
+        out[i0 + 2, r] = _vhsum(a2) - eight * s2
+        out[i0 + 3, r] = _vhsum(a3) - eight * s3
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _part_q8(c0, c1, c2, c3, x, e):
+    """One Q8_0 block's sum of codes times x: two chains, as `_dot_q8_0_row`."""
+    s0 = _vmul(c0, _vld_f32(x, e))
+    s1 = _vmul(c1, _vld_f32(x, e + 8))
+    s0 = _vfma(c2, _vld_f32(x, e + 16), s0)
+    s1 = _vfma(c3, _vld_f32(x, e + 24), s1)
+    return _vadd(s0, s1)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _q8_0_rows(row, x, i0, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] for a Q8_0 row; w is 4 or 1."""
+    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    for b in range(nb):
+        o, e = b * _Q8_0_B, b * _QK8_0
+        q = o + _Q8_0_QS
+        c0, c1 = _vi2f(_vld_i8(row, q)), _vi2f(_vld_i8(row, q + 8))
+        c2, c3 = _vi2f(_vld_i8(row, q + 16)), _vi2f(_vld_i8(row, q + 24))
+        dv = _vsplat(_ld_f16_fast(row, o))
+        a0 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0], e), a0)
+        if w == 4:
+            a1 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 1], e), a1)
+            a2 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 2], e), a2)
+            a3 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 3], e), a3)
+    out[i0, r] = _vhsum(a0)
+    if w == 4:
+        out[i0 + 1, r] = _vhsum(a1)
+        out[i0 + 2, r] = _vhsum(a2)
+        out[i0 + 3, r] = _vhsum(a3)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _grouped_row(code, row, x, xs, nb, out, r):
+    """Every input row against weight row r: groups of four, then the rest one by one."""
+    n = x.shape[0]
+    i0 = 0
+    while i0 < n:
+        w = 4 if n - i0 >= 4 else 1
+        if code == _T_Q4_1:
+            _q4_1_rows(row, x, xs, i0, w, nb, out, r)
+        elif code == _T_Q8_0:
+            _q8_0_rows(row, x, i0, w, nb, out, r)
+        else:
+            _q4_0_rows(row, x, xs, i0, w, nb, out, r)
+        i0 += w
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def _mvr_grouped(code, raw, x, nb, out, par):
+    """out (n, rows) = x (n, cols) @ W.T for Q4_0, Q4_1, Q8_0, decoding each block once per
+    group of four input rows."""
+    xs = _row_sums(x, 32)  # (n, cols // 32), the Q4_0/Q4_1 block sums (Q8_0 does not use them)
+    if par:
+        for r in prange(raw.shape[0]):
+            _grouped_row(code, raw[r], x, xs, nb, out, r)
+    else:
+        for r in range(raw.shape[0]):
+            _grouped_row(code, raw[r], x, xs, nb, out, r)
+
+
+_GROUPED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})
+
+
+def matvec_rows(
+    qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``x @ W.T`` for a few rows: raw (rows, row_bytes) uint8, x (n, cols) -> (n, rows) float32.
+
+    Row i of the result is bit for bit that of x[i] alone, whatever the other rows (see the
+    module docstring); the weights are read once for all n rows. Meant for n up to `MAX_ROWS`
+    (any n works)."""
+    k = quant_cpu._kernels(qtype)
+    raw, cols = quant_cpu._matrix("matvec_rows", k, raw)
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise UserError(
+            "user.bad_shape",
+            f"matvec_rows: x must be (n, {cols}) for a {k.qtype.name} matrix of "
+            f"{raw.shape[0]}x{cols}, got {x.shape}",
+            op="matvec_rows",
+            got=x.shape,
+        )
+    out = quant_cpu._output("matvec_rows", out, (x.shape[0], raw.shape[0]))
+    if x.shape[0] == 0 or raw.shape[0] == 0:
+        return out
+    x = quant_cpu._f32(x)
+    nb = raw.shape[1] // k.nbytes if k.values > 1 else cols
+    par = raw.nbytes * x.shape[0] >= quant_cpu._PAR_MIN_BYTES
+    if qtype in _GROUPED:
+        _mvr_grouped(int(qtype), raw, x, nb, out, par)
+    else:
+        _mvr_generic(int(qtype), raw, x, nb, out, par)
+    return out
