@@ -11,6 +11,12 @@ PROMPT ?= Explain in two sentences what a GPU kernel is.
 # One pytest session for the unit tests and the notebooks (nbval), so that the closing summary
 # lists every skip of the run and the strict mode of tests/conftest.py covers both.
 NBVAL       := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval-sanitize.cfg
+# In JOBS pytest-xdist workers (CI has 2 cores; JOBS=0 runs in-process). --dist loadfile keeps a
+# file on one worker: a notebook's cells share one kernel, and module fixtures (compiled modules,
+# servers) are built once. The workers share WORKBENCH_HOME (tests/conftest.py), so a module one
+# worker compiled is a cache hit in the other.
+JOBS        ?= 2
+XDIST       := -n $(JOBS) --dist loadfile
 PYTEST_ARGS ?= tests notebooks
 
 $(BIN)/python:
@@ -41,7 +47,7 @@ tools:
 test: tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q $(NBVAL) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(NBVAL) $(PYTEST_ARGS)
 
 ## test-gpu: on a machine with a GPU, install the CuPy build for it (ROCm or CUDA, detected) and
 ## run the gpu-marked tests: every kernel against its reference, greedy tokens equal to NumPy's

@@ -3,10 +3,13 @@
 - ``seed`` / ``rng``: a fresh seed per test (``WORKBENCH_TEST_SEED=N`` replays one); a failing
   test that drew one gets a ``seed=N`` section in its report.
 - ``@pytest.mark.tool("hipcc")``: the test needs a system tool from tests/tools.py; it skips
-  where the tool is missing, and the run lists once, after collection, what skips for which tool.
+  where the tool is missing, and the run lists once, after collection, what skips for which tool
+  (under pytest-xdist: in the closing summary, from the workers' collections).
 - ``WORKBENCH_STRICT=1`` (set by .ci/run): every skip fails, naming what was missing, except in
   tests marked ``gpu`` and for tools no Debian package provides (nvcc). This covers the notebooks
   (nbval) as well when they run in the same session.
+- ``make test`` runs the session in 2 pytest-xdist workers (``--dist loadfile``, see Makefile):
+  the workers share ``WORKBENCH_HOME`` (`run_tmp`), hence the emulator's build cache.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import secrets
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +29,7 @@ from tests.synth import TinyConfig, write_tiny_llama
 
 SEED_ENV = "WORKBENCH_TEST_SEED"
 _SEED = pytest.StashKey[int]()
+_SKIPPING_KEY = "workbench_skipping"  # RunPolicy.skipping, sent from xdist workers
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +51,11 @@ def tiny_model(tiny_models: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+def ray_cluster(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
     """One small local Ray cluster for the whole run (2 CPUs, no dashboard, its files under the
     run's temporary directory); its workers share the tests' workbench cache."""
     ray = pytest.importorskip("ray", reason="ray is in the dev extra (pip install -e '.[dev]')")
-    home = os.environ.get("WORKBENCH_HOME") or str(tmp_path_factory.getbasetemp() / "home")
+    home = os.environ.get("WORKBENCH_HOME") or str(run_tmp(pytestconfig, tmp_path_factory) / "home")
     for attempt in (1, 2):
         try:
             ray.init(
@@ -72,11 +77,26 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     ray.shutdown()
 
 
+def run_tmp(config: pytest.Config, factory: pytest.TempPathFactory) -> Path:
+    """The run's temporary root: the one all pytest-xdist workers share (each worker's basetemp
+    is a directory in it), or the basetemp of a run without workers."""
+    base = factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Tests never write into the user's cache unless they ask for the real model."""
+def _isolated_home(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Tests never write into the user's cache unless they ask for the real model. The home is
+    one per run, shared by the xdist workers, so that an emulated module compiled by one worker
+    is a cache hit in the other (builds are atomic and locked: workbench/kernels/emulator_build)."""
     if "WORKBENCH_HOME" not in os.environ:
-        monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+        monkeypatch.setenv(
+            "WORKBENCH_HOME", str(run_tmp(request.config, tmp_path_factory) / "home")
+        )
 
 
 @pytest.fixture
@@ -128,6 +148,29 @@ class RunPolicy:
                         item.add_marker(pytest.mark.skip(reason=t.reason))
 
     def pytest_report_collectionfinish(self) -> list[str]:
+        return self._listing()
+
+    # Under pytest-xdist the workers collect and the controller reports: each worker sends its
+    # listing back (workeroutput) and the controller prints it in the closing summary.
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput[_SKIPPING_KEY] = dict(self.skipping)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:  # node: a WorkerController
+        for name, ids in getattr(node, "workeroutput", {}).get(_SKIPPING_KEY, {}).items():
+            known = set(self.skipping[name])
+            self.skipping[name] += [i for i in ids if i not in known]
+
+    def pytest_terminal_summary(
+        self, terminalreporter: pytest.TerminalReporter, config: pytest.Config
+    ) -> None:
+        if config.pluginmanager.hasplugin("dsession"):  # the xdist controller
+            for line in self._listing():
+                terminalreporter.write_line(line)
+
+    def _listing(self) -> list[str]:
         if not self.skipping:
             return []
         lines = ["missing tools (see tests/tools.py):"]

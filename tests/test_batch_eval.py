@@ -90,28 +90,6 @@ def test_rerun_resumes_without_recomputing(tiny_model, tmp_path, seed, monkeypat
     assert calls == [] and _outputs(part) == _outputs(full)
 
 
-def test_ray_actor_killed_mid_run_loses_nothing(tiny_model, tmp_path, seed, ray_cluster) -> None:
-    prompts = _write_prompts(tmp_path / "p.jsonl", 50, seed)
-    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
-    sampling = SamplingSpec(max_tokens=24)  # long enough that prompts remain at the kill
-    run_eval(prompts, local, tiny_model, sampling=sampling)
-    actors: list = []
-    killed: list[int] = []
-
-    def kill_one(done: int, total: int) -> None:
-        if done >= 10 and not killed:  # mid-run: one actor, with its queued prompts, goes
-            killed.append(done)
-            ray_cluster.kill(actors[0], no_restart=False)
-
-    summary = run_eval(prompts, remote, tiny_model, sampling=sampling, workers=2, ray=True,
-                       on_workers=actors.extend, progress=kill_one)  # fmt: skip
-    assert killed and summary.failed == 0 and summary.generated == 50
-    assert _outputs(remote) == _outputs(local)
-    # The killed actor (prompts 0, 2, 4, ...) had prompts left: a restarted process ran them.
-    recs = [json.loads(line) for line in remote.read_text().splitlines()]
-    assert len({r["worker_pid"] for r in recs if r["index"] % 2 == 0}) == 2
-
-
 def test_cli_eval_writes_results_and_names_bad_lines(tiny_model, tmp_path, capsys) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "the cat"}\n{"prompt": "a dog"}\n')

@@ -44,9 +44,11 @@ def test_seeded(rng):
 """
 
 
-def inner_run(tmp_path: Path, *, strict: bool) -> tuple[dict[str, tuple[str, str]], str]:
-    """Run INNER with tests/conftest.py as a plugin and no tool on PATH; ({test: (outcome,
-    message)}, output)."""
+def inner_run(
+    tmp_path: Path, *, strict: bool, args: tuple[str, ...] = ()
+) -> tuple[dict[str, tuple[str, str]], str]:
+    """Run INNER with tests/conftest.py as a plugin, no tool on PATH and pytest ``args``;
+    ({test: (outcome, message)}, output)."""
     (tmp_path / "bin").mkdir(exist_ok=True)
     (tmp_path / "test_inner.py").write_text(INNER)
     xml = tmp_path / f"report-{strict}.xml"
@@ -54,7 +56,7 @@ def inner_run(tmp_path: Path, *, strict: bool) -> tuple[dict[str, tuple[str, str
     env.pop("WORKBENCH_TEST_SEED", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
            "-p", "tests.conftest", "-c", os.devnull, "--rootdir", str(tmp_path),
-           f"--junitxml={xml}", str(tmp_path / "test_inner.py")]  # fmt: skip
+           f"--junitxml={xml}", *args, str(tmp_path / "test_inner.py")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     out = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
@@ -92,6 +94,18 @@ def test_strict_mode_fails_every_skip_but_gpu_and_nvcc(tmp_path: Path) -> None:
         outcome, message = got[name]
         assert outcome in ("failure", "error"), (name, got[name])
         assert f"{tools.STRICT_ENV}=1 forbids skipping" in message and names in message
+
+
+def test_strict_mode_and_the_tool_listing_work_in_xdist_workers(tmp_path: Path) -> None:
+    # What `make test` runs: the workers collect and run, the controller reports.
+    got, output = inner_run(tmp_path, strict=True, args=("-n", "2", "--dist", "loadfile"))
+    assert got["test_needs_nvcc"][0] == got["test_gpu"][0] == "skipped"
+    for name in ("test_needs_promtool", "test_download", "test_plain_skip"):
+        outcome, message = got[name]
+        assert outcome in ("failure", "error"), (name, got[name])
+        assert f"{tools.STRICT_ENV}=1 forbids skipping" in message
+    assert output.count("missing tools") == 1, output
+    assert "1 test fail (WORKBENCH_STRICT=1): test_inner.py" in output
 
 
 def test_a_failing_test_reports_its_seed(lenient) -> None:

@@ -106,7 +106,7 @@ class LiveServer:
     def worker(self) -> Any:
         return self.app.state.server.worker
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while httpx.get(f"{self.url}/ready").status_code != 200:
             assert self.worker.load_error is None, self.worker.load_error

@@ -19,7 +19,6 @@ from workbench.engine.sweep import (
     sweep,
 )
 from workbench.errors import UserError
-from workbench.kernels.registry import all_kernels
 
 
 def _stable(frame):
@@ -123,23 +122,6 @@ def test_compile_jobs_report_the_compilers_resources() -> None:
     frame = sweep("kernel=add;kind=compile;target=gfx90a", workers=1)
     assert frame["status"][0] == "ok", frame["error"][0]
     assert frame["vgprs"][0] > 0 and frame["spills"][0] == 0
-
-
-@pytest.mark.tool("clang")
-def test_every_kernel_at_both_warps_gives_the_same_rows_locally_and_on_ray(ray_cluster) -> None:
-    names = list(all_kernels())
-    grid = SweepGrid(warps=(32, 64), kinds=("sanitize",))
-    seen: list[tuple[int, int]] = []
-    local = sweep(grid, workers=2)
-    remote = sweep(grid, ray=True, progress=lambda done, total: seen.append((done, total)))
-    assert len(local) == 2 * len(names)
-    assert list(local["kernel"]) == [n for n in names for _ in (32, 64)]
-    assert list(local["status"]) == ["ok"] * len(local), local["error"].dropna().tolist()
-    assert _stable(local) == _stable(remote)
-    assert seen[-1] == (len(local), len(local))
-    timed = sweep("kernel=rmsnorm,add;warp=32,64;kind=time,profile;rep_ms=1", ray=True)
-    assert _stable(timed) == _stable(sweep("kernel=rmsnorm,add;warp=32,64;kind=time,profile;"
-                                            "rep_ms=1", workers=1))  # fmt: skip
 
 
 def test_cli_sweep_prints_json_lines_in_grid_order(capsys) -> None:

@@ -198,7 +198,7 @@ def pull(
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     on_wait = (lambda: status(f"waiting for another pull of {name} to finish")) if status else None
-    with _lock(dest.parent / f".{known.file_name}.lock", on_wait=on_wait):
+    with file_lock(dest.parent / f".{known.file_name}.lock", on_wait=on_wait):
         if _is_complete(known, dest):  # another process pulled it while we waited
             return dest
         _remove_stale_temps(dest.parent, known)
@@ -377,10 +377,10 @@ def _remove_stale_temps(directory: Path, known: KnownModel) -> None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path, *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def file_lock(path: Path, *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """An exclusive advisory lock on ``path``, waiting for it (calling ``on_wait`` first) when
     another process holds it. Without fcntl (Windows), no lock: the atomic rename alone keeps the
-    final file whole."""
+    final file whole. Model pulls use it, and so do emulator builds (`workbench.kernels`)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX

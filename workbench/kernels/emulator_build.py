@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import BackendError, UserError
+from workbench.store import file_lock
 
 _COMPILE_FLAGS = (
     "-std=c++17",
@@ -122,9 +123,18 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
 
 
 def _build_so(cmd_head: list[str], source: Path, target: Path, tail: Sequence[str] = ()) -> str:
-    """Compile ``source`` into ``target`` through a temp file + atomic rename (two processes
-    building the same object both succeed, and neither sees a half-written one). Returns the
-    compiler log; raises `BackendError` ``backend.compile_failed`` on failure."""
+    """Compile ``source`` into ``target`` through a temp file + atomic rename, so that nobody
+    sees a half-written object. A lock file next to ``target`` serialises processes building the
+    same object (parallel test workers, two notebooks): the later one waits, finds ``target``
+    and returns without compiling (log ""). Returns the compiler log; raises `BackendError`
+    ``backend.compile_failed`` on failure."""
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if target.exists():
+            return ""
+        return _compile_so(cmd_head, source, target, tail)
+
+
+def _compile_so(cmd_head: list[str], source: Path, target: Path, tail: Sequence[str]) -> str:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".so")
     os.close(fd)
     try:
