@@ -84,6 +84,17 @@ def run_tmp(config: pytest.Config, factory: pytest.TempPathFactory) -> Path:
     return base.parent if hasattr(config, "workerinput") else base
 
 
+@pytest.fixture(scope="session")
+def shared_emu_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The run's one emulator build cache, the test home's (`emulator.default_cache_dir`): shared
+    by every test file and xdist worker, so that a module such as matvec.hip compiles once per
+    run and option set, not once per file (builds are keyed by source and options, and written
+    atomically under a lock: workbench/kernels/emulator_build)."""
+    d = run_tmp(pytestconfig, tmp_path_factory) / "home" / "emulator"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(
     request: pytest.FixtureRequest,

@@ -24,8 +24,8 @@ TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.F16, Q.F32)
 
 
 @pytest.fixture(scope="module")
-def emu_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("emulator-batch"))
+def emu_cache(shared_emu_cache: str) -> str:
+    return shared_emu_cache
 
 
 def _shapes(qtype: GGMLQuantizationType) -> list[tuple[int, int, int]]:
@@ -188,7 +188,7 @@ def test_paged_attention_refuses_bad_tables(emu_cache) -> None:
 
 
 @pytest.mark.tool("clang")
-def test_batch_kernels_are_sanitizer_clean(tmp_path) -> None:
+def test_batch_kernels_are_sanitizer_clean(emu_cache) -> None:
     """memcheck, racecheck, initcheck and synccheck find nothing in either kernel at warp 32 and
     64 (the examples: a partial column tile, ragged lengths, one key, shuffled pages)."""
     from workbench.kernels.instrument import TOOLS
@@ -196,7 +196,7 @@ def test_batch_kernels_are_sanitizer_clean(tmp_path) -> None:
 
     names = ["attention_decode_paged", "matvec_batch_q4_1", "matvec_batch_q6_k",
              "matvec_batch_f16"]  # fmt: skip
-    reports = sanitize_registered(names, tools=TOOLS, warps=WARPS, cache_dir=tmp_path, seed=5)
+    reports = sanitize_registered(names, tools=TOOLS, warps=WARPS, cache_dir=emu_cache, seed=5)
     assert len(reports) == 2 * len(names)
     dirty = [(r.kernel, r.warp_size, f.message) for r in reports for f in r.findings]
     assert dirty == [], "seed 5: " + "\n".join(map(str, dirty))

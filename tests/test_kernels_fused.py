@@ -21,8 +21,8 @@ TYPES = (Q.Q4_0, Q.Q5_1, Q.Q8_0, *FLOAT_TYPES)
 
 
 @pytest.fixture(scope="module")
-def emu_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("emulator-fused"))
+def emu_cache(shared_emu_cache: str) -> str:
+    return shared_emu_cache
 
 
 def _raw(rng: np.random.Generator, qtype: GGMLQuantizationType, rows: int, cols: int):

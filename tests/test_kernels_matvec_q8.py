@@ -24,8 +24,8 @@ Seeded = tuple[np.random.Generator, str]
 
 
 @pytest.fixture(scope="module")
-def emu_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("emulator-matvec-q8"))
+def emu_cache(shared_emu_cache: str) -> str:
+    return shared_emu_cache
 
 
 @pytest.fixture

@@ -59,8 +59,8 @@ WB_KERNEL void mfma16(const uint16_t* A, const uint16_t* B, const float* C, floa
 
 
 @pytest.fixture(scope="module")
-def emu_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("emulator-mfma"))
+def emu_cache(shared_emu_cache: str) -> str:
+    return shared_emu_cache
 
 
 def _builtin_module(warp_size: int, cache: str) -> EmulatorModule:

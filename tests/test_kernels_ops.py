@@ -31,9 +31,9 @@ WARPS = (32, 64)
 
 
 @pytest.fixture(scope="module")
-def modules(tmp_path_factory: pytest.TempPathFactory):
+def modules(shared_emu_cache: str):
     """Each source compiled once per warp width (the emulator caches the shared objects)."""
-    cache = tmp_path_factory.mktemp("ops-emulator")
+    cache = shared_emu_cache
     made: dict[tuple[str, int], object] = {}
 
     def get(source: str, warp_size: int):

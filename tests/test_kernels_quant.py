@@ -38,9 +38,9 @@ GUARD = 64  # NaN elements after every output; a kernel writing past its output 
 
 
 @pytest.fixture(scope="module")
-def emu_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+def emu_cache(shared_emu_cache: str) -> str:
     """One emulator cache for the module: each source compiles once for both warp widths."""
-    return str(tmp_path_factory.mktemp("emulator-quant"))
+    return shared_emu_cache
 
 
 @pytest.fixture(scope="module", params=[32, 64], ids=["wave32", "wave64"])

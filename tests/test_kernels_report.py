@@ -30,9 +30,17 @@ def test_record_follows_the_forward_pass_of_one_layer_kind(record):
     assert record["layers"] == {"layer 0": {"index": 0, "count": 2}}
     roles = [c["role"] for c in record["calls"]]
     assert roles[0] == "embed token_embd" and roles[-1] == "sample_token"
-    for want in ("linear attn_q", "linear ffn_down", "attention", "kv_append", "rope #2"):
+    for want in (
+        "norm_quant attn_norm",
+        "linear_qkv attn_q",
+        "rope_kv",
+        "attention_quant",
+        "linear_add attn_output",
+        "linear_swiglu ffn_gate",
+        "linear_add ffn_down",
+    ):
         assert want in roles
-    attention = next(c for c in record["calls"] if c["role"] == "attention")
+    attention = next(c for c in record["calls"] if c["role"] == "attention_quant")
     assert attention["section"] == "layer 0"
     # every launch carries real counters
     for call in record["calls"]:
@@ -67,8 +75,8 @@ def test_layer_rows_are_the_recorded_layer_times_its_kind(record):
     assert report.launches_per_layer == {"layer 0 (x2)": per_layer}
     model_launches = sum(len(c["launches"]) for c in record["calls"] if c["section"] == "model")
     assert report.launches == 2 * per_layer + model_launches
-    q = next(r for r in report.rows if r.role == "linear attn_q")
-    call = next(c for c in layer_calls if c["role"] == "linear attn_q")
+    q = next(r for r in report.rows if r.role == "linear_qkv attn_q")
+    call = next(c for c in layer_calls if c["role"] == "linear_qkv attn_q")
     moved = sum(int(lc["totals"]["bytes_moved"]) for lc in call["launches"])
     assert q.per_layer and q.bytes_moved == 2 * moved and q.launches == 2 * len(call["launches"])
 
@@ -80,7 +88,7 @@ def test_attention_traffic_grows_with_the_position(tiny_models, record):
     )
 
     def attention(rec: dict) -> tuple[int, int]:
-        row = next(r for r in decode_report.build_report(rec).rows if r.role == "attention")
+        row = next(r for r in decode_report.build_report(rec).rows if r.role == "attention_quant")
         return row.bytes_moved, row.ideal_bytes
 
     (moved_40, ideal_40), (moved_90, ideal_90) = attention(record), attention(later)
@@ -97,7 +105,7 @@ def test_markdown_has_a_row_per_role_and_the_totals(record):
     body = lines[header + 2 :]
     assert len(body) == len(report.rows) + 1
     assert body[-1].startswith("| **total per token** |")
-    assert any(line.startswith("| linear attn_q (x2) | `quantize_q8_1` + `matvec<WB_Q4_1>` |")
+    assert any(line.startswith("| linear_qkv attn_q (x2) | `matvec_fused<WB_Q4_1>` |")
                for line in body)  # fmt: skip
     assert "- method: " in text and "time floor per token on AMD Instinct MI300X" in text
 
@@ -133,10 +141,10 @@ def test_resources_say_why_without_the_compiler(monkeypatch):
 @pytest.mark.tool("hipcc")
 def test_resources_from_hipcc_name_vgprs_and_occupancy(record):
     launches = [launch for call in record["calls"] for launch in call["launches"]]
-    some = [lc for lc in launches if lc["symbol"] in ("add", "rmsnorm")]
+    some = [lc for lc in launches if lc["symbol"] in ("rmsnorm_q8_1", "rope_kv")]
     res = decode_launches.kernel_resources(some, "gfx90a")
     assert res["note"] == ""
-    for sym in ("add", "rmsnorm"):
+    for sym in ("rmsnorm_q8_1", "rope_kv"):
         found = res["kernels"][sym]
         assert found["vgprs"] > 0 and 1 <= found["occupancy"] <= 10, (sym, found)
 

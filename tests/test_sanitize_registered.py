@@ -23,8 +23,8 @@ BARRIER = "  __syncthreads();  // the next call rewrites red: without it, a writ
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sanitize-cache")
+def cache(shared_emu_cache: str) -> Path:
+    return Path(shared_emu_cache)
 
 
 def test_every_registered_kernel_is_clean(cache: Path) -> None:

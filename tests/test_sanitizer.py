@@ -36,8 +36,8 @@ def marker(tag: str, kind: str, path: Path = PLANTED) -> int:
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sanitizer-cache")
+def cache(shared_emu_cache: str) -> Path:
+    return Path(shared_emu_cache)
 
 
 @pytest.fixture(scope="session")

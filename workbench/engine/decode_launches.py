@@ -50,9 +50,17 @@ def _is_weight(v: Any) -> bool:
 
 
 def _arrays(values: Any) -> list[Any]:
+    """The arrays among ``values``: a weight's blocks, an activation as the next product reads it
+    (its Q8_1 codes where it has them, else its floats), the members of a tuple of results."""
     out = []
     for v in values:
-        v = v.data if _is_weight(v) else v
+        if isinstance(v, (tuple, list)):
+            out += _arrays(v)
+            continue
+        if _is_weight(v):
+            v = v.data
+        elif hasattr(v, "h") and hasattr(v, "xq"):  # the device backend's Activation
+            v = v.h if v.xq is None else v.xq
         if hasattr(v, "nbytes") and hasattr(v, "dtype") and hasattr(v, "shape"):
             out.append(v)
     return out
@@ -81,10 +89,17 @@ def _kv_append_ideal(args: tuple, kwargs: dict, result: Any) -> int:
     return int(k.nbytes + v.nbytes) + new * k_cache.dtype.itemsize
 
 
+def _rope_kv_ideal(args: tuple, kwargs: dict, result: Any) -> int:
+    q, k, v, k_cache = args[0], args[1], args[2], args[3]
+    new = int(k.size + v.size)  # rotated k and v written at one position of the cache
+    return int(q.nbytes + k.nbytes + v.nbytes) + int(result.nbytes) + new * k_cache.dtype.itemsize
+
+
 IDEAL_RULES: dict[str, Callable[[tuple, dict, Any], int]] = {
     "embed": _embed_ideal,
     "rope": _rope_ideal,
     "kv_append": _kv_append_ideal,
+    "rope_kv": _rope_kv_ideal,
 }
 
 
