@@ -47,7 +47,7 @@ tools:
 test: tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q $(XDIST) $(NBVAL) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(XDIST) $(NBVAL) $(PYTEST_ARGS)
 
 ## test-gpu: on a machine with a GPU, install the CuPy build for it (ROCm or CUDA, detected) and
 ## run the gpu-marked tests: every kernel against its reference, greedy tokens equal to NumPy's
