@@ -253,13 +253,22 @@ def test_every_registered_kernel_compiles_for_amd(arch: str) -> None:
     _assert_all_compiled(arch)
 
 
+INTEGER_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+
+
+@pytest.fixture(scope="module")
+def matvec_isa_gfx90a() -> dict[str, str]:
+    """The gfx90a code of every integer-quant matvec: matvec.hip compiled once for all of them."""
+    return toolchain.asm_many([f"matvec_{q}" for q in INTEGER_TYPES], "gfx90a")
+
+
 @needs_hipcc
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k",
-                                   "q5_k", "q6_k"])  # fmt: skip
-def test_integer_matvec_isa_uses_dot4(qtype: str) -> None:
+@pytest.mark.parametrize("qtype", INTEGER_TYPES)
+def test_integer_matvec_isa_uses_dot4(qtype: str, matvec_isa_gfx90a: dict[str, str]) -> None:
     """Every quantized matvec dots its codes with v_dot4 on gfx90a (WB_DOT4_I8), and reads the
     staged weights with 16-byte loads."""
-    text = toolchain.asm(f"matvec_{qtype}", "gfx90a")
+    text = matvec_isa_gfx90a[f"matvec_{qtype}"]
+    assert text.startswith(f"; matvec<WB_{qtype.upper()}> [gfx90a]"), text[:80]
     assert re.search(r"\bv_dot4c?_i32_i8", text), f"matvec_{qtype}: no v_dot4 on gfx90a"
     assert "global_load_dwordx4" in text, f"matvec_{qtype}: no 16-byte global loads"
 

@@ -635,27 +635,60 @@ def asm(
     else:
         symbol, path, opts = kernel.symbol, kernel.path, (*kernel.options, *options)
     text, _, _, _ = _build(path, arch, opts, [symbol], asm=True, hipcc=hipcc, nvcc=nvcc)
+    return _asm_of(text, [symbol], path, arch)[symbol]
+
+
+def asm_many(
+    kernels: Sequence[KernelSpec | str],
+    arch: str,
+    *,
+    hipcc: str | None = None,
+    nvcc: str | None = None,
+) -> dict[str, str]:
+    """`asm` of several registry kernels (entries or names) -> {name: code}, each source and
+    option set compiled once for all of its kernels (the quantized modules hold every type)."""
+    from workbench.kernels.registry import get
+
+    specs = [get(k) if isinstance(k, str) else k for k in kernels]
+    groups: dict[tuple[Path, tuple[str, ...]], list[KernelSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.path, tuple(spec.options)), []).append(spec)
+    out: dict[str, str] = {}
+    for (path, opts), group in groups.items():
+        symbols = [spec.symbol for spec in group]
+        text, _, _, _ = _build(path, arch, opts, symbols, asm=True, hipcc=hipcc, nvcc=nvcc)
+        codes = _asm_of(text, symbols, path, arch)
+        out.update({spec.name: codes[spec.symbol] for spec in group})
+    return out
+
+
+def _asm_of(text: str, symbols: Sequence[str], path: Path, arch: str) -> dict[str, str]:
+    """Each symbol's function in the compiled module's assembly (AMD) or PTX, headed by a comment
+    naming it (and its demangled name)."""
     amd = vendor_of(arch) == "amd"
     labels = _asm_functions(text, amd=amd)
-    mapping = _resolve([symbol], labels, str(path))
-    if symbol not in mapping:
-        raise BackendError(
-            "backend.compile_failed",
-            f"no kernel {symbol!r} in the {arch} code of {path.name} "
-            f"(found: {', '.join(n for n in labels if _PROBE not in n) or 'none'})",
-            kernel_source=str(path),
-            arch=arch,
-        )
-    name = mapping[symbol]
-    body = _slice_amd(text, name) if amd else _slice_ptx(text, name)
-    full = _demangle([name])[name] if name.startswith("_Z") else name
+    mapping = _resolve(list(symbols), labels, str(path))
     comment = ";" if amd else "//"
-    return (
-        f"{comment} {symbol} [{arch}]: {name}"
-        + (f" ({full})" if full != name else "")
-        + "\n"
-        + body
-    )
+    out = {}
+    for symbol in symbols:
+        if symbol not in mapping:
+            raise BackendError(
+                "backend.compile_failed",
+                f"no kernel {symbol!r} in the {arch} code of {path.name} "
+                f"(found: {', '.join(n for n in labels if _PROBE not in n) or 'none'})",
+                kernel_source=str(path),
+                arch=arch,
+            )
+        name = mapping[symbol]
+        body = _slice_amd(text, name) if amd else _slice_ptx(text, name)
+        full = _demangle([name])[name] if name.startswith("_Z") else name
+        out[symbol] = (
+            f"{comment} {symbol} [{arch}]: {name}"
+            + (f" ({full})" if full != name else "")
+            + "\n"
+            + body
+        )
+    return out
 
 
 def _asm_functions(text: str, *, amd: bool) -> list[str]:
