@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -56,12 +58,16 @@ def ray_cluster(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFa
     run's temporary directory); its workers share the tests' workbench cache."""
     ray = pytest.importorskip("ray", reason="ray is in the dev extra (pip install -e '.[dev]')")
     home = os.environ.get("WORKBENCH_HOME") or str(run_tmp(pytestconfig, tmp_path_factory) / "home")
+    # Ray puts Unix sockets under its temporary directory, and a socket's path may not exceed 107
+    # bytes: pytest's (/tmp/pytest-of-USER/pytest-N/popen-gwN/...) is too long for some user
+    # names, so Ray gets a short one of its own.
+    ray_tmp = tempfile.mkdtemp(prefix="wb-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     for attempt in (1, 2):
         try:
             ray.init(
                 num_cpus=2,
                 include_dashboard=False,
-                _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                _temp_dir=ray_tmp,
                 runtime_env={"env_vars": {"WORKBENCH_HOME": home}},
                 log_to_driver=False,
                 logging_level="WARNING",
@@ -75,6 +81,7 @@ def ray_cluster(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFa
                 raise
     yield ray
     ray.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def run_tmp(config: pytest.Config, factory: pytest.TempPathFactory) -> Path:
