@@ -41,7 +41,9 @@ def test_ray_actor_killed_mid_run_loses_nothing(tiny_model, tmp_path, seed, ray_
     killed: list[int] = []
 
     def kill_one(done: int, total: int) -> None:
-        if done >= 10 and not killed:  # mid-run: one actor, with its queued prompts, goes
+        # At the first result: one actor, with its queued prompts, goes. (At the tenth, a fast
+        # machine had sometimes already run all 25 of that actor's prompts: nothing was left.)
+        if done >= 1 and not killed:
             killed.append(done)
             ray_cluster.kill(actors[0], no_restart=False)
 
