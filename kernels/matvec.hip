@@ -41,6 +41,8 @@
 #define WB_MV_ROWS 16                              // rows per block
 #define WB_MV_LANES (WB_MV_THREADS / WB_MV_ROWS)   // lanes per row (16: within any warp)
 #define WB_MV_TILE 2048                            // columns per tile: 4 Q8_1 blocks per lane
+#define WB_MV_ALIGN 128  // staging starts at this boundary below a range: whole 128-byte segments
+                         // (gfx942's) per warp load, none split between two warps' loads
 
 // Lane k (0..7) of the 8 lanes of Q8_1 block b holds elements 4k .. 4k+3 of the block in v:
 // max and sum combined by a butterfly of width 8, the codes and (d, s) written to xq (see
@@ -155,17 +157,19 @@ WB_DEVICE int wb_codes4(const uint8_t* blk, int i) {
                ((uint32_t)(T::code(blk, i + 3) & 255) << 24));
 }
 
-// Where a block's WB_MV_ROWS rows come from: `segs` (1 or 2) segments of WB_MV_ROWS / segs
-// consecutive rows, segment s being rows row0[s] .. of the (rows[s], row_bytes) matrix at base[s].
+// Where a block's rows come from: `segs` (1 or 2) matrices worked one after the other through
+// each tile, WB_MV_ROWS consecutive rows of each (a thread's row of matrix s is rows row0[s] + r
+// of the (rows[s], row_bytes) matrix at base[s]); x's tile is staged once for both. SwiGLU's
+// gate and up take two: the same rows of both, with x read once per tile for both.
 struct wb_mv_rows {
   const uint8_t* base[2];
   int rows[2];
   int row0[2];
   int segs;
 };
-WB_DEVICE int wb_mv_nrows(const wb_mv_rows& R, int s) {  // rows of segment s inside its matrix
-  const int n = R.rows[s] - R.row0[s], cap = WB_MV_ROWS / R.segs;
-  return n < 0 ? 0 : n < cap ? n : cap;
+WB_DEVICE int wb_mv_nrows(const wb_mv_rows& R, int s) {  // rows of matrix s inside it
+  const int n = R.rows[s] - R.row0[s];
+  return n < 0 ? 0 : n < WB_MV_ROWS ? n : WB_MV_ROWS;
 }
 WB_DEVICE wb_mv_rows wb_mv_one(const uint8_t* W, int rows, int row0) {
   const wb_mv_rows R = {{W, W}, {rows, rows}, {row0, row0}, 1};
@@ -181,7 +185,7 @@ template <int QT, bool IS_FLOAT = wb_q<QT>::IS_FLOAT>
 struct wb_matvec {
   typedef wb_q<QT> T;
   static constexpr int BLOCKS = WB_MV_TILE / T::QK;                // QT blocks per row per tile
-  static constexpr int STRIDE = (BLOCKS * T::BYTES + 78) / 16 * 16;  // staged bytes per row
+  static constexpr int STRIDE = (BLOCKS * T::BYTES + WB_MV_ALIGN + 14) / 16 * 16;  // per row
 
   // Sum over the 32 elements [i0, i0 + 32) of the block at blk times x's codes xs (8 ints) with
   // x's scale d8 and fp16 sum term s8 = d8 * sum(q).
@@ -220,66 +224,65 @@ struct wb_matvec {
     return r;
   }
 
-  WB_DEVICE float run(const wb_mv_rows& R, const float*, const uint8_t* xq, int cols,
-                      int row_bytes) {
+  // acc[m]: this thread's partial sum of its row of matrix m (m < R.segs).
+  WB_DEVICE void run(const wb_mv_rows& R, const float*, const uint8_t* xq, int cols,
+                     int row_bytes, float* acc) {
     __shared__ WB_ALIGN(16) uint8_t sw[WB_MV_ROWS * STRIDE];  // staged rows of the tile
     __shared__ WB_ALIGN(16) uint8_t sx[WB_MV_TILE];           // x's codes of the tile
     __shared__ uint32_t sd[WB_MV_TILE / WB_Q8_1_QK];          // x's (d, s) of the tile
     const int tid = (int)threadIdx.x;
     const int r = tid / WB_MV_LANES, l = tid % WB_MV_LANES;
-    const int rs = WB_MV_ROWS / R.segs;  // staged rows per segment
     const int nb = cols / T::QK;
+    const bool whole = nb <= BLOCKS;  // a tile holds whole rows
     const uint32_t* ds = wb_q8_1_ds(xq, cols);
-    float acc = 0.0f;
     for (int b0 = 0; b0 < nb; b0 += BLOCKS) {
       const int nbt = nb - b0 < BLOCKS ? nb - b0 : BLOCKS;  // blocks in this tile
       const int nbytes = nbt * T::BYTES;
       const int units = nbt * T::QK / WB_Q8_1_QK;
-      // Stage the tile: one range per row, or, when a tile holds whole rows, each segment's rows
-      // as one range (consecutive rows are consecutive bytes: no chunk is loaded twice).
-      const bool whole = nb <= BLOCKS;
-      const int ranges = whole ? R.segs : WB_MV_ROWS;
-      const int span_max = whole ? rs * row_bytes : nbytes;
-      const int chunks = (span_max + 78) / 16;  // from the 64-byte boundary below the start
-      for (int i = tid; i < ranges * chunks; i += WB_MV_THREADS) {
-        const int rr = i / chunks, c = i % chunks;
-        const int s = whole ? rr : rr / rs, rl = whole ? 0 : rr % rs;
-        const int nrows = wb_mv_nrows(R, s);
-        if (rl >= nrows) continue;
-        const unsigned long long lo = wb_addr(R.base[s]);
-        const unsigned long long size = (unsigned long long)R.rows[s] * row_bytes;
-        const int span = whole ? nrows * row_bytes : nbytes;
-        const unsigned long long src = lo + (unsigned long long)(R.row0[s] + rl) * row_bytes +
-                                       (unsigned long long)b0 * T::BYTES;
-        const unsigned long long g = (src & ~63ull) + 16ull * c;
-        uint8_t* dst = sw + (whole ? s * rs : rr) * STRIDE + 16 * c;
-        if (g < src + span && g + 16 > src)
-          wb_stage16(dst, R.base[s], g - lo, src - lo, span, size);
-      }
       const uint8_t* xt = xq + b0 * T::QK;
       for (int i = tid; i < units * 2; i += WB_MV_THREADS)
         *reinterpret_cast<wb_u32x4*>(sx + 16 * i) = wb_ld16(xt + 16 * i);
       for (int i = tid; i < units; i += WB_MV_THREADS) sd[i] = ds[b0 * T::QK / WB_Q8_1_QK + i];
-      __syncthreads();
-      const int s = r / rs, rl = r % rs;
-      if (rl < wb_mv_nrows(R, s)) {
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {  // constant bounds: acc stays in registers
+        if (m >= R.segs) break;
+        // Stage the tile of matrix m: one range per row, or, when a tile holds whole rows, the
+        // rows as one range (consecutive rows are consecutive bytes: no chunk is loaded twice).
+        const int nrows = wb_mv_nrows(R, m);
+        const unsigned long long lo = wb_addr(R.base[m]);
+        const unsigned long long size = (unsigned long long)R.rows[m] * row_bytes;
         const unsigned long long first =
-            wb_addr(R.base[s]) + (unsigned long long)R.row0[s] * row_bytes;  // segment's row 0
-        const unsigned long long src =
-            first + (unsigned long long)rl * row_bytes + (unsigned long long)b0 * T::BYTES;
-        const uint8_t* row = whole ? sw + s * rs * STRIDE + (int)(first & 63) + rl * row_bytes
-                                   : sw + r * STRIDE + (int)(src & 63);
-        for (int u = l; u < units; u += WB_MV_LANES) {
-          const int e = u * WB_Q8_1_QK;  // first column of the unit within the tile
-          const float d8 = wb_half_to_float((uint16_t)(sd[u] & 0xffffu));
-          const float s8 = wb_half_to_float((uint16_t)(sd[u] >> 16));
-          acc += unit(row + (e / T::QK) * T::BYTES, e % T::QK,
-                      reinterpret_cast<const int*>(sx + e), d8, s8);
+            lo + (unsigned long long)R.row0[m] * row_bytes;  // the block's row 0
+        const int ranges = whole ? 1 : nrows;
+        const int span = whole ? nrows * row_bytes : nbytes;  // bytes per range
+        const int chunks = (span + WB_MV_ALIGN + 14) / 16;    // from the boundary below the start
+        for (int i = tid; i < ranges * chunks; i += WB_MV_THREADS) {
+          const int rr = i / chunks, c = i % chunks;
+          const unsigned long long src =
+              first + (unsigned long long)rr * row_bytes + (unsigned long long)b0 * T::BYTES;
+          const unsigned long long g = (src & ~(WB_MV_ALIGN - 1ull)) + 16ull * c;
+          if (g < src + span && g + 16 > src)
+            wb_stage16(sw + rr * STRIDE + 16 * c, R.base[m], g - lo, src - lo, span, size);
         }
+        __syncthreads();  // the tile (and, for m == 0, x's) is staged
+        if (r < nrows) {
+          const unsigned long long src =
+              first + (unsigned long long)r * row_bytes + (unsigned long long)b0 * T::BYTES;
+          const uint8_t* row = whole ? sw + (int)(first & (WB_MV_ALIGN - 1)) + r * row_bytes
+                                     : sw + r * STRIDE + (int)(src & (WB_MV_ALIGN - 1));
+          float a = acc[m];
+          for (int u = l; u < units; u += WB_MV_LANES) {
+            const int e = u * WB_Q8_1_QK;  // first column of the unit within the tile
+            const float d8 = wb_half_to_float((uint16_t)(sd[u] & 0xffffu));
+            const float s8 = wb_half_to_float((uint16_t)(sd[u] >> 16));
+            a += unit(row + (e / T::QK) * T::BYTES, e % T::QK,
+                      reinterpret_cast<const int*>(sx + e), d8, s8);
+          }
+          acc[m] = a;
+        }
+        __syncthreads();  // the next matrix or tile overwrites the staging buffers
       }
-      __syncthreads();  // the next tile overwrites the staging buffers
     }
-    return acc;
   }
 };
 
@@ -301,17 +304,11 @@ WB_DEVICE float wb_chunk_value(const uint32_t* bits, int j) {
 template <int QT>
 struct wb_matvec<QT, true> {
   static constexpr int B = wb_q<QT>::BYTES;  // bytes per element: 4 or 2
-  WB_DEVICE float run(const wb_mv_rows& R, const float* x, const uint8_t*, int cols,
-                      int row_bytes) {
+  WB_DEVICE void run(const wb_mv_rows& R, const float* x, const uint8_t*, int cols,
+                     int row_bytes, float* acc) {
     __shared__ WB_ALIGN(16) float sxf[WB_MV_FTILE];  // x's tile
     const int tid = (int)threadIdx.x;
     const int r = tid / WB_MV_LANES, l = tid % WB_MV_LANES;
-    const int rs = WB_MV_ROWS / R.segs, s = r / rs, rl = r % rs;
-    const bool ok = rl < wb_mv_nrows(R, s);
-    const uint8_t* w = R.base[s] + (size_t)(R.row0[s] + rl) * row_bytes;  // (row_bytes,)
-    const unsigned long long lo = wb_addr(R.base[s]);
-    const unsigned long long hi = lo + (unsigned long long)R.rows[s] * row_bytes;
-    float acc = 0.0f;
     for (int c0 = 0; c0 < cols; c0 += WB_MV_FTILE) {
       const int n = cols - c0 < WB_MV_FTILE ? cols - c0 : WB_MV_FTILE;  // columns in the tile
       for (int i = tid; 4 * i < n; i += WB_MV_THREADS) {
@@ -323,45 +320,58 @@ struct wb_matvec<QT, true> {
         }
       }
       __syncthreads();
-      if (ok) {
-        const unsigned long long start = wb_addr(w) + (unsigned long long)c0 * B;
-        const unsigned long long end = start + (unsigned long long)n * B;
-        if (start % B) {  // elements straddle the chunks: element by element
-          for (int e = l; e < n; e += WB_MV_LANES)
-            acc = fmaf(wb_q<QT>::value(w + (size_t)(c0 + e) * B, 0), sxf[e], acc);
-        } else {
-          for (unsigned long long g = (start & ~15ull) + 16ull * l; g < end;
-               g += 16ull * WB_MV_LANES) {
-            const long long e0 = ((long long)g - (long long)start) / B;  // column of byte 0
-            if (g >= start && g + 16 <= end && g + 16 <= hi) {
-              const wb_u32x4 u = wb_ld16(R.base[s] + (g - lo));
-              const uint32_t* bits = reinterpret_cast<const uint32_t*>(&u);
 #pragma unroll
-              for (int j = 0; j < 16 / B; ++j)
-                acc = fmaf(wb_chunk_value<QT>(bits, j), sxf[e0 + j], acc);
-            } else {
-              for (int j = 0; j < 16 / B; ++j) {
-                if (e0 + j < 0 || e0 + j >= n) continue;
-                acc = fmaf(wb_q<QT>::value(w + (size_t)(c0 + e0 + j) * B, 0), sxf[e0 + j], acc);
-              }
-            }
-          }
+      for (int m = 0; m < 2; ++m)  // constant bounds: acc stays in registers
+        if (m < R.segs && r < wb_mv_nrows(R, m)) acc[m] = row_tile(R, m, r, l, c0, n, row_bytes, sxf, acc[m]);
+      __syncthreads();  // the next tile overwrites sxf
+    }
+  }
+
+  // Row r of matrix m times x's tile (columns c0 .. c0 + n - 1, in sxf), added to acc.
+  WB_DEVICE float row_tile(const wb_mv_rows& R, int m, int r, int l, int c0, int n,
+                           int row_bytes, const float* sxf, float acc) {
+    const uint8_t* w = R.base[m] + (size_t)(R.row0[m] + r) * row_bytes;  // (row_bytes,)
+    const unsigned long long lo = wb_addr(R.base[m]);
+    const unsigned long long hi = lo + (unsigned long long)R.rows[m] * row_bytes;
+    const unsigned long long start = wb_addr(w) + (unsigned long long)c0 * B;
+    const unsigned long long end = start + (unsigned long long)n * B;
+    if (start % B) {  // elements straddle the chunks: element by element
+      for (int e = l; e < n; e += WB_MV_LANES)
+        acc = fmaf(wb_q<QT>::value(w + (size_t)(c0 + e) * B, 0), sxf[e], acc);
+      return acc;
+    }
+    for (unsigned long long g = (start & ~15ull) + 16ull * l; g < end; g += 16ull * WB_MV_LANES) {
+      const long long e0 = ((long long)g - (long long)start) / B;  // column of byte 0
+      if (g >= start && g + 16 <= end && g + 16 <= hi) {
+        const wb_u32x4 u = wb_ld16(R.base[m] + (g - lo));
+        const uint32_t* bits = reinterpret_cast<const uint32_t*>(&u);
+#pragma unroll
+        for (int j = 0; j < 16 / B; ++j) acc = fmaf(wb_chunk_value<QT>(bits, j), sxf[e0 + j], acc);
+      } else {
+        for (int j = 0; j < 16 / B; ++j) {
+          if (e0 + j < 0 || e0 + j >= n) continue;
+          acc = fmaf(wb_q<QT>::value(w + (size_t)(c0 + e0 + j) * B, 0), sxf[e0 + j], acc);
         }
       }
-      __syncthreads();  // the next tile overwrites sxf
     }
     return acc;
   }
 };
 
-// The block's WB_MV_ROWS row sums, reduced over each row's lanes into sy (WB_MV_ROWS,).
+// The block's row sums, reduced over each row's lanes into sy (R.segs, WB_MV_ROWS).
 template <int QT>
 WB_DEVICE void wb_matvec_rows(const wb_mv_rows& R, const float* x, const uint8_t* xq, int cols,
-                              int row_bytes, float* sy) {
-  float acc = wb_matvec<QT>::run(R, x, xq, cols, row_bytes);
-  for (int o = WB_MV_LANES / 2; o > 0; o /= 2) acc += WB_SHFL_XOR_W(acc, o, WB_MV_LANES);
+                              int row_bytes, float (*sy)[WB_MV_ROWS]) {
+  float acc[2] = {0.0f, 0.0f};
+  wb_matvec<QT>::run(R, x, xq, cols, row_bytes, acc);
   const int tid = (int)threadIdx.x;
-  if (tid % WB_MV_LANES == 0) sy[tid / WB_MV_LANES] = acc;
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {  // every lane of the block takes the same m: all shuffle
+    if (m >= R.segs) break;
+    float a = acc[m];
+    for (int o = WB_MV_LANES / 2; o > 0; o /= 2) a += WB_SHFL_XOR_W(a, o, WB_MV_LANES);
+    if (tid % WB_MV_LANES == 0) sy[m][tid / WB_MV_LANES] = a;
+  }
   __syncthreads();
 }
 
@@ -371,11 +381,11 @@ __global__ void matvec(const uint8_t* WB_RESTRICT W,   // (rows, row_bytes)
                        const uint8_t* WB_RESTRICT xq,  // (cols + cols / 8,) Q8_1, 16-aligned
                        float* WB_RESTRICT y,           // (rows,)
                        int rows, int cols, int row_bytes) {
-  __shared__ float sy[WB_MV_ROWS];  // the block's results
+  __shared__ float sy[1][WB_MV_ROWS];  // the block's results
   const int row0 = (int)blockIdx.x * WB_MV_ROWS;
   wb_matvec_rows<QT>(wb_mv_one(W, rows, row0), x, xq, cols, row_bytes, sy);
   const int tid = (int)threadIdx.x;
-  if (tid < WB_MV_ROWS && row0 + tid < rows) y[row0 + tid] = sy[tid];
+  if (tid < WB_MV_ROWS && row0 + tid < rows) y[row0 + tid] = sy[0][tid];
 }
 
 // matvec_batch<QT>(W, x, xq, y, n, rows, cols, row_bytes, xq_stride): Y = X @ W.T for the n
@@ -591,7 +601,7 @@ WB_KERNEL WB_LAUNCH_BOUNDS(WB_MV_THREADS) void rmsnorm_q8_1(const float* WB_REST
 // matvec_fused: one launch for what the decode step does around a product. mode:
 #define WB_MV_SPLIT 0   // y_m = W_m x for up to three matrices (Q, K, V) by block ranges:
                         // blocks [0, B0) -> W0, [B0, B0 + B1) -> W1, the rest -> W2
-#define WB_MV_SWIGLU 1  // y0 = silu(W0 x) * (W1 x) (gate, up): a block stages 8 rows of each
+#define WB_MV_SWIGLU 1  // y0 = silu(W0 x) * (W1 x) (gate, up): a block takes 16 rows of each
 #define WB_MV_ADD 2     // y0 = y1 + W0 x (the residual stream; y1 may be y0: in place)
 // tail (after every block has written y0, the last block to finish runs it on the whole of y0):
 //   0 none, 1 y0 -> Q8_1 in tq, 2 th = rmsnorm(y0) * tw and th -> Q8_1 in tq (tq_on: quantize)
@@ -607,17 +617,17 @@ __global__ void matvec_fused(const uint8_t* WB_RESTRICT W0, const uint8_t* WB_RE
                              int tail, const float* WB_RESTRICT tw, float eps, int tq_on,
                              float* WB_RESTRICT th, uint8_t* WB_RESTRICT tq,
                              unsigned int* counter) {
-  __shared__ float sy[WB_MV_ROWS];
+  __shared__ float sy[2][WB_MV_ROWS];  // the block's row sums (swiglu: gate's, then up's)
   __shared__ int last;
   const int tid = (int)threadIdx.x, blk = (int)blockIdx.x;
   const int nb0 = (rows0 + WB_MV_ROWS - 1) / WB_MV_ROWS;  // blocks of W0, then of W1
   const int nb1 = (rows1 + WB_MV_ROWS - 1) / WB_MV_ROWS;
   if (mode == WB_MV_SWIGLU) {
-    const int row0 = blk * (WB_MV_ROWS / 2);
+    const int row0 = blk * WB_MV_ROWS;
     wb_matvec_rows<QT>(wb_mv_two(W0, W1, rows0, row0), x, xq, cols, row_bytes, sy);
-    if (tid < WB_MV_ROWS / 2 && row0 + tid < rows0) {
-      const float g = sy[tid];
-      y0[row0 + tid] = g / (1.0f + expf(-g)) * sy[WB_MV_ROWS / 2 + tid];  // as swiglu
+    if (tid < WB_MV_ROWS && row0 + tid < rows0) {
+      const float g = sy[0][tid];
+      y0[row0 + tid] = g / (1.0f + expf(-g)) * sy[1][tid];  // as swiglu
     }
   } else {
     const int m = blk < nb0 ? 0 : blk < nb0 + nb1 ? 1 : 2;
@@ -627,7 +637,7 @@ __global__ void matvec_fused(const uint8_t* WB_RESTRICT W0, const uint8_t* WB_RE
     const int row0 = (blk - (m == 0 ? 0 : m == 1 ? nb0 : nb0 + nb1)) * WB_MV_ROWS;
     wb_matvec_rows<QT>(wb_mv_one(W, rows, row0), x, xq, cols, row_bytes, sy);
     if (tid < WB_MV_ROWS && row0 + tid < rows)
-      y[row0 + tid] = mode == WB_MV_ADD ? y1[row0 + tid] + sy[tid] : sy[tid];
+      y[row0 + tid] = mode == WB_MV_ADD ? y1[row0 + tid] + sy[0][tid] : sy[0][tid];
   }
   if (!tail) return;
   __threadfence();  // this block's y0 stores reach device scope before it is counted

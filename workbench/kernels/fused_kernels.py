@@ -39,7 +39,7 @@ from workbench.kernels.registry import Cost, KernelSpec, Launch, register
 
 MODES = {"split": 0, "swiglu": 1, "add": 2}
 TAILS = {None: 0, "quant": 1, "norm": 2}
-ROWS = qk.MATVEC_ROWS_PER_BLOCK  # rows per block (split/add); swiglu: half of each matrix
+ROWS = qk.MATVEC_ROWS_PER_BLOCK  # rows per block of each matrix (swiglu: of gate and of up)
 
 __all__ = [
     "MODES",
@@ -57,13 +57,12 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def matvec_fused_launch(*, rows: Sequence[int] | int, mode: str = "split", **_: Any) -> Launch:
-    """split/add: ceil(rows_m / 16) blocks per matrix; swiglu: 8 rows of gate and of up per
-    block."""
+    """split/add: ceil(rows_m / 16) blocks per matrix; swiglu: 16 rows of gate and the same 16
+    of up per block (one after the other, x's tile staged once for both)."""
     counts = (rows,) if isinstance(rows, int) else tuple(rows)
     if mode == "swiglu":
-        blocks = _cdiv(counts[0], ROWS // 2)
-    else:
-        blocks = sum(_cdiv(r, ROWS) for r in counts)
+        counts = counts[:1]  # gate and up have one shape; a block covers rows of both
+    blocks = sum(_cdiv(r, ROWS) for r in counts)
     return Launch((blocks, 1, 1), (qk.MATVEC_THREADS, 1, 1))
 
 

@@ -34,6 +34,10 @@ ATTN_THREADS = 256  # both attention kernels are written for exactly 256 threads
 DECODE_TILE = 32  # attention_decode: keys per tile (attention.hip's DC_TK)
 DECODE_HEADS = 8  # attention_decode: query heads per block (attention.hip's DC_GMAX)
 DECODE_BLOCKS = 1024  # attention_decode splits the keys until about this many blocks
+# ... but never below this many tiles per chunk: a block's fixed traffic (its queries, its partials
+# written and merged: about 5 KiB for SmolLM2) then stays under a tenth of its K/V reads (64 KiB
+# at head_dim 64 in fp16); at 1 tile per chunk it was a third (kernels report: 1.62x the ideal)
+DECODE_MIN_TILES = 8
 SAMPLE_MAX_K = 128  # sampling.hip keeps at most this many top-k candidates
 SAMPLE_PASSES = 5  # sample_top_k_top_p's passes over the vocabulary (radix select + gather)
 
@@ -278,11 +282,12 @@ def _prefill_cost(n: int, heads: int, head_dim: int, start: int = 0, **_: int) -
 
 def decode_chunk(t: int, heads: int, kv_heads: int) -> int:
     """Keys per chunk of flash-decoding: a multiple of DECODE_TILE, small enough that about
-    DECODE_BLOCKS blocks share the work (a long context fills the GPU), never below one tile."""
+    DECODE_BLOCKS blocks share the work (a long context fills the GPU), never below
+    DECODE_MIN_TILES tiles (short contexts: fewer, fuller blocks)."""
     groups = -(-(heads // kv_heads) // DECODE_HEADS)
     chunks = max(1, DECODE_BLOCKS // (kv_heads * groups))
     tiles = -(-t // DECODE_TILE)
-    return DECODE_TILE * max(1, -(-tiles // chunks))
+    return DECODE_TILE * max(DECODE_MIN_TILES, -(-tiles // chunks))
 
 
 def _decode_launch(heads: int, kv_heads: int = 1, t: int = 1, **_: int) -> Launch:
