@@ -53,45 +53,47 @@ WB_KERNEL void rope_neox(float* x, int n, int heads, int head_dim, int rope_dim,
 // kv_append): q (heads, head_dim) is rotated into q_out (may be q: in place; a separate buffer
 // makes a repeated launch give the same result), k (kv_heads, head_dim) is rotated into row
 // pos of k_cache and v copied into row pos of v_cache, both (kv_heads, ctx, head_dim) float32 or,
-// when kv_half != 0, fp16 (rounded to nearest even, as kv_append). One thread per element of the
-// (heads + 2 * kv_heads) rows of head_dim, grid-stride; the rotation is rope_impl's expression.
+// when kv_half != 0, fp16 (rounded to nearest even, as kv_append).
+//
+// Launch: one block of head_dim threads (grid (1,)); thread d owns element d of every row: the q
+// rows, then the k rows, then the v rows, one after the other. The position's table row and each
+// q/k row are staged in shared memory, each thread loading its own element, so every global
+// access is one element per lane with consecutive lanes on consecutive elements, the table is
+// read once, and a pair's partner comes from shared memory; the rotation is rope_impl's
+// expression. head_dim <= ROPE_KV_HD_MAX.
+#define ROPE_KV_HD_MAX 1024
 WB_KERNEL void rope_kv(const float* q, float* q_out, const float* WB_RESTRICT k,
                        const float* WB_RESTRICT v, void* WB_RESTRICT k_cache,
                        void* WB_RESTRICT v_cache, int heads, int kv_heads, int head_dim,
                        int rope_dim, int neox, int pos, const float* WB_RESTRICT table,
                        int table_pos0, int ctx, int kv_half) {
-  const int half = rope_dim / 2;
-  const int total = (heads + 2 * kv_heads) * head_dim;
-  const float* cs = table + (size_t)(pos - table_pos0) * half * 2;  // (half, 2) of this position
-  for (int idx = (int)(blockIdx.x * blockDim.x + threadIdx.x); idx < total;
-       idx += (int)(gridDim.x * blockDim.x)) {
-    const int row = idx / head_dim, d = idx % head_dim;
-    // d's pair (i) and whether d is its first element; dims from rope_dim on are not rotated
-    const bool rot = d < rope_dim;
-    const int i = neox ? d % half : d / 2;
-    const bool first = neox ? d < half : d % 2 == 0;
-    const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-    if (row < heads) {  // q: the pair's first thread turns both of its elements
-      if (rot && first) {
-        const float* h = q + (size_t)row * head_dim;
-        float* o = q_out + (size_t)row * head_dim;
-        const float c = cs[2 * i], s = cs[2 * i + 1];
-        const float x0 = h[i0], x1 = h[i1];
-        o[i0] = x0 * c - x1 * s;
-        o[i1] = x0 * s + x1 * c;
-      } else if (!rot) {
-        q_out[(size_t)row * head_dim + d] = q[(size_t)row * head_dim + d];
-      }
-      continue;
-    }
-    const bool is_k = row < heads + kv_heads;
-    const int g = is_k ? row - heads : row - heads - kv_heads;  // KV head
-    const float* src = (is_k ? k : v) + (size_t)g * head_dim;
+  __shared__ float ts[ROPE_KV_HD_MAX];  // (rope_dim/2, 2): (cos, sin) of position pos
+  __shared__ float xs[ROPE_KV_HD_MAX];  // the q or k row being turned
+  const int d = (int)threadIdx.x, half = rope_dim / 2;
+  // d's pair (i) and whether d is its first element; dims from rope_dim on are not rotated
+  const bool rot = d < rope_dim;
+  const int i = neox ? d % half : d / 2;
+  const bool first = neox ? d < half : d % 2 == 0;
+  const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+  if (rot) ts[d] = table[(size_t)(pos - table_pos0) * rope_dim + d];
+  for (int row = 0; row < heads + 2 * kv_heads; ++row) {  // the same trip count for every thread
+    const bool is_q = row < heads, is_k = !is_q && row < heads + kv_heads;
+    const int g = is_q ? row : is_k ? row - heads : row - heads - kv_heads;  // head of its kind
+    const float* src = (is_q ? q : is_k ? k : v) + (size_t)g * head_dim;
     float val = src[d];
-    if (is_k && rot) {
-      const float c = cs[2 * i], s = cs[2 * i + 1];
-      const float x0 = src[i0], x1 = src[i1];
-      val = first ? x0 * c - x1 * s : x0 * s + x1 * c;
+    if (is_q || is_k) {  // uniform across the block: the barriers are reached by all
+      __syncthreads();   // the previous row's partners are read (and, the first time, ts written)
+      xs[d] = val;
+      __syncthreads();
+      if (rot) {
+        const float c = ts[2 * i], s = ts[2 * i + 1];
+        const float x0 = xs[i0], x1 = xs[i1];
+        val = first ? x0 * c - x1 * s : x0 * s + x1 * c;
+      }
+    }
+    if (is_q) {
+      q_out[(size_t)g * head_dim + d] = val;
+      continue;
     }
     const size_t dst = ((size_t)g * ctx + pos) * head_dim + d;
     void* cache = is_k ? k_cache : v_cache;

@@ -206,8 +206,9 @@ def test_rope_kv_is_rope_then_kv_append(
     rng = np.random.default_rng(seed)
     m = ops.load_module("rope.hip", warp_size=warp_size, cache_dir=emu_cache)
     e = ops.load_module("elementwise.hip", warp_size=warp_size, cache_dir=emu_cache)
-    heads, kv_heads, hd, ctx, pos = 6, 2, 24, 40, 13
-    for rope_dim, dtype in ((24, np.float16), (16, np.float32)):
+    heads, kv_heads, ctx, pos = 6, 2, 40, 13
+    # head_dim is the block: below one warp, and over two warps of 32 (a partial last one)
+    for hd, rope_dim, dtype in ((24, 24, np.float16), (24, 16, np.float32), (72, 72, np.float16)):
         table = ops.rope_table(64, rope_dim, 10000.0)
         q = rng.standard_normal((heads, hd), dtype=np.float32)
         k, v = (rng.standard_normal((kv_heads, hd), dtype=np.float32) for _ in range(2))
@@ -222,7 +223,7 @@ def test_rope_kv_is_rope_then_kv_append(
         ops.rope(m, q3, pos, mode=mode, rope_dim=rope_dim, base=10000.0, table=table)
         ops.rope(m, k3, pos, mode=mode, rope_dim=rope_dim, base=10000.0, table=table)
         ops.kv_append(e, k3, np.ascontiguousarray(v[None]), kc3, vc3, pos)
-        what = f"seed={seed} rope_dim={rope_dim} {np.dtype(dtype).name}"
+        what = f"seed={seed} hd={hd} rope_dim={rope_dim} {np.dtype(dtype).name}"
         assert np.array_equal(q2, q3[0]) and np.array_equal(kc2, kc3), what
         assert np.array_equal(vc2, vc3), what
         rq, rk, rv = ops.rope_kv_reference(

@@ -29,6 +29,7 @@ BLOCK = 256  # threads per block of the row-wise and elementwise kernels
 SAMPLING_BLOCK = 1024  # one block per row of vocabulary: use all the threads a block may have
 GRID_CAP = 4096  # grid-stride kernels never need more blocks than this to fill a GPU
 ATTN_HD_MAX = 128  # attention.hip sizes its shared tiles for head_dim up to this
+ROPE_KV_HD_MAX = 1024  # rope_kv: one block of head_dim threads (rope.hip's ROPE_KV_HD_MAX)
 PREFILL_QUERIES = 16  # attention_prefill: query positions per block
 ATTN_THREADS = 256  # both attention kernels are written for exactly 256 threads
 DECODE_TILE = 32  # attention_decode: keys per tile (attention.hip's DC_TK)
@@ -228,8 +229,8 @@ def _rope_cost(n: int, heads: int, rope_dim: int, **_: int) -> Cost:
     return Cost(bytes=8 * n * heads * rope_dim, flops=3 * n * heads * rope_dim)
 
 
-def _rope_kv_launch(heads: int, kv_heads: int, head_dim: int, **_: int) -> Launch:
-    return _flat_launch((heads + 2 * kv_heads) * head_dim)
+def _rope_kv_launch(head_dim: int, **_: int) -> Launch:
+    return Launch((1, 1, 1), (head_dim, 1, 1))  # thread d: element d of every row
 
 
 def _rope_kv_cost(heads: int, kv_heads: int, head_dim: int, rope_dim: int, **_: int) -> Cost:
@@ -548,6 +549,8 @@ def rope_kv(
         raise UserError("user.bad_argument", f"RoPE mode must be 'norm' or 'neox', not {mode!r}")
     if rope_dim % 2 or not 0 < rope_dim <= hd:
         raise UserError("user.bad_argument", f"rope_dim {rope_dim} must be even, <= {hd}")
+    if hd > ROPE_KV_HD_MAX:
+        raise UserError("user.bad_argument", f"rope_kv supports head_dim <= {ROPE_KV_HD_MAX}")
     if table.ndim != 3 or table.shape[1:] != (rope_dim // 2, 2):
         raise UserError("user.bad_argument", f"RoPE table has shape {table.shape}")
     if not table_pos0 <= pos < table_pos0 + table.shape[0]:
@@ -557,7 +560,7 @@ def rope_kv(
     args = (q, q_out, k, v, k_cache, v_cache)
     args += (*_i32(heads, kv_heads, hd, rope_dim, mode == "neox", pos), table)
     args += (*_i32(table_pos0, ctx), kv_half)
-    _launch(module, "rope_kv", _rope_kv_launch(heads, kv_heads, hd), args)
+    _launch(module, "rope_kv", _rope_kv_launch(hd), args)
     return q_out
 
 
