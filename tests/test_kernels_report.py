@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from gguf import GGMLQuantizationType as Q
 
+from tests.synth import TinyConfig, write_tiny_llama
 from workbench.cli import main
 from workbench.engine import decode_launches, decode_report
 from workbench.errors import UserError
@@ -17,17 +19,27 @@ POSITION = 40  # the tiny models' context is 96
 
 
 @pytest.fixture(scope="module")
-def record(tiny_models: dict[str, Path]) -> dict:
+def three_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Q4_1 model of 3 layers: the first a kind of its own, the other two one kind."""
+    path = tmp_path_factory.mktemp("report") / "tiny-3.gguf"
+    return write_tiny_llama(path, TinyConfig(qtype=Q.Q4_1, n_layers=3), seed=1)
+
+
+@pytest.fixture(scope="module")
+def record(three_layers: Path) -> dict:
     return decode_launches.record_decode(
-        tiny_models["Q4_1"], position=POSITION, target="gfx942", warp_size=64,
-        resources_arch=None,
-    )  # fmt: skip
+        three_layers, position=POSITION, target="gfx942", warp_size=64, resources_arch=None
+    )
 
 
 @pytest.mark.tool("clang")
 def test_record_follows_the_forward_pass_of_one_layer_kind(record):
-    # the tiny model's two layers are one kind: one is run, counted twice
-    assert record["layers"] == {"layer 0": {"index": 0, "count": 2}}
+    # the first layer apart (it also runs the embedding's norm), then layers 1 and 2: one kind,
+    # one of them run and counted twice
+    assert record["layers"] == {
+        "layer 0": {"index": 0, "count": 1},
+        "layer 1": {"index": 1, "count": 2},
+    }
     roles = [c["role"] for c in record["calls"]]
     assert roles[0] == "embed token_embd" and roles[-1] == "sample_token"
     for want in (
@@ -70,21 +82,31 @@ def test_rows_are_never_below_the_ideal_and_efficiency_is_a_fraction(record):
 @pytest.mark.tool("clang")
 def test_layer_rows_are_the_recorded_layer_times_its_kind(record):
     report = decode_report.build_report(record)
-    layer_calls = [c for c in record["calls"] if c["section"] == "layer 0"]
-    per_layer = sum(len(c["launches"]) for c in layer_calls)
-    assert report.launches_per_layer == {"layer 0 (x2)": per_layer}
+    first = [c for c in record["calls"] if c["section"] == "layer 0"]
+    later = [c for c in record["calls"] if c["section"] == "layer 1"]
+    n_first, n_later = (sum(len(c["launches"]) for c in calls) for calls in (first, later))
+    assert report.launches_per_layer == {"layer 0 (x1)": n_first, "layer 1 (x2)": n_later}
+    assert n_first == n_later + 1  # the first layer's own RMSNorm launch
     model_launches = sum(len(c["launches"]) for c in record["calls"] if c["section"] == "model")
-    assert report.launches == 2 * per_layer + model_launches
+    assert report.launches == n_first + 2 * n_later + model_launches
+
+    def qkv(calls: list[dict]) -> tuple[int, int]:
+        call = next(c for c in calls if c["role"] == "linear_qkv attn_q")
+        return sum(int(lc["totals"]["bytes_moved"]) for lc in call["launches"]), len(
+            call["launches"]
+        )
+
+    (moved0, n0), (moved1, n1) = qkv(first), qkv(later)
     q = next(r for r in report.rows if r.role == "linear_qkv attn_q")
-    call = next(c for c in layer_calls if c["role"] == "linear_qkv attn_q")
-    moved = sum(int(lc["totals"]["bytes_moved"]) for lc in call["launches"])
-    assert q.per_layer and q.bytes_moved == 2 * moved and q.launches == 2 * len(call["launches"])
+    assert q.per_layer and q.bytes_moved == moved0 + 2 * moved1 and q.launches == n0 + 2 * n1
+    norm = next(r for r in report.rows if r.role == "norm_quant attn_norm")
+    assert (q.layers, norm.layers) == (3, 1)  # the embedding's norm: the first layer only
 
 
 @pytest.mark.tool("clang")
-def test_attention_traffic_grows_with_the_position(tiny_models, record):
+def test_attention_traffic_grows_with_the_position(three_layers, record):
     later = decode_launches.record_decode(
-        tiny_models["Q4_1"], position=90, target="gfx942", warp_size=64, resources_arch=None
+        three_layers, position=90, target="gfx942", warp_size=64, resources_arch=None
     )
 
     def attention(rec: dict) -> tuple[int, int]:
@@ -105,8 +127,9 @@ def test_markdown_has_a_row_per_role_and_the_totals(record):
     body = lines[header + 2 :]
     assert len(body) == len(report.rows) + 1
     assert body[-1].startswith("| **total per token** |")
-    assert any(line.startswith("| linear_qkv attn_q (x2) | `matvec_fused<WB_Q4_1>` |")
+    assert any(line.startswith("| linear_qkv attn_q (x3) | `matvec_fused<WB_Q4_1>` |")
                for line in body)  # fmt: skip
+    assert any(line.startswith("| norm_quant attn_norm (x1) | `rmsnorm_q8_1` |") for line in body)
     assert "- method: " in text and "time floor per token on AMD Instinct MI300X" in text
 
 
@@ -169,13 +192,13 @@ def test_kernels_dir_must_look_like_kernels(tmp_path):
 
 
 @pytest.mark.tool("clang")
-def test_a_kernels_dir_runs_in_its_own_process_with_the_same_counters(tiny_models, record):
+def test_a_kernels_dir_runs_in_its_own_process_with_the_same_counters(three_layers, record):
     # the path --rev and --kernels-dir take: a copied tree, a separate Python process
     from workbench.kernels.registry import kernels_dir
 
     steps: list[str] = []
     other = decode_report.decode_report(
-        tiny_models["Q4_1"], position=POSITION, resources=False, kernels=kernels_dir(),
+        three_layers, position=POSITION, resources=False, kernels=kernels_dir(),
         progress=lambda phase, *_: steps.append(phase),
     )  # fmt: skip
     here = decode_report.build_report(record)

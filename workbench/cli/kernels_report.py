@@ -17,7 +17,8 @@ resource report; "n/a" with the reason when hipcc is missing), and the time floo
 / the target's peak bandwidth (MI300X for gfx942). A floor, not a prediction.
 
 Method: the model is reduced to one layer of each kind (layers with the same tensor types and
-shapes launch the same kernels at the same shapes; SmolLM2's 30 layers are one kind), one
+shapes launch the same kernels at the same shapes; the first layer, which also normalizes the
+embedding, is a kind of its own: SmolLM2's 30 layers are two kinds, 1 + 29), one
 decode step and the greedy pick are run with counters, and a layer's rows are its counters
 times the number of layers of its kind. Every figure comes from that emulator run.
 

@@ -2,7 +2,8 @@
 
 `record_decode` opens a GGUF model, keeps one representative of each kind of layer (layers whose
 tensors have the same names, types and shapes launch the same kernels at the same shapes, so
-their counters are equal: SmolLM2's 30 layers are one kind), fills the KV cache's length to
+their counters are equal; the first layer, which also runs the embedding's RMSNorm, is a kind of
+its own: SmolLM2's 30 layers are two kinds, 1 + 29), fills the KV cache's length to
 ``position`` and runs one `Transformer.decode_one_token` plus the greedy pick through the device
 backend on the CPU emulator, every module built with memory counters for a GPU target. Each
 launch is recorded with the backend operation ("role") that made it, the layer it belongs to and
@@ -226,11 +227,13 @@ class _RecordingBackend:
 
 def layer_kinds(tensors: dict[str, Any], n_layers: int) -> list[tuple[int, int]]:
     """(representative layer, how many layers are of its kind), in order of first appearance:
-    layers of one kind have tensors of the same names, types and shapes."""
+    layers of one kind have tensors of the same names, types and shapes. The first layer is a
+    kind of its own: the fused decode step runs its RMSNorm as a launch of its own, where each
+    later layer's comes with the previous layer's last product (8 launches against 7)."""
     kinds: dict[tuple, list[int]] = {}
     for i in range(n_layers):
         prefix = f"blk.{i}."
-        sig = tuple(sorted(
+        sig = (i == 0, *sorted(
             (k[len(prefix):], int(t.qtype), tuple(t.shape))
             for k, t in tensors.items() if k.startswith(prefix)
         ))  # fmt: skip

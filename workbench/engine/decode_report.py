@@ -52,6 +52,7 @@ class RoleRow:
 
     role: str
     per_layer: bool  # True: inside the layers (its figures are summed over them)
+    layers: int  # how many of the model's layers run it (0: outside the layers)
     kernels: tuple[str, ...]
     launches: int
     bytes_moved: int
@@ -114,8 +115,8 @@ class DecodeReport:
         rows = []
         for r in self.rows:
             rows.append({
-                "role": r.role, "per_layer": r.per_layer, "kernels": list(r.kernels),
-                "launches": r.launches, "bytes_moved": r.bytes_moved,
+                "role": r.role, "per_layer": r.per_layer, "layers": r.layers,
+                "kernels": list(r.kernels), "launches": r.launches, "bytes_moved": r.bytes_moved,
                 "bytes_requested": r.bytes_requested, "ideal_bytes": r.ideal_bytes,
                 "moved_over_ideal": r.moved_over_ideal, "efficiency": r.efficiency,
                 "shared_requests": r.shared_requests, "bank_conflict_ways": r.bank_conflict_ways,
@@ -152,8 +153,9 @@ def build_report(record: dict[str, Any], source: str = "working tree") -> Decode
             per_layer[section] = per_layer.get(section, 0) + len(call["launches"])
         a = acc.setdefault(call["role"], {
             "per_layer": section != MODEL_SECTION, "kernels": [], "launches": 0, "moved": 0,
-            "requested": 0, "ideal": 0, "shared": 0, "ways": 0.0,
+            "requested": 0, "ideal": 0, "shared": 0, "ways": 0.0, "layers": 0,
         })  # fmt: skip
+        a["layers"] += 0 if section == MODEL_SECTION else times
         a["ideal"] += times * int(call["ideal_bytes"])
         for launch in call["launches"]:
             t = launch["totals"]
@@ -172,6 +174,7 @@ def build_report(record: dict[str, Any], source: str = "working tree") -> Decode
             RoleRow(
                 role=role,
                 per_layer=a["per_layer"],
+                layers=a["layers"],
                 kernels=tuple(a["kernels"]),
                 launches=a["launches"],
                 bytes_moved=a["moved"],
@@ -356,7 +359,7 @@ def table_rows(report: DecodeReport) -> list[dict[str, str]]:
     rows = []
     for r in report.rows:
         rows.append({
-            "role": r.role + (f" (x{report.n_layers})" if r.per_layer else ""),
+            "role": r.role + (f" (x{r.layers})" if r.per_layer else ""),
             "kernels": " + ".join(r.kernels),
             "launches": str(r.launches),
             "moved": _mib(r.bytes_moved),
