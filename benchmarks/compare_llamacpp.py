@@ -70,6 +70,9 @@ def main() -> None:
 
     path = str(store.resolve(args.model, store.default_home()))
     engine = Engine(path, backend="numpy", threads=args.threads)
+    # As `workbench bench generate` does: kernels loaded before the weights are read, so the
+    # peak resident memory reported is the one the CLI reports (docs/performance.md, "Memory").
+    engine.warm_up()
     tf = engine.transformer
 
     cases = json.loads((ROOT / "tests/data/smollm2_hf_reference.json").read_text())

@@ -109,7 +109,7 @@ def test_weights_outside_one_file_map_use_the_per_operation_path(tiny_model):
 
 def test_warm_up_compiles_what_a_real_model_runs(tiny_model):
     """After warm_up, decoding (with and without per-layer timing) compiles nothing new."""
-    NumpyBackend.warm_up()
+    NumpyBackend().warm_up()
     kernels = (fused_decode._team_step,)
     before = [len(k.signatures) for k in kernels]
     assert all(before)

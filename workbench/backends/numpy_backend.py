@@ -14,8 +14,16 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from threadpoolctl import threadpool_limits
 
-from workbench.backends import cpu_ops, fused_decode, paged_ops, quant_batch, quant_cpu
+from workbench.backends import (
+    compiler_pages,
+    cpu_ops,
+    fused_decode,
+    paged_ops,
+    quant_batch,
+    quant_cpu,
+)
 from workbench.backends.fused_decode import FusedDecoder
+from workbench.gguf.quants import block_layout
 from workbench.gguf.reader import ModelSpec, Tensor
 
 
@@ -57,11 +65,48 @@ class NumpyBackend:
             return None
         return FusedDecoder.build(transformer, self.threads)
 
-    @staticmethod
-    def warm_up() -> None:
-        """Compile (or load from numba's disk cache) the fused decode kernels, for both the
-        threaded and the single-thread loops, on a one-layer model of zeros. Idempotent."""
+    def warm_up(self, transformer: Any | None = None) -> None:
+        """Compile (or load from numba's disk cache) every numba kernel a generation runs, on
+        inputs of zeros, then give back LLVM's library pages (`compiler_pages`). Idempotent.
+
+        Always the fused decode step; with ``transformer``, also for each of its weight types
+        the prefill's dequantization and the last position's matrix-vector product, and
+        RMSNorm and RoPE (and the per-operation decode's attention when fused decode is off).
+        Their argument types do not depend on shapes, so nothing compiles or loads at the first
+        real token. None of this reads the weights: run before the first forward pass, the
+        compiler's resident pages are gone before the weights' are there, and the two never
+        add up in the process's peak resident memory."""
         fused_decode.warm_up()
+        if transformer is not None:
+            self._warm_up_operations(transformer)
+        compiler_pages.release()
+
+    def _warm_up_operations(self, tf: Any) -> None:
+        """The per-operation kernels a generation of ``tf`` runs, each called once on zeros."""
+        spec = tf.spec
+        layer_types = {
+            getattr(lw, name).qtype for lw in tf.layers for name in fused_decode.MATRICES
+        }
+        # Decode runs matvec on every matrix when it is not fused, else only on the output (the
+        # prompt's last position).
+        matvec_types = {tf.output.qtype} | (set() if self.fused else layer_types)
+        for qtype in sorted(layer_types | matvec_types | {tf.tok_embd.qtype}):
+            values, block_bytes = block_layout(qtype)
+            w = Weight("warm_up", qtype, (1, values), np.zeros((1, block_bytes), np.uint8))
+            x = np.zeros((2, values), np.float32)  # (n, cols)
+            if qtype in layer_types:
+                self.linear(w, x)  # prefill: dequantize, then BLAS
+            if qtype in matvec_types:
+                self.linear(w, x[:1])
+            if qtype == tf.tok_embd.qtype:
+                self.embed(w, np.zeros(1, np.int64))
+        x = np.zeros((1, spec.dim), np.float32)  # (n, dim)
+        self.rmsnorm(x, tf.output_norm, spec.norm_eps)
+        q = np.zeros((1, spec.n_heads, spec.head_dim), np.float32)  # (n, heads, hd)
+        self.rope(q, 0, spec, tf.rope_factors)
+        if not self.fused:
+            kv = np.zeros((spec.n_kv_heads, 1, spec.head_dim), np.float32)  # (kv_heads, ctx, hd)
+            self.attention(q, kv, kv, 0)
 
     # -- weights ---------------------------------------------------------------------------
     def load_weight(self, t: Tensor) -> Weight:

@@ -32,6 +32,11 @@ def warm_up(transformer: Any, on_compile: Callable[[], None] | None = None) -> f
     ids = np.arange(WARMUP_PROMPT_TOKENS, dtype=np.int64) % spec.vocab_size
     t0 = time.perf_counter()
     with _compile_listener(on_compile) if on_compile is not None else nullcontext():
+        # The NumPy backend loads its kernels without reading the weights first, then gives
+        # back the compiler's pages (see NumpyBackend.warm_up).
+        prepare = getattr(transformer.backend, "warm_up", None)
+        if prepare is not None:
+            prepare(transformer)
         cache = transformer.new_cache(WARMUP_PROMPT_TOKENS + 1)
         logits = transformer.forward(ids, cache)
         transformer.backend.to_host(logits)
