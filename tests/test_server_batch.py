@@ -100,3 +100,39 @@ def test_bench_shared_prefix_second_request_computes_only_its_tail(tmp_path: Pat
     assert sp.first_ttft_s > 0 and sp.second_ttft_s > 0
     assert sp.ttft_ratio == sp.second_ttft_s / sp.first_ttft_s
     assert r.to_dict()["shared_prefix"]["ttft_ratio"] == sp.ttft_ratio
+
+
+def test_bench_streaming_requests_read_chunks_and_refuse_errors():
+    """Both bench requests read the stream through one reader: `data:` chunks only, up to
+    `[DONE]`; an error answer is a `UserError` naming the status."""
+    import pytest
+
+    from workbench.errors import UserError
+    from workbench.server.bench import _first_token, _one_request
+
+    sse = (
+        ": keep-alive\n\n"
+        'data: {"choices": [{"text": "a"}]}\n\n'
+        'data: {"choices": [{"text": ""}]}\n\n'
+        'data: {"choices": [{"text": "b"}]}\n\n'
+        'data: {"choices": [], "usage": {"prompt_tokens": 7}}\n\n'
+        "data: [DONE]\n\n"
+    )
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if b"fail" in request.content:
+            return httpx.Response(503, text="busy")
+        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+
+    with httpx.Client(transport=httpx.MockTransport(answer)) as client:
+        ttft, arrivals = _one_request(client, "http://bench", "m", "hello", 4)
+        assert len(arrivals) == 2 and ttft > 0 and arrivals[0] <= arrivals[1]
+        first, prompt_tokens = _first_token(client, "http://bench", "m", "hello")
+        assert first > 0 and prompt_tokens == 7
+        for call in (
+            lambda: _one_request(client, "http://bench", "m", "fail", 4),
+            lambda: _first_token(client, "http://bench", "m", "fail"),
+        ):
+            with pytest.raises(UserError, match="503: busy") as e:
+                call()
+            assert e.value.code == "user.bench_request_failed"

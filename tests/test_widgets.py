@@ -443,3 +443,39 @@ def test_serving_view_shows_the_batch_metrics_the_server_exports(tiny_model):
     assert "prefix-cache hit tokens" in panel._figures_w.value
     assert f"{panel.pages_used} / {panel.pages_total}" in panel._figures_w.value
     panel.close()
+
+
+def test_background_run_shows_what_the_work_raised():
+    """The panels' background runs: the work's error lands in ``error`` (a `WorkbenchError` by
+    its code) and ``running`` turns False, whether the work fails or not."""
+    import traitlets as t
+
+    from workbench.widgets._common import BackgroundRun, error_html
+
+    class Panel(BackgroundRun, t.HasTraits):
+        running = t.Bool(False)
+        error = t.Unicode("")
+
+    def fail(exc: Exception) -> None:
+        raise exc
+
+    panel = Panel()
+    panel.wait()  # nothing started: nothing to join
+    for args, error in (
+        (
+            (BackendError("backend.lost", "the device went away"),),
+            "backend.lost: the device went away",
+        ),
+        ((RuntimeError("<boom>"),), "RuntimeError: <boom>"),
+    ):
+        panel.running, panel.error = True, ""
+        panel._start(fail, args, "test-background-run")
+        panel.wait(30)
+        assert not panel.running and panel.error == error
+    assert error_html(panel.error) == "<div style='color:#b00'>RuntimeError: &lt;boom&gt;</div>"
+    assert error_html("") == ""
+    done = []
+    panel.running, panel.error = True, ""
+    panel._start(done.append, (7,), "test-background-run")
+    panel.wait(30)
+    assert done == [7] and not panel.running and panel.error == ""

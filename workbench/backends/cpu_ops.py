@@ -57,22 +57,38 @@ def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: n
     attention_decode_heads(q, k, v, t, out, 0, q.shape[0])
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def attention_decode_heads(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: np.ndarray, h0: int, h1: int
-) -> None:
-    """`attention_decode` for query heads h0..h1-1 only (out's other heads are not touched)."""
-    heads, hd = q.shape
-    group = heads // k.shape[0]
-    scale = np.float32(1.0 / math.sqrt(hd))
-    scores = np.empty(t, dtype=np.float32)
-    for h in range(h0, h1):
-        g = h // group
+@njit(nogil=True, inline="always")
+def contiguous_row(cache: np.ndarray, g: int, j: int) -> np.ndarray:
+    """The (hd,) row of position j, KV head g, in a contiguous cache (kv_heads, ctx, hd)."""
+    return cache[g, j]
+
+
+def decode_head_kernel(kv_row: Any) -> Any:
+    """The decode-attention loop of one query head, compiled with ``kv_row(cache, where, j)``,
+    the (hd,) key or value row of position j, as its only row lookup: `contiguous_row` here,
+    a page-table lookup in `paged_ops`. Both caches run this one loop, so their arithmetic and
+    its order are the same by construction.
+
+    The kernel is inlined into its callers (``inline="always"``): no compile of its own, and
+    each caller's lookup is known when it compiles. numba keys a cached function on its own
+    file only: after changing this loop, clear the numba cache (``__pycache__/*.nbi``) so that
+    `paged_ops` and `fused_decode` compile it again.
+    """
+
+    @njit(nogil=True, fastmath=True, inline="always")
+    def attention_head(
+        q: np.ndarray, k: np.ndarray, v: np.ndarray, where: Any, t: int, h: int, scale: Any,
+        scores: np.ndarray, out: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Query head h of q (heads, hd) over positions 0..t-1, whose rows of k and v
+        ``kv_row`` finds through ``where`` -> out[h*hd : (h+1)*hd]; scores (>= t,) scratch."""
+        hd = q.shape[1]
         m = -np.inf
         for j in range(t):
+            row = kv_row(k, where, j)  # (hd,)
             acc = np.float32(0.0)
             for d in range(hd):
-                acc += q[h, d] * k[g, j, d]
+                acc += q[h, d] * row[d]
             s = acc * scale
             scores[j] = s
             m = max(m, s)
@@ -84,9 +100,28 @@ def attention_decode_heads(
         for d in range(hd):
             out[h * hd + d] = 0.0
         for j in range(t):
+            row = kv_row(v, where, j)  # (hd,)
             p = scores[j] / total
             for d in range(hd):
-                out[h * hd + d] += p * v[g, j, d]
+                out[h * hd + d] += p * row[d]
+
+    return attention_head
+
+
+_attention_head = decode_head_kernel(contiguous_row)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def attention_decode_heads(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: np.ndarray, h0: int, h1: int
+) -> None:
+    """`attention_decode` for query heads h0..h1-1 only (out's other heads are not touched)."""
+    heads, hd = q.shape
+    group = heads // k.shape[0]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    scores = np.empty(t, dtype=np.float32)  # (t,)
+    for h in range(h0, h1):
+        _attention_head(q, k, v, h // group, t, h, scale, scores, out)
 
 
 def rope_tables(

@@ -3,9 +3,10 @@
 The batched runner (`workbench.engine.runner`) keeps keys and values in pages of the shared pool
 (`workbench.engine.pages`): position p of a sequence is row ``p % page_size`` of page
 ``table[p // page_size]``. `attention_decode_paged` reads them through the page tables, so no
-sequence's cache is copied into a contiguous buffer. Each (sequence, head) does exactly the
-arithmetic of `cpu_ops.attention_decode` on its positions, in the same order, and nothing that
-depends on the other sequences: a sequence's output does not depend on who it is batched with.
+sequence's cache is copied into a contiguous buffer. Each (sequence, head) runs the loop of
+`cpu_ops.attention_decode` (`cpu_ops.decode_head_kernel`, with the page-table row lookup) on its
+positions, and nothing that depends on the other sequences: a sequence's output does not depend
+on who it is batched with.
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ import math
 
 import numpy as np
 from numba import njit, prange
+
+from workbench.backends.cpu_ops import decode_head_kernel
+
+
+@njit(nogil=True, inline="always")
+def _paged_row(cache: np.ndarray, where: tuple, j: int) -> np.ndarray:
+    """The (hd,) row of position j in a pool layer (pages, page_size, kv_heads, hd), ``where``
+    = (the sequence's page table (max_pages,), page_size, KV head g)."""
+    table, size, g = where
+    page = table[j // size]
+    return cache[page, j - (j // size) * size, g]
+
+
+_attention_head = decode_head_kernel(_paged_row)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
@@ -38,29 +53,6 @@ def attention_decode_paged(
     for job in prange(n * heads):
         i = job // heads
         h = job - i * heads
-        g = h // group
         t = lengths[i]
         scores = np.empty(t, dtype=np.float32)  # (t,)
-        m = -np.inf
-        for j in range(t):
-            page = tables[i, j // size]
-            row = j - (j // size) * size
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[i, h, d] * k[page, row, g, d]
-            s = acc * scale
-            scores[j] = s
-            m = max(m, s)
-        total = np.float32(0.0)
-        for j in range(t):
-            e = np.exp(scores[j] - m)
-            scores[j] = e
-            total += e
-        for d in range(hd):
-            out[i, h * hd + d] = 0.0
-        for j in range(t):
-            page = tables[i, j // size]
-            row = j - (j // size) * size
-            p = scores[j] / total
-            for d in range(hd):
-                out[i, h * hd + d] += p * v[page, row, g, d]
+        _attention_head(q[i], k, v, (tables[i], size, h // group), t, h, scale, scores, out[i])

@@ -77,14 +77,11 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def _one_request(
-    client: httpx.Client, url: str, model: str, prompt: str, gen_tokens: int
-) -> tuple[float, list[float]]:
-    """(time to first token, arrival times of every token chunk) of one streaming request."""
-    body = {"model": model, "prompt": prompt, "max_tokens": gen_tokens, "temperature": 0.0,
-            "stream": True}  # fmt: skip
-    t0 = time.perf_counter()
-    arrivals: list[float] = []
+def _stream_chunks(
+    client: httpx.Client, url: str, body: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """The JSON chunks of one streaming completion, each yielded as it arrives (the caller takes
+    the arrival time); an answer other than 200 is a `UserError`."""
     with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             r.read()
@@ -95,9 +92,20 @@ def _one_request(
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                arrivals.append(time.perf_counter())
+            yield json.loads(line[6:])
+
+
+def _one_request(
+    client: httpx.Client, url: str, model: str, prompt: str, gen_tokens: int
+) -> tuple[float, list[float]]:
+    """(time to first token, arrival times of every token chunk) of one streaming request."""
+    body = {"model": model, "prompt": prompt, "max_tokens": gen_tokens, "temperature": 0.0,
+            "stream": True}  # fmt: skip
+    t0 = time.perf_counter()
+    arrivals: list[float] = []
+    for chunk in _stream_chunks(client, url, body):
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            arrivals.append(time.perf_counter())
     if not arrivals:
         return float("nan"), []
     return arrivals[0] - t0, arrivals
@@ -110,21 +118,11 @@ def _first_token(client: httpx.Client, url: str, model: str, prompt: str) -> tup
     t0 = time.perf_counter()
     first = float("nan")
     prompt_tokens = 0
-    with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            r.read()
-            raise UserError(
-                "user.bench_request_failed",
-                f"the server answered {r.status_code}: {r.text[:200]}",
-            )
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and first != first:  # the token (or the end, if held back)
-                first = time.perf_counter() - t0
-            if chunk.get("usage"):
-                prompt_tokens = int(chunk["usage"]["prompt_tokens"])
+    for chunk in _stream_chunks(client, url, body):
+        if chunk.get("choices") and first != first:  # the token (or the end, if held back)
+            first = time.perf_counter() - t0
+        if chunk.get("usage"):
+            prompt_tokens = int(chunk["usage"]["prompt_tokens"])
     return first, prompt_tokens
 
 

@@ -1,12 +1,15 @@
-"""Pieces the panels share: a debounced refresher, figure-to-PNG, small HTML helpers."""
+"""Pieces the panels share: a background run, a debounced refresher, figure-to-PNG, a progress
+bar, small HTML helpers."""
 
 from __future__ import annotations
 
 import html
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from workbench.errors import WorkbenchError
 
 # ipywidgets' style for a control's description: its natural width, where the default cuts long
 # labels to "temperat...".
@@ -41,6 +44,53 @@ class Debounce:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+
+class BackgroundRun:
+    """A panel's work on a daemon thread, one run at a time, for a panel with ``running`` and
+    ``error`` traits: `_start` runs ``work(*args)``, whose error lands in ``error`` ("code:
+    message" for a `WorkbenchError`, "Type: message" for anything else: shown in the panel
+    rather than lost on a thread), and ``running`` turns False when it ends; `wait` joins it."""
+
+    running: bool
+    error: str
+    _thread: threading.Thread | None = None
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _start(self, work: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
+        self._thread = threading.Thread(
+            target=self._guarded, args=(work, args), name=name, daemon=True
+        )
+        self._thread.start()
+
+    def _guarded(self, work: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            work(*args)
+        except WorkbenchError as e:
+            self.error = f"{e.code}: {e.message}"
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.running = False
+
+
+def show_progress(bar: Any, progress: Sequence[int] | None) -> None:
+    """Show the IntProgress ``bar`` at ``progress`` ([done, total]; a total of 0 shows an empty
+    bar), or hide it when ``progress`` is None (nothing running)."""
+    if progress is None:
+        bar.layout.display = "none"
+        return
+    done, total = progress
+    bar.max, bar.value = max(total, 1), done
+    bar.layout.display = None
+
+
+def error_html(error: str) -> str:
+    """A panel's error in red under its status line ("" when there is none)."""
+    return f"<div style='color:#b00'>{esc(error)}</div>" if error else ""
 
 
 def chart_layout(**kwargs: Any) -> Any:

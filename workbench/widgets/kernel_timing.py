@@ -8,7 +8,6 @@ reports and notebooks draw the same pictures without a panel.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +19,16 @@ from workbench.errors import WorkbenchError
 from workbench.kernels.registry import all_kernels
 from workbench.kernels.registry import get as get_kernel
 from workbench.widgets import memory_view, sweep_view
-from workbench.widgets._common import WIDE, chart_layout, esc, figure_png, new_figure
+from workbench.widgets._common import (
+    WIDE,
+    BackgroundRun,
+    chart_layout,
+    error_html,
+    esc,
+    figure_png,
+    new_figure,
+    show_progress,
+)
 
 TABLE_COLUMNS = [
     "kernel", "backend", "shape", "reps", "p50_ms", "p95_ms", "gb_s", "gflop_s", "intensity",
@@ -158,7 +166,7 @@ def common_presets(names: Sequence[str]) -> list[str]:
     return out
 
 
-class KernelTimingPanel(w.VBox):
+class KernelTimingPanel(BackgroundRun, w.VBox):
     """Pick kernels, a shape and a backend; `run` benchmarks them (on a background thread;
     `wait` joins it) into ``results`` (a list of `KernelTiming.to_dict` rows) and appends the
     run to ``history``; `compare` sets ``comparison`` from two runs of the history.
@@ -195,7 +203,6 @@ class KernelTimingPanel(w.VBox):
 
     def __init__(self, engine: Any = None, **kwargs: Any) -> None:
         self.engine = engine
-        self._thread: threading.Thread | None = None
         backends = available_backends()
         self.backend = backends[-1]
         names = sorted(all_kernels())
@@ -297,15 +304,8 @@ class KernelTimingPanel(w.VBox):
         self.error = ""
         self.running = True
         args = (list(self.kernels), self.shape, self.backend, self.warmup_ms, self.rep_ms)
-        self._thread = threading.Thread(
-            target=self._bench, args=args, name="workbench-kernel-timing", daemon=True
-        )
-        self._thread.start()
+        self._start(self._bench, args, "workbench-kernel-timing")
         return True
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def compare(self, a: int | None = None, b: int | None = None) -> list[dict]:
         """Compare runs ``a`` and ``b`` (indices into ``history``; default: the pickers, else
@@ -343,25 +343,18 @@ class KernelTimingPanel(w.VBox):
         return self.results if run is None else self.history[run]["results"]
 
     def _bench(self, names: list[str], shape: str, backend: str, warm: float, rep: float) -> None:
-        try:
-            shapes = [kb.parse_shape(shape)] if shape.strip() else []
-            timings = kb.bench_kernels(
-                names, shapes=shapes, backend=backend, warmup_ms=warm, rep_ms=rep,
-                warp_size=self.warp_size, progress=self._on_progress,
-            )  # fmt: skip
-            rows = [r.to_dict() for r in timings]
-            label = f"#{len(self.history)} {backend}: {', '.join(names)}"
-            if shape.strip():
-                label += f" [{shape.strip()}]"
-            self.history = [*self.history, {"run": len(self.history), "label": label,
-                                            "results": rows}]  # fmt: skip
-            self.results = rows
-        except WorkbenchError as e:
-            self.error = f"{e.code}: {e.message}"
-        except Exception as e:  # shown in the panel rather than lost on a thread
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.running = False
+        shapes = [kb.parse_shape(shape)] if shape.strip() else []
+        timings = kb.bench_kernels(
+            names, shapes=shapes, backend=backend, warmup_ms=warm, rep_ms=rep,
+            warp_size=self.warp_size, progress=self._on_progress,
+        )  # fmt: skip
+        rows = [r.to_dict() for r in timings]
+        label = f"#{len(self.history)} {backend}: {', '.join(names)}"
+        if shape.strip():
+            label += f" [{shape.strip()}]"
+        self.history = [*self.history, {"run": len(self.history), "label": label,
+                                        "results": rows}]  # fmt: skip
+        self.results = rows
 
     def _on_progress(self, done: int, total: int, label: str) -> None:
         self.progress_label = label
@@ -387,18 +380,13 @@ class KernelTimingPanel(w.VBox):
     def _show_status(self, _: Any = None) -> None:
         self._run_b.disabled = self.running
         done, total = self.progress
+        show_progress(self._progress_w, self.progress if self.running else None)
         text = ""
         if self.running:
-            self._progress_w.max, self._progress_w.value = max(total, 1), done
-            self._progress_w.layout.display = None
             text = (
                 f"timing {esc(self.progress_label)} ({done + 1}/{total})" if total else "starting"
             )
-        else:
-            self._progress_w.layout.display = "none"
-        if self.error:
-            text += f"<div style='color:#b00'>{esc(self.error)}</div>"
-        self._status_w.value = text
+        self._status_w.value = text + error_html(self.error)
 
     def _show_results(self, _: Any = None) -> None:
         rows = self.results

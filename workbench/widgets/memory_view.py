@@ -9,16 +9,14 @@ on the kernel and shape picked there.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import ipywidgets as w
 import traitlets as t
 
-from workbench.errors import WorkbenchError
 from workbench.kernels.instrument import DEFAULT_TARGET, TARGETS
 from workbench.kernels.sanitize_report import SOURCE_COLUMNS, floor_lines, source_rows, totals_rows
-from workbench.widgets._common import WIDE, esc, pre, table
+from workbench.widgets._common import WIDE, BackgroundRun, error_html, esc, pre, table
 
 
 def _read_lines(path: str) -> list[str]:
@@ -26,7 +24,7 @@ def _read_lines(path: str) -> list[str]:
         return f.read().splitlines()
 
 
-class MemoryView(w.VBox):
+class MemoryView(BackgroundRun, w.VBox):
     """Pick a kernel, a shape (``"k=v,..."``; "" keeps the representative one) and a target;
     `run` profiles it on a background thread (`wait` joins it) into ``rows`` (the source view:
     `sanitize_report.source_rows`), ``totals`` and ``floor`` (`TimeFloor.to_dict`)."""
@@ -43,7 +41,6 @@ class MemoryView(w.VBox):
     error = t.Unicode("")
 
     def __init__(self, **kwargs: Any) -> None:
-        self._thread: threading.Thread | None = None
         self._target_w = w.Dropdown(options=list(TARGETS), description="target", style=WIDE)
         w.link((self, "target"), (self._target_w, "value"))
         self._run_b = w.Button(description="Memory counters", icon="search")
@@ -66,35 +63,19 @@ class MemoryView(w.VBox):
         self.error = ""
         self.running = True
         args = (self.kernel, self.shape, self.target, self.context)
-        self._thread = threading.Thread(
-            target=self._profile, args=args, name="workbench-memory-view", daemon=True
-        )
-        self._thread.start()
+        self._start(self._profile, args, "workbench-memory-view")
         return True
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _profile(self, kernel: str, shape: str, target: str, context: int) -> None:
         from workbench.engine.kernel_bench import parse_shape
         from workbench.engine.kernel_sanitize import profile_kernel
         from workbench.kernels.registry import kernels_dir
 
-        try:
-            override = parse_shape(shape) if shape.strip() else None
-            prof = profile_kernel(kernel, override, target=target)
-            self.rows = source_rows(
-                prof.report, _read_lines, context=context, roots=[kernels_dir()]
-            )
-            self.totals = [list(p) for p in totals_rows(prof.report)]
-            self.floor = prof.floor.to_dict()
-        except WorkbenchError as e:
-            self.error = f"{e.code}: {e.message}"
-        except Exception as e:  # shown in the panel rather than lost on a thread
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.running = False
+        override = parse_shape(shape) if shape.strip() else None
+        prof = profile_kernel(kernel, override, target=target)
+        self.rows = source_rows(prof.report, _read_lines, context=context, roots=[kernels_dir()])
+        self.totals = [list(p) for p in totals_rows(prof.report)]
+        self.floor = prof.floor.to_dict()
 
     def floor_text(self) -> str:
         """The time floor in words (`sanitize_report.floor_lines`), or "" before a run."""
@@ -108,9 +89,7 @@ class MemoryView(w.VBox):
         self._run_b.disabled = self.running
         what = f"{self.kernel} [{self.shape or 'representative shape'}] for {self.target}"
         text = f"{esc(what)}: {'counting on the CPU emulator...' if self.running else ''}"
-        if self.error:
-            text += f"<div style='color:#b00'>{esc(self.error)}</div>"
-        self._status_w.value = text
+        self._status_w.value = text + error_html(self.error)
 
     def _show(self, _: Any = None) -> None:
         self._table_w.value = table(self.rows, list(SOURCE_COLUMNS), empty="no counters yet")

@@ -9,15 +9,21 @@ starts from the kernels picked there.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ipywidgets as w
 import traitlets as t
 
-from workbench.errors import WorkbenchError
-from workbench.widgets._common import WIDE, chart_layout, esc, figure_png, new_figure
+from workbench.widgets._common import (
+    WIDE,
+    BackgroundRun,
+    chart_layout,
+    error_html,
+    figure_png,
+    new_figure,
+    show_progress,
+)
 
 # What the chart shows for each kind of job.
 MEASURES = {"time": "p50_ms", "profile": "bytes_moved", "sanitize": "findings",
@@ -55,7 +61,7 @@ def sweep_chart(rows: Sequence[Mapping[str, Any]], kind: str | None = None) -> A
     return fig
 
 
-class SweepView(w.VBox):
+class SweepView(BackgroundRun, w.VBox):
     """A sweep SPEC (`workbench.engine.sweep.parse_spec`), ``workers`` and ``ray``; `run` runs it
     on a background thread (`wait` joins it) into ``rows`` (the sweep's rows as dicts, in the
     grid's order); ``progress`` is ``[done, total]``."""
@@ -71,7 +77,6 @@ class SweepView(w.VBox):
     error = t.Unicode("")
 
     def __init__(self, **kwargs: Any) -> None:
-        self._thread: threading.Thread | None = None
         self._spec_w = w.Text(description="sweep", style=WIDE, layout=w.Layout(width="40em"))
         self._workers_w = w.BoundedIntText(min=1, max=256, description="workers", style=WIDE)
         self._ray_w = w.Checkbox(description="on Ray", style=WIDE)
@@ -103,29 +108,14 @@ class SweepView(w.VBox):
             return False
         self.error, self.running, self.progress = "", True, [0, 0]
         args = (self.spec, self.workers, self.ray, self.ray_address or None)
-        self._thread = threading.Thread(
-            target=self._sweep, args=args, name="workbench-sweep", daemon=True
-        )
-        self._thread.start()
+        self._start(self._sweep, args, "workbench-sweep")
         return True
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _sweep(self, spec: str, workers: int, ray: bool, address: str | None) -> None:
         from workbench.engine.sweep import iter_sweep, parse_spec
 
-        try:
-            rows = list(iter_sweep(parse_spec(spec), workers=workers, ray=ray,
-                                   ray_address=address, progress=self._on_progress))  # fmt: skip
-            self.rows = rows
-        except WorkbenchError as e:
-            self.error = f"{e.code}: {e.message}"
-        except Exception as e:  # shown in the panel rather than lost on a thread
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.running = False
+        self.rows = list(iter_sweep(parse_spec(spec), workers=workers, ray=ray,
+                                    ray_address=address, progress=self._on_progress))  # fmt: skip
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress = [done, total]
@@ -133,16 +123,9 @@ class SweepView(w.VBox):
     def _show_status(self, _: Any = None) -> None:
         self._run_b.disabled = self.running
         done, total = self.progress
-        text = ""
-        if self.running:
-            self._progress_w.max, self._progress_w.value = max(total, 1), done
-            self._progress_w.layout.display = None
-            text = f"sweeping: {done}/{total} jobs" if total else "starting"
-        else:
-            self._progress_w.layout.display = "none"
-        if self.error:
-            text += f"<div style='color:#b00'>{esc(self.error)}</div>"
-        self._status_w.value = text
+        show_progress(self._progress_w, self.progress if self.running else None)
+        text = (f"sweeping: {done}/{total} jobs" if total else "starting") if self.running else ""
+        self._status_w.value = text + error_html(self.error)
 
     def _show_rows(self, _: Any = None) -> None:
         import pandas as pd
