@@ -239,8 +239,14 @@ def seeded():
 
 
 def check_quant_kernels(t: KernelTarget, rng: np.random.Generator, seed: str, qtype) -> None:
-    """dequant and get_rows bit-identical to gguf; matvec and matmul within the float32 bound."""
-    from tests.test_kernels_quant import _blocks, _cols_for, _dot_tolerance
+    """dequant and get_rows bit-identical to gguf; matvec within the float32 bound of W @ x (the
+    float types) or W @ x8 (x rounded to Q8_1: the integer path), matmul of W @ x."""
+    from tests.test_kernels_quant import (
+        _blocks,
+        _cols_for,
+        _dot_tolerance,
+        assert_matvec_within_bound,
+    )
     from workbench.kernels import quant_kernels as qk
 
     for rows, cols in ((1, _cols_for(qtype)[0]), (33, _cols_for(qtype)[-1])):
@@ -258,9 +264,7 @@ def check_quant_kernels(t: KernelTarget, rng: np.random.Generator, seed: str, qt
         x = rng.standard_normal(cols).astype(np.float32)
         out = t.put(np.full(rows, np.nan, np.float32))
         qk.launch_matvec(t.quant, qtype, t.put(raw), t.put(x), out, t.warp_size)
-        tol = _dot_tolerance(w.astype(np.float64), x.astype(np.float64), cols)
-        err = np.abs(t.get(out) - qk.matvec_reference(raw, x, qtype))
-        assert np.all(err <= tol), f"matvec {what}: max err {err.max()}"
+        assert_matvec_within_bound(t.get(out), raw, x, qtype, f"matvec {what}")
         x = rng.standard_normal((17, cols)).astype(np.float32)
         out = t.put(np.full((17, rows), np.nan, np.float32))
         qk.launch_matmul(t.quant, qtype, t.put(x), t.put(raw), out)
@@ -318,6 +322,17 @@ def check_ops_kernels(t: KernelTarget, rng: np.random.Generator, seed: str) -> N
         ref = ops.sample_reference(row, top_k=top_k, top_p=top_p, min_p=min_p, temperature=0.8,
                                    u=u)  # fmt: skip
         assert got == ref, f"{seed} sample top_k={top_k} top_p={top_p} u={u}"
+
+
+@pytest.mark.parametrize("qtype", [pytest.param(q, id=q.name) for q in SUPPORTED_TYPES])
+def test_the_gpu_checks_hold_on_the_emulator(shared_emu_cache, seeded, qtype):
+    """The checks below run only where a GPU is; on the emulator too, so that a check which no
+    longer matches its kernels fails here rather than first on a lent GPU (the first GPU run
+    compared the integer matvec's W @ x8 with W @ x under the float32 bound)."""
+    t = KernelTarget("emulator", shared_emu_cache)
+    check_quant_kernels(t, *seeded, qtype)
+    if qtype == Q.Q8_0:  # once
+        check_ops_kernels(t, *seeded)
 
 
 @pytest.mark.gpu

@@ -196,26 +196,36 @@ def test_matvec(warp: Warp, seeded: Seeded, qtype: GGMLQuantizationType) -> None
             x = rng.standard_normal(cols).astype(np.float32)
             out, buf = _poisoned((rows,))
             qk.launch_matvec(loader, qtype, raw, x, out, warp_size)
-            w = qk.dequant_reference(raw, qtype).astype(np.float64)
             msg = f"{seed} {qtype.name} {rows}x{cols} wave{warp_size}"
             assert _guard_intact(buf), f"{msg}: wrote past the output"
-            exact = qk.matvec_reference(raw, x, qtype)
-            if not qk.is_integer_path(qtype):
-                err = np.abs(out - exact)
-                assert np.all(err <= _dot_tolerance(w, x.astype(np.float64), cols)), msg
-                continue
-            x8, d = _q8_1_values(x)
-            tol = _dot_tolerance(w, x8, cols)
-            if qtype in (Q.Q4_1, Q.Q5_1):  # the offset term m * s (s: fp16 sum of x8)
-                m = raw.reshape(rows, -1, block_layout(qtype)[1])[:, :, 2:4].copy()
-                m = np.abs(m.view(np.float16)[..., 0].astype(np.float64))  # (rows, blocks)
-                tol += 4 * 2.0**-24 * (m @ np.abs(x8.reshape(-1, 32)).sum(axis=1))
-            err = np.abs(out - qk.matvec_q8_reference(raw, x, qtype))
-            assert np.all(err <= tol), f"{msg}: max err {err.max()} vs W @ x8"
-            x_err = np.abs(w) @ np.repeat(d / 2, 32)  # |x - x8| <= d/2 per element
-            if qtype in (Q.Q4_1, Q.Q5_1):  # plus m times the fp16 rounding of s
-                x_err += 2.0**-11 * (m @ np.abs(x8.reshape(-1, 32)).sum(axis=1))
-            assert np.all(np.abs(out - exact) <= x_err + tol), f"{msg}: vs W @ x"
+            assert_matvec_within_bound(out, raw, x, qtype, msg)
+
+
+def assert_matvec_within_bound(
+    out: np.ndarray, raw: np.ndarray, x: np.ndarray, qtype: GGMLQuantizationType, msg: str
+) -> None:
+    """``out`` = launch_matvec of raw and x, on any target. Float types: W @ x within the
+    float32 bound. The integer path: W @ x8 (x rounded to Q8_1) within that bound, and W @ x
+    within it plus the rounding of x alone (|W| @ d/2 per element)."""
+    rows, cols = raw.shape[0], x.shape[0]
+    w = qk.dequant_reference(raw, qtype).astype(np.float64)
+    exact = qk.matvec_reference(raw, x, qtype)
+    if not qk.is_integer_path(qtype):
+        err = np.abs(out - exact)
+        assert np.all(err <= _dot_tolerance(w, x.astype(np.float64), cols)), msg
+        return
+    x8, d = _q8_1_values(x)
+    tol = _dot_tolerance(w, x8, cols)
+    if qtype in (Q.Q4_1, Q.Q5_1):  # the offset term m * s (s: fp16 sum of x8)
+        m = raw.reshape(rows, -1, block_layout(qtype)[1])[:, :, 2:4].copy()
+        m = np.abs(m.view(np.float16)[..., 0].astype(np.float64))  # (rows, blocks)
+        tol += 4 * 2.0**-24 * (m @ np.abs(x8.reshape(-1, 32)).sum(axis=1))
+    err = np.abs(out - qk.matvec_q8_reference(raw, x, qtype))
+    assert np.all(err <= tol), f"{msg}: max err {err.max()} vs W @ x8"
+    x_err = np.abs(w) @ np.repeat(d / 2, 32)  # |x - x8| <= d/2 per element
+    if qtype in (Q.Q4_1, Q.Q5_1):  # plus m times the fp16 rounding of s
+        x_err += 2.0**-11 * (m @ np.abs(x8.reshape(-1, 32)).sum(axis=1))
+    assert np.all(np.abs(out - exact) <= x_err + tol), f"{msg}: vs W @ x"
 
 
 def _q8_1_values(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
