@@ -115,6 +115,7 @@ def gguf_defines() -> dict[str, int]:
 SHARED_SOURCE = {"matvec_batch": "matvec"}
 
 
+@functools.cache  # every launch asks: building the tuple took ~110 us (a 576x576 matvec ~5)
 def module_args(op: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """(source path, options, name expressions for all types): one module per source, so an
     operation of `SHARED_SOURCE` gets the module of the operation it shares a source with (and
