@@ -35,10 +35,13 @@ ATTN_THREADS = 256  # both attention kernels are written for exactly 256 threads
 DECODE_TILE = 32  # attention_decode: keys per tile (attention.hip's DC_TK)
 DECODE_HEADS = 8  # attention_decode: query heads per block (attention.hip's DC_GMAX)
 DECODE_BLOCKS = 1024  # attention_decode splits the keys until about this many blocks
-# ... but never below this many tiles per chunk: a block's fixed traffic (its queries, its partials
-# written and merged: about 5 KiB for SmolLM2) then stays under a tenth of its K/V reads (64 KiB
-# at head_dim 64 in fp16); at 1 tile per chunk it was a third (kernels report: 1.62x the ideal)
-DECODE_MIN_TILES = 8
+# ... but never below this many tiles per chunk. A block's fixed traffic (its queries, its partials
+# written and merged: about 5 KiB for SmolLM2) is a third of its K/V reads at 1 tile (kernels
+# report: attention 1.62x its ideal, the token 1.29x), 1.17x / 1.14x at 4 tiles, 1.10x / 1.12x at
+# 8. A block walks its tiles one after the other, though: on an H200 at t = 1024 (fp32 cache)
+# attention_decode took 16, 19, 27 and 44 us at 1, 2, 4 and 8 tiles (docs/kernels.md). 4 keeps
+# the token under the counters' 1.15x bar at the least latency.
+DECODE_MIN_TILES = 4
 SAMPLE_MAX_K = 128  # sampling.hip keeps at most this many top-k candidates
 SAMPLE_PASSES = 5  # sample_top_k_top_p's passes over the vocabulary (radix select + gather)
 
