@@ -6,9 +6,13 @@ page faults of the mapped weights) is excluded; the median of `runs` is reported
 
 Each run is traced as the engine traces a generation (a generation span, its prefill and decode
 children, each pass made current): with tracing off those calls do nothing, as in the engine.
-``trace=True`` also times runs with tracing on (spans kept in memory, nothing exported),
-interleaved with untraced ones so that both see the same machine, and reports the decode
-throughput lost to tracing.
+``trace=True`` measures what tracing costs, two ways. End to end: `runs` pairs of an untraced and
+a traced run (spans kept in memory, nothing exported) in ABBA order (untraced first in even
+pairs, traced first in odd ones, so that neither always runs second), one warm-up of each
+first, a full garbage collection before every run; the figure is the median over pairs of each
+pair's decode throughput lost, with a distribution-free 95 % interval for that median. Alone:
+the same per-token tracing calls around an empty step, disabled and enabled, less the empty
+loop, in microseconds per token (end to end cannot resolve a cost that small).
 
 In the same run the machine's limits are measured (`limits.measure`: streaming read bandwidth,
 float32 GEMM rate at the model's shapes) and each phase is reported as a fraction of its limit.
@@ -16,11 +20,15 @@ float32 GEMM rate at the model's shapes) and each phase is reported as a fractio
 
 from __future__ import annotations
 
+import gc
+import math
 import resource
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +37,8 @@ from workbench.engine.results import GenerationConfig
 from workbench.errors import UserError
 from workbench.observe import tracing
 
+TRACE_PAIRS = 10  # pairs of runs with trace=True when the caller gives no count (the CLI's default)
+CALL_REPS = 100  # generations of empty steps timed for the tracing calls alone
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 # Deterministic filler text; its tokens are cut to the requested prompt length.
@@ -70,8 +80,13 @@ class GenerateBench:
     trace_steps: bool | None = None  # traced runs had one span per decode step
     trace_prefill_tok_s: float | None = None  # median over the traced runs
     trace_decode_tok_s: float | None = None
-    trace_decode_overhead: float | None = None  # 1 - traced / untraced decode tok/s
-    trace_spans: int | None = None  # spans the traced runs recorded
+    trace_decode_s: list[float] | None = None  # traced runs, pair by pair (decode_s's pairs)
+    trace_pair_overheads: list[float] | None = None  # 1 - decode_s[i] / trace_decode_s[i]
+    trace_decode_overhead: float | None = None  # median of trace_pair_overheads
+    trace_overhead_interval: list[float] | None = None  # 95 % for that median; None: < 6 pairs
+    trace_spans: int | None = None  # spans the traced runs (warm-up included) recorded
+    trace_call_us_off: float | None = None  # per token: the tracing calls, disabled, alone
+    trace_call_us_on: float | None = None  # per token: the same calls enabled, alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,16 +111,82 @@ def prefill_flops(engine, n: int) -> int:
     return spec.n_layers * (mats + attention) + 2 * spec.vocab_size * spec.dim
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> list[float] | None:
+    """[low, high]: a distribution-free confidence interval for the median of ``values`` (the
+    k-th smallest and k-th largest, k as large as the binomial(n, 1/2) tails allow), or None
+    when there are too few values for that confidence (fewer than 6 for 95 %)."""
+    xs, n = sorted(values), len(values)
+    tail, k = 0.0, 0  # tail: P(at most k - 1 of n values below the median)
+    while k < n and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        tail, k = tail + math.comb(n, k) / 2**n, k + 1
+    return None if k == 0 else [xs[k - 1], xs[n - k]]
+
+
+def _generation(
+    gt: tracing.GenerationTrace, prefill: Callable[[], Any], step: Callable[[Any], Any], n: int
+) -> tuple[float, float]:
+    """(prefill, decode) seconds of a prefill and n steps, each traced as the engine traces them
+    (``gt.finish`` counts in the decode time)."""
+    t0 = time.perf_counter()
+    gt.begin("prefill")
+    with gt.current():
+        x = prefill()
+    gt.drawn(0)
+    t1 = time.perf_counter()
+    for i in range(n):
+        gt.begin("decode_step")
+        with gt.current():
+            x = step(x)
+        gt.drawn(i + 1)
+    gt.finish(SimpleNamespace(token_ids=range(n), finish_reason="length", text=""))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _empty_steps(step: Callable[[Any], Any], n: int) -> float:
+    """Seconds of `_generation`'s decode loop without its tracing calls."""
+    x, t0 = None, time.perf_counter()
+    for _ in range(n):
+        x = step(x)
+    return time.perf_counter() - t0
+
+
+def tracing_call_cost(
+    new_trace: Callable[[], tracing.GenerationTrace], n: int, reps: int = CALL_REPS
+) -> tuple[float, float]:
+    """(disabled, enabled) microseconds per token that `_generation`'s tracing calls add to an
+    empty step: the medians over ``reps`` interleaved generations of n steps, less the loop
+    without the calls. ``new_trace`` starts an enabled generation's trace (tracing must be on)."""
+    bare: list[float] = []
+    off: list[float] = []
+    on: list[float] = []
+
+    def same(x: Any) -> Any:
+        return x
+
+    for _ in range(reps):
+        bare.append(_empty_steps(same, n))
+        off.append(_generation(tracing.NO_TRACE, lambda: None, same, n)[1])
+        on.append(_generation(new_trace(), lambda: None, same, n)[1])
+    base = statistics.median(bare)
+    return (
+        (statistics.median(off) - base) / n * 1e6,
+        (statistics.median(on) - base) / n * 1e6,
+    )
+
+
 def bench_generate(
     engine,
     *,
     prompt_tokens: int = 128,
     gen_tokens: int = 128,
-    runs: int = 3,
+    runs: int | None = None,
     measure_limits: bool = True,
     trace: bool = False,
     trace_steps: bool = False,
 ) -> GenerateBench:
+    """Time ``runs`` runs (default 3), or with ``trace`` that many pairs of an untraced and a
+    traced run (default `TRACE_PAIRS`), after warm-up; see the module's docstring."""
+    runs = runs if runs is not None else TRACE_PAIRS if trace else 3
     if prompt_tokens < 1 or gen_tokens < 1 or runs < 1:
         raise UserError("user.bad_bench", "prompt_tokens, gen_tokens and runs must be >= 1")
     tf = engine.transformer
@@ -113,45 +194,49 @@ def bench_generate(
         raise UserError("user.context_overflow", "prompt + generated tokens exceed the context")
     prompt = bench_prompt(engine.tokenizer, prompt_tokens)
     config = GenerationConfig(max_tokens=gen_tokens, temperature=0)
-    done = SimpleNamespace(token_ids=range(gen_tokens), finish_reason="length", text="")
     recorder = None
     if trace:
         tracing.configure(steps=trace_steps)  # in memory only: the export is not what is timed
         recorder = tracing.recorder(capacity=1_000_000)
 
-    def one_run(traced: bool = False) -> tuple[float, float]:
-        gt = tracing.NO_TRACE
-        if traced:
-            gt = tracing.generation(
-                engine.model.name, config, request_id="bench", prompt_tokens=prompt_tokens
-            )
+    def new_trace() -> tracing.GenerationTrace:
+        return tracing.generation(
+            engine.model.name, config, request_id="bench", prompt_tokens=prompt_tokens
+        )
+
+    def one_run(traced: bool) -> tuple[float, float]:
+        gt = new_trace() if traced else tracing.NO_TRACE
         cache = tf.new_cache(prompt_tokens + gen_tokens)
-        t0 = time.perf_counter()
         host = engine.backend.to_host
-        gt.begin("prefill")
-        with gt.current():
-            logits = host(tf.prefill(prompt, cache))
-        gt.drawn(0)
-        t1 = time.perf_counter()
-        for i in range(gen_tokens):
-            gt.begin("decode_step")
-            with gt.current():
-                logits = host(tf.decode_one_token(int(np.argmax(logits)), cache))
-            gt.drawn(i + 1)
-        gt.finish(done)
-        return t1 - t0, time.perf_counter() - t1
+        gc.collect()  # neither kind of run collects the other's garbage
+        return _generation(
+            gt,
+            lambda: host(tf.prefill(prompt, cache)),
+            lambda logits: host(tf.decode_one_token(int(np.argmax(logits)), cache)),
+            gen_tokens,
+        )
 
     # The engine's compute is measured, not the profiler's bookkeeping (a few ms per token on
     # the NumPy backend): recording is off for the timed runs.
     profiling, engine.profiler.enabled = engine.profiler.enabled, False
+    times: list[tuple[float, float]] = []
     traced: list[tuple[float, float]] = []
+    calls, spans = (0.0, 0.0), 0
     try:
-        one_run(trace)  # warm-up
-        times = []
-        for _ in range(runs):
-            times.append(one_run())
-            if trace:
-                traced.append(one_run(traced=True))
+        for warm in (False, True) if trace else (False,):
+            one_run(warm)
+        for i in range(runs):
+            if not trace:
+                times.append(one_run(False))
+                continue
+            order = (False, True) if i % 2 == 0 else (True, False)  # ABBA
+            first, second = one_run(order[0]), one_run(order[1])
+            times.append(second if order[0] else first)
+            traced.append(first if order[0] else second)
+        if trace:
+            assert recorder is not None
+            spans = len(recorder.spans())
+            calls = tracing_call_cost(new_trace, gen_tokens)
     finally:
         engine.profiler.enabled = profiling
         if trace:
@@ -175,14 +260,19 @@ def bench_generate(
             prefill_gemm_fraction=prefill_gflops / lim.gemm_gflops,
         )
     if trace:
-        assert recorder is not None
-        trace_decode = gen_tokens / statistics.median(d for _, d in traced)
+        trace_decode = [d for _, d in traced]
+        pairs = [1 - u / t for u, t in zip(decode, trace_decode)]
         extra.update(
             trace_steps=trace_steps,
             trace_prefill_tok_s=prompt_tokens / statistics.median(p for p, _ in traced),
-            trace_decode_tok_s=trace_decode,
-            trace_decode_overhead=1 - trace_decode / decode_tok_s,
-            trace_spans=len(recorder.spans()),
+            trace_decode_tok_s=gen_tokens / statistics.median(trace_decode),
+            trace_decode_s=trace_decode,
+            trace_pair_overheads=pairs,
+            trace_decode_overhead=statistics.median(pairs),
+            trace_overhead_interval=median_interval(pairs),
+            trace_spans=spans,
+            trace_call_us_off=calls[0],
+            trace_call_us_on=calls[1],
         )
     return GenerateBench(
         model=engine.model.name,
