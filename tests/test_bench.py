@@ -61,7 +61,7 @@ def test_bench_trace_times_traced_runs_beside_untraced_ones(tiny_model):
     r = bench_generate(
         engine, prompt_tokens=4, gen_tokens=3, runs=2, measure_limits=False, trace=True
     )
-    # a traced warm-up and 2 traced runs, each a generation span with a prefill and a decode child
+    # a warm-up and 2 traced runs, each a generation span with a prefill and a decode child
     assert r.trace_spans == 3 * 3 and not r.trace_steps
     assert r.trace_decode_tok_s > 0 and r.trace_prefill_tok_s > 0
     assert len(r.decode_s) == len(r.trace_decode_s) == len(r.trace_pair_overheads) == 2
@@ -78,26 +78,33 @@ def test_bench_trace_times_traced_runs_beside_untraced_ones(tiny_model):
     assert not tracing.enabled()  # the bench's in-memory tracing ends with it
 
 
-def test_bench_trace_runs_pairs_in_abba_order(tiny_model, monkeypatch):
-    """Each pair's traced run comes second, then first, then second...: neither kind of run
-    always follows the other."""
+def test_bench_trace_interleaves_pairs_in_abba_order(tiny_model, monkeypatch):
+    """An untraced and a traced generation decode together a token at a time, untraced then
+    traced, traced then untraced, ...; the next pair starts the other way (prefills too)."""
     from workbench.observe import tracing
 
     engine = Engine(tiny_model, backend="numpy", threads=1)
-    prefill, seen = engine.transformer.prefill, []
+    tf, seen = engine.transformer, {"prefill": [], "decode_one_token": []}
 
-    def spy(*args, **kwargs):
-        seen.append(tracing.current_trace_id() is not None)  # inside a traced run's prefill span
-        return prefill(*args, **kwargs)
+    def spy(name):
+        real = getattr(tf, name)
 
-    monkeypatch.setattr(engine.transformer, "prefill", spy)
+        def call(*args, **kwargs):
+            seen[name].append(tracing.current_trace_id() is not None)  # a traced run's span
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in seen:
+        monkeypatch.setattr(tf, name, spy(name))
     r = bench_generate(
-        engine, prompt_tokens=4, gen_tokens=2, runs=4, measure_limits=False, trace=True
+        engine, prompt_tokens=4, gen_tokens=3, runs=2, measure_limits=False, trace=True
     )
-    warm_up, pairs = seen[:2], seen[2:]
-    assert warm_up == [False, True]
-    assert pairs == [False, True, True, False, False, True, True, False]
-    assert len(r.trace_pair_overheads) == 4
+    U, T = False, True  # untraced, traced
+    assert seen["prefill"] == [U, T, T, U, U, T]  # the warm-up pair, then 2 pairs
+    abba, baab = [U, T, T, U, U, T], [T, U, U, T, T, U]
+    assert seen["decode_one_token"] == abba + baab + abba
+    assert len(r.trace_pair_overheads) == 2
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,13 @@ page faults of the mapped weights) is excluded; the median of `runs` is reported
 Each run is traced as the engine traces a generation (a generation span, its prefill and decode
 children, each pass made current): with tracing off those calls do nothing, as in the engine.
 ``trace=True`` measures what tracing costs, two ways. End to end: `runs` pairs of an untraced and
-a traced run (spans kept in memory, nothing exported) in ABBA order (untraced first in even
-pairs, traced first in odd ones, so that neither always runs second), one warm-up of each
-first, a full garbage collection before every run; the figure is the median over pairs of each
-pair's decode throughput lost, with a distribution-free 95 % interval for that median. Alone:
-the same per-token tracing calls around an empty step, disabled and enabled, less the empty
-loop, in microseconds per token (end to end cannot resolve a cost that small).
+a traced generation (spans kept in memory, nothing exported) decoded together a token at a time
+in ABBA order (untraced then traced, traced then untraced, ...; the next pair starts the other
+way), so that both see the same moments of a busy machine and neither always goes second; a
+full garbage collection before each pair, one pair of warm-up. The figure is the median over
+pairs of each pair's decode throughput lost, with a distribution-free 95 % interval for that
+median. Alone: the tracing calls around an empty step, disabled and enabled, less the same
+loop without them, in microseconds per token (end to end cannot resolve a cost that small).
 
 In the same run the machine's limits are measured (`limits.measure`: streaming read bandwidth,
 float32 GEMM rate at the model's shapes) and each phase is reported as a fraction of its limit.
@@ -122,55 +123,92 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> list[f
     return None if k == 0 else [xs[k - 1], xs[n - k]]
 
 
-def _generation(
-    gt: tracing.GenerationTrace, prefill: Callable[[], Any], step: Callable[[Any], Any], n: int
-) -> tuple[float, float]:
-    """(prefill, decode) seconds of a prefill and n steps, each traced as the engine traces them
-    (``gt.finish`` counts in the decode time)."""
-    t0 = time.perf_counter()
-    gt.begin("prefill")
-    with gt.current():
-        x = prefill()
-    gt.drawn(0)
-    t1 = time.perf_counter()
-    for i in range(n):
+class _Generation:
+    """One generation advanced a piece at a time (the prefill, then one token per `token`),
+    each piece timed with the tracing calls the engine makes around it."""
+
+    def __init__(
+        self,
+        gt: tracing.GenerationTrace,
+        prefill: Callable[[], Any],
+        step: Callable[[Any], Any],
+        n: int,
+    ) -> None:
+        self.gt, self._prefill, self._step, self.n = gt, prefill, step, n
+        self.x: Any = None  # what the last piece returned (logits), the next step's input
+        self.done = 0  # tokens decoded
+        self.prefill_s = self.decode_s = 0.0
+
+    def prefill(self) -> None:
+        gt, t0 = self.gt, time.perf_counter()
+        gt.begin("prefill")
+        with gt.current():
+            self.x = self._prefill()
+        gt.drawn(0)
+        self.prefill_s = time.perf_counter() - t0
+
+    def token(self) -> None:
+        """The next decode step (the last one also ends the generation's spans)."""
+        gt, t0 = self.gt, time.perf_counter()
         gt.begin("decode_step")
         with gt.current():
-            x = step(x)
-        gt.drawn(i + 1)
-    gt.finish(SimpleNamespace(token_ids=range(n), finish_reason="length", text=""))
-    return t1 - t0, time.perf_counter() - t1
+            self.x = self._step(self.x)
+        self.done += 1
+        gt.drawn(self.done)
+        if self.done == self.n:
+            gt.finish(SimpleNamespace(token_ids=range(self.n), finish_reason="length", text=""))
+        self.decode_s += time.perf_counter() - t0
 
 
-def _empty_steps(step: Callable[[Any], Any], n: int) -> float:
-    """Seconds of `_generation`'s decode loop without its tracing calls."""
-    x, t0 = None, time.perf_counter()
-    for _ in range(n):
-        x = step(x)
-    return time.perf_counter() - t0
+class _Bare(_Generation):
+    """`_Generation` without its tracing calls: the baseline they are timed against."""
+
+    def token(self) -> None:
+        t0 = time.perf_counter()
+        self.x = self._step(self.x)
+        self.done += 1
+        self.decode_s += time.perf_counter() - t0
+
+
+def run_alone(gen: _Generation) -> _Generation:
+    gen.prefill()
+    for _ in range(gen.n):
+        gen.token()
+    return gen
+
+
+def run_interleaved(a: _Generation, b: _Generation, flip: bool = False) -> None:
+    """Prefill both, then decode both a token at a time in ABBA order (a b, b a, a b, ...;
+    b first with ``flip``): whatever else the machine does, both see it alike."""
+    for gen in (b, a) if flip else (a, b):
+        gen.prefill()
+    for i in range(a.n):
+        for gen in (a, b) if i % 2 == flip else (b, a):
+            gen.token()
 
 
 def tracing_call_cost(
     new_trace: Callable[[], tracing.GenerationTrace], n: int, reps: int = CALL_REPS
 ) -> tuple[float, float]:
-    """(disabled, enabled) microseconds per token that `_generation`'s tracing calls add to an
-    empty step: the medians over ``reps`` interleaved generations of n steps, less the loop
-    without the calls. ``new_trace`` starts an enabled generation's trace (tracing must be on)."""
-    bare: list[float] = []
-    off: list[float] = []
-    on: list[float] = []
+    """(disabled, enabled) microseconds per token that the tracing calls around a decode step
+    add to an empty step: medians over ``reps`` interleaved generations of n steps, less the
+    same generation without the calls. ``new_trace`` starts an enabled generation's trace."""
+    times: dict[str, list[float]] = {"bare": [], "off": [], "on": []}
 
     def same(x: Any) -> Any:
         return x
 
     for _ in range(reps):
-        bare.append(_empty_steps(same, n))
-        off.append(_generation(tracing.NO_TRACE, lambda: None, same, n)[1])
-        on.append(_generation(new_trace(), lambda: None, same, n)[1])
-    base = statistics.median(bare)
+        for kind, gen in (
+            ("bare", _Bare(tracing.NO_TRACE, lambda: None, same, n)),
+            ("off", _Generation(tracing.NO_TRACE, lambda: None, same, n)),
+            ("on", _Generation(new_trace(), lambda: None, same, n)),
+        ):
+            times[kind].append(run_alone(gen).decode_s)
+    base = statistics.median(times["bare"])
     return (
-        (statistics.median(off) - base) / n * 1e6,
-        (statistics.median(on) - base) / n * 1e6,
+        (statistics.median(times["off"]) - base) / n * 1e6,
+        (statistics.median(times["on"]) - base) / n * 1e6,
     )
 
 
@@ -185,7 +223,7 @@ def bench_generate(
     trace_steps: bool = False,
 ) -> GenerateBench:
     """Time ``runs`` runs (default 3), or with ``trace`` that many pairs of an untraced and a
-    traced run (default `TRACE_PAIRS`), after warm-up; see the module's docstring."""
+    traced generation (default `TRACE_PAIRS`), after a warm-up; see the module's docstring."""
     runs = runs if runs is not None else TRACE_PAIRS if trace else 3
     if prompt_tokens < 1 or gen_tokens < 1 or runs < 1:
         raise UserError("user.bad_bench", "prompt_tokens, gen_tokens and runs must be >= 1")
@@ -204,13 +242,11 @@ def bench_generate(
             engine.model.name, config, request_id="bench", prompt_tokens=prompt_tokens
         )
 
-    def one_run(traced: bool) -> tuple[float, float]:
-        gt = new_trace() if traced else tracing.NO_TRACE
+    def new_run(traced: bool) -> _Generation:
         cache = tf.new_cache(prompt_tokens + gen_tokens)
         host = engine.backend.to_host
-        gc.collect()  # neither kind of run collects the other's garbage
-        return _generation(
-            gt,
+        return _Generation(
+            new_trace() if traced else tracing.NO_TRACE,
             lambda: host(tf.prefill(prompt, cache)),
             lambda logits: host(tf.decode_one_token(int(np.argmax(logits)), cache)),
             gen_tokens,
@@ -223,16 +259,16 @@ def bench_generate(
     traced: list[tuple[float, float]] = []
     calls, spans = (0.0, 0.0), 0
     try:
-        for warm in (False, True) if trace else (False,):
-            one_run(warm)
-        for i in range(runs):
-            if not trace:
-                times.append(one_run(False))
-                continue
-            order = (False, True) if i % 2 == 0 else (True, False)  # ABBA
-            first, second = one_run(order[0]), one_run(order[1])
-            times.append(second if order[0] else first)
-            traced.append(first if order[0] else second)
+        for i in range(runs + 1):  # the first: warm-up
+            plain, marked = new_run(False), new_run(True) if trace else None
+            gc.collect()  # no run collects an earlier one's garbage
+            if marked is not None:
+                run_interleaved(plain, marked, flip=i % 2 == 1)
+                traced.append((marked.prefill_s, marked.decode_s))
+            else:
+                run_alone(plain)
+            times.append((plain.prefill_s, plain.decode_s))
+        times, traced = times[1:], traced[1:]
         if trace:
             assert recorder is not None
             spans = len(recorder.spans())
