@@ -69,6 +69,7 @@ def test_bench_trace_times_traced_runs_beside_untraced_ones(tiny_model):
     assert r.trace_pair_overheads == pytest.approx(want)
     assert r.trace_decode_overhead == pytest.approx(statistics.median(want))
     assert r.trace_overhead_interval is None  # 2 pairs are too few for a 95 % interval
+    assert -1 < r.trace_step_overhead < 1 and r.trace_step_overhead_interval is None
     assert r.trace_call_us_off is not None and r.trace_call_us_on is not None
     r = bench_generate(
         engine, prompt_tokens=4, gen_tokens=3, runs=1, measure_limits=False, trace_steps=True,

@@ -98,21 +98,24 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(bounds: list[float] | None) -> str:
+    if not bounds:
+        return "too few pairs for a 95% interval (6 or more)"
+    return f"95% interval {bounds[0]:+.1%} to {bounds[1]:+.1%}"
+
+
 def trace_summary(r: Any) -> str:
     """Lines on what tracing cost in a `GenerateBench` run with trace on."""
     steps = ", a span per step" if r.trace_steps else ""
-    interval = r.trace_overhead_interval
-    spread = (
-        f"95% interval {interval[0]:+.1%} to {interval[1]:+.1%}"
-        if interval
-        else "too few pairs for a 95% interval (6 or more)"
-    )
     pairs = ", ".join(f"{x:+.1%}" for x in r.trace_pair_overheads)
     token_us = statistics.median(r.decode_s) / r.gen_tokens * 1e6
     return (
         f"traced{steps}: decode {r.trace_decode_tok_s:.1f} tok/s ({r.trace_spans} spans); lost "
         f"to tracing, median of {len(r.trace_pair_overheads)} ABBA pairs: "
-        f"{r.trace_decode_overhead:+.1%} ({spread}; pairs: {pairs})\n"
+        f"{r.trace_decode_overhead:+.1%} of decode throughput "
+        f"({_interval(r.trace_overhead_interval)}; pairs: {pairs}), "
+        f"{r.trace_step_overhead:+.2%} of a typical step "
+        f"({_interval(r.trace_step_overhead_interval)})\n"
         f"tracing calls alone, per token: disabled {r.trace_call_us_off:.2f} us "
         f"({r.trace_call_us_off / token_us:.4%} of a token), enabled {r.trace_call_us_on:.2f} us "
         f"({r.trace_call_us_on / token_us:.4%})"

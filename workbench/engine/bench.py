@@ -2,7 +2,8 @@
 
 Runs the transformer directly (no sampling, no EOG stop) so every run does the same work: a
 prefill of `prompt_tokens` then `gen_tokens` greedy decode steps. A warm-up run (JIT compilation,
-page faults of the mapped weights) is excluded; the median of `runs` is reported.
+page faults of the mapped weights) is excluded, a full garbage collection precedes each run,
+and the median of `runs` is reported.
 
 Each run is traced as the engine traces a generation (a generation span, its prefill and decode
 children, each pass made current): with tracing off those calls do nothing, as in the engine.
@@ -12,8 +13,11 @@ in ABBA order (untraced then traced, traced then untraced, ...; the next pair st
 way), so that both see the same moments of a busy machine and neither always goes second; a
 full garbage collection before each pair, one pair of warm-up. The figure is the median over
 pairs of each pair's decode throughput lost, with a distribution-free 95 % interval for that
-median. Alone: the tracing calls around an empty step, disabled and enabled, less the same
-loop without them, in microseconds per token (end to end cannot resolve a cost that small).
+median; beside it the same for each pair's median over tokens of the step time lost (robust to
+the bursts of other work that hit a few steps and dominate the first figure on a busy machine,
+blind to a cost that comes in rare long pauses, which the first one keeps). Alone: the tracing
+calls around an empty step, disabled and enabled, less the same loop without them, in
+microseconds per token (end to end cannot resolve a cost that small).
 
 In the same run the machine's limits are measured (`limits.measure`: streaming read bandwidth,
 float32 GEMM rate at the model's shapes) and each phase is reported as a fraction of its limit.
@@ -85,6 +89,10 @@ class GenerateBench:
     trace_pair_overheads: list[float] | None = None  # 1 - decode_s[i] / trace_decode_s[i]
     trace_decode_overhead: float | None = None  # median of trace_pair_overheads
     trace_overhead_interval: list[float] | None = None  # 95 % for that median; None: < 6 pairs
+    # Per pair, the median over tokens of 1 - untraced / traced step time (the other jobs' bursts
+    # hit few steps); the median over pairs and its 95 % interval
+    trace_step_overhead: float | None = None
+    trace_step_overhead_interval: list[float] | None = None
     trace_spans: int | None = None  # spans the traced runs (warm-up included) recorded
     trace_call_us_off: float | None = None  # per token: the tracing calls, disabled, alone
     trace_call_us_on: float | None = None  # per token: the same calls enabled, alone
@@ -137,7 +145,12 @@ class _Generation:
         self.gt, self._prefill, self._step, self.n = gt, prefill, step, n
         self.x: Any = None  # what the last piece returned (logits), the next step's input
         self.done = 0  # tokens decoded
-        self.prefill_s = self.decode_s = 0.0
+        self.prefill_s = 0.0
+        self.steps_s: list[float] = []  # (done,) seconds of each decode step
+
+    @property
+    def decode_s(self) -> float:
+        return math.fsum(self.steps_s)
 
     def prefill(self) -> None:
         gt, t0 = self.gt, time.perf_counter()
@@ -157,7 +170,7 @@ class _Generation:
         gt.drawn(self.done)
         if self.done == self.n:
             gt.finish(SimpleNamespace(token_ids=range(self.n), finish_reason="length", text=""))
-        self.decode_s += time.perf_counter() - t0
+        self.steps_s.append(time.perf_counter() - t0)
 
 
 class _Bare(_Generation):
@@ -167,7 +180,7 @@ class _Bare(_Generation):
         t0 = time.perf_counter()
         self.x = self._step(self.x)
         self.done += 1
-        self.decode_s += time.perf_counter() - t0
+        self.steps_s.append(time.perf_counter() - t0)
 
 
 def run_alone(gen: _Generation) -> _Generation:
@@ -257,6 +270,7 @@ def bench_generate(
     profiling, engine.profiler.enabled = engine.profiler.enabled, False
     times: list[tuple[float, float]] = []
     traced: list[tuple[float, float]] = []
+    step_losses: list[float] = []  # per pair: the median over its tokens
     calls, spans = (0.0, 0.0), 0
     try:
         for i in range(runs + 1):  # the first: warm-up
@@ -265,10 +279,12 @@ def bench_generate(
             if marked is not None:
                 run_interleaved(plain, marked, flip=i % 2 == 1)
                 traced.append((marked.prefill_s, marked.decode_s))
+                losses = (1 - u / t for u, t in zip(plain.steps_s, marked.steps_s))
+                step_losses.append(statistics.median(losses))
             else:
                 run_alone(plain)
             times.append((plain.prefill_s, plain.decode_s))
-        times, traced = times[1:], traced[1:]
+        times, traced, step_losses = times[1:], traced[1:], step_losses[1:]
         if trace:
             assert recorder is not None
             spans = len(recorder.spans())
@@ -306,6 +322,8 @@ def bench_generate(
             trace_pair_overheads=pairs,
             trace_decode_overhead=statistics.median(pairs),
             trace_overhead_interval=median_interval(pairs),
+            trace_step_overhead=statistics.median(step_losses),
+            trace_step_overhead_interval=median_interval(step_losses),
             trace_spans=spans,
             trace_call_us_off=calls[0],
             trace_call_us_on=calls[1],
