@@ -183,14 +183,15 @@ class _Bare(_Generation):
         self.steps_s.append(time.perf_counter() - t0)
 
 
-def run_alone(gen: _Generation) -> _Generation:
+def _run_alone(gen: _Generation) -> _Generation:
+    """Prefill, then every decode step."""
     gen.prefill()
     for _ in range(gen.n):
         gen.token()
     return gen
 
 
-def run_interleaved(a: _Generation, b: _Generation, flip: bool = False) -> None:
+def _run_interleaved(a: _Generation, b: _Generation, flip: bool = False) -> None:
     """Prefill both, then decode both a token at a time in ABBA order (a b, b a, a b, ...;
     b first with ``flip``): whatever else the machine does, both see it alike."""
     for gen in (b, a) if flip else (a, b):
@@ -204,8 +205,9 @@ def tracing_call_cost(
     new_trace: Callable[[], tracing.GenerationTrace], n: int, reps: int = CALL_REPS
 ) -> tuple[float, float]:
     """(disabled, enabled) microseconds per token that the tracing calls around a decode step
-    add to an empty step: medians over ``reps`` interleaved generations of n steps, less the
-    same generation without the calls. ``new_trace`` starts an enabled generation's trace."""
+    add to an empty step: medians over ``reps`` rounds of a generation of n steps of each kind
+    (without the calls, disabled, enabled), the first subtracted from the others. ``new_trace``
+    starts an enabled generation's trace."""
     times: dict[str, list[float]] = {"bare": [], "off": [], "on": []}
 
     def same(x: Any) -> Any:
@@ -217,7 +219,7 @@ def tracing_call_cost(
             ("off", _Generation(tracing.NO_TRACE, lambda: None, same, n)),
             ("on", _Generation(new_trace(), lambda: None, same, n)),
         ):
-            times[kind].append(run_alone(gen).decode_s)
+            times[kind].append(_run_alone(gen).decode_s)
     base = statistics.median(times["bare"])
     return (
         (statistics.median(times["off"]) - base) / n * 1e6,
@@ -277,12 +279,12 @@ def bench_generate(
             plain, marked = new_run(False), new_run(True) if trace else None
             gc.collect()  # no run collects an earlier one's garbage
             if marked is not None:
-                run_interleaved(plain, marked, flip=i % 2 == 1)
+                _run_interleaved(plain, marked, flip=i % 2 == 1)
                 traced.append((marked.prefill_s, marked.decode_s))
                 losses = (1 - u / t for u, t in zip(plain.steps_s, marked.steps_s))
                 step_losses.append(statistics.median(losses))
             else:
-                run_alone(plain)
+                _run_alone(plain)
             times.append((plain.prefill_s, plain.decode_s))
         times, traced, step_losses = times[1:], traced[1:], step_losses[1:]
         if trace:
