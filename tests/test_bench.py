@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 
+import numpy as np
 import pytest
 
 from workbench.backends import quant_cpu
 from workbench.cli import main
 from workbench.engine import limits
-from workbench.engine.bench import bench_generate, prefill_flops
+from workbench.engine.bench import bench_generate, median_interval, prefill_flops
 from workbench.engine.generate import Engine
 
 
@@ -58,16 +61,65 @@ def test_bench_trace_times_traced_runs_beside_untraced_ones(tiny_model):
     r = bench_generate(
         engine, prompt_tokens=4, gen_tokens=3, runs=2, measure_limits=False, trace=True
     )
-    # warm-up and 2 traced runs, each a generation span with a prefill and a decode child
+    # a warm-up and 2 traced runs, each a generation span with a prefill and a decode child
     assert r.trace_spans == 3 * 3 and not r.trace_steps
     assert r.trace_decode_tok_s > 0 and r.trace_prefill_tok_s > 0
-    assert r.trace_decode_overhead == pytest.approx(1 - r.trace_decode_tok_s / r.decode_tok_s)
+    assert len(r.decode_s) == len(r.trace_decode_s) == len(r.trace_pair_overheads) == 2
+    want = [1 - u / t for u, t in zip(r.decode_s, r.trace_decode_s)]
+    assert r.trace_pair_overheads == pytest.approx(want)
+    assert r.trace_decode_overhead == pytest.approx(statistics.median(want))
+    assert r.trace_overhead_interval is None  # 2 pairs are too few for a 95 % interval
+    assert -1 < r.trace_step_overhead < 1 and r.trace_step_overhead_interval is None
+    assert r.trace_call_us_off is not None and r.trace_call_us_on is not None
     r = bench_generate(
         engine, prompt_tokens=4, gen_tokens=3, runs=1, measure_limits=False, trace_steps=True,
         trace=True,
     )  # fmt: skip
     assert r.trace_spans == 2 * (3 + 3) and r.trace_steps  # and a span per decode step
     assert not tracing.enabled()  # the bench's in-memory tracing ends with it
+
+
+def test_bench_trace_interleaves_pairs_in_abba_order(tiny_model, monkeypatch):
+    """An untraced and a traced generation decode together a token at a time, untraced then
+    traced, traced then untraced, ...; the next pair starts the other way (prefills too)."""
+    from workbench.observe import tracing
+
+    engine = Engine(tiny_model, backend="numpy", threads=1)
+    tf, seen = engine.transformer, {"prefill": [], "decode_one_token": []}
+
+    def spy(name):
+        real = getattr(tf, name)
+
+        def call(*args, **kwargs):
+            seen[name].append(tracing.current_trace_id() is not None)  # a traced run's span
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in seen:
+        monkeypatch.setattr(tf, name, spy(name))
+    r = bench_generate(
+        engine, prompt_tokens=4, gen_tokens=3, runs=2, measure_limits=False, trace=True
+    )
+    U, T = False, True  # untraced, traced
+    assert seen["prefill"] == [U, T, T, U, U, T]  # the warm-up pair, then 2 pairs
+    abba, baab = [U, T, T, U, U, T], [T, U, U, T, T, U]
+    assert seen["decode_one_token"] == abba + baab + abba
+    assert len(r.trace_pair_overheads) == 2
+
+
+@pytest.mark.parametrize(
+    ("n", "want"),
+    [(5, None), (6, (1, 6)), (10, (2, 9)), (20, (6, 15))],  # 1-based order statistics
+)
+def test_median_interval_takes_the_binomial_order_statistics(n, want, rng):
+    values = rng.permutation(np.arange(1.0, n + 1))  # the k-th smallest is k
+    got = median_interval(list(values))
+    assert got == (None if want is None else [float(w) for w in want])
+    if want is not None:  # the interval covers the median at 95 % or more, and k is the largest
+        k = want[0]
+        tail = sum(math.comb(n, j) for j in range(k)) / 2**n
+        assert tail <= 0.025 < tail + math.comb(n, k) / 2**n
 
 
 def test_cli_json_has_the_limit_fields(tiny_model, small_read_buffer, capsys):

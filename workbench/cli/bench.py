@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+from typing import Any
 
 from workbench.cli.generate import add_model_args, make_engine
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from workbench.engine.bench import TRACE_PAIRS
+
     p = sub.add_parser("bench", help="benchmarks (JSON output with --json)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH")
     g = bsub.add_parser(
@@ -20,13 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bandwidth (model bytes x decode tok/s), prefill GFLOP/s and peak resident memory; then, "
         "in the same run, this machine's streaming read bandwidth and float32 GEMM rate at the "
         "model's shapes, and each phase as a fraction of its limit (see docs/performance.md). "
-        "With --trace, traced runs (spans kept in memory) alternate with untraced ones and the "
-        "decode throughput lost to tracing is reported (see docs/scaling.md).",
+        "With --trace, pairs of an untraced and a traced run (spans kept in memory) in ABBA order "
+        "give the decode throughput lost to tracing (the median over pairs, with a 95% interval), "
+        "and the tracing calls are timed alone, disabled and enabled (see docs/scaling.md).",
     )
     add_model_args(g)
     g.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     g.add_argument("--gen-tokens", type=int, default=128, help="decode steps (default 128)")
-    g.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported")
+    g.add_argument(
+        "--runs",
+        type=int,
+        help="timed runs, the median is reported (default 3); with --trace, pairs of an untraced "
+        f"and a traced run (default {TRACE_PAIRS})",
+    )
     g.add_argument(
         "--no-limits",
         action="store_true",
@@ -83,14 +93,33 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
                 f"({r.decode_bandwidth_fraction:.0%}), prefill {r.prefill_gflops:.0f} of "
                 f"{r.gemm_gflops:.0f} GFLOP/s float32 GEMM ({r.prefill_gemm_fraction:.0%})"
             )
-        if r.trace_decode_tok_s is not None and r.trace_decode_overhead is not None:
-            steps = ", a span per step" if r.trace_steps else ""
-            print(
-                f"traced{steps}: decode {r.trace_decode_tok_s:.1f} tok/s, "
-                f"{r.trace_decode_overhead:+.1%} slower than untraced ({r.trace_spans} spans); "
-                "runs alternate, the machine's noise is in both"
-            )
+        if r.trace_decode_overhead is not None:
+            print(trace_summary(r))
     return 0
+
+
+def _interval(bounds: list[float] | None) -> str:
+    if not bounds:
+        return "too few pairs for a 95% interval (6 or more)"
+    return f"95% interval {bounds[0]:+.1%} to {bounds[1]:+.1%}"
+
+
+def trace_summary(r: Any) -> str:
+    """Lines on what tracing cost in a `GenerateBench` run with trace on."""
+    steps = ", a span per step" if r.trace_steps else ""
+    pairs = ", ".join(f"{x:+.1%}" for x in r.trace_pair_overheads)
+    token_us = statistics.median(r.decode_s) / r.gen_tokens * 1e6
+    return (
+        f"traced{steps}: decode {r.trace_decode_tok_s:.1f} tok/s ({r.trace_spans} spans); lost "
+        f"to tracing, median of {len(r.trace_pair_overheads)} ABBA pairs: "
+        f"{r.trace_decode_overhead:+.1%} of decode throughput "
+        f"({_interval(r.trace_overhead_interval)}; pairs: {pairs}), "
+        f"{r.trace_step_overhead:+.2%} of a typical step "
+        f"({_interval(r.trace_step_overhead_interval)})\n"
+        f"tracing calls alone, per token: disabled {r.trace_call_us_off:.2f} us "
+        f"({r.trace_call_us_off / token_us:.4%} of a token), enabled {r.trace_call_us_on:.2f} us "
+        f"({r.trace_call_us_on / token_us:.4%})"
+    )
 
 
 def register_kernels(bsub: argparse._SubParsersAction) -> None:

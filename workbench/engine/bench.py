@@ -2,13 +2,22 @@
 
 Runs the transformer directly (no sampling, no EOG stop) so every run does the same work: a
 prefill of `prompt_tokens` then `gen_tokens` greedy decode steps. A warm-up run (JIT compilation,
-page faults of the mapped weights) is excluded; the median of `runs` is reported.
+page faults of the mapped weights) is excluded, a full garbage collection precedes each run,
+and the median of `runs` is reported.
 
 Each run is traced as the engine traces a generation (a generation span, its prefill and decode
 children, each pass made current): with tracing off those calls do nothing, as in the engine.
-``trace=True`` also times runs with tracing on (spans kept in memory, nothing exported),
-interleaved with untraced ones so that both see the same machine, and reports the decode
-throughput lost to tracing.
+``trace=True`` measures what tracing costs, two ways. End to end: `runs` pairs of an untraced and
+a traced generation (spans kept in memory, nothing exported) decoded together a token at a time
+in ABBA order (untraced then traced, traced then untraced, ...; the next pair starts the other
+way), so that both see the same moments of a busy machine and neither always goes second; a
+full garbage collection before each pair, one pair of warm-up. The figure is the median over
+pairs of each pair's decode throughput lost, with a distribution-free 95 % interval for that
+median; beside it the same for each pair's median over tokens of the step time lost (robust to
+the bursts of other work that hit a few steps and dominate the first figure on a busy machine,
+blind to a cost that comes in rare long pauses, which the first one keeps). Alone: the tracing
+calls around an empty step, disabled and enabled, less the same loop without them, in
+microseconds per token (end to end cannot resolve a cost that small).
 
 In the same run the machine's limits are measured (`limits.measure`: streaming read bandwidth,
 float32 GEMM rate at the model's shapes) and each phase is reported as a fraction of its limit.
@@ -16,11 +25,15 @@ float32 GEMM rate at the model's shapes) and each phase is reported as a fractio
 
 from __future__ import annotations
 
+import gc
+import math
 import resource
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +42,8 @@ from workbench.engine.results import GenerationConfig
 from workbench.errors import UserError
 from workbench.observe import tracing
 
+TRACE_PAIRS = 10  # pairs of runs with trace=True when the caller gives no count (the CLI's default)
+CALL_REPS = 100  # generations of empty steps timed for the tracing calls alone
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 # Deterministic filler text; its tokens are cut to the requested prompt length.
@@ -70,8 +85,17 @@ class GenerateBench:
     trace_steps: bool | None = None  # traced runs had one span per decode step
     trace_prefill_tok_s: float | None = None  # median over the traced runs
     trace_decode_tok_s: float | None = None
-    trace_decode_overhead: float | None = None  # 1 - traced / untraced decode tok/s
-    trace_spans: int | None = None  # spans the traced runs recorded
+    trace_decode_s: list[float] | None = None  # traced runs, pair by pair (decode_s's pairs)
+    trace_pair_overheads: list[float] | None = None  # 1 - decode_s[i] / trace_decode_s[i]
+    trace_decode_overhead: float | None = None  # median of trace_pair_overheads
+    trace_overhead_interval: list[float] | None = None  # 95 % for that median; None: < 6 pairs
+    # Per pair, the median over tokens of 1 - untraced / traced step time (the other jobs' bursts
+    # hit few steps); the median over pairs and its 95 % interval
+    trace_step_overhead: float | None = None
+    trace_step_overhead_interval: list[float] | None = None
+    trace_spans: int | None = None  # spans the traced runs (warm-up included) recorded
+    trace_call_us_off: float | None = None  # per token: the tracing calls, disabled, alone
+    trace_call_us_on: float | None = None  # per token: the same calls enabled, alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,16 +120,126 @@ def prefill_flops(engine, n: int) -> int:
     return spec.n_layers * (mats + attention) + 2 * spec.vocab_size * spec.dim
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> list[float] | None:
+    """[low, high]: a distribution-free confidence interval for the median of ``values`` (the
+    k-th smallest and k-th largest, k as large as the binomial(n, 1/2) tails allow), or None
+    when there are too few values for that confidence (fewer than 6 for 95 %)."""
+    xs, n = sorted(values), len(values)
+    tail, k = 0.0, 0  # tail: P(at most k - 1 of n values below the median)
+    while k < n and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        tail, k = tail + math.comb(n, k) / 2**n, k + 1
+    return None if k == 0 else [xs[k - 1], xs[n - k]]
+
+
+class _Generation:
+    """One generation advanced a piece at a time (the prefill, then one token per `token`),
+    each piece timed with the tracing calls the engine makes around it."""
+
+    def __init__(
+        self,
+        gt: tracing.GenerationTrace,
+        prefill: Callable[[], Any],
+        step: Callable[[Any], Any],
+        n: int,
+    ) -> None:
+        self.gt, self._prefill, self._step, self.n = gt, prefill, step, n
+        self.x: Any = None  # what the last piece returned (logits), the next step's input
+        self.done = 0  # tokens decoded
+        self.prefill_s = 0.0
+        self.steps_s: list[float] = []  # (done,) seconds of each decode step
+
+    @property
+    def decode_s(self) -> float:
+        return math.fsum(self.steps_s)
+
+    def prefill(self) -> None:
+        gt, t0 = self.gt, time.perf_counter()
+        gt.begin("prefill")
+        with gt.current():
+            self.x = self._prefill()
+        gt.drawn(0)
+        self.prefill_s = time.perf_counter() - t0
+
+    def token(self) -> None:
+        """The next decode step (the last one also ends the generation's spans)."""
+        gt, t0 = self.gt, time.perf_counter()
+        gt.begin("decode_step")
+        with gt.current():
+            self.x = self._step(self.x)
+        self.done += 1
+        gt.drawn(self.done)
+        if self.done == self.n:
+            gt.finish(SimpleNamespace(token_ids=range(self.n), finish_reason="length", text=""))
+        self.steps_s.append(time.perf_counter() - t0)
+
+
+class _Bare(_Generation):
+    """`_Generation` without its tracing calls: the baseline they are timed against."""
+
+    def token(self) -> None:
+        t0 = time.perf_counter()
+        self.x = self._step(self.x)
+        self.done += 1
+        self.steps_s.append(time.perf_counter() - t0)
+
+
+def _run_alone(gen: _Generation) -> _Generation:
+    """Prefill, then every decode step."""
+    gen.prefill()
+    for _ in range(gen.n):
+        gen.token()
+    return gen
+
+
+def _run_interleaved(a: _Generation, b: _Generation, flip: bool = False) -> None:
+    """Prefill both, then decode both a token at a time in ABBA order (a b, b a, a b, ...;
+    b first with ``flip``): whatever else the machine does, both see it alike."""
+    for gen in (b, a) if flip else (a, b):
+        gen.prefill()
+    for i in range(a.n):
+        for gen in (a, b) if i % 2 == flip else (b, a):
+            gen.token()
+
+
+def tracing_call_cost(
+    new_trace: Callable[[], tracing.GenerationTrace], n: int, reps: int = CALL_REPS
+) -> tuple[float, float]:
+    """(disabled, enabled) microseconds per token that the tracing calls around a decode step
+    add to an empty step: medians over ``reps`` rounds of a generation of n steps of each kind
+    (without the calls, disabled, enabled), the first subtracted from the others. ``new_trace``
+    starts an enabled generation's trace."""
+    times: dict[str, list[float]] = {"bare": [], "off": [], "on": []}
+
+    def same(x: Any) -> Any:
+        return x
+
+    for _ in range(reps):
+        for kind, gen in (
+            ("bare", _Bare(tracing.NO_TRACE, lambda: None, same, n)),
+            ("off", _Generation(tracing.NO_TRACE, lambda: None, same, n)),
+            ("on", _Generation(new_trace(), lambda: None, same, n)),
+        ):
+            times[kind].append(_run_alone(gen).decode_s)
+    base = statistics.median(times["bare"])
+    return (
+        (statistics.median(times["off"]) - base) / n * 1e6,
+        (statistics.median(times["on"]) - base) / n * 1e6,
+    )
+
+
 def bench_generate(
     engine,
     *,
     prompt_tokens: int = 128,
     gen_tokens: int = 128,
-    runs: int = 3,
+    runs: int | None = None,
     measure_limits: bool = True,
     trace: bool = False,
     trace_steps: bool = False,
 ) -> GenerateBench:
+    """Time ``runs`` runs (default 3), or with ``trace`` that many pairs of an untraced and a
+    traced generation (default `TRACE_PAIRS`), after a warm-up; see the module's docstring."""
+    runs = runs if runs is not None else TRACE_PAIRS if trace else 3
     if prompt_tokens < 1 or gen_tokens < 1 or runs < 1:
         raise UserError("user.bad_bench", "prompt_tokens, gen_tokens and runs must be >= 1")
     tf = engine.transformer
@@ -113,45 +247,50 @@ def bench_generate(
         raise UserError("user.context_overflow", "prompt + generated tokens exceed the context")
     prompt = bench_prompt(engine.tokenizer, prompt_tokens)
     config = GenerationConfig(max_tokens=gen_tokens, temperature=0)
-    done = SimpleNamespace(token_ids=range(gen_tokens), finish_reason="length", text="")
     recorder = None
     if trace:
         tracing.configure(steps=trace_steps)  # in memory only: the export is not what is timed
         recorder = tracing.recorder(capacity=1_000_000)
 
-    def one_run(traced: bool = False) -> tuple[float, float]:
-        gt = tracing.NO_TRACE
-        if traced:
-            gt = tracing.generation(
-                engine.model.name, config, request_id="bench", prompt_tokens=prompt_tokens
-            )
+    def new_trace() -> tracing.GenerationTrace:
+        return tracing.generation(
+            engine.model.name, config, request_id="bench", prompt_tokens=prompt_tokens
+        )
+
+    def new_run(traced: bool) -> _Generation:
         cache = tf.new_cache(prompt_tokens + gen_tokens)
-        t0 = time.perf_counter()
         host = engine.backend.to_host
-        gt.begin("prefill")
-        with gt.current():
-            logits = host(tf.prefill(prompt, cache))
-        gt.drawn(0)
-        t1 = time.perf_counter()
-        for i in range(gen_tokens):
-            gt.begin("decode_step")
-            with gt.current():
-                logits = host(tf.decode_one_token(int(np.argmax(logits)), cache))
-            gt.drawn(i + 1)
-        gt.finish(done)
-        return t1 - t0, time.perf_counter() - t1
+        return _Generation(
+            new_trace() if traced else tracing.NO_TRACE,
+            lambda: host(tf.prefill(prompt, cache)),
+            lambda logits: host(tf.decode_one_token(int(np.argmax(logits)), cache)),
+            gen_tokens,
+        )
 
     # The engine's compute is measured, not the profiler's bookkeeping (a few ms per token on
     # the NumPy backend): recording is off for the timed runs.
     profiling, engine.profiler.enabled = engine.profiler.enabled, False
+    times: list[tuple[float, float]] = []
     traced: list[tuple[float, float]] = []
+    step_losses: list[float] = []  # per pair: the median over its tokens
+    calls, spans = (0.0, 0.0), 0
     try:
-        one_run(trace)  # warm-up
-        times = []
-        for _ in range(runs):
-            times.append(one_run())
-            if trace:
-                traced.append(one_run(traced=True))
+        for i in range(runs + 1):  # the first: warm-up
+            plain, marked = new_run(False), new_run(True) if trace else None
+            gc.collect()  # no run collects an earlier one's garbage
+            if marked is not None:
+                _run_interleaved(plain, marked, flip=i % 2 == 1)
+                traced.append((marked.prefill_s, marked.decode_s))
+                losses = (1 - u / t for u, t in zip(plain.steps_s, marked.steps_s))
+                step_losses.append(statistics.median(losses))
+            else:
+                _run_alone(plain)
+            times.append((plain.prefill_s, plain.decode_s))
+        times, traced, step_losses = times[1:], traced[1:], step_losses[1:]
+        if trace:
+            assert recorder is not None
+            spans = len(recorder.spans())
+            calls = tracing_call_cost(new_trace, gen_tokens)
     finally:
         engine.profiler.enabled = profiling
         if trace:
@@ -175,14 +314,21 @@ def bench_generate(
             prefill_gemm_fraction=prefill_gflops / lim.gemm_gflops,
         )
     if trace:
-        assert recorder is not None
-        trace_decode = gen_tokens / statistics.median(d for _, d in traced)
+        trace_decode = [d for _, d in traced]
+        pairs = [1 - u / t for u, t in zip(decode, trace_decode)]
         extra.update(
             trace_steps=trace_steps,
             trace_prefill_tok_s=prompt_tokens / statistics.median(p for p, _ in traced),
-            trace_decode_tok_s=trace_decode,
-            trace_decode_overhead=1 - trace_decode / decode_tok_s,
-            trace_spans=len(recorder.spans()),
+            trace_decode_tok_s=gen_tokens / statistics.median(trace_decode),
+            trace_decode_s=trace_decode,
+            trace_pair_overheads=pairs,
+            trace_decode_overhead=statistics.median(pairs),
+            trace_overhead_interval=median_interval(pairs),
+            trace_step_overhead=statistics.median(step_losses),
+            trace_step_overhead_interval=median_interval(step_losses),
+            trace_spans=spans,
+            trace_call_us_off=calls[0],
+            trace_call_us_on=calls[1],
         )
     return GenerateBench(
         model=engine.model.name,
