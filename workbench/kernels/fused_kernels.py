@@ -118,13 +118,7 @@ def _module(loader: qk.ModuleLoader) -> Any:
     return loader(*qk.module_args("matvec"))
 
 
-def _check(name: str, a: Any, dtype: Any, shape: tuple[int, ...]) -> None:
-    if a.dtype != np.dtype(dtype) or tuple(a.shape) != shape or not a.flags.c_contiguous:
-        raise UserError(
-            "kernel.bad_argument",
-            f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, "
-            f"not {a.dtype} {tuple(a.shape)}",
-        )
+_check = qk._check  # the launch wrappers' one argument check (dtype, shape, C order)
 
 
 def q8_1_buffer(like: Any, cols: int) -> Any:
