@@ -180,6 +180,22 @@ def barrier_wait(state: np.ndarray, n: int, spins: int) -> None:
         _atomic_store(state, _BUDGET, min(2 * budget, spins))
 
 
+# Work counters (`new_counters`, `claim`): one per shared loop, each on its own cache line.
+_COUNTER_STRIDE = 16
+
+
+def new_counters(n: int) -> np.ndarray:
+    """n work counters at zero: (n * 16,) int32, counter i at element 16 i."""
+    return np.zeros(n * _COUNTER_STRIDE, np.int32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def claim(counters: np.ndarray, i: int) -> int:
+    """The next unit of shared loop i (0, 1, 2, ... across all threads that call this): each
+    unit goes to exactly one caller, whichever asks first."""
+    return _atomic_add(counters, i * _COUNTER_STRIDE, 1)
+
+
 @intrinsic
 def monotonic(typingctx):
     """Seconds on the monotonic clock (``clock_gettime``), as ``time.monotonic()``."""

@@ -8,10 +8,12 @@ logits -- is one numba call over preallocated buffers. Matrix-vector products of
 merged into one loop over their stacked rows (Q, K and V; gate and up).
 
 Threads. With N threads a fixed team (the caller and N - 1 helper threads, `_Team`) runs the
-token's call together, each on its share of every product's rows and of the attention heads,
-and the threads meet at a spin-then-sleep barrier (`cpu_sync`) six times per layer. A token
-costs one wake-up of the helpers instead of four numba parallel regions per layer (about 120 per
-token, each a wake-up of passive OpenMP workers: 25-45 us on this project's VM).
+token's call together. Each thread works through its own part of every product's rows (in chunks)
+and of the attention heads, then helps with the others' (`_claim`): an even static split left
+one thread waiting 30-40 us per layer for the other, which the VM or the memory had slowed. The
+threads meet at a spin-then-sleep barrier (`cpu_sync`) six times per layer. A token costs one
+wake-up of the helpers instead of four numba parallel regions per layer (about 120 per token,
+each a wake-up of passive OpenMP workers: 25-45 us on this project's VM).
 
 Numerics are the reference's: the same row kernels (`quant_blocks._dot_*_row`, whose accumulation
 order is fixed per row), the same block sums of the input, the same RMSNorm, RoPE tables and
@@ -54,6 +56,7 @@ from workbench.backends.quant_blocks import (
     _dot_q8_0_row,
     _group_sums,
 )
+from workbench.backends.quant_simd import _prefetch
 from workbench.gguf.quants import SUPPORTED_TYPES, block_layout
 
 Q = GGMLQuantizationType
@@ -71,6 +74,9 @@ _T_Q2_K, _T_Q3_K, _T_Q4_K, _T_Q5_K, _T_Q6_K = (
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _PER_LAYER = len(MATRICES)
 _Q, _K, _V, _O, _GATE, _UP, _DOWN = range(_PER_LAYER)
+# Work counters per layer (`cpu_sync.claim`): Q/K/V rows, attention heads, output rows, gate/up
+# rows, down rows; then one for the logits' rows.
+_SLOTS = 5
 # Weight table columns.
 _OFF, _ROWS, _ROW_BYTES, _CODE, _BLOCK_BYTES, _VALUES = range(6)
 
@@ -107,6 +113,23 @@ def _dot_row(code, row, x, xs32, xs16, nb):
     return _dot_f32_row(row, x, x, nb)
 
 
+# Rows are handed out in chunks of about this many weight bytes: 1-2 us of work, against an
+# atomic increment of a counter the other thread last touched (well under 0.1 us).
+_CHUNK_BYTES = 16384
+# Each row's dot product first asks for the cache lines this many bytes further on (`_prefetch`):
+# the hardware prefetchers alone left a core's stream stalled on memory. SmolLM2 Q4_1, 2 threads:
+# 100-104 tok/s without, 113-122 at 1-8 KiB ahead, best at 2 KiB; the logits' rows went from
+# 14.8 to 21 GB/s.
+_AHEAD = 2048
+
+
+@njit(cache=True, nogil=True)
+def _chunks(table, m):
+    """How many chunks matrix m's rows are split into (`_matvec_rows`)."""
+    rows = table[m, _ROWS]
+    return max(1, min(rows, rows * table[m, _ROW_BYTES] // _CHUNK_BYTES))
+
+
 @njit(cache=True, nogil=True)
 def _part(lo, hi, tid, nt):
     """Thread tid's share lo..(returned hi)-1 of the range lo..hi-1 split evenly among nt."""
@@ -123,37 +146,63 @@ warnings.filterwarnings(
 )
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _matvec_rows(blob, table, m0, m1, x, out, tid, nt):
-    """Thread tid's share of out = concat(W_m @ x for m in m0..m1-1), the matrices sharing x.
+@njit(cache=True, nogil=True, inline="always")
+def _claim(work, slot, part, nt, units):
+    """The next unit of shared loop ``slot`` from ``part`` (of nt parts) of its 0..units-1, or -1.
 
-    blob (file bytes,) uint8; table (matrices, 6) int64; x (cols,) float32; out (sum rows,)."""
+    Each thread works through its own part (tid) first, front to back, then helps with the
+    others': the owner's reads stay one ascending stream (as the hardware prefetcher likes), and
+    a thread the VM or the memory slows down is helped instead of holding the others at the
+    next barrier. One counter per part (`cpu_sync.claim`), mostly touched by its owner only."""
+    first, end = units * part // nt, units * (part + 1) // nt
+    c = first + cpu_sync.claim(work, slot * nt + part)
+    return c if c < end else -1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _matvec_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
+    """Thread tid's chunks of out = concat(W_m @ x for m in m0..m1-1), the matrices sharing x.
+
+    Every thread of the team calls this; the rows go out in chunks of about `_CHUNK_BYTES`
+    (`_claim`). blob (file bytes,) uint8; table (matrices, 6) int64; x (cols,) float32;
+    out (sum rows,)."""
     xs32 = _group_sums(x, 32)  # (cols // 32,) Q4_*, Q5_*, Q4_K, Q5_K block offsets
     xs16 = _group_sums(x, QK_K // 16)  # (cols // 16,) Q2_K
-    total = 0
+    chunks = 0
     for m in range(m0, m1):
-        total += table[m, _ROWS]
-    r0, r1 = _part(0, total, tid, nt)
-    first = 0  # stacked index of matrix m's first row
-    for m in range(m0, m1):
-        rows = table[m, _ROWS]
-        lo, hi = max(r0, first), min(r1, first + rows)
-        # The matrix's fields are loop invariants, so LLVM hoists the type dispatch out of the
-        # row loop (per row, it cost about a third of the decode).
-        rb = table[m, _ROW_BYTES]
-        nb = rb // table[m, _BLOCK_BYTES]
-        code = table[m, _CODE]
-        base = table[m, _OFF] - first * rb
-        for r in range(lo, hi):
-            o = base + r * rb
-            out[r] = _dot_row(code, blob[o : o + rb], x, xs32, xs16, nb)
-        first += rows
+        chunks += _chunks(table, m)
+    for i in range(nt):
+        part = (tid + i) % nt
+        c = _claim(work, slot, part, nt, chunks)
+        while c >= 0:
+            first, skip = 0, 0  # stacked index of matrix m's first row; chunks before matrix m
+            for m in range(m0, m1):
+                rows, n = table[m, _ROWS], _chunks(table, m)
+                if c < skip + n:
+                    rb = table[m, _ROW_BYTES]
+                    per = -(-rows // n)  # rows per chunk
+                    lo = (c - skip) * per
+                    hi = min(lo + per, rows)
+                    # The matrix's fields are invariants of the row loop, so LLVM hoists the
+                    # type dispatch out of it (per row, it cost about a third of the decode).
+                    nb = rb // table[m, _BLOCK_BYTES]
+                    code = table[m, _CODE]
+                    base = table[m, _OFF]
+                    for r in range(lo, hi):
+                        o = base + r * rb
+                        for f in range(o + _AHEAD, o + _AHEAD + rb, 64):
+                            _prefetch(blob, f)
+                        out[first + r] = _dot_row(code, blob[o : o + rb], x, xs32, xs16, nb)
+                    break
+                first += rows
+                skip += n
+            c = _claim(work, slot, part, nt, chunks)
 
 
 @njit(cache=True, nogil=True)
 def _team_step(
     tid, nt, sync, spins, blob, table, norms, out_norm, eps, dims, xs, pos, cos, sin, neox,
-    k_cache, v_cache, qkv, att, tmp, hs, gu, ffs, logits, stamps,
+    k_cache, v_cache, qkv, att, tmp, hs, gu, ffs, logits, stamps, work,
 ):  # fmt: skip
     """Thread tid of nt: every layer of one token at position ``pos``, then the output norm and
     logits. Every thread of the team calls this with the same arguments. Thread 0 writes the
@@ -162,7 +211,9 @@ def _team_step(
 
     Each thread keeps its own copy of the residual stream (xs[tid]), its norm (hs[tid]) and
     SwiGLU output (ffs[tid]), computed identically on every thread, so that only the products'
-    rows and the attention heads are split. The threads meet at ``sync`` (a
+    rows and the attention heads are shared out (`_claim`, through the counters in ``work``:
+    (layers * 5 + 1) * nt of `cpu_sync.new_counters`, zero at the call). Every row and head is
+    computed the same way whichever thread takes it. The threads meet at ``sync`` (a
     `cpu_sync.new_barrier`, polled ``spins`` times before a thread sleeps) six times per layer:
     after each group of matrix rows, after RoPE and the KV append, and after attention.
 
@@ -175,14 +226,15 @@ def _team_step(
     nh, nkv, hd, nff = dims
     qd, kd = nh * hd, nkv * hd
     x, h, ff = xs[tid], hs[tid], ffs[tid]
-    h0, h1 = _part(0, nh, tid, nt)  # this thread's query heads
+    h0, h1 = _part(0, nh, tid, nt)  # this thread's query heads to rotate
     g0, g1 = _part(0, nkv, tid, nt)  # and KV heads
     if tid == 0:
         stamps[0] = cpu_sync.monotonic()
     for layer in range(norms.shape[0]):
         t = layer * _PER_LAYER
+        w = layer * _SLOTS  # this layer's work counters
         cpu_ops.rmsnorm(x, norms[layer, 0], eps, h)
-        _matvec_rows(blob, table, t + _Q, t + _O, h[0], qkv, tid, nt)
+        _matvec_rows(blob, table, t + _Q, t + _O, h[0], qkv, tid, nt, work, w)
         cpu_sync.barrier_wait(sync, nt, spins)
         q = qkv[:qd].reshape((1, nh, hd))
         k = qkv[qd : qd + kd].reshape((1, nkv, hd))
@@ -193,20 +245,27 @@ def _team_step(
                 k_cache[layer, g, pos, d] = qkv[qd + g * hd + d]
                 v_cache[layer, g, pos, d] = qkv[qd + kd + g * hd + d]
         cpu_sync.barrier_wait(sync, nt, spins)
-        cpu_ops.attention_decode_heads(q[0], k_cache[layer], v_cache[layer], pos + 1, att, h0, h1)
+        for i in range(nt):
+            part = (tid + i) % nt
+            head = _claim(work, w + 1, part, nt, nh)
+            while head >= 0:
+                cpu_ops.attention_decode_heads(
+                    q[0], k_cache[layer], v_cache[layer], pos + 1, att, head, head + 1
+                )
+                head = _claim(work, w + 1, part, nt, nh)
         cpu_sync.barrier_wait(sync, nt, spins)
-        _matvec_rows(blob, table, t + _O, t + _GATE, att, tmp, tid, nt)
+        _matvec_rows(blob, table, t + _O, t + _GATE, att, tmp, tid, nt, work, w + 2)
         cpu_sync.barrier_wait(sync, nt, spins)
         for j in range(x.shape[1]):
             x[0, j] = x[0, j] + tmp[j]
         cpu_ops.rmsnorm(x, norms[layer, 1], eps, h)
-        _matvec_rows(blob, table, t + _GATE, t + _DOWN, h[0], gu, tid, nt)
+        _matvec_rows(blob, table, t + _GATE, t + _DOWN, h[0], gu, tid, nt, work, w + 3)
         cpu_sync.barrier_wait(sync, nt, spins)
         for j in range(nff):
             # silu(g) * u as the reference writes it; exp overflow gives g / inf = -0.0.
             g = gu[j]
             ff[j] = g / (np.float32(1.0) + np.exp(-g)) * gu[nff + j]
-        _matvec_rows(blob, table, t + _DOWN, t + _PER_LAYER, ff, tmp, tid, nt)
+        _matvec_rows(blob, table, t + _DOWN, t + _PER_LAYER, ff, tmp, tid, nt, work, w + 4)
         cpu_sync.barrier_wait(sync, nt, spins)
         for j in range(x.shape[1]):
             x[0, j] = x[0, j] + tmp[j]
@@ -214,7 +273,7 @@ def _team_step(
             stamps[layer + 1] = cpu_sync.monotonic()
     cpu_ops.rmsnorm(x, out_norm, eps, h)
     m = table.shape[0] - 1
-    _matvec_rows(blob, table, m, m + 1, h[0], logits, tid, nt)
+    _matvec_rows(blob, table, m, m + 1, h[0], logits, tid, nt, work, norms.shape[0] * _SLOTS)
     if tid == 0:
         stamps[-1] = cpu_sync.monotonic()
 
@@ -330,6 +389,7 @@ class FusedDecoder:
         self.sync = cpu_sync.new_barrier()
         self.spins = cpu_sync.SPINS  # polls of a barrier before a thread sleeps
         self.stamps = np.zeros(spec.n_layers + 2, np.float64)  # clock after each phase, seconds
+        self.work = cpu_sync.new_counters((spec.n_layers * _SLOTS + 1) * nt)  # zeroed per token
         self.vocab = int(table[-1, _ROWS])
         self._lock = threading.Lock()  # one step at a time: the scratch buffers are shared
         self._team = _Team(nt) if nt > 1 else None
@@ -398,7 +458,8 @@ class FusedDecoder:
         args = (self.sync, self.spins, self.blob, self.table, self.norms, self.out_norm,
                 float(spec.norm_eps), self.dims, self.xs, pos, cos, sin, neox, cache.k, cache.v,
                 self.qkv, self.att, self.tmp, self.hs, self.gu, self.ffs, logits,
-                self.stamps)  # fmt: skip
+                self.stamps, self.work)  # fmt: skip
+        self.work[:] = 0
         if self._team is None:
             _team_step(0, 1, *args)
         else:
@@ -439,4 +500,4 @@ def warm_up() -> None:
     stamps = np.zeros(3, np.float64)
     _team_step(0, 1, cpu_sync.new_barrier(), cpu_sync.SPINS, blob, table, norms, out_norm, 1e-5,
                dims, xs, 0, cos, sin, False, k_cache, v_cache, qkv, att, tmp, hs, gu, ffs, logits,
-               stamps)  # fmt: skip
+               stamps, cpu_sync.new_counters(_SLOTS + 1))  # fmt: skip

@@ -384,3 +384,21 @@ def _ld_f32(typingctx, arr, off):
         return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _F32), align=1)
 
     return types.float32(arr, off), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, off):
+    """Ask the CPU to start loading the cache line holding arr[off] (a hint: never faults, even
+    past the end of the array)."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], _I8)
+        fnty = ir.FunctionType(ir.VoidType(), [p.type, _I32, _I32, _I32])
+        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            builder.module, fnty, "llvm.prefetch.p0"
+        )
+        one, three = ir.Constant(_I32, 1), ir.Constant(_I32, 3)
+        builder.call(fn, [p, ir.Constant(_I32, 0), three, one])
+        return context.get_dummy_value()
+
+    return types.none(arr, off), codegen
