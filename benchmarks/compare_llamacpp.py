@@ -22,7 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# isort: off
+import workbench  # noqa: F401  (first: it sets OpenBLAS's spin time, read as NumPy loads)
 import numpy as np
+# isort: on
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"
