@@ -87,3 +87,22 @@ def test_the_compiled_clock_is_the_monotonic_clock():
     a, b = _clock_pair()
     after = time.monotonic()
     assert before <= a <= b <= after
+
+
+@njit(nogil=True)
+def _take(tid, counters, slot, units, taken):
+    """Claim units of shared loop ``slot`` until none are left, marking each one taken."""
+    c = cpu_sync.claim(counters, slot)
+    while c < units:
+        taken[c, tid] += 1
+        c = cpu_sync.claim(counters, slot)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_claim_hands_every_unit_to_exactly_one_thread(n, rng, seed):
+    units = int(rng.integers(1_000, 50_000))
+    counters = cpu_sync.new_counters(2)
+    taken = np.zeros((units, n), np.int64)  # (unit, thread)
+    _run_team(n, _take, (counters, 1, units, taken))
+    assert np.array_equal(taken.sum(axis=1), np.ones(units)), f"seed={seed}"
+    assert counters[0] == 0, "another loop's counter moved"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -47,3 +48,16 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
         assert f"workbench/_kernels/emulator/{p.name}" in names, p.name
     # `workbench report` runs the report notebook from the package
     assert "workbench/_notebooks/05-reproducible-report.ipynb" in names
+
+
+@pytest.mark.parametrize(("preset", "want"), [(None, "20"), ("28", "28")])
+def test_importing_workbench_shortens_openblas_spin_unless_set(preset, want):
+    """OpenBLAS's workers spin 2**20 cycles after a call, not 2**28 (workbench/__init__), and a
+    user's own setting wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = "import os, workbench; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want

@@ -74,13 +74,41 @@ def test_bad_input_is_a_user_error(r: Rand) -> None:
     assert qb.matvec_rows(Q.Q8_0, raw, np.zeros((0, 64), np.float32)).shape == (0, 4)
 
 
-def test_paged_attention_reads_through_page_tables(r: Rand) -> None:
+# Head sizes that take each path of the decode attention's weighted sum: 32-lane groups, then
+# 8-lane groups, then single lanes.
+HEAD_DIMS = [3, 8, 44, 64, 72]
+
+
+@pytest.mark.parametrize("hd", HEAD_DIMS)
+def test_decode_attention_matches_float64(hd: int, r: Rand) -> None:
+    """`cpu_ops.attention_decode` against the softmax formula in float64 (GQA, 3 query heads
+    per KV head)."""
+    from workbench.backends import cpu_ops
+
+    kvh, group, ctx = 2, 3, 50
+    t = int(r.rng.integers(1, ctx))
+    q = (2 * r.rng.standard_normal((kvh * group, hd))).astype(np.float32)  # sharp softmax
+    k = r.rng.standard_normal((kvh, ctx, hd)).astype(np.float32)
+    v = r.rng.standard_normal((kvh, ctx, hd)).astype(np.float32)
+    out = np.full(kvh * group * hd, np.nan, np.float32)
+    cpu_ops.attention_decode(q, k, v, t, out)
+    for h in range(kvh * group):
+        g = h // group
+        s = k[g, :t].astype(np.float64) @ q[h].astype(np.float64) / np.sqrt(hd)  # (t,)
+        p = np.exp(s - s.max())
+        want = (p / p.sum()) @ v[g, :t].astype(np.float64)  # (hd,)
+        got = out[h * hd : (h + 1) * hd]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"head {h} {r}")
+
+
+@pytest.mark.parametrize("hd", HEAD_DIMS)
+def test_paged_attention_reads_through_page_tables(hd: int, r: Rand) -> None:
     """Each row equals `cpu_ops.attention_decode` on its own gathered cache bit for bit (the
     same loop, `cpu_ops.decode_head_kernel`, with another row lookup), and does not change
     with the other rows of the batch."""
     from workbench.backends import cpu_ops, paged_ops
 
-    size, kvh, group, hd, n_pages = 4, 2, 3, 8, 40
+    size, kvh, group, n_pages = 4, 2, 3, 40
     k = r.rng.standard_normal((n_pages, size, kvh, hd)).astype(np.float32)
     v = r.rng.standard_normal((n_pages, size, kvh, hd)).astype(np.float32)
     lengths = r.rng.integers(1, 9 * size, 5)

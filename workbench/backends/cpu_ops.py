@@ -49,12 +49,19 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
                 x[t, h, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+# The decode attention's floating-point flags: fast-math without reassociation. Its vector code is
+# spelled out (`quant_simd`); reassociation would let LLVM vectorise the remaining scalar sums
+# (an odd head size's last lanes, the softmax total) differently in each caller, which inlines
+# the loop with its own row lookup, and the paged and contiguous caches would part by an ulp.
+ATTENTION_MATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+
+
+@njit(cache=True, nogil=True, fastmath=ATTENTION_MATH)
 def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: np.ndarray) -> None:
     """One query position: q (heads, hd), k, v (kv_heads, ctx, hd) filled up to t -> out (heads*hd).
 
     Query head h reads KV head h // (heads / kv_heads). Softmax in float32 after subtracting the
-    row maximum, as the NumPy path; fastmath only lets the dot products vectorise.
+    row maximum, as the NumPy path.
     """
     attention_decode_heads(q, k, v, t, out, 0, q.shape[0])
 
@@ -77,7 +84,7 @@ def decode_head_kernel(kv_row: Any) -> Any:
     `paged_ops` and `fused_decode` compile it again.
     """
 
-    @njit(nogil=True, fastmath=True, inline="always")
+    @njit(nogil=True, fastmath=ATTENTION_MATH, inline="always")
     def attention_head(
         q: np.ndarray, k: np.ndarray, v: np.ndarray, where: Any, t: int, h: int, scale: Any,
         scores: np.ndarray, out: np.ndarray,
@@ -144,7 +151,7 @@ def decode_head_kernel(kv_row: Any) -> Any:
 _attention_head = decode_head_kernel(contiguous_row)
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=ATTENTION_MATH)
 def attention_decode_heads(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, out: np.ndarray, h0: int, h1: int
 ) -> None:

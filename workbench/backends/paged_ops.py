@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from workbench.backends.cpu_ops import decode_head_kernel
+from workbench.backends.cpu_ops import ATTENTION_MATH, decode_head_kernel
 
 
 @njit(nogil=True, inline="always")
@@ -31,7 +31,7 @@ def _paged_row(cache: np.ndarray, where: tuple, j: int) -> np.ndarray:
 _attention_head = decode_head_kernel(_paged_row)
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+@njit(parallel=True, cache=True, nogil=True, fastmath=ATTENTION_MATH)
 def attention_decode_paged(
     q: np.ndarray,
     k: np.ndarray,
