@@ -32,6 +32,20 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True)
+def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
+    """out = silu(gate) * up for (n, ffn) float32 rows, as g / (1 + exp(-g)) * u.
+
+    exp overflow for very negative g gives g / inf = -0.0, the right limit. One compiled loop
+    for the per-operation path and both fused decodes, so all three compute it alike."""
+    n, f = gate.shape
+    one = np.float32(1.0)
+    for i in range(n):
+        for j in range(f):
+            g = gate[i, j]
+            out[i, j] = g / (one + np.exp(-g)) * up[i, j]
+
+
+@njit(cache=True, nogil=True)
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
     """Rotate x (n, heads, hd) in place; cos, sin (n, rope_dim/2) float32.
 

@@ -17,9 +17,9 @@ each a wake-up of passive OpenMP workers: 25-45 us on this project's VM).
 
 Numerics are the reference's: the same row kernels (`quant_blocks._dot_*_row`, whose accumulation
 order is fixed per row), the same block sums of the input, the same RMSNorm, RoPE tables and
-attention loops (`cpu_ops`). SwiGLU's float32 ``exp`` comes from a different library than
-NumPy's, and LLVM may vectorise the block sums differently where they are inlined, so logits agree
-with the per-operation path to float32 rounding (relative 1e-6), not bit for bit.
+attention loops and SwiGLU (`cpu_ops`). LLVM may vectorise the block sums differently where they
+are inlined, so logits agree with the per-operation path to float32 rounding (relative 1e-6), not
+bit for bit.
 
 Weights are not copied: all of them live in the model file's one memory map, and the kernel reads
 them through a table of (offset, rows, row_bytes, type) entries into that map.
@@ -159,6 +159,29 @@ def _claim(work, slot, part, nt, units):
     return c if c < end else -1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _chunk_rows(table, m0, m1, c):
+    """Chunk c of the stacked rows of matrices m0..m1-1: (m, first, lo, hi), rows lo..hi-1 of
+    matrix m, whose row 0 is row ``first`` of the stack."""
+    first, skip = 0, 0  # stacked index of matrix m's first row; chunks before matrix m
+    for m in range(m0, m1):
+        rows, n = table[m, _ROWS], _chunks(table, m)
+        if c < skip + n:
+            per = -(-rows // n)  # rows per chunk
+            lo = (c - skip) * per
+            return m, first, lo, min(lo + per, rows)
+        first += rows
+        skip += n
+    return m1 - 1, first, 0, 0  # past the end: no rows
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_ahead(blob, o, rb):
+    """Ask for the `_AHEAD` bytes after the row at blob[o : o + rb]."""
+    for f in range(o + _AHEAD, o + _AHEAD + rb, 64):
+        _prefetch(blob, f)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _matvec_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
     """Thread tid's chunks of out = concat(W_m @ x for m in m0..m1-1), the matrices sharing x.
@@ -175,27 +198,17 @@ def _matvec_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
         part = (tid + i) % nt
         c = _claim(work, slot, part, nt, chunks)
         while c >= 0:
-            first, skip = 0, 0  # stacked index of matrix m's first row; chunks before matrix m
-            for m in range(m0, m1):
-                rows, n = table[m, _ROWS], _chunks(table, m)
-                if c < skip + n:
-                    rb = table[m, _ROW_BYTES]
-                    per = -(-rows // n)  # rows per chunk
-                    lo = (c - skip) * per
-                    hi = min(lo + per, rows)
-                    # The matrix's fields are invariants of the row loop, so LLVM hoists the
-                    # type dispatch out of it (per row, it cost about a third of the decode).
-                    nb = rb // table[m, _BLOCK_BYTES]
-                    code = table[m, _CODE]
-                    base = table[m, _OFF]
-                    for r in range(lo, hi):
-                        o = base + r * rb
-                        for f in range(o + _AHEAD, o + _AHEAD + rb, 64):
-                            _prefetch(blob, f)
-                        out[first + r] = _dot_row(code, blob[o : o + rb], x, xs32, xs16, nb)
-                    break
-                first += rows
-                skip += n
+            m, first, lo, hi = _chunk_rows(table, m0, m1, c)
+            # The matrix's fields are invariants of the row loop, so LLVM hoists the type
+            # dispatch out of it (per row, it cost about a third of the decode).
+            rb = table[m, _ROW_BYTES]
+            nb = rb // table[m, _BLOCK_BYTES]
+            code = table[m, _CODE]
+            base = table[m, _OFF]
+            for r in range(lo, hi):
+                o = base + r * rb
+                _prefetch_ahead(blob, o, rb)
+                out[first + r] = _dot_row(code, blob[o : o + rb], x, xs32, xs16, nb)
             c = _claim(work, slot, part, nt, chunks)
 
 
@@ -261,10 +274,7 @@ def _team_step(
         cpu_ops.rmsnorm(x, norms[layer, 1], eps, h)
         _matvec_rows(blob, table, t + _GATE, t + _DOWN, h[0], gu, tid, nt, work, w + 3)
         cpu_sync.barrier_wait(sync, nt, spins)
-        for j in range(nff):
-            # silu(g) * u as the reference writes it; exp overflow gives g / inf = -0.0.
-            g = gu[j]
-            ff[j] = g / (np.float32(1.0) + np.exp(-g)) * gu[nff + j]
+        cpu_ops.swiglu(gu[:nff].reshape((1, nff)), gu[nff:].reshape((1, nff)), ff.reshape((1, nff)))
         _matvec_rows(blob, table, t + _DOWN, t + _PER_LAYER, ff, tmp, tid, nt, work, w + 4)
         cpu_sync.barrier_wait(sync, nt, spins)
         for j in range(x.shape[1]):
@@ -348,11 +358,42 @@ def _root(a: np.ndarray) -> np.ndarray:
 LayerHook = Callable[[int, float], None]
 
 
-class FusedDecoder:
-    """Decodes one token per `step` for a transformer whose weights all lie in one file map.
+def weight_table(transformer: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(blob, table) of the transformer's matrices for the fused kernels, or None when they are
+    not all C-contiguous views of one file map in supported types.
 
-    Build with `FusedDecoder.build`, which returns None when the weights do not allow it (then
-    the per-operation path runs)."""
+    blob (file bytes,) uint8, read-only; table (layers*7 + 1, 6) int64: each matrix's offset in
+    blob, rows, row bytes, type code, block bytes and values per block, layer by layer in the
+    order of `MATRICES`, then the output projection."""
+    mats = [getattr(lw, name) for lw in transformer.layers for name in MATRICES]
+    mats.append(transformer.output)
+    blob = _root(mats[0].data)
+    if blob.ndim != 1 or blob.dtype != np.uint8:
+        return None
+    base = blob.ctypes.data
+    rows = []
+    for w in mats:
+        data = w.data
+        if (
+            _root(data) is not blob
+            or data.ndim != 2
+            or not data.flags.c_contiguous
+            or w.qtype not in SUPPORTED_TYPES
+        ):
+            return None
+        values, block_bytes = block_layout(w.qtype)
+        rows.append((data.ctypes.data - base, *data.shape, int(w.qtype), block_bytes, values))
+    table = np.array(rows, dtype=np.int64)  # (layers*7 + 1, 6)
+    view = blob.view(np.ndarray)
+    view.flags.writeable = False  # one compiled specialisation: the file map is read-only
+    return view, table
+
+
+class TeamDecoder:
+    """What both fused decodes (`FusedDecoder`, `fused_rows.FusedRowsDecoder`) hold: the weight
+    table, the norms, the team of threads with its barrier and counters, the per-layer clock
+    and the profiler's cost model. Build with ``build``, which returns None when the weights
+    do not allow it (then the per-operation path runs)."""
 
     def __init__(self, transformer: Any, blob: np.ndarray, table: np.ndarray, threads: int) -> None:
         spec = transformer.spec
@@ -374,64 +415,65 @@ class FusedDecoder:
             [np.stack([lw.attn_norm.data, lw.ffn_norm.data]) for lw in transformer.layers]
         ).astype(np.float32)  # (layers, 2, dim)
         self.out_norm = np.ascontiguousarray(transformer.output_norm.data, np.float32)  # (dim,)
-        dim, hd = spec.dim, spec.head_dim
-        ffn = int(table[_GATE, _ROWS])
-        self.dims = (spec.n_heads, spec.n_kv_heads, hd, ffn)
+        self.ffn = int(table[_GATE, _ROWS])
+        self.dims = (spec.n_heads, spec.n_kv_heads, spec.head_dim, self.ffn)
+        self.vocab = int(table[-1, _ROWS])
         self.threads = max(1, int(threads))
-        nt = self.threads
-        self.xs = np.empty((nt, 1, dim), np.float32)  # each thread's copy of the residual stream
-        self.hs = np.empty((nt, 1, dim), np.float32)  # normed input of a projection, per thread
-        self.ffs = np.empty((nt, ffn), np.float32)  # silu(gate) * up, per thread
-        self.qkv = np.empty(spec.n_heads * hd + 2 * spec.n_kv_heads * hd, np.float32)
-        self.att = np.empty(spec.n_heads * hd, np.float32)
-        self.tmp = np.empty(dim, np.float32)  # output of attn_output / ffn_down
-        self.gu = np.empty(2 * ffn, np.float32)  # gate then up
         self.sync = cpu_sync.new_barrier()
         self.spins = cpu_sync.SPINS  # polls of a barrier before a thread sleeps
-        self.stamps = np.zeros(spec.n_layers + 2, np.float64)  # clock after each phase, seconds
-        self.work = cpu_sync.new_counters((spec.n_layers * _SLOTS + 1) * nt)  # zeroed per token
-        self.vocab = int(table[-1, _ROWS])
-        self._lock = threading.Lock()  # one step at a time: the scratch buffers are shared
-        self._team = _Team(nt) if nt > 1 else None
+        self.stamps = np.zeros(spec.n_layers + 2, np.float64)  # clock after each layer, seconds
+        # The team's work counters (`_claim`), zeroed before every call.
+        self.work = cpu_sync.new_counters((spec.n_layers * _SLOTS + 1) * self.threads)
+        self._lock = threading.Lock()  # one call at a time: scratch, barrier and counters
+        self._team = _Team(self.threads) if self.threads > 1 else None
         if self._team is not None:
             weakref.finalize(self, self._team.close)
 
     @classmethod
-    def build(cls, transformer: Any, threads: int) -> FusedDecoder | None:
+    def build(cls, transformer: Any, threads: int) -> Any:
         """A decoder over the transformer's weights, or None if they are not one file's map."""
-        mats = [getattr(lw, name) for lw in transformer.layers for name in MATRICES]
-        mats.append(transformer.output)
-        blob = _root(mats[0].data)
-        if blob.ndim != 1 or blob.dtype != np.uint8:
-            return None
-        base = blob.ctypes.data
-        rows = []
-        for w in mats:
-            data = w.data
-            if (
-                _root(data) is not blob
-                or data.ndim != 2
-                or not data.flags.c_contiguous
-                or w.qtype not in SUPPORTED_TYPES
-            ):
-                return None
-            values, block_bytes = block_layout(w.qtype)
-            rows.append((data.ctypes.data - base, *data.shape, int(w.qtype), block_bytes, values))
-        table = np.array(rows, dtype=np.int64)  # (layers*7 + 1, 6)
-        view = blob.view(np.ndarray)
-        view.flags.writeable = False  # one compiled specialisation: the file map is read-only
-        return cls(transformer, view, table, threads)
-
-    def __call__(self, token: int, cache: Any) -> np.ndarray:
-        return self.step(token, cache)
+        weights = weight_table(transformer)
+        return None if weights is None else cls(transformer, *weights, threads)
 
     def layer_costs(self) -> list[tuple[int, int]]:
-        """(weight bytes, flops) of each layer's matrix-vector products."""
+        """(weight bytes, flops) of each layer's matrix-vector products, for one row."""
         return list(self._costs)
 
     def head_cost(self) -> tuple[int, int]:
-        """(weight bytes, flops) of the output projection."""
+        """(weight bytes, flops) of the output projection, for one row."""
         return self._head_cost
+
+    def _run(self, fn: Callable[..., None], args: tuple, on_layer: LayerHook | None) -> None:
+        """fn(tid, nt, *args) on every thread of the team (under the lock), then the per-layer
+        times to ``on_layer(layer, seconds)``: each layer, then -1 for the norm and logits."""
+        self.work[:] = 0
+        if self._team is None:
+            fn(0, 1, *args)
+        else:
+            self._team.run(fn, (self.threads, *args))
+        if on_layer is not None:
+            times = np.diff(self.stamps)  # (layers + 1,) seconds
+            for layer in range(self.spec.n_layers):
+                on_layer(layer, float(times[layer]))
+            on_layer(-1, float(times[-1]))
+
+
+class FusedDecoder(TeamDecoder):
+    """Decodes one token per `step` for a transformer whose weights all lie in one file map."""
+
+    def __init__(self, transformer: Any, blob: np.ndarray, table: np.ndarray, threads: int) -> None:
+        super().__init__(transformer, blob, table, threads)
+        nt, dim, hd, spec = self.threads, self.spec.dim, self.spec.head_dim, self.spec
+        self.xs = np.empty((nt, 1, dim), np.float32)  # each thread's copy of the residual stream
+        self.hs = np.empty((nt, 1, dim), np.float32)  # normed input of a projection, per thread
+        self.ffs = np.empty((nt, self.ffn), np.float32)  # silu(gate) * up, per thread
+        self.qkv = np.empty(spec.n_heads * hd + 2 * spec.n_kv_heads * hd, np.float32)
+        self.att = np.empty(spec.n_heads * hd, np.float32)
+        self.tmp = np.empty(dim, np.float32)  # output of attn_output / ffn_down
+        self.gu = np.empty(2 * self.ffn, np.float32)  # gate then up
+
+    def __call__(self, token: int, cache: Any) -> np.ndarray:
+        return self.step(token, cache)
 
     def step(self, token: int, cache: Any, on_layer: LayerHook | None = None) -> np.ndarray:
         """Logits (vocab,) of ``token`` at position cache.length; writes that position's K/V.
@@ -440,15 +482,9 @@ class FusedDecoder:
         once with layer -1 for the output norm and logits, with the times the call measured.
         """
         with self._lock:
-            logits = self._step(token, cache)
-            if on_layer is not None:
-                times = np.diff(self.stamps)  # (layers + 1,) seconds
-                for layer in range(self.spec.n_layers):
-                    on_layer(layer, float(times[layer]))
-                on_layer(-1, float(times[-1]))
-            return logits
+            return self._step(token, cache, on_layer)
 
-    def _step(self, token: int, cache: Any) -> np.ndarray:
+    def _step(self, token: int, cache: Any, on_layer: LayerHook | None) -> np.ndarray:
         tf, spec = self.transformer, self.spec
         pos = cache.length
         self.xs[:] = quant_cpu.get_rows(tf.tok_embd.qtype, tf.tok_embd.data, np.array([token]))
@@ -459,12 +495,26 @@ class FusedDecoder:
                 float(spec.norm_eps), self.dims, self.xs, pos, cos, sin, neox, cache.k, cache.v,
                 self.qkv, self.att, self.tmp, self.hs, self.gu, self.ffs, logits,
                 self.stamps, self.work)  # fmt: skip
-        self.work[:] = 0
-        if self._team is None:
-            _team_step(0, 1, *args)
-        else:
-            self._team.run(_team_step, (self.threads, *args))
+        self._run(_team_step, args, on_layer)
         return logits
+
+
+def zero_weights(
+    dim: int, heads: int, kv_heads: int, hd: int, ffn: int, vocab: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(table (8, 6) int64, blob (bytes,) uint8): a one-layer model's Q8_0 matrices of zeros,
+    for compiling the fused kernels with a real model's argument types."""
+    values, block_bytes = block_layout(Q.Q8_0)
+    shapes = [(heads * hd, dim), (kv_heads * hd, dim), (kv_heads * hd, dim), (dim, heads * hd),
+              (ffn, dim), (ffn, dim), (dim, ffn), (vocab, dim)]  # fmt: skip
+    rows, off = [], 0
+    for r, c in shapes:
+        rb = c // values * block_bytes
+        rows.append((off, r, rb, _T_Q8_0, block_bytes, values))
+        off += r * rb
+    blob = np.zeros(off, np.uint8)  # (bytes,)
+    blob.flags.writeable = False
+    return np.array(rows, dtype=np.int64), blob
 
 
 def warm_up() -> None:
@@ -475,17 +525,7 @@ def warm_up() -> None:
     first token.
     """
     dim, heads, kv_heads, hd, ffn, vocab, ctx = 32, 2, 1, 16, 32, 4, 2
-    values, block_bytes = block_layout(Q.Q8_0)
-    shapes = [(heads * hd, dim), (kv_heads * hd, dim), (kv_heads * hd, dim), (dim, heads * hd),
-              (ffn, dim), (ffn, dim), (dim, ffn), (vocab, dim)]  # fmt: skip
-    rows, off = [], 0
-    for r, c in shapes:
-        rb = c // values * block_bytes
-        rows.append((off, r, rb, _T_Q8_0, block_bytes, values))
-        off += r * rb
-    table = np.array(rows, dtype=np.int64)  # (8, 6)
-    blob = np.zeros(off, np.uint8)  # (bytes,)
-    blob.flags.writeable = False
+    table, blob = zero_weights(dim, heads, kv_heads, hd, ffn, vocab)
     norms = np.ones((1, 2, dim), np.float32)
     out_norm = np.ones(dim, np.float32)
     xs, hs = np.zeros((1, 1, dim), np.float32), np.zeros((1, 1, dim), np.float32)

@@ -18,11 +18,13 @@ from workbench.backends import (
     compiler_pages,
     cpu_ops,
     fused_decode,
+    fused_rows,
     paged_ops,
     quant_batch,
     quant_cpu,
 )
 from workbench.backends.fused_decode import FusedDecoder
+from workbench.backends.fused_rows import FusedRowsDecoder
 from workbench.gguf.quants import block_layout
 from workbench.gguf.reader import ModelSpec, Tensor
 
@@ -65,18 +67,26 @@ class NumpyBackend:
             return None
         return FusedDecoder.build(transformer, self.threads)
 
+    def fused_rows_decoder(self, transformer: Any) -> FusedRowsDecoder | None:
+        """The one-call decode step of several paged sequences (`engine.runner`), or None."""
+        if not self.fused:
+            return None
+        return FusedRowsDecoder.build(transformer, self.threads)
+
     def warm_up(self, transformer: Any | None = None) -> None:
         """Compile (or load from numba's disk cache) every numba kernel a generation runs, on
         inputs of zeros, then give back LLVM's library pages (`compiler_pages`). Idempotent.
 
-        Always the fused decode step; with ``transformer``, also for each of its weight types
-        the prefill's dequantization and the last position's matrix-vector product, and
-        RMSNorm and RoPE (and the per-operation decode's attention when fused decode is off).
+        Always the fused decode steps (one sequence; several in pages); with ``transformer``,
+        also for each of its weight types the prefill's dequantization and the last position's
+        matrix-vector product, and RMSNorm, RoPE and SwiGLU (and the per-operation decode's
+        attention when fused decode is off).
         Their argument types do not depend on shapes, so nothing compiles or loads at the first
         real token. None of this reads the weights: run before the first forward pass, the
         compiler's resident pages are gone before the weights' are there, and the two never
         add up in the process's peak resident memory."""
         fused_decode.warm_up()
+        fused_rows.warm_up()
         if transformer is not None:
             self._warm_up_operations(transformer)
         compiler_pages.release()
@@ -104,6 +114,7 @@ class NumpyBackend:
         self.rmsnorm(x, tf.output_norm, spec.norm_eps)
         q = np.zeros((1, spec.n_heads, spec.head_dim), np.float32)  # (n, heads, hd)
         self.rope(q, 0, spec, tf.rope_factors)
+        self.swiglu(x, x)  # prefill's (the fused decodes call the same kernel)
         if not self.fused:
             kv = np.zeros((spec.n_kv_heads, 1, spec.head_dim), np.float32)  # (kv_heads, ctx, hd)
             self.attention(q, kv, kv, 0)
@@ -246,10 +257,9 @@ class NumpyBackend:
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """silu(gate) * up, elementwise; (n, ffn) each."""
-        # silu(g) = g / (1 + exp(-g)); exp overflow for very negative g gives g/inf = -0.0, the
-        # right limit, so silence the warning rather than clip.
-        with np.errstate(over="ignore"):
-            return gate / (1.0 + np.exp(-gate)) * up
+        out = np.empty(gate.shape, dtype=np.float32)  # (n, ffn)
+        cpu_ops.swiglu(np.ascontiguousarray(gate), np.ascontiguousarray(up), out)
+        return out
 
     def to_host(self, a: np.ndarray) -> np.ndarray:
         return a

@@ -31,6 +31,21 @@ def _paged_row(cache: np.ndarray, where: tuple, j: int) -> np.ndarray:
 _attention_head = decode_head_kernel(_paged_row)
 
 
+@njit(cache=True, nogil=True, fastmath=ATTENTION_MATH)
+def attention_head_paged(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, table: np.ndarray, t: int, h: int,
+    scores: np.ndarray, out: np.ndarray,
+) -> None:  # fmt: skip
+    """Query head h of one sequence's q (heads, hd) over its positions 0..t-1, through its page
+    table (max_pages,) into one layer of the pool, k, v (pages, page_size, kv_heads, hd)
+    -> out[h*hd : (h+1)*hd]; scores (>= t,) scratch. Compiled once: `attention_decode_paged`
+    and the fused batched decode (`fused_rows`) both call it, so they compute alike."""
+    hd = q.shape[1]
+    group = q.shape[0] // k.shape[2]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    _attention_head(q, k, v, (table, k.shape[1], h // group), t, h, scale, scores, out)
+
+
 @njit(parallel=True, cache=True, nogil=True, fastmath=ATTENTION_MATH)
 def attention_decode_paged(
     q: np.ndarray,
@@ -46,13 +61,10 @@ def attention_decode_paged(
     (n, max_pages) int64 page ids; lengths (n,) int64 positions each query sees (its own
     included) -> out (n, heads*hd). Query head h reads KV head h // (heads / kv_heads).
     """
-    n, heads, hd = q.shape
-    size = k.shape[1]
-    group = heads // k.shape[2]
-    scale = np.float32(1.0 / math.sqrt(hd))
+    n, heads, _ = q.shape
     for job in prange(n * heads):
         i = job // heads
         h = job - i * heads
         t = lengths[i]
         scores = np.empty(t, dtype=np.float32)  # (t,)
-        _attention_head(q[i], k, v, (tables[i], size, h // group), t, h, scale, scores, out[i])
+        attention_head_paged(q[i], k, v, tables[i], t, h, scores, out[i])

@@ -117,18 +117,7 @@ class Launcher:
         decoder = make(transformer) if make is not None else None
         if decoder is None:
             return None
-        be, profiler = self.backend, self.profiler
-        described = [
-            ("decode_layer", {"layer": i}, nbytes, flops)
-            for i, (nbytes, flops) in enumerate(decoder.layer_costs())
-        ]
-        described.append(("decode_head", {"layer": -1}, *decoder.head_cost()))
-
-        def on_layer(layer: int, seconds: float) -> None:
-            name, shapes, nbytes, flops = described[layer]
-            profiler.record(
-                name, backend=be.name, duration_s=seconds, shapes=shapes, bytes=nbytes, flops=flops
-            )
+        profiler, on_layer = self.profiler, self._layer_recorder(decoder, None)
 
         def decode(token: int, cache: Any) -> Any:
             if not profiler.enabled:
@@ -136,6 +125,51 @@ class Launcher:
             return decoder.step(token, cache, on_layer=on_layer)
 
         return decode
+
+    def fused_rows_decoder(self, transformer: Any) -> Callable[..., Any] | None:
+        """The backend's one-call decode step of several sequences in pages (`engine.runner`),
+        timed per layer as `fused_decoder` is, shapes ``{"layer": i, "rows": n}`` and the
+        flops of all n rows (the weight bytes are read once for all of them).
+
+        Returns ``decode(ids, positions, tables, k_pool, v_pool) -> logits (n, vocab)`` (see
+        `FusedRowsDecoder.step`) or None when the backend has no fused path."""
+        make = getattr(self.backend, "fused_rows_decoder", None)
+        decoder = make(transformer) if make is not None else None
+        if decoder is None:
+            return None
+        profiler = self.profiler
+        recorders: dict[int, Callable[[int, float], None]] = {}
+
+        def decode(ids: Any, positions: Any, tables: Any, k_pool: Any, v_pool: Any) -> Any:
+            if not profiler.enabled:
+                return decoder.step(ids, positions, tables, k_pool, v_pool)
+            n = len(ids)
+            if n not in recorders:
+                recorders[n] = self._layer_recorder(decoder, n)
+            return decoder.step(ids, positions, tables, k_pool, v_pool, on_layer=recorders[n])
+
+        return decode
+
+    def _layer_recorder(self, decoder: Any, rows: int | None) -> Callable[[int, float], None]:
+        """``on_layer(layer, seconds)`` recording a fused decoder's layer (``decode_layer``)
+        or, for layer -1, its output norm and logits (``decode_head``); ``rows``: the rows of a
+        batched step (a shape of its own), None for one sequence."""
+        be, profiler = self.backend, self.profiler
+        extra, n = ({}, 1) if rows is None else ({"rows": rows}, rows)
+        described = [
+            ("decode_layer", {"layer": i, **extra}, nbytes, flops * n)
+            for i, (nbytes, flops) in enumerate(decoder.layer_costs())
+        ]
+        nbytes, flops = decoder.head_cost()
+        described.append(("decode_head", {"layer": -1, **extra}, nbytes, flops * n))
+
+        def on_layer(layer: int, seconds: float) -> None:
+            name, shapes, nbytes, flops = described[layer]
+            profiler.record(
+                name, backend=be.name, duration_s=seconds, shapes=shapes, bytes=nbytes, flops=flops
+            )
+
+        return on_layer
 
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         be = self.backend

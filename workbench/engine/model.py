@@ -73,9 +73,12 @@ class Transformer:
         self.rope_factors = (
             backend.load_weight(freqs) if freqs is not None else None
         )  # (rope_dim/2,)
-        # A backend may decode a whole token in one call (the NumPy backend's fused path).
+        # A backend may decode a whole token in one call (the NumPy backend's fused path), and
+        # a batch's decode step of several sequences in pages (`engine.runner`).
         make = getattr(backend, "fused_decoder", None)
         self._decode_fused = make(self) if make is not None else None
+        make_rows = getattr(backend, "fused_rows_decoder", None)
+        self.decode_rows = make_rows(self) if make_rows is not None else None
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         # The backend's cache element type: float32, or float16 on the device backend (default).

@@ -15,8 +15,11 @@ the backend's `linear` (a matrix product). A chunk's attention gathers its pages
 contiguous run of positions, as the single-caller path does on its own cache. Backends without
 the batched operations run every slice through `linear` and the gathered attention.
 
-(A single caller's `Engine.generate` decodes through the NumPy backend's fused one-call path
-instead, which agrees with these kernels to about 1e-6, not bit for bit.)
+A step of decode rows only goes, where the backend has it, through its one-call decode step
+(`Transformer.decode_rows`, the NumPy backend's `fused_rows`), which computes each row as these
+operations do, without a Python-level call per operation. (A single caller's `Engine.generate`
+decodes through the NumPy backend's fused one-sequence path instead, which agrees with these
+kernels to about 1e-6, not bit for bit.)
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
     """Run every slice's tokens at its positions; return each slice's last-position logits
     (vocab,), in order. Keys and values are written into the slices' pages."""
     be = tf.backend
+    if tf.decode_rows is not None and all(len(toks) == 1 for _, _, toks in slices):
+        return list(_decode_rows(tf, pool, slices))
     batched = hasattr(be, "linear_rows") and hasattr(be, "attention_paged")
     if batched:
         order = [j for j, s in enumerate(slices) if len(s[2]) == 1]
@@ -49,6 +54,18 @@ def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
     for j, lg in zip(order, last, strict=True):
         out[j] = lg
     return out
+
+
+def _decode_rows(tf: Transformer, pool: PagePool, slices: list[Slice]) -> Any:
+    """Logits (n, vocab) of a step of decode rows only, through the backend's one-call step."""
+    positions = np.asarray([start for _, start, _ in slices], dtype=np.int64)  # (n,)
+    width = int(positions.max()) // PAGE_SIZE + 1
+    tables = np.zeros((len(slices), width), dtype=np.int64)  # (n, width), padded with page 0
+    for i, (table, start, _) in enumerate(slices):
+        used = start // PAGE_SIZE + 1  # pages up to the one that receives this position
+        tables[i, :used] = table[:used]
+    ids = np.asarray([toks[0] for _, _, toks in slices], dtype=np.int64)  # (n,)
+    return tf.decode_rows(ids, positions, tables, pool.k, pool.v)
 
 
 def _forward(
