@@ -21,23 +21,19 @@ from numba import njit
 
 from workbench.backends import cpu_ops, cpu_sync, fused_decode, quant_cpu
 from workbench.backends.fused_decode import (
-    _BLOCK_BYTES,
-    _CODE,
     _DOWN,
     _GATE,
     _O,
-    _OFF,
     _PER_LAYER,
     _Q,
-    _ROW_BYTES,
     _SLOTS,
     LayerHook,
     TeamDecoder,
-    _chunk_rows,
-    _chunks,
     _claim,
+    _next_chunk,
     _part,
     _prefetch_ahead,
+    _total_chunks,
 )
 from workbench.backends.paged_ops import attention_head_paged
 from workbench.backends.quant_batch import (
@@ -60,18 +56,15 @@ def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
     Rows go out in chunks (`fused_decode._claim`); each weight row is read once for all n."""
     xs32 = _row_sums(x, 32)  # (n, cols // 32) Q4_*, Q5_*, Q4_K, Q5_K block offsets
     xs16 = _row_sums(x, QK_K // 16)  # (n, cols // 16) Q2_K
-    chunks = 0
-    for m in range(m0, m1):
-        chunks += _chunks(table, m)
+    chunks = _total_chunks(table, m0, m1)
     for p in range(nt):
         part = (tid + p) % nt
-        c = _claim(work, slot, part, nt, chunks)
-        while c >= 0:
-            m, first, lo, hi = _chunk_rows(table, m0, m1, c)
-            rb = table[m, _ROW_BYTES]
-            nb = rb // table[m, _BLOCK_BYTES]
-            code = table[m, _CODE]
-            base = table[m, _OFF]
+        while True:
+            m, first, lo, hi, rb, nb, code, base = _next_chunk(
+                table, m0, m1, chunks, work, slot, part, nt
+            )
+            if m < 0:
+                break
             grouped = code in (_T_Q4_0, _T_Q4_1, _T_Q8_0)
             for r in range(lo, hi):
                 o = base + r * rb
@@ -82,7 +75,6 @@ def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
                 else:
                     for i in range(x.shape[0]):
                         out[i, first + r] = _dot_row(code, row, x[i], xs32[i], xs16[i], nb)
-            c = _claim(work, slot, part, nt, chunks)
 
 
 @njit(cache=True, nogil=True)
