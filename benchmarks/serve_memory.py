@@ -1,18 +1,20 @@
 """Many long requests under a small KV budget: all complete, memory stays bounded (issue 13).
 
     python benchmarks/serve_memory.py [--model smollm2] [--threads 2] [--clients 16] \
-        [--prompt-tokens 2000] [--gen-tokens 16] [--fits 4] [--check 2] [--json out.json]
+        [--prompt-tokens 1500] [--gen-tokens 500] [--fits 4] [--check 3] [--json out.json]
 
 ``--clients`` requests of ``--prompt-tokens`` distinct prompt tokens each are submitted at once
+(by default 16 contexts of 2,000 tokens: 1,500 of prompt, 500 generated)
 to one engine (`Engine.submit`, the server's batch) whose KV budget holds ``--fits`` of them at
 full length (their prompt plus generated tokens). The batch admits what fits and preempts the
 newest sequence when a running one needs a page and none is free; a preempted sequence gives
 its pages back and is recomputed later. Reported: whether every request completed (by length
-or an end-of-generation token), how many preemptions the batch counted (the ``workbench_preemptions_total``
-metric), the peak pages in use against the pool, and the process's peak resident memory against
+or an end-of-generation token), how many preemptions the batch counted (the
+``workbench_preemptions_total`` metric) and which requests they hit, the peak pages in use
+against the pool, and the process's peak resident memory against
 the budget plus the model file plus the resident memory before the first request (the fixed
-overhead: interpreter, libraries, compiled kernels). ``--check N`` reruns the first N prompts
-alone (a batch of one, nothing to preempt) and compares the greedy tokens.
+overhead: interpreter, libraries, compiled kernels). ``--check N`` reruns N prompts alone (a
+batch of one, nothing to preempt), the preempted ones first, and compares the greedy tokens.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--prompt-tokens", type=int, default=2000)
-    ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=1500)
+    ap.add_argument("--gen-tokens", type=int, default=500)
     ap.add_argument("--fits", type=int, default=4, help="full-length sequences the budget holds")
-    ap.add_argument("--check", type=int, default=2, help="prompts rerun alone and compared")
+    ap.add_argument("--check", type=int, default=3, help="prompts rerun alone and compared")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -73,6 +75,16 @@ def main() -> None:
     base_mb = rss_mb()
     t0 = time.perf_counter()
     gens = [engine.submit(p, config) for p in prompts]
+    index = {id(g): i for i, g in enumerate(gens)}
+    preempted: list[int] = []  # request of each preemption, in order
+    scheduler = engine.batcher.scheduler
+    preempt = scheduler.preempt
+
+    def counted(seq: object) -> None:
+        preempted.append(index.get(id(seq.gen), -1))  # type: ignore[attr-defined]
+        preempt(seq)
+
+    scheduler.preempt = counted
     peak_pages, steps = 0, 0
     while engine.step():
         steps += 1
@@ -86,12 +98,16 @@ def main() -> None:
     state = engine.batcher.state()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     complete = [g.result is not None and g.result.finish_reason in ("length", "stop") for g in gens]
-    same = []
-    for i in range(min(args.check, len(prompts))):
-        alone = engine.submit(prompts[i], config)
-        while engine.step():
+    # The preempted requests first (recomputed from their tokens), then the oldest, each on a
+    # fresh engine (so nothing comes from this batch's prefix cache).
+    order = list(dict.fromkeys([i for i in preempted if i >= 0] + list(range(len(prompts)))))
+    same = {}
+    for i in order[: args.check]:
+        fresh = Engine(str(path), backend="numpy", threads=args.threads, max_batch=1)
+        alone = fresh.submit(prompts[i], config)
+        while fresh.step():
             pass
-        same.append(alone.result.token_ids == gens[i].result.token_ids)
+        same[i] = alone.result.token_ids == gens[i].result.token_ids
     model_mb = os.path.getsize(path) / 2**20
     out = {
         "model": str(path),
@@ -102,8 +118,9 @@ def main() -> None:
         "pages_total": state["pages_total"],
         "peak_pages_used": peak_pages,
         "preemptions": state["preemptions"],
+        "preempted_requests": preempted,
         "all_complete": all(complete),
-        "alone_equal": same,
+        "alone_equal": same,  # request -> greedy tokens equal to the request run alone
         "steps": steps,
         "wall_s": wall,
         "rss_before_mb": base_mb,
