@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 OPERATIONS = (
     "embed", "linear", "rmsnorm", "rope", "kv_append", "attention", "swiglu", "add",
-    "linear_rows", "rope_rows", "attention_paged",  # a batch's decode rows (engine/runner.py)
+    "linear_rows", "rope_rows", "attention_paged", "swiglu_rows",  # a batch (engine/runner.py)
     "sample_token",  # device backends only
     # the device backend's fused decode step (see Transformer.forward)
     "norm_quant", "linear_qkv", "rope_kv", "attention_quant", "linear_add", "linear_swiglu",
@@ -59,6 +59,8 @@ def kernel_name(op: str, args: tuple[Any, ...]) -> str:
         return "attention_decode"
     if op == "sample_token":
         return "sample_top_k_top_p"  # argmax when greedy; named for the family
+    if op == "swiglu_rows":
+        return "swiglu"
     return op
 
 

@@ -117,6 +117,9 @@ def _forward(
             parts.append(be.linear_rows(w, h[lo:hi]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    # A batch's rows take the backend's SwiGLU for rows where it has one: the fused batched
+    # step's own arithmetic (the NumPy backend's `swiglu_rows`).
+    swiglu = getattr(be, "swiglu_rows", be.swiglu)
     ids = np.asarray([t for _, _, toks in slices for t in toks], dtype=np.int64)
     x = be.embed(tf.tok_embd, ids)  # (rows, dim)
     for i, lw in enumerate(tf.layers):
@@ -146,7 +149,7 @@ def _forward(
             att.append(be.attention(q, kc, vc, start))  # (n, heads*hd)
         x = be.add(x, linear(lw.attn_output, att[0] if len(att) == 1 else np.concatenate(att)))
         h = be.rmsnorm(x, lw.ffn_norm, spec.norm_eps)
-        ff = be.swiglu(linear(lw.ffn_gate, h), linear(lw.ffn_up, h))  # (rows, ffn)
+        ff = swiglu(linear(lw.ffn_gate, h), linear(lw.ffn_up, h))  # (rows, ffn)
         x = be.add(x, linear(lw.ffn_down, ff))
     ends = list(range(dn)) + [b - 1 for _, b in bounds]
     h = be.rmsnorm(x[ends], tf.output_norm, spec.norm_eps)  # (slices, dim)
