@@ -185,11 +185,17 @@ def rope_tables(
 
     ``factors``: a weight whose ``data`` (rope_dim/2,) divides the frequencies, or None.
     """
+    return rope_tables_at(np.arange(start, start + n), spec, factors)
+
+
+def rope_tables_at(positions: Any, spec: Any, factors: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    """`rope_tables` for any positions (n,): cos, sin (n, rope_dim/2) float32 (a batch's
+    decode rows, one position per sequence)."""
     # Angles in float64 so that positions in the thousands keep their low-order bits.
     half = spec.rope_dim // 2
     inv_freq = spec.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / spec.rope_dim)
     if factors is not None:
         inv_freq = inv_freq / factors.data.astype(np.float64)
-    positions = np.arange(start, start + n, dtype=np.float64) / spec.rope_scale
-    angles = np.outer(positions, inv_freq)  # (n, half)
+    scaled = np.asarray(positions, dtype=np.float64) / spec.rope_scale  # (n,)
+    angles = np.outer(scaled, inv_freq)  # (n, half)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -187,9 +187,7 @@ class FusedRowsDecoder(TeamDecoder):
         tmp = np.empty((n, dim), np.float32)  # output of attn_output / ffn_down
         gu = np.empty((n, 2 * self.ffn), np.float32)  # gate then up
         logits = np.empty((n, self.vocab), np.float32)
-        tabs = [cpu_ops.rope_tables(int(p), 1, spec, tf.rope_factors) for p in positions]
-        cos = np.concatenate([c for c, _ in tabs])  # (n, rope_dim/2)
-        sin = np.concatenate([s for _, s in tabs])  # (n, rope_dim/2)
+        cos, sin = cpu_ops.rope_tables_at(positions, spec, tf.rope_factors)  # (n, rope_dim/2)
         wpage = tables[np.arange(n), positions // page_size]  # (n,) page of each position
         wrow = positions % page_size  # (n,) its row in that page
         args = (self.sync, self.spins, self.blob, self.table, self.norms, self.out_norm,

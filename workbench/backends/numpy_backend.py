@@ -168,12 +168,8 @@ class NumpyBackend:
         # from `rope`'s, which a prefill chunk in the same step uses).
         key = (positions, spec, None if factors is None else factors.name)
         if self._rope_rows_key != key:
-            tables = [cpu_ops.rope_tables(p, 1, spec, factors) for p in positions]
             self._rope_rows_key = key
-            self._rope_rows_cos_sin = (
-                np.concatenate([c for c, _ in tables]),  # (n, rope_dim/2)
-                np.concatenate([s for _, s in tables]),  # (n, rope_dim/2)
-            )
+            self._rope_rows_cos_sin = cpu_ops.rope_tables_at(positions, spec, factors)
         cos, sin = self._rope_rows_cos_sin  # type: ignore[misc]
         cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
 

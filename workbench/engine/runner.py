@@ -56,16 +56,22 @@ def forward(tf: Transformer, pool: PagePool, slices: list[Slice]) -> list[Any]:
     return out
 
 
+def _page_tables(slices: list[Slice]) -> tuple[tuple[int, ...], np.ndarray]:
+    """The positions of decode rows (one per slice) and their page tables (n, width) int64:
+    each sequence's pages up to the one that receives its position, padded to one width with
+    page 0 (never read: each row's length stops its attention at its own positions)."""
+    positions = tuple(start for _, start, _ in slices)
+    tables = np.zeros((len(slices), max(p // PAGE_SIZE + 1 for p in positions)), dtype=np.int64)
+    for i, (table, p, _) in enumerate(slices):
+        tables[i, : p // PAGE_SIZE + 1] = table[: p // PAGE_SIZE + 1]
+    return positions, tables
+
+
 def _decode_rows(tf: Transformer, pool: PagePool, slices: list[Slice]) -> Any:
     """Logits (n, vocab) of a step of decode rows only, through the backend's one-call step."""
-    positions = np.asarray([start for _, start, _ in slices], dtype=np.int64)  # (n,)
-    width = int(positions.max()) // PAGE_SIZE + 1
-    tables = np.zeros((len(slices), width), dtype=np.int64)  # (n, width), padded with page 0
-    for i, (table, start, _) in enumerate(slices):
-        used = start // PAGE_SIZE + 1  # pages up to the one that receives this position
-        tables[i, :used] = table[:used]
+    positions, tables = _page_tables(slices)
     ids = np.asarray([toks[0] for _, _, toks in slices], dtype=np.int64)  # (n,)
-    return tf.decode_rows(ids, positions, tables, pool.k, pool.v)
+    return tf.decode_rows(ids, np.asarray(positions, dtype=np.int64), tables, pool.k, pool.v)
 
 
 def _forward(
@@ -83,16 +89,10 @@ def _forward(
         bounds.append((row, row + len(toks)))
         row += len(toks)
     if dn:
-        dec = slices[:dn]
-        positions = tuple(start for _, start, _ in dec)
-        # Page and row of each decode position; the tables padded to one width (unused pages
-        # are never read: lengths stop each row at its own positions).
-        wpage = np.asarray([t[p // PAGE_SIZE] for t, p, _ in dec], dtype=np.int64)  # (dn,)
+        positions, tables = _page_tables(slices[:dn])  # tables (dn, width)
+        # Page and row of each decode position.
+        wpage = tables[np.arange(dn), np.asarray(positions) // PAGE_SIZE]  # (dn,)
         wrow = np.asarray([p % PAGE_SIZE for p in positions], dtype=np.int64)  # (dn,)
-        width = max(p // PAGE_SIZE + 1 for p in positions)
-        tables = np.zeros((dn, width), dtype=np.int64)  # (dn, width)
-        for i, (t, p, _) in enumerate(dec):
-            tables[i, : p // PAGE_SIZE + 1] = t[: p // PAGE_SIZE + 1]
         lengths = np.asarray([p + 1 for p in positions], dtype=np.int64)  # (dn,)
 
     # A prompt chunk of a few rows goes through the batched product with the decode rows: read
