@@ -133,3 +133,15 @@ def test_paged_attention_reads_through_page_tables(hd: int, r: Rand) -> None:
         paged_ops.attention_decode_paged(q[i : i + 1], k, v, tables[i : i + 1],
                                          lengths[i : i + 1].astype(np.int64), one)  # fmt: skip
         assert_bits_equal(one[0], out[i], f"row {i} alone vs in the batch {r}")
+
+
+def test_paged_attention_wants_a_power_of_two_page_size() -> None:
+    """The page lookup is a shift and a mask, so a page size of 3 is refused, not misread."""
+    from workbench.backends import paged_ops
+
+    k = np.zeros((2, 3, 1, 8), np.float32)
+    q = np.zeros((1, 1, 8), np.float32)
+    out = np.empty((1, 8), np.float32)
+    tables, lengths = np.zeros((1, 2), np.int64), np.full(1, 4, np.int64)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_ops.attention_decode_paged(q, k, k, tables, lengths, out)

@@ -133,6 +133,29 @@ def decode_head_kernel(kv_row: Any) -> Any:
             scores[j] = scores[j] / total  # the softmax weights
         o = out[h * hd : (h + 1) * hd]  # (hd,)
         d = 0
+        while d + 64 <= hd:  # 64 lanes: one row lookup per position for the common hd 64
+            a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+            a4, a5, a6, a7 = _vzero(), _vzero(), _vzero(), _vzero()
+            for j in range(t):
+                row = kv_row(v, where, j)  # (hd,)
+                p = _vsplat(scores[j])
+                a0 = _vfma(p, _vld_f32(row, d), a0)
+                a1 = _vfma(p, _vld_f32(row, d + 8), a1)
+                a2 = _vfma(p, _vld_f32(row, d + 16), a2)
+                a3 = _vfma(p, _vld_f32(row, d + 24), a3)
+                a4 = _vfma(p, _vld_f32(row, d + 32), a4)
+                a5 = _vfma(p, _vld_f32(row, d + 40), a5)
+                a6 = _vfma(p, _vld_f32(row, d + 48), a6)
+                a7 = _vfma(p, _vld_f32(row, d + 56), a7)
+            _vst(o, d, a0)
+            _vst(o, d + 8, a1)
+            _vst(o, d + 16, a2)
+            _vst(o, d + 24, a3)
+            _vst(o, d + 32, a4)
+            _vst(o, d + 40, a5)
+            _vst(o, d + 48, a6)
+            _vst(o, d + 56, a7)
+            d += 64
         while d + 32 <= hd:
             a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
             for j in range(t):

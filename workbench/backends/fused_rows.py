@@ -19,7 +19,7 @@ import numpy as np
 from gguf.constants import QK_K
 from numba import njit
 
-from workbench.backends import cpu_ops, cpu_sync, fused_decode, quant_cpu
+from workbench.backends import cpu_ops, cpu_sync, fused_decode, paged_ops, quant_cpu
 from workbench.backends.fused_decode import (
     _DOWN,
     _GATE,
@@ -175,6 +175,7 @@ class FusedRowsDecoder(TeamDecoder):
         tf, spec = self.transformer, self.spec
         n, nt, dim = len(ids), self.threads, spec.dim
         page_size = k_pool.shape[2]
+        paged_ops.check_page_size(page_size)
         positions = np.asarray(positions, dtype=np.int64)  # (n,)
         tables = np.ascontiguousarray(tables, dtype=np.int64)  # (n, max_pages)
         x = quant_cpu.get_rows(tf.tok_embd.qtype, tf.tok_embd.data, np.asarray(ids, np.int64))
