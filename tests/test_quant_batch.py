@@ -2,8 +2,8 @@
 
 A sequence's greedy tokens must not depend on who it is batched with, so each row of a batch is
 compared bit for bit with the same row as a batch of one, for every type, batch sizes around the
-group of four, serial and threaded loops, seeded random data; and with `quant_cpu.matvec` (the
-single-caller path) to float32 rounding.
+groups of four and eight, serial and threaded loops, seeded random data; and with
+`quant_cpu.matvec` (the single-caller path) to float32 rounding.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def test_bad_input_is_a_user_error(r: Rand) -> None:
     assert qb.matvec_rows(Q.Q8_0, raw, np.zeros((0, 64), np.float32)).shape == (0, 4)
 
 
-# Head sizes that take each path of the decode attention's weighted sum: 32-lane groups, then
-# 8-lane groups, then single lanes.
+# Head sizes that take each path of the decode attention's weighted sum: 64-lane groups, 32-lane
+# groups, then 8-lane groups, then single lanes.
 HEAD_DIMS = [3, 8, 44, 64, 72]
 
 

@@ -223,10 +223,71 @@ def _matvec_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
             )
             if m < 0:
                 break
-            for r in range(lo, hi):
-                o = base + r * rb
-                _prefetch_ahead(blob, o, rb)
-                out[first + r] = _dot_row(code, blob[o : o + rb], x, xs32, xs16, nb)
+            _typed_span(code, blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_span(code, blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
+    """out[first + r] = W[r] . x for the weight rows lo..hi-1 at blob[base + r rb]."""
+    for r in range(lo, hi):
+        o = base + r * rb
+        _prefetch_ahead(blob, o, rb)
+        out[first + r] = _dot_row(code, blob[o : o + rb], x, xs32, xs16, nb)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kernel_span(kernel, blob, base, rb, lo, hi, x, xs, nb, out, first):
+    """`_dot_span` through one row kernel, ``kernel(row, x, xs, nb)``."""
+    for r in range(lo, hi):
+        o = base + r * rb
+        _prefetch_ahead(blob, o, rb)
+        out[first + r] = kernel(blob[o : o + rb], x, xs, nb)
+
+
+# One compiled row loop per common type, the type a constant in each (`_typed_span`). With the
+# type looked up inside the loop, LLVM kept every kernel's registers and branches in it, and a
+# Q4_1 block took 5.9 ns instead of 3.1. Not inlined: each loop compiles (and caches) once.
+@njit(cache=True, nogil=True)
+def _span_q4_1(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
+    _kernel_span(_dot_q4_1_row, blob, base, rb, lo, hi, x, xs32, nb, out, first)
+
+
+@njit(cache=True, nogil=True)
+def _span_q8_0(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
+    _kernel_span(_dot_q8_0_row, blob, base, rb, lo, hi, x, xs32, nb, out, first)
+
+
+@njit(cache=True, nogil=True)
+def _span_q4_0(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
+    _kernel_span(_dot_q4_0_row, blob, base, rb, lo, hi, x, xs32, nb, out, first)
+
+
+@njit(cache=True, nogil=True)
+def _span_q4_k(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
+    _kernel_span(_dot_q4_k_row, blob, base, rb, lo, hi, x, xs32, nb, out, first)
+
+
+@njit(cache=True, nogil=True)
+def _span_q6_k(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
+    _kernel_span(_dot_q6_k_row, blob, base, rb, lo, hi, x, x, nb, out, first)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _typed_span(code, blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
+    """`_dot_span` through the loop compiled for ``code`` (the common types; the others share
+    one loop that looks the type up per row)."""
+    if code == _T_Q4_1:
+        _span_q4_1(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
+    elif code == _T_Q8_0:
+        _span_q8_0(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
+    elif code == _T_Q4_0:
+        _span_q4_0(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
+    elif code == _T_Q4_K:
+        _span_q4_k(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
+    elif code == _T_Q6_K:
+        _span_q6_k(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
+    else:
+        _dot_span(code, blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
 
 
 @njit(cache=True, nogil=True)

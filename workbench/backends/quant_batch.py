@@ -3,7 +3,8 @@
 `matvec_rows(qtype, raw, x)` computes ``x @ W.T`` for a small batch of rows (the decode step of
 2-32 sequences): each weight row is read from memory once and dotted with every input row while
 it is in the first-level cache. The common decode types (Q4_0, Q4_1, Q8_0) go further and decode
-each block's codes into registers once per group of four input rows.
+each block's codes into registers once per group of eight input rows (two rows to a 16-lane
+register) or four.
 
 Numerical contract: row i of the result does not depend on the other rows. Every input row goes
 through the same float32 operations in the same order whatever the batch holds (the block sums
@@ -57,6 +58,7 @@ from workbench.backends.quant_simd import (
     _vfma,
     _vhsum,
     _vi2f,
+    _vlane,
     _vld_f32,
     _vld_i8,
     _vld_u8,
@@ -64,6 +66,12 @@ from workbench.backends.quant_simd import (
     _vshr,
     _vsplat,
     _vzero,
+    _whsum,
+    _wld_f32,
+    _wld_i8_twice,
+    _wld_u8_twice,
+    _wsplat,
+    _wzero,
 )
 from workbench.errors import UserError
 
@@ -252,11 +260,135 @@ def _q8_0_rows(row, x, i0, w, nb, out, r):
         out[i0 + 3, r] = _vhsum(a3)
 
 
+# ------------------------------------------------------------------------------------------------
+# Eight input rows at once, two per 16-lane register (`quant_simd`, "Two rows in one register"):
+# rows 2p and 2p+1 of x are interleaved in 8-lane pieces (`pair_rows`), and each weight block's
+# codes are decoded once into both halves. Every lane takes the operations of the 8-lane kernels
+# above, in the same order; the per-row block-offset sums (Q4_1's m, Q4_0's -8 d) run as one
+# 8-lane FMA per block, a lane per row, each lane the scalar FMA of the kernels above.
+# ------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def pair_rows(x):
+    """x (n, cols) -> (n // 2, 2 cols): row p holds x[2p, e:e+8] then x[2p+1, e:e+8] for each
+    e = 0, 8, 16, ... (cols a multiple of 8); a last odd row is left out."""
+    cols = x.shape[1]
+    out = np.empty((x.shape[0] // 2, 2 * cols), np.float32)  # (n // 2, 2 cols)
+    for p in range(out.shape[0]):
+        for c in range(0, cols, 8):
+            for j in range(8):
+                out[p, 2 * c + j] = x[2 * p, c + j]
+                out[p, 2 * c + 8 + j] = x[2 * p + 1, c + j]
+    return out
+
+
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _grouped_row(code, row, x, xs, nb, out, r):
-    """Every input row against weight row r: groups of four, then the rest one by one."""
+def _wpart_nibbles(q0l, q1l, q0h, q1h, xp, f):
+    """`_part_nibbles` of two rows at once; f = 2 e, the block's start in the paired rows."""
+    lo = _vfma(q1l, _wld_f32(xp, f + 16), _vmul(q0l, _wld_f32(xp, f)))
+    hi = _vfma(q1h, _wld_f32(xp, f + 48), _vmul(q0h, _wld_f32(xp, f + 32)))
+    return _vadd(lo, hi)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _wnibbles(row, o):
+    """A Q4_0/Q4_1 block's 32 codes at row[o:o+16] as floats, in both halves of four vectors."""
+    z0, z1 = _wld_u8_twice(row, o), _wld_u8_twice(row, o + 8)
+    return _vi2f(_vand(z0, 15)), _vi2f(_vand(z1, 15)), _vi2f(_vshr(z0, 4)), _vi2f(_vshr(z1, 4))
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _q4_1_eight(row, xp, xst, i0, nb, out, r):
+    """out[i0 .. i0+7, r] for a Q4_1 row (i0 even); xst (nb, n) the block sums by block."""
+    p, n = i0 // 2, xst.shape[1]
+    x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
+    a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
+    mv = _vzero()  # lane i: row i0+i's sum of m * xs
+    for b in range(nb):
+        o, f = b * _Q4_1_B, 2 * b * _QK4_1
+        q0l, q1l, q0h, q1h = _wnibbles(row, o + _Q4_1_QS)
+        d, m = _ld_f16x2_fast(row, o)
+        dv = _wsplat(d)
+        a0 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x0, f), a0)
+        a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
+        a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
+        a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
+        mv = _vfma(_vsplat(m), _vld_f32(xst, b * n + i0), mv)
+    for k, a in enumerate((a0, a1, a2, a3)):
+        out[i0 + 2 * k, r] = _whsum(a, 0) + _vlane(mv, 2 * k)
+        out[i0 + 2 * k + 1, r] = _whsum(a, 1) + _vlane(mv, 2 * k + 1)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _q4_0_eight(row, xp, xst, i0, nb, out, r):
+    """out[i0 .. i0+7, r] for a Q4_0 row (i0 even), as `_q4_1_eight`."""
+    p, n = i0 // 2, xst.shape[1]
+    x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
+    a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
+    sv = _vzero()  # lane i: row i0+i's sum of d * xs
+    for b in range(nb):
+        o, f = b * _Q4_0_B, 2 * b * _QK4_0
+        q0l, q1l, q0h, q1h = _wnibbles(row, o + _Q4_0_QS)
+        d = _ld_f16_fast(row, o)
+        dv = _wsplat(d)
+        a0 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x0, f), a0)
+        a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
+        a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
+        a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
+        sv = _vfma(_vsplat(d), _vld_f32(xst, b * n + i0), sv)
+    eight = np.float32(8.0)
+    for k, a in enumerate((a0, a1, a2, a3)):
+        out[i0 + 2 * k, r] = _whsum(a, 0) - eight * _vlane(sv, 2 * k)
+        out[i0 + 2 * k + 1, r] = _whsum(a, 1) - eight * _vlane(sv, 2 * k + 1)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _wpart_q8(c0, c1, c2, c3, xp, f):
+    """`_part_q8` of two rows at once; f = 2 e."""
+    s0 = _vmul(c0, _wld_f32(xp, f))
+    s1 = _vmul(c1, _wld_f32(xp, f + 16))
+    s0 = _vfma(c2, _wld_f32(xp, f + 32), s0)
+    s1 = _vfma(c3, _wld_f32(xp, f + 48), s1)
+    return _vadd(s0, s1)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _q8_0_eight(row, xp, i0, nb, out, r):
+    """out[i0 .. i0+7, r] for a Q8_0 row (i0 even)."""
+    p = i0 // 2
+    x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
+    a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
+    for b in range(nb):
+        o, f = b * _Q8_0_B, 2 * b * _QK8_0
+        q = o + _Q8_0_QS
+        c0, c1 = _vi2f(_wld_i8_twice(row, q)), _vi2f(_wld_i8_twice(row, q + 8))
+        c2, c3 = _vi2f(_wld_i8_twice(row, q + 16)), _vi2f(_wld_i8_twice(row, q + 24))
+        dv = _wsplat(_ld_f16_fast(row, o))
+        a0 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x0, f), a0)
+        a1 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x1, f), a1)
+        a2 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x2, f), a2)
+        a3 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x3, f), a3)
+    for k, a in enumerate((a0, a1, a2, a3)):
+        out[i0 + 2 * k, r] = _whsum(a, 0)
+        out[i0 + 2 * k + 1, r] = _whsum(a, 1)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _grouped_row(code, row, x, xp, xst, xs, nb, out, r):
+    """Every input row against weight row r: groups of eight (two per register), then four,
+    then the rest one by one. xp = `pair_rows(x)`; xs (n, nb) the block sums, xst its
+    transpose."""
     n = x.shape[0]
     i0 = 0
+    while n - i0 >= 8:
+        if code == _T_Q4_1:
+            _q4_1_eight(row, xp, xst, i0, nb, out, r)
+        elif code == _T_Q8_0:
+            _q8_0_eight(row, xp, i0, nb, out, r)
+        else:
+            _q4_0_eight(row, xp, xst, i0, nb, out, r)
+        i0 += 8
     while i0 < n:
         w = 4 if n - i0 >= 4 else 1
         if code == _T_Q4_1:
@@ -271,14 +403,16 @@ def _grouped_row(code, row, x, xs, nb, out, r):
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
 def _mvr_grouped(code, raw, x, nb, out, par):
     """out (n, rows) = x (n, cols) @ W.T for Q4_0, Q4_1, Q8_0, decoding each block once per
-    group of four input rows."""
+    group of eight or four input rows."""
     xs = _row_sums(x, 32)  # (n, cols // 32), the Q4_0/Q4_1 block sums (Q8_0 does not use them)
+    xst = np.ascontiguousarray(xs.T)  # (cols // 32, n)
+    xp = pair_rows(x)  # (n // 2, 2 cols)
     if par:
         for r in prange(raw.shape[0]):
-            _grouped_row(code, raw[r], x, xs, nb, out, r)
+            _grouped_row(code, raw[r], x, xp, xst, xs, nb, out, r)
     else:
         for r in range(raw.shape[0]):
-            _grouped_row(code, raw[r], x, xs, nb, out, r)
+            _grouped_row(code, raw[r], x, xp, xst, xs, nb, out, r)
 
 
 _GROUPED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0})

@@ -31,21 +31,28 @@ _VF32 = ir.VectorType(_F32, _LANES)
 
 
 class _Vec(types.Type):
-    """An LLVM <8 x i32> or <8 x float> value held in a numba local (a register after mem2reg)."""
+    """An LLVM <lanes x i32> or <lanes x float> value held in a numba local (a register after
+    mem2reg): 8 lanes, or 16 for the two-row kernels (see "Two rows in one register")."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        super().__init__(name=f"{kind}x{_LANES}")
+    def __init__(self, kind: str, lanes: int = _LANES) -> None:
+        self.kind, self.lanes = kind, lanes
+        super().__init__(name=f"{kind}x{lanes}")
 
 
 _f32x8 = _Vec("f32")
 _i32x8 = _Vec("i32")
+_f32x16 = _Vec("f32", 2 * _LANES)
+_i32x16 = _Vec("i32", 2 * _LANES)
+
+
+def _llty(ty: _Vec) -> ir.VectorType:
+    return ir.VectorType(_F32 if ty.kind == "f32" else _I32, ty.lanes)
 
 
 @register_model(_Vec)
 class _VecModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VF32 if fe_type.kind == "f32" else _VI32)
+        super().__init__(dmm, fe_type, _llty(fe_type))
 
 
 def _ptr(context, builder, aryty, ary, off, llty):
@@ -60,11 +67,11 @@ def _splat(builder, value, vty):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
 
 
-def _int_operand(context, builder, ty, val):
-    """An i32x8 operand from either an i32x8 or a scalar integer (broadcast)."""
+def _int_operand(context, builder, ty, val, lanes):
+    """An i32 vector operand from either an i32 vector or a scalar integer (broadcast)."""
     if isinstance(ty, _Vec):
         return val
-    return _splat(builder, context.cast(builder, val, ty, types.int32), _VI32)
+    return _splat(builder, context.cast(builder, val, ty, types.int32), ir.VectorType(_I32, lanes))
 
 
 def _f16_bits_to_f32(builder, h):
@@ -182,18 +189,20 @@ def _vst(typingctx, arr, off, v):
 
 
 def _int_binary(op: str):
-    """i32x8 (op) i32x8-or-scalar-int, lane-wise."""
+    """i32 vector (op) the same vector type or a scalar int, lane-wise."""
 
     @intrinsic
     def impl(typingctx, a, b):
-        if a != _i32x8 or not (b == _i32x8 or isinstance(b, types.Integer)):
+        if not (isinstance(a, _Vec) and a.kind == "i32") or not (
+            b == a or isinstance(b, types.Integer)
+        ):
             return None
 
         def codegen(context, builder, sig, args):
-            rhs = _int_operand(context, builder, sig.args[1], args[1])
+            rhs = _int_operand(context, builder, sig.args[1], args[1], a.lanes)
             return getattr(builder, op)(args[0], rhs)
 
-        return _i32x8(a, b), codegen
+        return a(a, b), codegen
 
     return impl
 
@@ -206,17 +215,18 @@ _vsub_i = _int_binary("sub")
 
 
 def _float_binary(op: str):
-    """f32x8 (op) f32x8, lane-wise IEEE (no fast-math flags, so never fused with a neighbour)."""
+    """f32 vector (op) the same vector type, lane-wise IEEE (no fast-math flags, so never fused
+    with a neighbour)."""
 
     @intrinsic
     def impl(typingctx, a, b):
-        if a != _f32x8 or b != _f32x8:
+        if not (isinstance(a, _Vec) and a.kind == "f32") or b != a:
             return None
 
         def codegen(context, builder, sig, args):
             return getattr(builder, op)(args[0], args[1])
 
-        return _f32x8(a, b), codegen
+        return a(a, b), codegen
 
     return impl
 
@@ -228,26 +238,32 @@ _vmul = _float_binary("fmul")
 
 @intrinsic
 def _vfma(typingctx, a, b, c):
-    """a * b + c with one rounding (dot products only)."""
+    """a * b + c with one rounding, lane-wise on 8 or 16 lanes (dot products only)."""
+    if not (isinstance(a, _Vec) and a.kind == "f32") or not a == b == c:
+        return None
 
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(_VF32, [_VF32] * 3)
-        fn = builder.module.globals.get("llvm.fma.v8f32") or ir.Function(
-            builder.module, fnty, "llvm.fma.v8f32"
+        vty = _llty(a)
+        name = f"llvm.fma.v{a.lanes}f32"
+        fn = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(vty, [vty] * 3), name
         )
         return builder.call(fn, args)
 
-    return _f32x8(a, b, c), codegen
+    return a(a, b, c), codegen
 
 
 @intrinsic
 def _vi2f(typingctx, v):
     """i32 lanes -> float32 lanes (exact for the small integer codes used here)."""
+    if not (isinstance(v, _Vec) and v.kind == "i32"):
+        return None
+    out = _Vec("f32", v.lanes)
 
     def codegen(context, builder, sig, args):
-        return builder.sitofp(args[0], _VF32)
+        return builder.sitofp(args[0], _llty(out))
 
-    return _f32x8(v), codegen
+    return out(v), codegen
 
 
 @intrinsic
@@ -284,20 +300,30 @@ def _vbits_to_f32(typingctx, v):
     return _f32x8(v), codegen
 
 
+def _lanes(builder, x, first, n):
+    """Lanes first .. first+n-1 of vector x, as an n-lane vector."""
+    return builder.shuffle_vector(
+        x, x, ir.Constant(ir.VectorType(_I32, n), list(range(first, first + n)))
+    )
+
+
+def _pairwise_sum(builder, x):
+    """Sum of the 8 lanes of x, pairwise: 8 -> 4 -> 2 -> 1."""
+    n = _LANES
+    while n > 1:
+        n //= 2
+        x = builder.fadd(_lanes(builder, x, 0, n), _lanes(builder, x, n, n))
+    return builder.extract_element(x, ir.Constant(_I32, 0))
+
+
 @intrinsic
 def _vhsum(typingctx, v):
     """Sum of the 8 lanes (pairwise: 8 -> 4 -> 2 -> 1)."""
+    if v != _f32x8:
+        return None
 
     def codegen(context, builder, sig, args):
-        x, n = args[0], _LANES
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-            hi = builder.shuffle_vector(
-                x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n)))
-            )
-            x = builder.fadd(lo, hi)
-        return builder.extract_element(x, ir.Constant(_I32, 0))
+        return _pairwise_sum(builder, args[0])
 
     return types.float32(v), codegen
 
@@ -402,3 +428,89 @@ def _prefetch(typingctx, arr, off):
         return context.get_dummy_value()
 
     return types.none(arr, off), codegen
+
+
+# ------------------------------------------------------------------------------------------------
+# Two rows in one register. A batch's kernels (`quant_batch`) hold two input rows' 8 lanes in one
+# 16-lane vector, the first row in lanes 0-7 and the second in lanes 8-15, against the same
+# weights in both halves: each lane goes through exactly the operations of the 8-lane kernel, so
+# each row's result is bit for bit its one-row result, and one AVX-512 instruction does the work
+# of two AVX2 ones (`_vfma`, `_vmul`, `_vadd`, `_vand`, `_vshr` and `_vi2f` take both widths).
+# ------------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _wzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_llty(_f32x16), [0.0] * 2 * _LANES)
+
+    return _f32x16(), codegen
+
+
+@intrinsic
+def _wsplat(typingctx, s):
+    """Broadcast a float32 scalar to 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], _llty(_f32x16))
+
+    return _f32x16(types.float32), codegen
+
+
+@intrinsic
+def _wld_f32(typingctx, arr, off):
+    """16 float32 starting at element ``off`` of ``arr``."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], _llty(_f32x16))
+        return builder.load(p, align=1)
+
+    return _f32x16(arr, off), codegen
+
+
+def _twice_bytes(signed: bool):
+    """The 8 bytes at arr[off:off+8] extended to i32, in both halves of 16 lanes."""
+
+    @intrinsic
+    def impl(typingctx, arr, off):
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, _LANES))
+            v = builder.load(p, align=1)
+            twice = ir.Constant(ir.VectorType(_I32, 2 * _LANES), list(range(_LANES)) * 2)
+            both = builder.shuffle_vector(v, v, twice)
+            return (builder.sext if signed else builder.zext)(both, _llty(_i32x16))
+
+        return _i32x16(arr, off), codegen
+
+    return impl
+
+
+_wld_u8_twice = _twice_bytes(signed=False)
+_wld_i8_twice = _twice_bytes(signed=True)
+
+
+@intrinsic
+def _whsum(typingctx, v, half):
+    """`_vhsum` of one row of a two-row vector: lanes 0-7 (``half`` 0) or 8-15 (1), a constant."""
+    if v != _f32x16 or not isinstance(half, types.IntegerLiteral):
+        return None
+    first = _LANES * half.literal_value
+
+    def codegen(context, builder, sig, args):
+        return _pairwise_sum(builder, _lanes(builder, args[0], first, _LANES))
+
+    return types.float32(v, half), codegen
+
+
+@intrinsic
+def _vlane(typingctx, v, i):
+    """Lane i of an 8-lane float vector, as a float32."""
+    if v != _f32x8 or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(
+            args[0], context.cast(builder, args[1], sig.args[1], types.int32)
+        )
+
+    return types.float32(v, i), codegen
