@@ -43,7 +43,7 @@ from workbench.backends.quant_batch import (
     _dot_row,
     _grouped_row,
     _row_sums,
-    pair_rows,
+    batch_layout,
 )
 
 
@@ -55,10 +55,10 @@ def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
 
     blob (file bytes,) uint8; table (matrices, 6) int64; x (n, cols) float32; out (n, sum rows).
     Rows go out in chunks (`fused_decode._claim`); each weight row is read once for all n."""
-    xs32 = _row_sums(x, 32)  # (n, cols // 32) Q4_*, Q5_*, Q4_K, Q5_K block offsets
-    xs32t = np.ascontiguousarray(xs32.T)  # (cols // 32, n) the same, by block
+    # xs32 (n, cols // 32) Q4_*, Q5_*, Q4_K, Q5_K block offsets; xs32t, xp for the eight-row
+    # kernels (`quant_batch.batch_layout`)
+    xs32, xs32t, xp = batch_layout(x)
     xs16 = _row_sums(x, QK_K // 16)  # (n, cols // 16) Q2_K
-    xp = pair_rows(x)  # (n // 2, 2 cols) rows two by two, for the eight-row kernels
     chunks = _total_chunks(table, m0, m1)
     for p in range(nt):
         part = (tid + p) % nt

@@ -262,25 +262,46 @@ def _q8_0_rows(row, x, i0, w, nb, out, r):
 
 # ------------------------------------------------------------------------------------------------
 # Eight input rows at once, two per 16-lane register (`quant_simd`, "Two rows in one register"):
-# rows 2p and 2p+1 of x are interleaved in 8-lane pieces (`pair_rows`), and each weight block's
+# rows 2p and 2p+1 of x are interleaved in 8-lane pieces (`batch_layout`), and each weight block's
 # codes are decoded once into both halves. Every lane takes the operations of the 8-lane kernels
 # above, in the same order; the per-row block-offset sums (Q4_1's m, Q4_0's -8 d) run as one
 # 8-lane FMA per block, a lane per row, each lane the scalar FMA of the kernels above.
 # ------------------------------------------------------------------------------------------------
 
 
+# A batch's last rows (fewer than eight) run as a group of eight padded with rows of zeros unless
+# one or two of them are left (one-row kernels) or exactly four (the four-row kernel). One
+# 1536x576 Q4_1 matrix on one core: 3 rows 222 -> 190 us, 5 rows 252 -> 198 us, 7 rows 528 ->
+# 206 us; 4 rows take 176 us with the four-row kernel, 215 padded; 8 rows 227 us.
+def _padded(rest: int) -> bool:
+    return rest >= 3 and rest != 4
+
+
+_PADDED = tuple(_padded(rest) for rest in range(8))  # by n % 8
+
+
 @njit(cache=True, nogil=True)
-def pair_rows(x):
-    """x (n, cols) -> (n // 2, 2 cols): row p holds x[2p, e:e+8] then x[2p+1, e:e+8] for each
-    e = 0, 8, 16, ... (cols a multiple of 8); a last odd row is left out."""
-    cols = x.shape[1]
-    out = np.empty((x.shape[0] // 2, 2 * cols), np.float32)  # (n // 2, 2 cols)
-    for p in range(out.shape[0]):
+def batch_layout(x):
+    """What the grouped kernels read besides x (n, cols): (xs, xst, xp).
+
+    xs (n, cols // 32) the block sums of each row (Q4_0/Q4_1's offsets; Q8_0 does not use
+    them); for the eight-row groups, which cover n8 rows (n rounded down to eight, or up when
+    `_PADDED` says so; rows past n are zeros): xst (cols // 32, n8) the block
+    sums by block, and xp (n8 // 2, 2 cols) the rows two by two, xp[p] holding x[2p, e:e+8]
+    then x[2p+1, e:e+8] for e = 0, 8, 16, ..."""
+    n, cols = x.shape
+    n8 = n - n % 8 + (8 if _PADDED[n % 8] else 0)
+    xs = _row_sums(x, 32)  # (n, cols // 32)
+    xst = np.zeros((xs.shape[1], n8), np.float32)  # (cols // 32, n8)
+    xp = np.zeros((n8 // 2, 2 * cols), np.float32)  # (n8 // 2, 2 cols)
+    for i in range(min(n, n8)):
+        p, half = i // 2, 8 * (i % 2)
+        for b in range(xs.shape[1]):
+            xst[b, i] = xs[i, b]
         for c in range(0, cols, 8):
             for j in range(8):
-                out[p, 2 * c + j] = x[2 * p, c + j]
-                out[p, 2 * c + 8 + j] = x[2 * p + 1, c + j]
-    return out
+                xp[p, 2 * c + half + j] = x[i, c + j]
+    return xs, xst, xp
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
@@ -299,8 +320,9 @@ def _wnibbles(row, o):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q4_1_eight(row, xp, xst, i0, nb, out, r):
-    """out[i0 .. i0+7, r] for a Q4_1 row (i0 even); xst (nb, n) the block sums by block."""
+def _q4_1_eight(row, xp, xst, i0, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] (w <= 8) for a Q4_1 row, from rows i0 .. i0+7 of `batch_layout`'s
+    xp and xst (i0 a multiple of eight)."""
     p, n = i0 // 2, xst.shape[1]
     x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
     a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
@@ -316,13 +338,15 @@ def _q4_1_eight(row, xp, xst, i0, nb, out, r):
         a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
         mv = _vfma(_vsplat(m), _vld_f32(xst, b * n + i0), mv)
     for k, a in enumerate((a0, a1, a2, a3)):
-        out[i0 + 2 * k, r] = _whsum(a, 0) + _vlane(mv, 2 * k)
-        out[i0 + 2 * k + 1, r] = _whsum(a, 1) + _vlane(mv, 2 * k + 1)
+        if 2 * k < w:
+            out[i0 + 2 * k, r] = _whsum(a, 0) + _vlane(mv, 2 * k)
+        if 2 * k + 1 < w:
+            out[i0 + 2 * k + 1, r] = _whsum(a, 1) + _vlane(mv, 2 * k + 1)
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q4_0_eight(row, xp, xst, i0, nb, out, r):
-    """out[i0 .. i0+7, r] for a Q4_0 row (i0 even), as `_q4_1_eight`."""
+def _q4_0_eight(row, xp, xst, i0, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] for a Q4_0 row, as `_q4_1_eight`."""
     p, n = i0 // 2, xst.shape[1]
     x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
     a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
@@ -339,8 +363,10 @@ def _q4_0_eight(row, xp, xst, i0, nb, out, r):
         sv = _vfma(_vsplat(d), _vld_f32(xst, b * n + i0), sv)
     eight = np.float32(8.0)
     for k, a in enumerate((a0, a1, a2, a3)):
-        out[i0 + 2 * k, r] = _whsum(a, 0) - eight * _vlane(sv, 2 * k)
-        out[i0 + 2 * k + 1, r] = _whsum(a, 1) - eight * _vlane(sv, 2 * k + 1)
+        if 2 * k < w:
+            out[i0 + 2 * k, r] = _whsum(a, 0) - eight * _vlane(sv, 2 * k)
+        if 2 * k + 1 < w:
+            out[i0 + 2 * k + 1, r] = _whsum(a, 1) - eight * _vlane(sv, 2 * k + 1)
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
@@ -354,8 +380,8 @@ def _wpart_q8(c0, c1, c2, c3, xp, f):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q8_0_eight(row, xp, i0, nb, out, r):
-    """out[i0 .. i0+7, r] for a Q8_0 row (i0 even)."""
+def _q8_0_eight(row, xp, i0, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] for a Q8_0 row, as `_q4_1_eight`."""
     p = i0 // 2
     x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
     a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
@@ -370,24 +396,26 @@ def _q8_0_eight(row, xp, i0, nb, out, r):
         a2 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x2, f), a2)
         a3 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x3, f), a3)
     for k, a in enumerate((a0, a1, a2, a3)):
-        out[i0 + 2 * k, r] = _whsum(a, 0)
-        out[i0 + 2 * k + 1, r] = _whsum(a, 1)
+        if 2 * k < w:
+            out[i0 + 2 * k, r] = _whsum(a, 0)
+        if 2 * k + 1 < w:
+            out[i0 + 2 * k + 1, r] = _whsum(a, 1)
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _grouped_row(code, row, x, xp, xst, xs, nb, out, r):
-    """Every input row against weight row r: groups of eight (two per register), then four,
-    then the rest one by one. xp = `pair_rows(x)`; xs (n, nb) the block sums, xst its
-    transpose."""
+    """Every input row against weight row r: groups of eight (two rows per register, the last
+    one perhaps padded), then fours, then the rest one by one. xs, xst, xp: `batch_layout(x)`."""
     n = x.shape[0]
     i0 = 0
-    while n - i0 >= 8:
+    while i0 < 2 * xp.shape[0]:
+        w = min(8, n - i0)
         if code == _T_Q4_1:
-            _q4_1_eight(row, xp, xst, i0, nb, out, r)
+            _q4_1_eight(row, xp, xst, i0, w, nb, out, r)
         elif code == _T_Q8_0:
-            _q8_0_eight(row, xp, i0, nb, out, r)
+            _q8_0_eight(row, xp, i0, w, nb, out, r)
         else:
-            _q4_0_eight(row, xp, xst, i0, nb, out, r)
+            _q4_0_eight(row, xp, xst, i0, w, nb, out, r)
         i0 += 8
     while i0 < n:
         w = 4 if n - i0 >= 4 else 1
@@ -404,9 +432,7 @@ def _grouped_row(code, row, x, xp, xst, xs, nb, out, r):
 def _mvr_grouped(code, raw, x, nb, out, par):
     """out (n, rows) = x (n, cols) @ W.T for Q4_0, Q4_1, Q8_0, decoding each block once per
     group of eight or four input rows."""
-    xs = _row_sums(x, 32)  # (n, cols // 32), the Q4_0/Q4_1 block sums (Q8_0 does not use them)
-    xst = np.ascontiguousarray(xs.T)  # (cols // 32, n)
-    xp = pair_rows(x)  # (n // 2, 2 cols)
+    xs, xst, xp = batch_layout(x)
     if par:
         for r in prange(raw.shape[0]):
             _grouped_row(code, raw[r], x, xp, xst, xs, nb, out, r)
