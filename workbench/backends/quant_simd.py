@@ -7,10 +7,15 @@ the input; such loops run at under 1 GB/s. So the kernels are written with a han
 8-lane vector operations (`_vld_u8`, `_vfma`, ...): numba intrinsics that emit LLVM vector IR
 directly. The kernel code stays plain numba; only the lane-wise arithmetic is spelled out. Eight
 float32 lanes are one AVX2 register; without AVX2, LLVM splits each operation into SSE halves.
+The batch kernels (`quant_batch`) also use 16 lanes, two input rows to an AVX-512 register (see
+"Two rows in one register" below); without AVX-512, LLVM splits those into 8-lane halves.
 
 The intrinsics emit plain IEEE ``fmul``/``fadd`` without fast-math flags (so LLVM may not fuse
 them into an FMA where a dequantization must match gguf-py bit for bit); `_vfma` is an explicit
-fused multiply-add for dot products.
+fused multiply-add for dot products. Inside a function compiled with ``fastmath=True`` LLVM may
+still contract and reorder them (the function's attributes allow it: the Q4_1 dot's
+``(lo + hi)`` becomes a chain of FMAs); the batch kernels rely only on every lane of every width
+getting the same treatment, which `tests/test_quant_batch.py` checks bit for bit.
 """
 
 from __future__ import annotations
