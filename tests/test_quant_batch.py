@@ -37,7 +37,7 @@ def test_rows_bit_identical_to_each_row_alone(qtype: Q, path: str, r: Rand) -> N
     rows = int(r.rng.integers(1, 60))
     raw = finite_data(qtype, rows, cols, r)
     w = dequantize(raw, qtype).reshape(rows, cols).astype(np.float64)  # (rows, cols)
-    for n in (1, 2, 3, 4, 5, 7, 8, 12, 13, qb.MAX_ROWS):
+    for n in (1, 2, 3, 4, 5, 7, 8, 10, 12, 13, qb.MAX_ROWS):
         # Rows of very different magnitudes: a shared accumulator would show at once.
         x = r.rng.standard_normal((n, cols)) * 10.0 ** r.rng.integers(-3, 3, (n, 1))
         x = x.astype(np.float32)

@@ -269,15 +269,16 @@ def _q8_0_rows(row, x, i0, w, nb, out, r):
 # ------------------------------------------------------------------------------------------------
 
 
-# A batch's last rows (fewer than eight) run as a group of eight padded with rows of zeros unless
-# one or two of them are left (one-row kernels) or exactly four (the four-row kernel). One
-# 1536x576 Q4_1 matrix on one core: 3 rows 222 -> 190 us, 5 rows 252 -> 198 us, 7 rows 528 ->
-# 206 us; 4 rows take 176 us with the four-row kernel, 215 padded; 8 rows 227 us.
-def _padded(rest: int) -> bool:
-    return rest >= 3 and rest != 4
+# A batch's last rows (fewer than eight) run as a group of eight padded with rows of zeros when 3,
+# 5, 6 or 7 are left, as one pair (one register per block) when 2 are; four take the four-row
+# kernel, one the one-row kernel. One 1536x576 Q4_1 matrix on one core: 3 rows 222 -> 190 us,
+# 5 rows 252 -> 198 us, 7 rows 528 -> 206 us; 4 rows 176 us (215 padded); 8 rows 227 us.
+def _paired_rows(rest: int) -> int:
+    """How many of a batch's last ``rest`` rows (0-7) the paired kernels take, padding included."""
+    return 8 if rest >= 3 and rest != 4 else 2 if rest == 2 else 0
 
 
-_PADDED = tuple(_padded(rest) for rest in range(8))  # by n % 8
+_PAIRED = tuple(_paired_rows(rest) for rest in range(8))  # by n % 8
 
 
 @njit(cache=True, nogil=True)
@@ -285,16 +286,16 @@ def batch_layout(x):
     """What the grouped kernels read besides x (n, cols): (xs, xst, xp).
 
     xs (n, cols // 32) the block sums of each row (Q4_0/Q4_1's offsets; Q8_0 does not use
-    them); for the eight-row groups, which cover n8 rows (n rounded down to eight, or up when
-    `_PADDED` says so; rows past n are zeros): xst (cols // 32, n8) the block
-    sums by block, and xp (n8 // 2, 2 cols) the rows two by two, xp[p] holding x[2p, e:e+8]
-    then x[2p+1, e:e+8] for e = 0, 8, 16, ..."""
+    them). For the paired kernels, which take the first m rows (n rounded down to eight, plus
+    `_PAIRED`'s share of the rest; rows past n are zeros): xst (cols // 32, m rounded up to
+    eight) the block sums by block, and xp (m // 2, 2 cols) the rows two by two, xp[p] holding
+    x[2p, e:e+8] then x[2p+1, e:e+8] for e = 0, 8, 16, ..."""
     n, cols = x.shape
-    n8 = n - n % 8 + (8 if _PADDED[n % 8] else 0)
+    m = n - n % 8 + _PAIRED[n % 8]
     xs = _row_sums(x, 32)  # (n, cols // 32)
-    xst = np.zeros((xs.shape[1], n8), np.float32)  # (cols // 32, n8)
-    xp = np.zeros((n8 // 2, 2 * cols), np.float32)  # (n8 // 2, 2 cols)
-    for i in range(min(n, n8)):
+    xst = np.zeros((xs.shape[1], -(-m // 8) * 8), np.float32)  # (cols // 32, m up to eight)
+    xp = np.zeros((m // 2, 2 * cols), np.float32)  # (m // 2, 2 cols)
+    for i in range(min(n, m)):
         p, half = i // 2, 8 * (i % 2)
         for b in range(xs.shape[1]):
             xst[b, i] = xs[i, b]
@@ -320,11 +321,14 @@ def _wnibbles(row, o):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q4_1_eight(row, xp, xst, i0, w, nb, out, r):
-    """out[i0 .. i0+w-1, r] (w <= 8) for a Q4_1 row, from rows i0 .. i0+7 of `batch_layout`'s
-    xp and xst (i0 a multiple of eight)."""
+def _q4_1_pairs(row, xp, xst, i0, pairs, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] (w <= 2 pairs) for a Q4_1 row, from rows i0 .. i0+2 pairs-1 of
+    `batch_layout`'s xp and xst (i0 even); ``pairs`` 4 or 1 (the test inside the block loop costs
+    about 1%; two copies of each kernel, one per count, doubled the fused step's compile time)."""
     p, n = i0 // 2, xst.shape[1]
-    x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
+    x0 = x1 = x2 = x3 = xp[p]
+    if pairs == 4:
+        x1, x2, x3 = xp[p + 1], xp[p + 2], xp[p + 3]
     a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
     mv = _vzero()  # lane i: row i0+i's sum of m * xs
     for b in range(nb):
@@ -333,9 +337,10 @@ def _q4_1_eight(row, xp, xst, i0, w, nb, out, r):
         d, m = _ld_f16x2_fast(row, o)
         dv = _wsplat(d)
         a0 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x0, f), a0)
-        a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
-        a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
-        a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
+        if pairs == 4:
+            a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
+            a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
+            a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
         mv = _vfma(_vsplat(m), _vld_f32(xst, b * n + i0), mv)
     for k, a in enumerate((a0, a1, a2, a3)):
         if 2 * k < w:
@@ -345,10 +350,12 @@ def _q4_1_eight(row, xp, xst, i0, w, nb, out, r):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q4_0_eight(row, xp, xst, i0, w, nb, out, r):
-    """out[i0 .. i0+w-1, r] for a Q4_0 row, as `_q4_1_eight`."""
+def _q4_0_pairs(row, xp, xst, i0, pairs, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] for a Q4_0 row, as `_q4_1_pairs`."""
     p, n = i0 // 2, xst.shape[1]
-    x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
+    x0 = x1 = x2 = x3 = xp[p]
+    if pairs == 4:
+        x1, x2, x3 = xp[p + 1], xp[p + 2], xp[p + 3]
     a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
     sv = _vzero()  # lane i: row i0+i's sum of d * xs
     for b in range(nb):
@@ -357,9 +364,10 @@ def _q4_0_eight(row, xp, xst, i0, w, nb, out, r):
         d = _ld_f16_fast(row, o)
         dv = _wsplat(d)
         a0 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x0, f), a0)
-        a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
-        a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
-        a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
+        if pairs == 4:
+            a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
+            a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
+            a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
         sv = _vfma(_vsplat(d), _vld_f32(xst, b * n + i0), sv)
     eight = np.float32(8.0)
     for k, a in enumerate((a0, a1, a2, a3)):
@@ -380,10 +388,12 @@ def _wpart_q8(c0, c1, c2, c3, xp, f):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q8_0_eight(row, xp, i0, w, nb, out, r):
-    """out[i0 .. i0+w-1, r] for a Q8_0 row, as `_q4_1_eight`."""
+def _q8_0_pairs(row, xp, i0, pairs, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] for a Q8_0 row, as `_q4_1_pairs`."""
     p = i0 // 2
-    x0, x1, x2, x3 = xp[p], xp[p + 1], xp[p + 2], xp[p + 3]
+    x0 = x1 = x2 = x3 = xp[p]
+    if pairs == 4:
+        x1, x2, x3 = xp[p + 1], xp[p + 2], xp[p + 3]
     a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
     for b in range(nb):
         o, f = b * _Q8_0_B, 2 * b * _QK8_0
@@ -392,9 +402,10 @@ def _q8_0_eight(row, xp, i0, w, nb, out, r):
         c2, c3 = _vi2f(_wld_i8_twice(row, q + 16)), _vi2f(_wld_i8_twice(row, q + 24))
         dv = _wsplat(_ld_f16_fast(row, o))
         a0 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x0, f), a0)
-        a1 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x1, f), a1)
-        a2 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x2, f), a2)
-        a3 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x3, f), a3)
+        if pairs == 4:
+            a1 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x1, f), a1)
+            a2 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x2, f), a2)
+            a3 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x3, f), a3)
     for k, a in enumerate((a0, a1, a2, a3)):
         if 2 * k < w:
             out[i0 + 2 * k, r] = _whsum(a, 0)
@@ -405,18 +416,20 @@ def _q8_0_eight(row, xp, i0, w, nb, out, r):
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _grouped_row(code, row, x, xp, xst, xs, nb, out, r):
     """Every input row against weight row r: groups of eight (two rows per register, the last
-    one perhaps padded), then fours, then the rest one by one. xs, xst, xp: `batch_layout(x)`."""
-    n = x.shape[0]
+    one perhaps padded), a last pair, then fours, then the rest one by one. xs, xst, xp:
+    `batch_layout(x)`."""
+    n, m = x.shape[0], 2 * xp.shape[0]
     i0 = 0
-    while i0 < 2 * xp.shape[0]:
-        w = min(8, n - i0)
+    while i0 < m:
+        pairs = 4 if m - i0 >= 8 else 1
+        w = min(2 * pairs, n - i0)
         if code == _T_Q4_1:
-            _q4_1_eight(row, xp, xst, i0, w, nb, out, r)
+            _q4_1_pairs(row, xp, xst, i0, pairs, w, nb, out, r)
         elif code == _T_Q8_0:
-            _q8_0_eight(row, xp, i0, w, nb, out, r)
+            _q8_0_pairs(row, xp, i0, pairs, w, nb, out, r)
         else:
-            _q4_0_eight(row, xp, xst, i0, w, nb, out, r)
-        i0 += 8
+            _q4_0_pairs(row, xp, xst, i0, pairs, w, nb, out, r)
+        i0 += 2 * pairs
     while i0 < n:
         w = 4 if n - i0 >= 4 else 1
         if code == _T_Q4_1:
@@ -431,7 +444,7 @@ def _grouped_row(code, row, x, xp, xst, xs, nb, out, r):
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
 def _mvr_grouped(code, raw, x, nb, out, par):
     """out (n, rows) = x (n, cols) @ W.T for Q4_0, Q4_1, Q8_0, decoding each block once per
-    group of eight or four input rows."""
+    group of eight, two or four input rows."""
     xs, xst, xp = batch_layout(x)
     if par:
         for r in prange(raw.shape[0]):
