@@ -59,6 +59,7 @@ from workbench.backends.quant_simd import (
     _vhsum,
     _vi2f,
     _vlane,
+    _vld_as,
     _vld_f32,
     _vld_i8,
     _vld_u8,
@@ -67,7 +68,6 @@ from workbench.backends.quant_simd import (
     _vsplat,
     _vzero,
     _whsum,
-    _wld_f32,
     _wld_i8_twice,
     _wld_u8_twice,
     _wsplat,
@@ -157,15 +157,19 @@ def _mvr_generic(code, raw, x, nb, out, par):
 # ------------------------------------------------------------------------------------------------
 # Decode-once kernels. Per block, the codes become float vectors once; then each input row of a
 # group of four (or one, for the rest of the batch) takes exactly the one-row kernel's operations
-# on them. ``_part_*`` is one input row's share of a block, written once and used by both widths.
+# on them. ``_part_*`` is one input row's (or pair's) share of a block, written once for every
+# width.
 # ------------------------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _part_nibbles(q0l, q1l, q0h, q1h, x, e):
-    """One block's sum of codes times x for Q4_0/Q4_1: two chains (lo, hi), as the row kernels."""
-    lo = _vfma(q1l, _vld_f32(x, e + 8), _vmul(q0l, _vld_f32(x, e)))
-    hi = _vfma(q1h, _vld_f32(x, e + 24), _vmul(q0h, _vld_f32(x, e + 16)))
+def _part_nibbles(q0l, q1l, q0h, q1h, x, e, step):
+    """One block's sum of codes times x for Q4_0/Q4_1: two chains (lo, hi), as the row kernels.
+
+    8 lanes (one row: x from e, step 8) or 16 (a pair of rows, `batch_layout`'s xp: the paired
+    rows from 2 e, step 16): the same operations on every lane whatever the width."""
+    lo = _vfma(q1l, _vld_as(q1l, x, e + step), _vmul(q0l, _vld_as(q0l, x, e)))
+    hi = _vfma(q1h, _vld_as(q1h, x, e + 3 * step), _vmul(q0h, _vld_as(q0h, x, e + 2 * step)))
     return _vadd(lo, hi)
 
 
@@ -182,14 +186,14 @@ def _q4_1_rows(row, x, xs, i0, w, nb, out, r):
         q0h, q1h = _vi2f(_vshr(z0, 4)), _vi2f(_vshr(z1, 4))
         d, m = _ld_f16x2_fast(row, o)
         dv = _vsplat(d)
-        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0], e), a0)
+        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0], e, 8), a0)
         m0 += m * xs[i0, b]
         if w == 4:
-            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 1], e), a1)
+            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 1], e, 8), a1)
             m1 += m * xs[i0 + 1, b]
-            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 2], e), a2)
+            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 2], e, 8), a2)
             m2 += m * xs[i0 + 2, b]
-            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 3], e), a3)
+            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 3], e, 8), a3)
             m3 += m * xs[i0 + 3, b]
     out[i0, r] = _vhsum(a0) + m0
     if w == 4:
@@ -211,14 +215,14 @@ def _q4_0_rows(row, x, xs, i0, w, nb, out, r):
         q0h, q1h = _vi2f(_vshr(z0, 4)), _vi2f(_vshr(z1, 4))
         d = _ld_f16_fast(row, o)
         dv = _vsplat(d)
-        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0], e), a0)
+        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0], e, 8), a0)
         s0 += d * xs[i0, b]
         if w == 4:
-            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 1], e), a1)
+            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 1], e, 8), a1)
             s1 += d * xs[i0 + 1, b]
-            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 2], e), a2)
+            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 2], e, 8), a2)
             s2 += d * xs[i0 + 2, b]
-            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 3], e), a3)
+            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x[i0 + 3], e, 8), a3)
             s3 += d * xs[i0 + 3, b]
     eight = np.float32(8.0)
     out[i0, r] = _vhsum(a0) - eight * s0
@@ -229,12 +233,13 @@ def _q4_0_rows(row, x, xs, i0, w, nb, out, r):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _part_q8(c0, c1, c2, c3, x, e):
-    """One Q8_0 block's sum of codes times x: two chains, as `_dot_q8_0_row`."""
-    s0 = _vmul(c0, _vld_f32(x, e))
-    s1 = _vmul(c1, _vld_f32(x, e + 8))
-    s0 = _vfma(c2, _vld_f32(x, e + 16), s0)
-    s1 = _vfma(c3, _vld_f32(x, e + 24), s1)
+def _part_q8(c0, c1, c2, c3, x, e, step):
+    """One Q8_0 block's sum of codes times x: two chains, as `_dot_q8_0_row`; one row or a pair
+    as `_part_nibbles`."""
+    s0 = _vmul(c0, _vld_as(c0, x, e))
+    s1 = _vmul(c1, _vld_as(c1, x, e + step))
+    s0 = _vfma(c2, _vld_as(c2, x, e + 2 * step), s0)
+    s1 = _vfma(c3, _vld_as(c3, x, e + 3 * step), s1)
     return _vadd(s0, s1)
 
 
@@ -248,11 +253,11 @@ def _q8_0_rows(row, x, i0, w, nb, out, r):
         c0, c1 = _vi2f(_vld_i8(row, q)), _vi2f(_vld_i8(row, q + 8))
         c2, c3 = _vi2f(_vld_i8(row, q + 16)), _vi2f(_vld_i8(row, q + 24))
         dv = _vsplat(_ld_f16_fast(row, o))
-        a0 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0], e), a0)
+        a0 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0], e, 8), a0)
         if w == 4:
-            a1 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 1], e), a1)
-            a2 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 2], e), a2)
-            a3 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 3], e), a3)
+            a1 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 1], e, 8), a1)
+            a2 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 2], e, 8), a2)
+            a3 = _vfma(dv, _part_q8(c0, c1, c2, c3, x[i0 + 3], e, 8), a3)
     out[i0, r] = _vhsum(a0)
     if w == 4:
         out[i0 + 1, r] = _vhsum(a1)
@@ -306,14 +311,6 @@ def batch_layout(x):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _wpart_nibbles(q0l, q1l, q0h, q1h, xp, f):
-    """`_part_nibbles` of two rows at once; f = 2 e, the block's start in the paired rows."""
-    lo = _vfma(q1l, _wld_f32(xp, f + 16), _vmul(q0l, _wld_f32(xp, f)))
-    hi = _vfma(q1h, _wld_f32(xp, f + 48), _vmul(q0h, _wld_f32(xp, f + 32)))
-    return _vadd(lo, hi)
-
-
-@njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _wnibbles(row, o):
     """A Q4_0/Q4_1 block's 32 codes at row[o:o+16] as floats, in both halves of four vectors."""
     z0, z1 = _wld_u8_twice(row, o), _wld_u8_twice(row, o + 8)
@@ -336,11 +333,11 @@ def _q4_1_pairs(row, xp, xst, i0, pairs, w, nb, out, r):
         q0l, q1l, q0h, q1h = _wnibbles(row, o + _Q4_1_QS)
         d, m = _ld_f16x2_fast(row, o)
         dv = _wsplat(d)
-        a0 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x0, f), a0)
+        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x0, f, 16), a0)
         if pairs == 4:
-            a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
-            a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
-            a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
+            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x1, f, 16), a1)
+            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x2, f, 16), a2)
+            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x3, f, 16), a3)
         mv = _vfma(_vsplat(m), _vld_f32(xst, b * n + i0), mv)
     for k, a in enumerate((a0, a1, a2, a3)):
         if 2 * k < w:
@@ -363,11 +360,11 @@ def _q4_0_pairs(row, xp, xst, i0, pairs, w, nb, out, r):
         q0l, q1l, q0h, q1h = _wnibbles(row, o + _Q4_0_QS)
         d = _ld_f16_fast(row, o)
         dv = _wsplat(d)
-        a0 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x0, f), a0)
+        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x0, f, 16), a0)
         if pairs == 4:
-            a1 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x1, f), a1)
-            a2 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x2, f), a2)
-            a3 = _vfma(dv, _wpart_nibbles(q0l, q1l, q0h, q1h, x3, f), a3)
+            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x1, f, 16), a1)
+            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x2, f, 16), a2)
+            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x3, f, 16), a3)
         sv = _vfma(_vsplat(d), _vld_f32(xst, b * n + i0), sv)
     eight = np.float32(8.0)
     for k, a in enumerate((a0, a1, a2, a3)):
@@ -375,16 +372,6 @@ def _q4_0_pairs(row, xp, xst, i0, pairs, w, nb, out, r):
             out[i0 + 2 * k, r] = _whsum(a, 0) - eight * _vlane(sv, 2 * k)
         if 2 * k + 1 < w:
             out[i0 + 2 * k + 1, r] = _whsum(a, 1) - eight * _vlane(sv, 2 * k + 1)
-
-
-@njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _wpart_q8(c0, c1, c2, c3, xp, f):
-    """`_part_q8` of two rows at once; f = 2 e."""
-    s0 = _vmul(c0, _wld_f32(xp, f))
-    s1 = _vmul(c1, _wld_f32(xp, f + 16))
-    s0 = _vfma(c2, _wld_f32(xp, f + 32), s0)
-    s1 = _vfma(c3, _wld_f32(xp, f + 48), s1)
-    return _vadd(s0, s1)
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
@@ -401,11 +388,11 @@ def _q8_0_pairs(row, xp, i0, pairs, w, nb, out, r):
         c0, c1 = _vi2f(_wld_i8_twice(row, q)), _vi2f(_wld_i8_twice(row, q + 8))
         c2, c3 = _vi2f(_wld_i8_twice(row, q + 16)), _vi2f(_wld_i8_twice(row, q + 24))
         dv = _wsplat(_ld_f16_fast(row, o))
-        a0 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x0, f), a0)
+        a0 = _vfma(dv, _part_q8(c0, c1, c2, c3, x0, f, 16), a0)
         if pairs == 4:
-            a1 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x1, f), a1)
-            a2 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x2, f), a2)
-            a3 = _vfma(dv, _wpart_q8(c0, c1, c2, c3, x3, f), a3)
+            a1 = _vfma(dv, _part_q8(c0, c1, c2, c3, x1, f, 16), a1)
+            a2 = _vfma(dv, _part_q8(c0, c1, c2, c3, x2, f, 16), a2)
+            a3 = _vfma(dv, _part_q8(c0, c1, c2, c3, x3, f, 16), a3)
     for k, a in enumerate((a0, a1, a2, a3)):
         if 2 * k < w:
             out[i0 + 2 * k, r] = _whsum(a, 0)

@@ -462,17 +462,6 @@ def _wsplat(typingctx, s):
     return _f32x16(types.float32), codegen
 
 
-@intrinsic
-def _wld_f32(typingctx, arr, off):
-    """16 float32 starting at element ``off`` of ``arr``."""
-
-    def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[0], args[0], args[1], _llty(_f32x16))
-        return builder.load(p, align=1)
-
-    return _f32x16(arr, off), codegen
-
-
 def _twice_bytes(signed: bool):
     """The 8 bytes at arr[off:off+8] extended to i32, in both halves of 16 lanes."""
 
@@ -492,6 +481,20 @@ def _twice_bytes(signed: bool):
 
 _wld_u8_twice = _twice_bytes(signed=False)
 _wld_i8_twice = _twice_bytes(signed=True)
+
+
+@intrinsic
+def _vld_as(typingctx, like, arr, off):
+    """As many float32 as ``like`` has lanes (8 or 16), from element ``off`` of ``arr``: lets one
+    kernel body serve one row (8 lanes) and a pair of rows (16)."""
+    if not (isinstance(like, _Vec) and like.kind == "f32"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[1], args[1], args[2], _llty(like))
+        return builder.load(p, align=1)
+
+    return like(like, arr, off), codegen
 
 
 @intrinsic
