@@ -278,12 +278,7 @@ def _q8_0_rows(row, x, i0, w, nb, out, r):
 # 5, 6 or 7 are left, as one pair (one register per block) when 2 are; four take the four-row
 # kernel, one the one-row kernel. One 1536x576 Q4_1 matrix on one core: 3 rows 222 -> 190 us,
 # 5 rows 252 -> 198 us, 7 rows 528 -> 206 us; 4 rows 176 us (215 padded); 8 rows 227 us.
-def _paired_rows(rest: int) -> int:
-    """How many of a batch's last ``rest`` rows (0-7) the paired kernels take, padding included."""
-    return 8 if rest >= 3 and rest != 4 else 2 if rest == 2 else 0
-
-
-_PAIRED = tuple(_paired_rows(rest) for rest in range(8))  # by n % 8
+_PAIRED = (0, 0, 2, 8, 0, 8, 8, 8)  # by n % 8: how many of the last rows the paired kernels take
 
 
 @njit(cache=True, nogil=True)
@@ -318,65 +313,46 @@ def _wnibbles(row, o):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q4_1_pairs(row, xp, xst, i0, pairs, w, nb, out, r):
-    """out[i0 .. i0+w-1, r] (w <= 2 pairs) for a Q4_1 row, from rows i0 .. i0+2 pairs-1 of
-    `batch_layout`'s xp and xst (i0 even); ``pairs`` 4 or 1 (the test inside the block loop costs
-    about 1%; two copies of each kernel, one per count, doubled the fused step's compile time)."""
+def _q4_pairs(q4_1, row, xp, xst, i0, pairs, w, nb, out, r):
+    """out[i0 .. i0+w-1, r] (w <= 2 pairs) for a Q4_1 (``q4_1`` True) or Q4_0 row, from rows
+    i0 .. i0+2 pairs-1 of `batch_layout`'s xp and xst (i0 even); ``pairs`` 4 or 1 (the test
+    inside the block loop costs about 1%; two copies of each kernel, one per count, doubled the
+    fused step's compile time). The block offsets, one lane per row: Q4_1's m * xs, added;
+    Q4_0's d * xs, times -8 (the one-row kernels' arithmetic)."""
+    bb, qs = (_Q4_1_B, _Q4_1_QS) if q4_1 else (_Q4_0_B, _Q4_0_QS)
     p, n = i0 // 2, xst.shape[1]
     x0 = x1 = x2 = x3 = xp[p]
     if pairs == 4:
         x1, x2, x3 = xp[p + 1], xp[p + 2], xp[p + 3]
     a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
-    mv = _vzero()  # lane i: row i0+i's sum of m * xs
+    ov = _vzero()  # lane i: row i0+i's sum of offset * xs
     for b in range(nb):
-        o, f = b * _Q4_1_B, 2 * b * _QK4_1
-        q0l, q1l, q0h, q1h = _wnibbles(row, o + _Q4_1_QS)
-        d, m = _ld_f16x2_fast(row, o)
+        o, f = b * bb, 2 * b * _QK4_1
+        q0l, q1l, q0h, q1h = _wnibbles(row, o + qs)
+        if q4_1:
+            d, off = _ld_f16x2_fast(row, o)
+        else:
+            d = _ld_f16_fast(row, o)
+            off = d
         dv = _wsplat(d)
         a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x0, f, 16), a0)
         if pairs == 4:
             a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x1, f, 16), a1)
             a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x2, f, 16), a2)
             a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x3, f, 16), a3)
-        mv = _vfma(_vsplat(m), _vld_f32(xst, b * n + i0), mv)
-    for k, a in enumerate((a0, a1, a2, a3)):
-        if 2 * k < w:
-            out[i0 + 2 * k, r] = _whsum(a, 0) + _vlane(mv, 2 * k)
-        if 2 * k + 1 < w:
-            out[i0 + 2 * k + 1, r] = _whsum(a, 1) + _vlane(mv, 2 * k + 1)
-
-
-@njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _q4_0_pairs(row, xp, xst, i0, pairs, w, nb, out, r):
-    """out[i0 .. i0+w-1, r] for a Q4_0 row, as `_q4_1_pairs`."""
-    p, n = i0 // 2, xst.shape[1]
-    x0 = x1 = x2 = x3 = xp[p]
-    if pairs == 4:
-        x1, x2, x3 = xp[p + 1], xp[p + 2], xp[p + 3]
-    a0, a1, a2, a3 = _wzero(), _wzero(), _wzero(), _wzero()
-    sv = _vzero()  # lane i: row i0+i's sum of d * xs
-    for b in range(nb):
-        o, f = b * _Q4_0_B, 2 * b * _QK4_0
-        q0l, q1l, q0h, q1h = _wnibbles(row, o + _Q4_0_QS)
-        d = _ld_f16_fast(row, o)
-        dv = _wsplat(d)
-        a0 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x0, f, 16), a0)
-        if pairs == 4:
-            a1 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x1, f, 16), a1)
-            a2 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x2, f, 16), a2)
-            a3 = _vfma(dv, _part_nibbles(q0l, q1l, q0h, q1h, x3, f, 16), a3)
-        sv = _vfma(_vsplat(d), _vld_f32(xst, b * n + i0), sv)
+        ov = _vfma(_vsplat(off), _vld_f32(xst, b * n + i0), ov)
     eight = np.float32(8.0)
     for k, a in enumerate((a0, a1, a2, a3)):
-        if 2 * k < w:
-            out[i0 + 2 * k, r] = _whsum(a, 0) - eight * _vlane(sv, 2 * k)
-        if 2 * k + 1 < w:
-            out[i0 + 2 * k + 1, r] = _whsum(a, 1) - eight * _vlane(sv, 2 * k + 1)
+        for h in range(2):
+            i = 2 * k + h
+            if i < w:
+                s = _whsum(a, 0) if h == 0 else _whsum(a, 1)
+                out[i0 + i, r] = s + _vlane(ov, i) if q4_1 else s - eight * _vlane(ov, i)
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _q8_0_pairs(row, xp, i0, pairs, w, nb, out, r):
-    """out[i0 .. i0+w-1, r] for a Q8_0 row, as `_q4_1_pairs`."""
+    """out[i0 .. i0+w-1, r] for a Q8_0 row, as `_q4_pairs`."""
     p = i0 // 2
     x0 = x1 = x2 = x3 = xp[p]
     if pairs == 4:
@@ -410,12 +386,10 @@ def _grouped_row(code, row, x, xp, xst, xs, nb, out, r):
     while i0 < m:
         pairs = 4 if m - i0 >= 8 else 1
         w = min(2 * pairs, n - i0)
-        if code == _T_Q4_1:
-            _q4_1_pairs(row, xp, xst, i0, pairs, w, nb, out, r)
-        elif code == _T_Q8_0:
+        if code == _T_Q8_0:
             _q8_0_pairs(row, xp, i0, pairs, w, nb, out, r)
         else:
-            _q4_0_pairs(row, xp, xst, i0, pairs, w, nb, out, r)
+            _q4_pairs(code == _T_Q4_1, row, xp, xst, i0, pairs, w, nb, out, r)
         i0 += 2 * pairs
     while i0 < n:
         w = 4 if n - i0 >= 4 else 1
