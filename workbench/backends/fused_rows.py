@@ -43,7 +43,6 @@ from workbench.backends.quant_batch import (
     _dot_row,
     _grouped_row,
     _row_sums,
-    batch_layout,
 )
 
 
@@ -55,9 +54,7 @@ def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
 
     blob (file bytes,) uint8; table (matrices, 6) int64; x (n, cols) float32; out (n, sum rows).
     Rows go out in chunks (`fused_decode._claim`); each weight row is read once for all n."""
-    # xs32 (n, cols // 32) Q4_*, Q5_*, Q4_K, Q5_K block offsets; xs32t, xp for the eight-row
-    # kernels (`quant_batch.batch_layout`)
-    xs32, xs32t, xp = batch_layout(x)
+    xs32 = _row_sums(x, 32)  # (n, cols // 32) Q5_*, Q4_K, Q5_K block offsets
     xs16 = _row_sums(x, QK_K // 16)  # (n, cols // 16) Q2_K
     chunks = _total_chunks(table, m0, m1)
     for p in range(nt):
@@ -71,11 +68,11 @@ def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
             # One call per type, each with its type a constant: LLVM then compiles one kernel
             # into each row loop (with the type looked up per row, the Q4_1 loop ran 35% slower).
             if code == _T_Q4_1:
-                _grouped_span(_T_Q4_1, blob, base, rb, lo, hi, x, xp, xs32t, xs32, nb, out, first)
+                _grouped_span(_T_Q4_1, blob, base, rb, lo, hi, x, nb, out, first)
             elif code == _T_Q8_0:
-                _grouped_span(_T_Q8_0, blob, base, rb, lo, hi, x, xp, xs32t, xs32, nb, out, first)
+                _grouped_span(_T_Q8_0, blob, base, rb, lo, hi, x, nb, out, first)
             elif code == _T_Q4_0:
-                _grouped_span(_T_Q4_0, blob, base, rb, lo, hi, x, xp, xs32t, xs32, nb, out, first)
+                _grouped_span(_T_Q4_0, blob, base, rb, lo, hi, x, nb, out, first)
             else:
                 for r in range(lo, hi):
                     o = base + r * rb
@@ -86,13 +83,13 @@ def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _grouped_span(code, blob, base, rb, lo, hi, x, xp, xst, xs, nb, out, first):
+def _grouped_span(code, blob, base, rb, lo, hi, x, nb, out, first):
     """Weight rows lo..hi-1 at blob[base + r rb] of a Q4_0, Q4_1 or Q8_0 matrix against every
     input row, each block decoded once per eight or four input rows (`quant_batch`)."""
     for r in range(lo, hi):
         o = base + r * rb
         _prefetch_ahead(blob, o, rb)
-        _grouped_row(code, blob[o : o + rb], x, xp, xst, xs, nb, out, first + r)
+        _grouped_row(code, blob[o : o + rb], x, nb, out, first + r)
 
 
 @njit(cache=True, nogil=True)

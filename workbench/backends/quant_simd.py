@@ -7,15 +7,15 @@ the input; such loops run at under 1 GB/s. So the kernels are written with a han
 8-lane vector operations (`_vld_u8`, `_vfma`, ...): numba intrinsics that emit LLVM vector IR
 directly. The kernel code stays plain numba; only the lane-wise arithmetic is spelled out. Eight
 float32 lanes are one AVX2 register; without AVX2, LLVM splits each operation into SSE halves.
-The batch kernels (`quant_batch`) also use 16 lanes, two input rows to an AVX-512 register (see
-"Two rows in one register" below); without AVX-512, LLVM splits those into 8-lane halves.
+The Q4_0, Q4_1 and Q8_0 dot products use 16 lanes, a block in two AVX-512 registers (see "16
+lanes" below); without AVX-512, LLVM splits those into 8-lane halves.
 
 The intrinsics emit plain IEEE ``fmul``/``fadd`` without fast-math flags (so LLVM may not fuse
 them into an FMA where a dequantization must match gguf-py bit for bit); `_vfma` is an explicit
 fused multiply-add for dot products. Inside a function compiled with ``fastmath=True`` LLVM may
-still contract and reorder them (the function's attributes allow it: the Q4_1 dot's
-``(lo + hi)`` becomes a chain of FMAs); the batch kernels rely only on every lane of every width
-getting the same treatment, which `tests/test_quant_batch.py` checks bit for bit.
+still contract and reorder the plain ones (the function's attributes allow it); the batch kernels
+rely only on every input row getting the same operations whatever the batch, which
+`tests/test_quant_batch.py` checks bit for bit.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _VF32 = ir.VectorType(_F32, _LANES)
 
 class _Vec(types.Type):
     """An LLVM <lanes x i32> or <lanes x float> value held in a numba local (a register after
-    mem2reg): 8 lanes, or 16 for the two-row kernels (see "Two rows in one register")."""
+    mem2reg): 8 lanes, or 16 (see "16 lanes")."""
 
     def __init__(self, kind: str, lanes: int = _LANES) -> None:
         self.kind, self.lanes = kind, lanes
@@ -313,8 +313,8 @@ def _lanes(builder, x, first, n):
 
 
 def _pairwise_sum(builder, x):
-    """Sum of the 8 lanes of x, pairwise: 8 -> 4 -> 2 -> 1."""
-    n = _LANES
+    """Sum of the lanes of x (8 or 16), pairwise: 16 -> 8 -> 4 -> 2 -> 1."""
+    n = x.type.count
     while n > 1:
         n //= 2
         x = builder.fadd(_lanes(builder, x, 0, n), _lanes(builder, x, n, n))
@@ -436,11 +436,10 @@ def _prefetch(typingctx, arr, off):
 
 
 # ------------------------------------------------------------------------------------------------
-# Two rows in one register. A batch's kernels (`quant_batch`) hold two input rows' 8 lanes in one
-# 16-lane vector, the first row in lanes 0-7 and the second in lanes 8-15, against the same
-# weights in both halves: each lane goes through exactly the operations of the 8-lane kernel, so
-# each row's result is bit for bit its one-row result, and one AVX-512 instruction does the work
-# of two AVX2 ones (`_vfma`, `_vmul`, `_vadd`, `_vand`, `_vshr` and `_vi2f` take both widths).
+# 16 lanes: a whole 32-value block in two registers. The Q4_0, Q4_1 and Q8_0 dot products
+# (`quant_blocks._block_weights`) decode a block's weights into two 16-lane vectors (one AVX-512
+# register each; two AVX2 halves without AVX-512) and FMA them into two accumulators per input
+# row: `_vand`, `_vshr`, `_vsub_i`, `_vi2f`, `_vmul` and `_vfma` take both widths.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -462,63 +461,43 @@ def _wsplat(typingctx, s):
     return _f32x16(types.float32), codegen
 
 
-def _twice_bytes(signed: bool):
-    """The 8 bytes at arr[off:off+8] extended to i32, in both halves of 16 lanes."""
+def _wide_bytes(signed: bool):
+    """The 16 bytes at arr[off:off+16], extended to i32 lanes."""
 
     @intrinsic
     def impl(typingctx, arr, off):
         def codegen(context, builder, sig, args):
-            p = _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, _LANES))
+            p = _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 16))
             v = builder.load(p, align=1)
-            twice = ir.Constant(ir.VectorType(_I32, 2 * _LANES), list(range(_LANES)) * 2)
-            both = builder.shuffle_vector(v, v, twice)
-            return (builder.sext if signed else builder.zext)(both, _llty(_i32x16))
+            return (builder.sext if signed else builder.zext)(v, _llty(_i32x16))
 
         return _i32x16(arr, off), codegen
 
     return impl
 
 
-_wld_u8_twice = _twice_bytes(signed=False)
-_wld_i8_twice = _twice_bytes(signed=True)
+_wld_u8 = _wide_bytes(signed=False)
+_wld_i8 = _wide_bytes(signed=True)
 
 
 @intrinsic
-def _vld_as(typingctx, like, arr, off):
-    """As many float32 as ``like`` has lanes (8 or 16), from element ``off`` of ``arr``: lets one
-    kernel body serve one row (8 lanes) and a pair of rows (16)."""
-    if not (isinstance(like, _Vec) and like.kind == "f32"):
-        return None
+def _wld_f32(typingctx, arr, off):
+    """16 float32 starting at element ``off`` of ``arr``."""
 
     def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[1], args[1], args[2], _llty(like))
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], _llty(_f32x16))
         return builder.load(p, align=1)
 
-    return like(like, arr, off), codegen
+    return _f32x16(arr, off), codegen
 
 
 @intrinsic
-def _whsum(typingctx, v, half):
-    """`_vhsum` of one row of a two-row vector: lanes 0-7 (``half`` 0) or 8-15 (1), a constant."""
-    if v != _f32x16 or not isinstance(half, types.IntegerLiteral):
-        return None
-    first = _LANES * half.literal_value
-
-    def codegen(context, builder, sig, args):
-        return _pairwise_sum(builder, _lanes(builder, args[0], first, _LANES))
-
-    return types.float32(v, half), codegen
-
-
-@intrinsic
-def _vlane(typingctx, v, i):
-    """Lane i of an 8-lane float vector, as a float32."""
-    if v != _f32x8 or not isinstance(i, types.Integer):
+def _whsum(typingctx, v):
+    """Sum of the 16 lanes (pairwise: 16 -> 8 -> 4 -> 2 -> 1)."""
+    if v != _f32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.extract_element(
-            args[0], context.cast(builder, args[1], sig.args[1], types.int32)
-        )
+        return _pairwise_sum(builder, args[0])
 
-    return types.float32(v, i), codegen
+    return types.float32(v), codegen
