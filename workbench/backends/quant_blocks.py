@@ -2,8 +2,8 @@
 
 Each type has ``_deq_<type>_row(row, dst, nb)`` (row bytes -> float32 values) and
 ``_dot_<type>_row(row, x, xs, nb)`` (sum of the row's values times x). `quant_cpu` drives them over
-matrices; `fused_decode` calls the dot kernels inside its one-call decode. Written with the 8-lane
-intrinsics of `quant_simd`.
+matrices; `fused_decode` calls the dot kernels inside its one-call decode. Written with the
+intrinsics of `quant_simd` (8 lanes; 16 for Q4_0, Q4_1 and Q8_0's dots).
 
 Numerical contracts:
 
@@ -12,9 +12,12 @@ Numerical contracts:
   intrinsics emit plain IEEE ``fmul``/``fadd`` without fast-math flags, so LLVM may not fuse them
   into an FMA, and the dequantization kernels are compiled without ``fastmath``. fp16 scales are
   widened with an exact integer routine that also keeps NaN payloads as NumPy does.
-- Dot products accumulate in float32 with FMAs in eight lanes. Per block the integer codes are
-  dotted with ``x`` first and scaled once (``d * sum(q * x)``); additive block offsets use the
-  per-block sums of ``x`` that all rows share (``m * sum(x)``), computed once per call.
+- Dot products accumulate in float32 with FMAs. Q4_0, Q4_1 and Q8_0 (the common decode types)
+  decode each block's weights into two 16-lane vectors and FMA them with ``x`` in two chains
+  (`_dot_blocks16`), so a batch of input rows shares the decoding and pays only its FMAs. The
+  other types, on eight lanes, dot the integer codes with ``x`` first and scale once per block
+  (``d * sum(q * x)``); their additive block offsets use the per-block sums of ``x`` that all
+  rows share (``m * sum(x)``), computed once per call.
 """
 
 from __future__ import annotations
