@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
+from numba import njit
 
-from tests.test_quant_cpu import Rand, assert_bits_equal, finite_data, ncols
+from tests.test_quant_cpu import Rand, assert_bits_equal, finite_data, ncols, random_blocks
 from workbench.backends import quant_batch as qb
 from workbench.backends import quant_cpu as qc
+from workbench.backends import quant_simd
+from workbench.backends.quant_blocks import _dot_blocks16
 from workbench.errors import UserError
 from workbench.gguf.quants import SUPPORTED_TYPES
 
@@ -145,3 +148,41 @@ def test_paged_attention_wants_a_power_of_two_page_size() -> None:
     tables, lengths = np.zeros((1, 2), np.int64), np.full(1, 4, np.int64)
     with pytest.raises(ValueError, match="power of two"):
         paged_ops.attention_decode_paged(q, k, k, tables, lengths, out)
+
+
+@pytest.mark.parametrize("route", ["lane-wise", "this CPU's"])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+def test_nibble_weights_are_exact_on_both_routes(
+    qtype: Q, route: str, r: Rand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Q4_0 and Q4_1 blocks decode to ``(q - 8) d`` and ``d q + m`` (one rounding) whether the
+    kernel converts each code (the route without AVX-512) or looks its weight up in a table of
+    the block's 16 (the AVX-512 route, compiled on a CPU that has it): both give these bits."""
+    if route == "lane-wise":
+        monkeypatch.setattr(quant_simd, "_PERMUTE_TABLES", False)
+    code = int(qtype)
+    nb = int(r.rng.integers(1, 6))
+    raw = random_blocks(qtype, 8, 32 * nb, r)  # (8, nb * block bytes)
+
+    @njit(fastmath=True)  # compiled here, with the route the flag now selects
+    def weights(raw: np.ndarray, out: np.ndarray) -> None:
+        unit = np.zeros(out.shape[1], np.float32)  # (cols,) picks one weight per dot product
+        for i in range(raw.shape[0]):
+            for j in range(out.shape[1]):
+                unit[j] = 1.0
+                out[i, j] = _dot_blocks16(code, raw[i], unit, nb)
+                unit[j] = 0.0
+
+    got = np.empty((8, 32 * nb), np.float32)
+    weights(raw, got)
+    blocks = raw.reshape(8, nb, -1)  # (8, nb, block bytes)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float64)  # (8, nb)
+    first = 4 if qtype == Q.Q4_1 else 2
+    qs = blocks[:, :, first : first + 16].astype(np.int64)  # (8, nb, 16)
+    q = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.float64)  # (8, nb, 32)
+    if qtype == Q.Q4_1:
+        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        want = d[..., None] * q + m[..., None]  # exact in float64, rounded once below
+    else:
+        want = (q - 8.0) * d[..., None]
+    np.testing.assert_array_equal(got, want.reshape(8, -1).astype(np.float32), f"{route} {r}")

@@ -61,6 +61,8 @@ from workbench.backends.quant_simd import (
     _wld_f32,
     _wld_i8,
     _wld_u8,
+    _wq4_0_weights,
+    _wq4_1_weights,
     _wsplat,
     _wzero,
 )
@@ -214,9 +216,9 @@ _T_Q4_0, _T_Q4_1, _T_Q8_0 = int(Q.Q4_0), int(Q.Q4_1), int(Q.Q8_0)
 @njit(cache=True, fastmath=True, inline="always")
 def _block_weights(code, row, b):
     """Block b of a Q4_0, Q4_1 or Q8_0 row (``code`` a constant at the call site) as two 16-lane
-    float32 vectors, its values 0-15 and 16-31. Q4_1's ``d q + m`` is one FMA, so it may differ
-    from gguf-py's dequantization (two roundings) in the last bit; Q4_0's ``d (q - 8)`` and
-    Q8_0's ``d q`` are gguf-py's."""
+    float32 vectors, its values 0-15 and 16-31: gguf-py's dequantized values, bit for bit (Q4_1's
+    ``d q + m`` is one FMA, but ``d q``, an fp16 scale times a 4-bit code, is exact in float32,
+    so there is one rounding either way)."""
     if code == _T_Q8_0:
         o = b * _Q8_0_B
         dv = _wsplat(_ld_f16_fast(row, o))
@@ -225,13 +227,9 @@ def _block_weights(code, row, b):
     if code == _T_Q4_1:
         o = b * _Q4_1_B
         d, m = _ld_f16x2_fast(row, o)
-        z = _wld_u8(row, o + _Q4_1_QS)
-        dv, mv = _wsplat(d), _wsplat(m)
-        return _vfma(dv, _vi2f(_vand(z, 15)), mv), _vfma(dv, _vi2f(_vshr(z, 4)), mv)
+        return _wq4_1_weights(_wld_u8(row, o + _Q4_1_QS), d, m)
     o = b * _Q4_0_B
-    z = _wld_u8(row, o + _Q4_0_QS)
-    dv = _wsplat(_ld_f16_fast(row, o))
-    return _vmul(_vi2f(_vsub_i(_vand(z, 15), 8)), dv), _vmul(_vi2f(_vsub_i(_vshr(z, 4), 8)), dv)
+    return _wq4_0_weights(_wld_u8(row, o + _Q4_0_QS), _ld_f16_fast(row, o))
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -373,236 +371,6 @@ def _deq_q8_0_row(row, dst, nb):
 @njit(cache=True, fastmath=True)
 def _dot_q8_0_row(row, x, xs, nb):
     return _dot_blocks16(_T_Q8_0, row, x, nb)
-
-
-# Q2_K: scales[16] (4-bit scale | 4-bit min per 16 values), qs[64] (2-bit), d, dmin
-_Q2_K_QS = QK_K // 16
-_Q2_K_D = _Q2_K_QS + QK_K // 4
-_Q2_K_DMIN = _Q2_K_D + _F16
-_, _Q2_K_B = _layout(Q.Q2_K, QK_K // 16, QK_K // 4, _F16, _F16)
-
-# Q3_K: hmask[32] (bit 3 of each value), qs[64] (low 2 bits), scales[12] (6-bit), d
-_Q3_K_QS = QK_K // 8
-_Q3_K_SC = _Q3_K_QS + QK_K // 4
-_Q3_K_D = _Q3_K_SC + _K_SCALES
-_, _Q3_K_B = _layout(Q.Q3_K, QK_K // 8, QK_K // 4, _K_SCALES, _F16)
-
-# Q4_K: d, dmin, scales[12], qs[128]
-_Q4_K_DMIN = _F16
-_Q4_K_SC = 2 * _F16
-_Q4_K_QS = _Q4_K_SC + _K_SCALES
-_, _Q4_K_B = _layout(Q.Q4_K, _F16, _F16, _K_SCALES, QK_K // 2)
-
-# Q5_K: d, dmin, scales[12], qh[32] (bit 4 of each value), qs[128]
-_Q5_K_DMIN = _F16
-_Q5_K_SC = 2 * _F16
-_Q5_K_QH = _Q5_K_SC + _K_SCALES
-_Q5_K_QS = _Q5_K_QH + QK_K // 8
-_, _Q5_K_B = _layout(Q.Q5_K, _F16, _F16, _K_SCALES, QK_K // 8, QK_K // 2)
-
-# Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8 per 16 values), d
-_Q6_K_QH = QK_K // 2
-_Q6_K_SC = _Q6_K_QH + QK_K // 4
-_Q6_K_D = _Q6_K_SC + QK_K // 16
-_, _Q6_K_B = _layout(Q.Q6_K, QK_K // 2, QK_K // 4, QK_K // 16, _F16)
-
-# Float "blocks" are single values.
-_F32_B = block_layout(Q.F32)[1]
-_F16_B = block_layout(Q.F16)[1]
-_BF16_B = block_layout(Q.BF16)[1]
-
-# ------------------------------------------------------------------------------------------------
-# Shared scalar helpers
-# ------------------------------------------------------------------------------------------------
-
-
-@njit(cache=True)
-def _k_scale_min(row, off, j):
-    """6-bit (scale, min) of sub-block j (0..7) from the 12 packed bytes at row[off] (Q4_K/Q5_K).
-
-    Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 the same
-    for the mins; bytes 8-11 the low 4 bits of scale (low nibble) and min (high nibble) 4-7.
-    """
-    if j < 4:
-        return row[off + j] & 63, row[off + j + 4] & 63
-    sc = (row[off + j + 4] & 15) | ((row[off + j - 4] >> 6) << 4)
-    mn = (row[off + j + 4] >> 4) | ((row[off + j] >> 6) << 4)
-    return sc, mn
-
-
-@njit(cache=True)
-def _q3_k_scale(row, off, i):
-    """Signed 6-bit scale of 16-value group i (0..15) from the 12 packed bytes at row[off] (Q3_K).
-
-    Low 4 bits: bytes 0-7 (groups 0-7 in the low nibbles, 8-15 in the high nibbles); high 2 bits:
-    bytes 8-11, four 2-bit fields per byte (group i at byte 8 + i % 4, bits 2 * (i // 4)).
-    """
-    lo = (row[off + (i & 7)] >> (4 * (i >> 3))) & 15
-    hi = (row[off + 8 + (i & 3)] >> (2 * (i >> 2))) & 3
-    return (lo | (hi << 4)) - 32
-
-
-@njit(cache=True)
-def _row_index(ids, i):
-    """Source row of output row i: ids[i] for a lookup, i itself for a full dequantization."""
-    # int64 on both branches: a prange index may be unsigned, and int64 | uint64 unify to float.
-    return ids[i] if ids.shape[0] > 0 else np.int64(i)
-
-
-@njit(cache=True, fastmath=True)
-def _group_sums(x, g):
-    """Sums of consecutive groups of g values of x: (cols,) -> (cols // g,) float32.
-
-    Shared by all rows: the block offsets (Q4_1's m, K-quants' mins) multiply sum(x) over the
-    block, so it is computed once per call instead of once per row.
-    """
-    n = x.shape[0] // g
-    out = np.empty(n, np.float32)  # (cols // g,)
-    for i in range(n):
-        s = np.float32(0.0)
-        for j in range(g):
-            s += x[i * g + j]
-        out[i] = s
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Row kernels. ``_deq_*_row(row, dst, nb)`` decodes one row of nb blocks: row (row_bytes,) uint8
-# -> dst (cols,) float32. ``_dot_*_row(row, x, xs, nb)`` returns sum(W[row] * x): x (cols,),
-# xs the group sums of x the type needs (else unused). Value v of a block lives in lane v % 8 of
-# vector v // 8; every format below keeps 8 consecutive values in 8 consecutive bytes.
-# ------------------------------------------------------------------------------------------------
-
-
-# Q4_0: value j < 16 is the low nibble of qs[j], value j + 16 its high nibble; w = d * (q - 8).
-@njit(cache=True)
-def _deq_q4_0_row(row, dst, nb):
-    for b in range(nb):
-        o, e = b * _Q4_0_B, b * _QK4_0
-        d = _vsplat(_ld_f16(row, o))
-        for h in range(2):
-            z = _vld_u8(row, o + _Q4_0_QS + 8 * h)
-            _vst(dst, e + 8 * h, _vmul(d, _vi2f(_vsub_i(_vand(z, 15), 8))))
-            _vst(dst, e + 16 + 8 * h, _vmul(d, _vi2f(_vsub_i(_vshr(z, 4), 8))))
-
-
-@njit(cache=True, fastmath=True)
-def _dot_q4_0_row(row, x, xs, nb):
-    return _dot_blocks16(_T_Q4_0, row, x, nb)
-
-
-# Q4_1: nibbles as Q4_0, unsigned; w = d * q + m.
-@njit(cache=True)
-def _deq_q4_1_row(row, dst, nb):
-    for b in range(nb):
-        o, e = b * _Q4_1_B, b * _QK4_1
-        d = _vsplat(_ld_f16(row, o))
-        m = _vsplat(_ld_f16(row, o + _Q4_1_M))
-        for h in range(2):
-            z = _vld_u8(row, o + _Q4_1_QS + 8 * h)
-            _vst(dst, e + 8 * h, _vadd(_vmul(d, _vi2f(_vand(z, 15))), m))
-            _vst(dst, e + 16 + 8 * h, _vadd(_vmul(d, _vi2f(_vshr(z, 4))), m))
-
-
-@njit(cache=True, fastmath=True)
-def _dot_q4_1_row(row, x, xs, nb):
-    return _dot_blocks16(_T_Q4_1, row, x, nb)
-
-
-# Q5_0: Q4_0's nibbles plus bit j of the 32-bit qh as bit 4 of value j; w = d * (q - 16).
-@njit(cache=True)
-def _deq_q5_0_row(row, dst, nb):
-    for b in range(nb):
-        o, e = b * _Q5_0_B, b * _QK5_0
-        d = _vsplat(_ld_f16(row, o))
-        qh = _ld_u32(row, o + _Q5_0_QH)
-        for h in range(2):
-            z = _vld_u8(row, o + _Q5_0_QS + 8 * h)
-            lo = _vor(_vand(z, 15), _vshl(_vbits(qh, 8 * h), 4))
-            hi = _vor(_vshr(z, 4), _vshl(_vbits(qh, 16 + 8 * h), 4))
-            _vst(dst, e + 8 * h, _vmul(d, _vi2f(_vsub_i(lo, 16))))
-            _vst(dst, e + 16 + 8 * h, _vmul(d, _vi2f(_vsub_i(hi, 16))))
-
-
-@njit(cache=True, fastmath=True)
-def _dot_q5_0_row(row, x, xs, nb):
-    # As Q4_0: the -16 offset becomes -16 d * xs[b].
-    acc = _vzero()
-    dsum = np.float32(0.0)
-    for b in range(nb):
-        o, e = b * _Q5_0_B, b * _QK5_0
-        qh = _ld_u32(row, o + _Q5_0_QH)
-        s = _vzero()
-        for h in range(2):
-            z = _vld_u8(row, o + _Q5_0_QS + 8 * h)
-            lo = _vor(_vand(z, 15), _vshl(_vbits(qh, 8 * h), 4))
-            hi = _vor(_vshr(z, 4), _vshl(_vbits(qh, 16 + 8 * h), 4))
-            s = _vfma(_vi2f(lo), _vld_f32(x, e + 8 * h), s)
-            s = _vfma(_vi2f(hi), _vld_f32(x, e + 16 + 8 * h), s)
-        d = _ld_f16_fast(row, o)
-        acc = _vfma(_vsplat(d), s, acc)
-        dsum += d * xs[b]
-    return _vhsum(acc) - np.float32(16.0) * dsum
-
-
-# Q5_1: Q5_0's codes, unsigned; w = d * q + m.
-@njit(cache=True)
-def _deq_q5_1_row(row, dst, nb):
-    for b in range(nb):
-        o, e = b * _Q5_1_B, b * _QK5_1
-        d = _vsplat(_ld_f16(row, o))
-        m = _vsplat(_ld_f16(row, o + _Q5_1_M))
-        qh = _ld_u32(row, o + _Q5_1_QH)
-        for h in range(2):
-            z = _vld_u8(row, o + _Q5_1_QS + 8 * h)
-            lo = _vor(_vand(z, 15), _vshl(_vbits(qh, 8 * h), 4))
-            hi = _vor(_vshr(z, 4), _vshl(_vbits(qh, 16 + 8 * h), 4))
-            _vst(dst, e + 8 * h, _vadd(_vmul(d, _vi2f(lo)), m))
-            _vst(dst, e + 16 + 8 * h, _vadd(_vmul(d, _vi2f(hi)), m))
-
-
-@njit(cache=True, fastmath=True)
-def _dot_q5_1_row(row, x, xs, nb):
-    acc = _vzero()
-    macc = np.float32(0.0)
-    for b in range(nb):
-        o, e = b * _Q5_1_B, b * _QK5_1
-        qh = _ld_u32(row, o + _Q5_1_QH)
-        s = _vzero()
-        for h in range(2):
-            z = _vld_u8(row, o + _Q5_1_QS + 8 * h)
-            lo = _vor(_vand(z, 15), _vshl(_vbits(qh, 8 * h), 4))
-            hi = _vor(_vshr(z, 4), _vshl(_vbits(qh, 16 + 8 * h), 4))
-            s = _vfma(_vi2f(lo), _vld_f32(x, e + 8 * h), s)
-            s = _vfma(_vi2f(hi), _vld_f32(x, e + 16 + 8 * h), s)
-        d, m = _ld_f16x2_fast(row, o)
-        acc = _vfma(_vsplat(d), s, acc)
-        macc += m * xs[b]
-    return _vhsum(acc) + macc
-
-
-# Q8_0: 32 int8 codes; w = q * d.
-@njit(cache=True)
-def _deq_q8_0_row(row, dst, nb):
-    for b in range(nb):
-        o, e = b * _Q8_0_B, b * _QK8_0
-        d = _vsplat(_ld_f16(row, o))
-        for h in range(4):
-            _vst(dst, e + 8 * h, _vmul(_vi2f(_vld_i8(row, o + _Q8_0_QS + 8 * h)), d))
-
-
-@njit(cache=True, fastmath=True)
-def _dot_q8_0_row(row, x, xs, nb):
-    acc = _vzero()
-    for b in range(nb):
-        o, e = b * _Q8_0_B, b * _QK8_0
-        q = _Q8_0_QS
-        s0 = _vmul(_vi2f(_vld_i8(row, o + q)), _vld_f32(x, e))
-        s1 = _vmul(_vi2f(_vld_i8(row, o + q + 8)), _vld_f32(x, e + 8))
-        s0 = _vfma(_vi2f(_vld_i8(row, o + q + 16)), _vld_f32(x, e + 16), s0)
-        s1 = _vfma(_vi2f(_vld_i8(row, o + q + 24)), _vld_f32(x, e + 24), s1)
-        acc = _vfma(_vsplat(_ld_f16_fast(row, o)), _vadd(s0, s1), acc)
-    return _vhsum(acc)
 
 
 # Q2_K: 256 values in two halves of 128; within a half, 2-bit field k (bits 2k..2k+1) of
