@@ -160,7 +160,7 @@ def _rows_group(code, row, x, i0, g, nb, out, r):
         l1, h1 = _fma2(w0, w1, x1, e, l1, h1)
         l2, h2 = _fma2(w0, w1, x2, e, l2, h2)
         l3, h3 = _fma2(w0, w1, x3, e, l3, h3)
-        if g == 8:  # a test per block costs about 1%; a second copy, compile time
+        if g == 8:  # a test per block (about 1% in earlier kernels); a copy per g: compile time
             l4, h4 = _fma2(w0, w1, x4, e, l4, h4)
             l5, h5 = _fma2(w0, w1, x5, e, l5, h5)
             l6, h6 = _fma2(w0, w1, x6, e, l6, h6)
