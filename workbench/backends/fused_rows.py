@@ -33,6 +33,7 @@ from workbench.backends.fused_decode import (
     LayerHook,
     TeamDecoder,
     _claim,
+    _needs_sums,
     _next_chunk,
     _part,
     _prefetch_ahead,
@@ -67,8 +68,11 @@ def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
 
     blob (file bytes,) uint8; table (matrices, 6) int64; x (n, cols) float32; out (n, sum rows).
     Rows go out in chunks (`fused_decode._claim`); each weight row is read once for all n."""
-    xs32 = _row_sums(x, 32)  # (n, cols // 32) Q5_*, Q4_K, Q5_K block offsets
-    xs16 = _row_sums(x, QK_K // 16)  # (n, cols // 16) Q2_K
+    # (n, cols // 32) Q5_*, Q4_K, Q5_K block offsets; (n, cols // 16) Q2_K's; empty rows when no
+    # matrix here needs them (`fused_decode._needs_sums`)
+    none = np.empty((x.shape[0], 0), np.float32)
+    xs32 = _row_sums(x, 32) if _needs_sums(table, m0, m1, 32) else none
+    xs16 = _row_sums(x, QK_K // 16) if _needs_sums(table, m0, m1, 16) else none
     chunks = _total_chunks(table, m0, m1)
     for p in range(nt):
         part = (tid + p) % nt

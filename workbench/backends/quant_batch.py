@@ -45,7 +45,7 @@ from workbench.backends.quant_blocks import (
     _dot_q8_0_row,
     _group_sums,
 )
-from workbench.backends.quant_simd import _vadd, _vfma, _whsum, _wld_f32, _wzero
+from workbench.backends.quant_simd import _vadd, _vfma, _vhsum, _wld_f32, _wzero
 from workbench.errors import UserError
 
 Q = GGMLQuantizationType
@@ -168,7 +168,7 @@ def _rows_group(code, row, x, i0, g, nb, out, r):
     chains = ((l0, h0), (l1, h1), (l2, h2), (l3, h3), (l4, h4), (l5, h5), (l6, h6), (l7, h7))
     for k, (lo, hi) in enumerate(chains):
         if k < g and i0 + k < n:
-            out[i0 + k, r] = _whsum(_vadd(lo, hi))
+            out[i0 + k, r] = _vhsum(_vadd(lo, hi))
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")

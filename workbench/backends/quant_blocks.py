@@ -57,7 +57,6 @@ from workbench.backends.quant_simd import (
     _vsub,
     _vsub_i,
     _vzero,
-    _whsum,
     _wld_f32,
     _wld_i8,
     _wld_u8,
@@ -240,7 +239,7 @@ def _dot_blocks16(code, row, x, nb):
         w0, w1 = _block_weights(code, row, b)
         lo = _vfma(w0, _wld_f32(x, 32 * b), lo)
         hi = _vfma(w1, _wld_f32(x, 32 * b + 16), hi)
-    return _whsum(_vadd(lo, hi))
+    return _vhsum(_vadd(lo, hi))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,8 +43,6 @@ from workbench.backends.quant_blocks import (
     _Q5_K_B,
     _Q6_K_B,
     _Q8_0_B,
-    _QK4_0,
-    _QK4_1,
     _QK5_0,
     _QK5_1,
     _deq_bf16_row,
@@ -176,13 +174,12 @@ def _deq_q4_0(raw, ids, out, par):
 @njit(parallel=True, cache=True, fastmath=True)
 def _mv_q4_0(raw, x, out, par):
     nb = raw.shape[1] // _Q4_0_B
-    xs = _group_sums(x, _QK4_0)  # (nb,)
-    if par:
+    if par:  # the 16-lane kernel takes no block sums (``xs`` unused, as for Q8_0)
         for r in prange(raw.shape[0]):
-            out[r] = _dot_q4_0_row(raw[r], x, xs, nb)
+            out[r] = _dot_q4_0_row(raw[r], x, x, nb)
     else:
         for r in range(raw.shape[0]):
-            out[r] = _dot_q4_0_row(raw[r], x, xs, nb)
+            out[r] = _dot_q4_0_row(raw[r], x, x, nb)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -199,13 +196,12 @@ def _deq_q4_1(raw, ids, out, par):
 @njit(parallel=True, cache=True, fastmath=True)
 def _mv_q4_1(raw, x, out, par):
     nb = raw.shape[1] // _Q4_1_B
-    xs = _group_sums(x, _QK4_1)  # (nb,)
-    if par:
+    if par:  # the 16-lane kernel takes no block sums (``xs`` unused, as for Q8_0)
         for r in prange(raw.shape[0]):
-            out[r] = _dot_q4_1_row(raw[r], x, xs, nb)
+            out[r] = _dot_q4_1_row(raw[r], x, x, nb)
     else:
         for r in range(raw.shape[0]):
-            out[r] = _dot_q4_1_row(raw[r], x, xs, nb)
+            out[r] = _dot_q4_1_row(raw[r], x, x, nb)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -329,8 +329,8 @@ def _pairwise_sum(builder, x):
 
 @intrinsic
 def _vhsum(typingctx, v):
-    """Sum of the 8 lanes (pairwise: 8 -> 4 -> 2 -> 1)."""
-    if v != _f32x8:
+    """Sum of the lanes of an 8- or 16-lane float vector, pairwise (16 -> 8 -> 4 -> 2 -> 1)."""
+    if not (isinstance(v, _Vec) and v.kind == "f32"):
         return None
 
     def codegen(context, builder, sig, args):
@@ -497,18 +497,6 @@ def _wld_f32(typingctx, arr, off):
     return _f32x16(arr, off), codegen
 
 
-@intrinsic
-def _whsum(typingctx, v):
-    """Sum of the 16 lanes (pairwise: 16 -> 8 -> 4 -> 2 -> 1)."""
-    if v != _f32x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _pairwise_sum(builder, args[0])
-
-    return types.float32(v), codegen
-
-
 def _has_avx512f() -> bool:
     """Whether numba compiles for a CPU with AVX-512F (its target's features, as numba picks them:
     ``NUMBA_CPU_FEATURES`` when set, else the host's)."""
@@ -524,7 +512,7 @@ def _has_avx512f() -> bool:
 # FMAs need): one Q4_1 block 2.58 -> 2.30 ns on one core with the weights in L2, all layers' Q4_1
 # matrices on two threads 5.75 -> 5.21 ms. The table's lane q is the very operation the
 # lane-wise route does for code q, so both routes give the same bits; the lane-wise one is
-# compiled where the target has no AVX-512 (`tests/test_quant_blocks_simd.py` checks the two
+# compiled where the target has no AVX-512 (`tests/test_quant_batch.py` checks the two
 # agree). Read when a kernel is compiled.
 _PERMUTE_TABLES = _has_avx512f()
 
