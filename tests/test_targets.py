@@ -215,6 +215,22 @@ def test_cupy_cache_key() -> None:
     assert k != cupy_target.module_key("code", ["-DA=1"], ["f<1>"], 1)
 
 
+def test_each_source_is_one_module_for_the_registry_and_the_device_backend() -> None:
+    """The registry's kernels of one source and defines, and the device backend's quantized
+    module of that source, are one compile request: the same source is never compiled twice
+    for different orders of its name expressions or for an extern "C" kernel beside templates."""
+    from workbench.kernels import quant_kernels as qk
+
+    mv = [s for s in registry.all_kernels().values() if s.source == "matvec.hip"]
+    assert {s.symbol for s in mv} >= {"rmsnorm_q8_1", "matvec<WB_Q4_1>", "matvec_fused<WB_Q8_0>"}
+    digests = {cupy_target.compile_request(s).digest for s in mv}
+    path, options, names = qk.module_args("matvec")
+    backend = cupy_target.compile_request(Path(path), options=options, name_expressions=names)
+    assert digests == {backend.digest}
+    swapped = cupy_target.compile_request(Path(path), options=options, name_expressions=names[::-1])
+    assert swapped.digest == backend.digest
+
+
 def test_cupy_compile_error(specs: dict[str, KernelSpec], monkeypatch: pytest.MonkeyPatch) -> None:
     lines = SOURCE.splitlines()
     bad = next(i for i, line in enumerate(lines, 1) if "if (i < n)" in line)

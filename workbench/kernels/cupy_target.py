@@ -150,7 +150,9 @@ def compile_request(
     dirs = ([here] if here is not None else []) + [Path(o[2:]) for o in opts if o.startswith("-I")]
     opts = [o for o in opts if not o.startswith(f"-D{HEADERS_DEFINE}=")]
     opts.append(f"-D{HEADERS_DEFINE}={headers_digest(code, dirs)}")
-    return CompileRequest(code, tuple(opts), tuple(dict.fromkeys(exprs)), label)
+    # Sorted: the order of name expressions changes nothing in the module, so requests that differ
+    # only there are one module (one compile, one cache entry).
+    return CompileRequest(code, tuple(opts), tuple(sorted(set(exprs))), label)
 
 
 def module_key(

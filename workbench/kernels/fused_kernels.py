@@ -248,6 +248,7 @@ def _register_all() -> None:
             reference=lambda x, w, eps: norm_q8_1_reference(x, w, eps),
             cost=lambda dim, **_: Cost(bytes=4 * 3 * dim + dim + dim // 8, flops=5 * dim),
             description="RMSNorm of one row fused with its Q8_1 quantization (one block)",
+            defines=qk.gguf_defines(),  # matvec.hip's: one module holds it and the products
             shapes=({"dim": 576},),
         )
     )  # fmt: skip
