@@ -132,6 +132,13 @@ def test_cli_json_has_the_limit_fields(tiny_model, small_read_buffer, capsys):
         assert obj[key] > 0, key
 
 
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099])
+def test_the_bandwidth_probe_reads_every_value_once(n):
+    buf = np.arange(1, n + 1, dtype=np.float32)  # exact in float32: every partial sum < 2**24
+    for chunks in (1, 3, 8):
+        assert limits._stream_sum(buf, chunks) == n * (n + 1) // 2
+
+
 def test_gemm_rate_times_each_shape_at_the_prompt_length():
     for threads in (1, 2):  # 2: also the row-sliced products on a thread each
         gflops, timed = limits.gemm_rate({(48, 32): 2, (16, 32): 1}, n=5, threads=threads, reps=1)

@@ -56,18 +56,29 @@ def last_level_cache_bytes() -> int:
     return best
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _chunk_sum(buf):
+    """Sum of buf (n,) float32 in one loop LLVM vectorises (several vector accumulators)."""
+    s = np.float32(0.0)
+    for i in range(buf.shape[0]):
+        s += buf[i]
+    return s
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _stream_sum(buf, chunks):
-    """Sum of buf (n,) float32, read once, in ``chunks`` threaded pieces."""
+    """Sum of buf (n,) float32, read once, in ``chunks`` threaded pieces.
+
+    Each piece is summed by its own call of `_chunk_sum`: the same loop written inline in the
+    ``prange`` body was not vectorised and summed about 13 GB/s on one core even with the data in
+    L2, so it measured the loop, not the memory (the buffer larger than the caches read at 7.9
+    GB/s on one thread and 15.7 on two, against 16.6 and 32 with this loop)."""
     n = buf.shape[0]
     step = (n + chunks - 1) // chunks
-    total = 0.0
+    parts = np.zeros(chunks, np.float32)  # (chunks,)
     for c in prange(chunks):
-        s = np.float32(0.0)
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s += buf[i]
-        total += s
-    return total
+        parts[c] = _chunk_sum(buf[c * step : min(n, (c + 1) * step)])
+    return parts.sum()
 
 
 def read_bandwidth(threads: int, nbytes: int | None = None, passes: int = 4) -> tuple[int, float]:
