@@ -84,6 +84,34 @@ def test_fused_mixed_types_and_untied_output(tmp_path, seed, threads):
     compare(path, seed, threads)
 
 
+def test_widened_q4_1_scales_give_the_same_bits(tmp_path, seed, threads):
+    """The decode's Q4_1 loop reading the block scales widened ahead of time (`split_scales`)
+    computes the same weights and FMAs as the one reading them from the blocks: identical
+    logits and caches, with Q4_1 among other types in one loop."""
+    model = read_gguf(tiny(tmp_path, seed, qtype=Q.Q4_1, overrides=MIXED, tied=False))
+    tfs = [Transformer(model, NumpyBackend(threads=min(threads, 2))) for _ in range(2)]
+    split = fused_decode.FusedDecoder.build(tfs[0], threads)
+    codes, starts = split.table[:, fused_decode._CODE], split.table[:, fused_decode._SCALES]
+    q4_1 = codes == int(Q.Q4_1)
+    assert q4_1.any() and (starts[q4_1] >= 0).all() and (starts[~q4_1] == -1).all()
+    blocks = split.table[q4_1, fused_decode._ROWS] * split.table[q4_1, fused_decode._ROW_BYTES]
+    assert split.scales.size == 2 * int(blocks.sum()) // 20  # d and m of every Q4_1 block
+    plain = fused_decode.FusedDecoder(tfs[1], split.blob, split.table.copy(), threads)
+    plain.table[:, fused_decode._SCALES] = -1
+    plain.scales = np.empty(0, np.float32)
+    tfs[0]._decode_fused, tfs[1]._decode_fused = split, plain
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, model.spec.vocab_size, size=5)
+    caches = [tf.new_cache() for tf in tfs]
+    token = int(np.argmax(tfs[0].prefill(prompt, caches[0])))
+    tfs[1].prefill(prompt, caches[1])
+    for i in range(4):
+        got, want = (tf.decode_one_token(token, c) for tf, c in zip(tfs, caches))
+        assert np.array_equal(got, want), f"step {i}, seed={seed}"
+        token = int(np.argmax(got))
+    assert np.array_equal(caches[0].k, caches[1].k) and np.array_equal(caches[0].v, caches[1].v)
+
+
 def test_fused_is_the_default_and_times_each_layer(tiny_model):
     engine = Engine(tiny_model, backend="numpy")
     n_layers = engine.spec.n_layers
