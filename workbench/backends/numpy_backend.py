@@ -255,8 +255,16 @@ class NumpyBackend:
         """silu(gate) * up, elementwise; (n, ffn) each."""
         # silu(g) = g / (1 + exp(-g)); exp overflow for very negative g gives g/inf = -0.0, the
         # right limit, so silence the warning rather than clip.
+        # The same operations in the same order as gate / (1 + exp(-gate)) * up, into one
+        # buffer: each of that expression's four temporaries was a fresh allocation the size of
+        # gate (a prefill's 128 x 1536 floats: page faults every layer).
+        out = np.negative(gate)  # (n, ffn)
         with np.errstate(over="ignore"):
-            return gate / (1.0 + np.exp(-gate)) * up
+            np.exp(out, out=out)
+        out += np.float32(1.0)
+        np.divide(gate, out, out=out)
+        out *= up
+        return out
 
     def swiglu_rows(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """`swiglu` for a batch's rows (`engine.runner`), through the compiled loop the fused
