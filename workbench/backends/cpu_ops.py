@@ -201,6 +201,54 @@ def attention_decode_heads(
         _attention_head(q, k, v, h // group, t, h, scale, scores, out)
 
 
+# Any order of the comparisons and additions is a valid reduction here; with it LLVM vectorises.
+_REDUCE_MATH = {"nnan", "ninf", "nsz", "reassoc"}
+
+
+@njit(cache=True, nogil=True, fastmath=_REDUCE_MATH)
+def _max_of(row: np.ndarray, n: int) -> Any:
+    """max(row[:n]), n >= 1."""
+    m = row[0]
+    for j in range(1, n):
+        m = max(m, row[j])
+    return m
+
+
+@njit(cache=True, nogil=True, fastmath=_REDUCE_MATH)
+def _sum_of(row: np.ndarray) -> Any:
+    total = np.float32(0.0)
+    for j in range(row.shape[0]):
+        total += row[j]
+    return total
+
+
+@njit(cache=True, nogil=True)
+def causal_shift(scores: np.ndarray, start: int) -> None:
+    """The prefill's causal softmax before its exp: scores (rows, n, t), row i of each (n, t)
+    block the query at position start + i, which sees positions 0..start+i. Subtracts from
+    each row the maximum of what it sees and sets what it does not see to -inf (exp: 0)."""
+    n, t = scores.shape[1], scores.shape[2]
+    for r in range(scores.shape[0]):
+        for i in range(n):
+            row = scores[r, i]  # (t,)
+            seen = min(t, start + i + 1)
+            m = _max_of(row, seen)
+            for j in range(seen):
+                row[j] -= m
+            for j in range(seen, t):
+                row[j] = -np.inf
+
+
+@njit(cache=True, nogil=True)
+def normalize_rows(p: np.ndarray) -> None:
+    """p (rows, t) /= each row's sum, in place: the softmax after its exp."""
+    for r in range(p.shape[0]):
+        row = p[r]  # (t,)
+        total = _sum_of(row)
+        for j in range(row.shape[0]):
+            row[j] = row[j] / total
+
+
 def rope_tables(
     start: int, n: int, spec: Any, factors: Any | None
 ) -> tuple[np.ndarray, np.ndarray]:
