@@ -136,9 +136,9 @@ def test_the_modules_cover_every_kernel() -> None:
 
 def _cases() -> list[tuple[str, str]]:
     """(module, arch): every module for sm_90; for sm_80 those of every source but matvec.hip,
-    whose three modules (registry, operations, quantized: each the whole file, every type) are
-    the slowest to compile and take no other code path on sm_80 than on sm_90 (the integer dot
-    product is dp4a on both)."""
+    whose one module (the registry's and the device backend's alike: the whole file, every type)
+    is the slowest to compile and takes no other code path on sm_80 than on sm_90 (the integer
+    dot product is dp4a on both)."""
     return [
         (digest, arch)
         for digest in sorted(MODULES)
