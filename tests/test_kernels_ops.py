@@ -227,7 +227,7 @@ def test_swiglu_and_add(modules, warp: int, shape: tuple[int, int]) -> None:
     np.testing.assert_allclose(out, ops.swiglu_reference(gate, up), rtol=2e-6, atol=1e-7)
     expect = NumpyBackend().swiglu(gate, up)
     np.testing.assert_allclose(ops.swiglu_reference(gate, up), expect, rtol=0, atol=0)
-    # A batch's rows take the fused decodes' compiled loop (libm's expf): an ulp apart at most.
+    # A batch's rows take the fused decodes' compiled loop (`cpu_ops.exp32`): ulps apart at most.
     rows = NumpyBackend().swiglu_rows(gate, up)
     np.testing.assert_allclose(rows, expect, rtol=1e-6, atol=0)
     assert rows.flat[0] == 0  # exp overflow there too: a zero, not NaN

@@ -82,6 +82,41 @@ def test_bad_input_is_a_user_error(r: Rand) -> None:
 HEAD_DIMS = [3, 8, 44, 64, 72]
 
 
+def test_exp32_is_within_an_ulp_and_vectorises_to_the_same_bits(r: Rand) -> None:
+    """`cpu_ops.exp32` against float64 over its whole range; a loop LLVM vectorises (the
+    attention's flags) and one it does not give the same bits; outside the range it clamps."""
+    from workbench.backends import cpu_ops
+
+    @njit(fastmath=cpu_ops.ATTENTION_MATH)
+    def wide(x, y):
+        for i in range(x.shape[0]):
+            y[i] = cpu_ops.exp32(x[i])
+
+    @njit
+    def plain(x, y):
+        for i in range(x.shape[0]):
+            y[i] = cpu_ops.exp32(x[i])
+
+    x = np.concatenate([
+        np.linspace(-87.3, 88.3, 200_001, dtype=np.float32),
+        r.rng.uniform(-30, 5, 100_000).astype(np.float32),
+        np.array([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5], np.float32),
+    ])  # fmt: skip
+    y, y1 = np.empty_like(x), np.empty_like(x)
+    wide(x, y)
+    plain(x, y1)
+    assert np.array_equal(y.view(np.uint32), y1.view(np.uint32)), f"{r}"
+    want = np.exp(x.astype(np.float64))
+    ulps = np.abs(y - want) / np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 1.5, f"{ulps.max()} ulp at x={x[np.argmax(ulps)]} {r}"
+    ends = np.array([-np.inf, -1e4, -100.0, 100.0, 1e4, np.inf, np.nan], np.float32)
+    out, out1 = np.empty_like(ends), np.empty_like(ends)
+    plain(ends, out)
+    wide(ends[:-1], out1[:-1])  # the attention's flags assume no NaN
+    assert (out[:3] == 0).all() and (out[3:6] == np.inf).all() and np.isnan(out[6]), out
+    assert np.array_equal(out[:-1], out1[:-1]), out1
+
+
 @pytest.mark.parametrize("hd", HEAD_DIMS)
 def test_decode_attention_matches_float64(hd: int, r: Rand) -> None:
     """`cpu_ops.attention_decode` against the softmax formula in float64 (GQA, 3 query heads

@@ -497,6 +497,34 @@ def _wld_f32(typingctx, arr, off):
     return _f32x16(arr, off), codegen
 
 
+@intrinsic
+def _fma1(typingctx, a, b, c):
+    """a * b + c for float32 scalars with one rounding (``llvm.fma.f32``: LLVM vectorises it)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = builder.module.globals.get("llvm.fma.f32") or ir.Function(
+            builder.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32"
+        )
+        return builder.call(fn, args)
+
+    return types.float32(a, b, c), codegen
+
+
+@intrinsic
+def _pow2i(typingctx, n):
+    """2.0 ** n as float32 for an int32 n in -126..127: the bits (n + 127) << 23."""
+    if n != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        e = builder.add(args[0], ir.Constant(_I32, 127))
+        return builder.bitcast(builder.shl(e, ir.Constant(_I32, 23)), _F32)
+
+    return types.float32(n), codegen
+
+
 def _has_avx512f() -> bool:
     """Whether numba compiles for a CPU with AVX-512F (its target's features, as numba picks them:
     ``NUMBA_CPU_FEATURES`` when set, else the host's)."""
