@@ -298,7 +298,16 @@ def test_sample(modules, warp: int, case: tuple) -> None:
     for u in (*rng.random(4), 0.0):
         kw = dict(top_k=top_k, top_p=top_p, min_p=min_p, temperature=temp, u=float(u))
         got = int(ops.sample(mod, logits, block=256, **kw)[0])
-        assert got == ops.sample_reference(logits, **kw), u
+        want = ops.sample_reference(logits, **kw)
+        if got != want:
+            # The kernel's cumulative sums are float32, the reference's float64: a u within
+            # their rounding of a boundary may fall on either side of it (seen: u 1.5e-7 past
+            # the boundary between the 47th and 48th candidates). Then the pick must be one of
+            # the two tokens on either side of it.
+            near = {
+                ops.sample_reference(logits, **{**kw, "u": float(u) + d}) for d in (-1e-5, 1e-5)
+            }
+            assert got in near and len(near) == 2, (u, got, want)
 
 
 @pytest.mark.parametrize("warp", WARPS)
