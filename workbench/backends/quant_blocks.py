@@ -213,11 +213,12 @@ _T_Q4_0, _T_Q4_1, _T_Q8_0 = int(Q.Q4_0), int(Q.Q4_1), int(Q.Q8_0)
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _block_weights(code, row, b):
+def _block_weights(code, row, b, dm=None):
     """Block b of a Q4_0, Q4_1 or Q8_0 row (``code`` a constant at the call site) as two 16-lane
     float32 vectors, its values 0-15 and 16-31: gguf-py's dequantized values, bit for bit (Q4_1's
     ``d q + m`` is one FMA, but ``d q``, an fp16 scale times a 4-bit code, is exact in float32,
-    so there is one rounding either way)."""
+    so there is one rounding either way). A Q4_1 row's d and m come from dm (2 nb,) float32 when
+    given (`q4_1_scales`: widened ahead of time, the same values), else from its blocks."""
     if code == _T_Q8_0:
         o = b * _Q8_0_B
         dv = _wsplat(_ld_f16_fast(row, o))
@@ -225,18 +226,22 @@ def _block_weights(code, row, b):
         return _vmul(lo, dv), _vmul(_vi2f(_wld_i8(row, o + _Q8_0_QS + 16)), dv)
     if code == _T_Q4_1:
         o = b * _Q4_1_B
-        d, m = _ld_f16x2_fast(row, o)
+        if dm is None:
+            d, m = _ld_f16x2_fast(row, o)
+        else:
+            d, m = dm[2 * b], dm[2 * b + 1]
         return _wq4_1_weights(_wld_u8(row, o + _Q4_1_QS), d, m)
     o = b * _Q4_0_B
     return _wq4_0_weights(_wld_u8(row, o + _Q4_0_QS), _ld_f16_fast(row, o))
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _dot_blocks16(code, row, x, nb):
-    """sum(W[row] * x) for a Q4_0, Q4_1 or Q8_0 row of nb blocks: x (nb * 32,)."""
+def _dot_blocks16(code, row, x, nb, dm=None):
+    """sum(W[row] * x) for a Q4_0, Q4_1 or Q8_0 row of nb blocks: x (nb * 32,); dm as
+    `_block_weights`."""
     lo, hi = _wzero(), _wzero()
     for b in range(nb):
-        w0, w1 = _block_weights(code, row, b)
+        w0, w1 = _block_weights(code, row, b, dm)
         lo = _vfma(w0, _wld_f32(x, 32 * b), lo)
         hi = _vfma(w1, _wld_f32(x, 32 * b + 16), hi)
     return _vhsum(_vadd(lo, hi))
@@ -244,17 +249,11 @@ def _dot_blocks16(code, row, x, nb):
 
 @njit(cache=True, fastmath=True, inline="always")
 def _dot_q4_1_split(row, dm, x, nb):
-    """`_dot_blocks16` of a Q4_1 row whose block scales were widened ahead of time: dm (2 nb,)
-    float32, each block's d then m (exact: fp16 widens exactly). The same weights and FMAs, so
-    the same bits; a block costs about 1.7 instead of 2.3-2.5 ns with the weights in cache, as
-    d and m are broadcast straight from memory instead of widened and shuffled per block."""
-    lo, hi = _wzero(), _wzero()
-    for b in range(nb):
-        z = _wld_u8(row, b * _Q4_1_B + _Q4_1_QS)
-        w0, w1 = _wq4_1_weights(z, dm[2 * b], dm[2 * b + 1])
-        lo = _vfma(w0, _wld_f32(x, 32 * b), lo)
-        hi = _vfma(w1, _wld_f32(x, 32 * b + 16), hi)
-    return _vhsum(_vadd(lo, hi))
+    """`_dot_blocks16` of a Q4_1 row whose block scales were widened ahead of time, dm (2 nb,)
+    float32: the same weights and FMAs, so the same bits; a block costs about 1.7 instead of
+    2.3-2.5 ns with the weights in cache, as d and m are broadcast straight from memory instead
+    of widened and shuffled per block."""
+    return _dot_blocks16(_T_Q4_1, row, x, nb, dm)
 
 
 def q4_1_scales(blocks: np.ndarray) -> np.ndarray:

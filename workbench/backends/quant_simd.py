@@ -244,8 +244,8 @@ _vmul = _float_binary("fmul")
 
 
 def _fma_call(builder, a, b, c):
-    """llvm.fma on float vectors of any width: a * b + c, one rounding."""
-    name = f"llvm.fma.v{a.type.count}f32"
+    """llvm.fma on float32 scalars or vectors of any width: a * b + c, one rounding."""
+    name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
     fn = builder.module.globals.get(name) or ir.Function(
         builder.module, ir.FunctionType(a.type, [a.type] * 3), name
     )
@@ -504,10 +504,7 @@ def _fma1(typingctx, a, b, c):
         return None
 
     def codegen(context, builder, sig, args):
-        fn = builder.module.globals.get("llvm.fma.f32") or ir.Function(
-            builder.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32"
-        )
-        return builder.call(fn, args)
+        return _fma_call(builder, *args)
 
     return types.float32(a, b, c), codegen
 
