@@ -216,6 +216,29 @@ def test_matmul(qtype: Q, r: Rand, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)
+def test_matmul_cols(qtype: Q, r: Rand, monkeypatch: pytest.MonkeyPatch) -> None:
+    cols = ncols(qtype, r)
+    rows = 29
+    raw = finite_data(qtype, rows, cols, r)
+    w = reference(qtype, raw)
+    for n in (1, 3, 17):
+        xt = r.rng.standard_normal((cols, n)).astype(np.float32)  # a position per column
+        what = f"{qtype.name} matmul_cols n={n} {raw.shape} {r}"
+        out = np.full((rows, n), np.nan, np.float32)
+        assert qc.matmul_cols(qtype, raw, xt, out) is out
+        assert_dot_close(out.T, w, xt.T, what)
+        # A scratch buffer holding 4 rows: 8 chunks, the last one short.
+        scratch = np.full(4 * cols + 3, np.nan, np.float32)
+        got = qc.matmul_cols(qtype, raw, xt, scratch=scratch)
+        assert_dot_close(got.T, w, xt.T, f"scratch, {what}")
+        # xt given transposed (not C-contiguous) and as float64: converted, same result.
+        x = np.ascontiguousarray(xt.T, dtype=np.float64)
+        assert_dot_close(qc.matmul_cols(qtype, raw, x.T).T, w, xt.T, f"float64 view, {what}")
+    monkeypatch.setattr(qc, "_CHUNK_BYTES", 5 * 4 * cols)
+    assert_dot_close(qc.matmul_cols(qtype, raw, xt).T, w, xt.T, f"small chunks, {qtype.name} {r}")
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)
 def test_get_rows(qtype: Q, path: str, r: Rand) -> None:
     cols = ncols(qtype, r)
     rows = 80
@@ -237,6 +260,7 @@ def test_unsupported_type() -> None:
         lambda t: qc.dequantize(t, raw),
         lambda t: qc.matvec(t, raw, np.zeros(64, np.float32)),
         lambda t: qc.matmul(t, raw, np.zeros((2, 64), np.float32)),
+        lambda t: qc.matmul_cols(t, raw, np.zeros((64, 2), np.float32)),
         lambda t: qc.get_rows(t, raw, np.array([0])),
     ):
         for qtype in (Q.IQ2_XXS, Q.TQ1_0):
@@ -280,6 +304,12 @@ def test_bad_shapes() -> None:
         lambda: qc.matmul(Q.Q4_1, raw, np.zeros((2, 576), np.float32), scratch=np.zeros(575))
     )
     assert c == "user.bad_scratch" and "576" in msg, msg
+    c, msg = code(lambda: qc.matmul_cols(Q.Q4_1, raw, np.zeros((3, 576), np.float32)))
+    assert c == "user.bad_shape" and "(3, 576)" in msg and "(576, n)" in msg, msg
+    c, msg = code(lambda: qc.matmul_cols(Q.Q4_1, raw, np.zeros((576, 2)), np.zeros((2, 8))))
+    assert c == "user.bad_out" and "(8, 2)" in msg, msg
+    c, msg = code(lambda: qc.matmul_cols(Q.Q4_1, raw, np.zeros((576, 2)), scratch=np.zeros(9)))
+    assert c == "user.bad_scratch" and "matmul_cols" in msg, msg
     for ids in (np.array([0, 8]), np.array([-1]), np.array([0.0])):
         c, msg = code(lambda ids=ids: qc.get_rows(Q.Q4_1, raw, ids))
         assert c == "user.bad_ids", msg

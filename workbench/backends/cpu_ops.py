@@ -40,6 +40,27 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
             out[i, j] = x[i, j] * scale * w[j]
 
 
+@njit(cache=True, nogil=True)
+def rmsnorm_cols(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """`rmsnorm` feature-major: x (dim, n) float32, a position per column -> out (dim, n).
+
+    Each column's squares are summed in float64 in the same order as `rmsnorm`'s row, so a
+    column comes out with the same bits as that position's row; the loops run along the
+    positions, which LLVM vectorises."""
+    dim, n = x.shape
+    acc = np.zeros(n)  # (n,) float64
+    for i in range(dim):
+        for j in range(n):
+            v = np.float64(x[i, j])
+            acc[j] += v * v
+    scale = np.empty(n, dtype=np.float32)  # (n,)
+    for j in range(n):
+        scale[j] = np.float32(1.0 / math.sqrt(acc[j] / dim + eps))
+    for i in range(dim):
+        for j in range(n):
+            out[i, j] = x[i, j] * scale[j] * w[i]
+
+
 # exp(x) for float32 as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so
 # n ln2 is exact to float32), exp(r) by a degree-7 polynomial, times 2**n. Written as plain
 # float32 arithmetic, a loop of it is vectorised by LLVM (sixteen lanes on AVX-512), where
@@ -117,6 +138,23 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
                 c, s = cos[t, i], sin[t, i]
                 x[t, h, a] = x0 * c - x1 * s
                 x[t, h, b] = x0 * s + x1 * c
+
+
+@njit(cache=True, nogil=True)
+def rope_cols(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, heads: int, neox: bool) -> None:
+    """`rope` feature-major: rotate x (heads*hd, n) in place, column t the position of
+    cos[:, t], sin[:, t] (rope_dim/2, n) float32. The same products and sums as `rope`."""
+    hd, n = x.shape[0] // heads, x.shape[1]
+    half = cos.shape[0]
+    for h in range(heads):
+        for i in range(half):
+            a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+            ra, rb = x[h * hd + a], x[h * hd + b]  # (n,) each
+            c, s = cos[i], sin[i]  # (n,) each
+            for t in range(n):
+                x0, x1 = ra[t], rb[t]
+                ra[t] = x0 * c[t] - x1 * s[t]
+                rb[t] = x0 * s[t] + x1 * c[t]
 
 
 # The decode attention's floating-point flags: fast-math without reassociation. Its vector code is

@@ -58,6 +58,8 @@ class NumpyBackend:
         self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
         self._rope_rows_key: tuple | None = None
         self._rope_rows_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
+        self._rope_cols_key: tuple | None = None
+        self._rope_cols_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
         self.fused = fused
 
@@ -105,19 +107,21 @@ class NumpyBackend:
             w = Weight("warm_up", qtype, (1, values), np.zeros((1, block_bytes), np.uint8))
             x = np.zeros((2, values), np.float32)  # (n, cols)
             if qtype in layer_types:
-                self.linear(w, x)  # prefill: dequantize, then BLAS
+                self.linear_cols(w, x.T)  # prefill: dequantize, then BLAS
             if qtype in matvec_types:
                 self.linear(w, x[:1])
             if qtype == tf.tok_embd.qtype:
                 self.embed(w, np.zeros(1, np.int64))
         x = np.zeros((1, spec.dim), np.float32)  # (n, dim)
-        self.rmsnorm(x, tf.output_norm, spec.norm_eps)
+        self.rmsnorm(x, tf.output_norm, spec.norm_eps)  # the last position's
+        self.rmsnorm_cols(np.zeros((spec.dim, 2), np.float32), tf.output_norm, spec.norm_eps)
         q = np.zeros((1, spec.n_heads, spec.head_dim), np.float32)  # (n, heads, hd)
         self.rope(q, 0, spec, tf.rope_factors)
+        qt = np.zeros((spec.n_heads * spec.head_dim, 2), np.float32)  # a prompt of 2 positions
+        self.rope_cols(qt, 0, spec, tf.rope_factors)
         self.swiglu_rows(x, x)  # a batch's (the fused decodes call the same kernel)
         kv = np.zeros((spec.n_kv_heads, 2, spec.head_dim), np.float32)  # (kv_heads, ctx, hd)
-        q2 = np.zeros((2, spec.n_heads, spec.head_dim), np.float32)  # a prompt of 2 positions
-        self.attention(q2, kv, kv, 0)  # the prefill's
+        self.attention_cols(qt, kv, kv, 0)  # the prefill's
         if not self.fused:
             self.attention(q, kv, kv, 0)
 
@@ -138,9 +142,7 @@ class NumpyBackend:
         """x (n, cols) float32 -> (n, rows) = x @ W.T."""
         if x.shape[0] == 1:
             return quant_cpu.matvec(w.qtype, w.data, x[0])[None, :]
-        size = w.shape[0] * w.shape[1]
-        if self._scratch is None or self._scratch.size < size:
-            self._scratch = np.empty(size, dtype=np.float32)
+        scratch = self._scratch_for(w)
         # One thread pool at a time. numba's OpenMP workers spin-wait after each parallel region
         # and starved BLAS's threads on the same cores (2 cores: 15-70 tok/s instead of 300+), so
         # the dequantization runs on the calling thread and BLAS, which does almost all the work,
@@ -150,9 +152,75 @@ class NumpyBackend:
         threads = quant_cpu.get_threads()
         quant_cpu.set_threads(1)
         try:
-            return quant_cpu.matmul(w.qtype, w.data, x, scratch=self._scratch)
+            return quant_cpu.matmul(w.qtype, w.data, x, scratch=scratch)
         finally:
             quant_cpu.set_threads(threads)
+
+    # -- a prompt feature-major (`Transformer.forward` when `prefill_cols` is set) ------------
+    # Every activation is (features, n), a position per column. OpenBLAS runs W @ xt faster
+    # than x @ W.T at a prompt's shapes (the same products; docs/performance.md), and each
+    # operation below gives the bits its row-major twin gives, except that BLAS sums the
+    # products in its own order for each orientation.
+    prefill_cols = True
+
+    def linear_cols(self, w: Weight, xt: np.ndarray) -> np.ndarray:
+        """xt (cols, n) float32 -> (rows, n) = W @ xt."""
+        scratch = self._scratch_for(w)
+        threads = quant_cpu.get_threads()
+        quant_cpu.set_threads(1)  # one thread pool at a time, as `linear`
+        try:
+            return quant_cpu.matmul_cols(w.qtype, w.data, xt, scratch=scratch)
+        finally:
+            quant_cpu.set_threads(threads)
+
+    def rmsnorm_cols(self, xt: np.ndarray, w: Weight, eps: float) -> np.ndarray:
+        """xt (dim, n) -> (dim, n): `rmsnorm` of each column."""
+        out = np.empty_like(xt)  # (dim, n)
+        cpu_ops.rmsnorm_cols(np.ascontiguousarray(xt), w.data, eps, out)
+        return out
+
+    def rope_cols(
+        self, xt: np.ndarray, start: int, spec: ModelSpec, factors: Weight | None
+    ) -> None:
+        """Rotate xt (heads*head_dim, n) in place, column i for position start+i (`rope`)."""
+        n = xt.shape[1]
+        key = (start, n, spec, None if factors is None else factors.name)
+        if self._rope_cols_key != key:
+            self._rope_cols_key = key
+            cos, sin = cpu_ops.rope_tables(start, n, spec, factors)  # (n, rope_dim/2) each
+            self._rope_cols_cos_sin = (np.ascontiguousarray(cos.T), np.ascontiguousarray(sin.T))
+        cos_t, sin_t = self._rope_cols_cos_sin  # type: ignore[misc]  # (rope_dim/2, n) each
+        cpu_ops.rope_cols(xt, cos_t, sin_t, xt.shape[0] // spec.head_dim, spec.rope_mode == "neox")
+
+    def kv_append_cols(
+        self, k_cache: np.ndarray, v_cache: np.ndarray, kt: np.ndarray, vt: np.ndarray, start: int
+    ) -> None:
+        """Write kt, vt (kv_heads*hd, n) into one layer's cache (kv_heads, ctx, hd) at start.."""
+        n_kv, _, hd = k_cache.shape
+        n = kt.shape[1]
+        k_cache[:, start : start + n] = kt.reshape(n_kv, hd, n).transpose(0, 2, 1)
+        v_cache[:, start : start + n] = vt.reshape(n_kv, hd, n).transpose(0, 2, 1)
+
+    def attention_cols(
+        self, qt: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int
+    ) -> np.ndarray:
+        """`attention` feature-major: qt (heads*hd, n) -> (heads*hd, n)."""
+        n_kv, _, hd = k_cache.shape
+        n = qt.shape[1]
+        group = qt.shape[0] // hd // n_kv
+        q = qt.reshape(n_kv, group, hd, n).transpose(0, 1, 3, 2)  # (kv_heads, group, n, hd)
+        out = self._attention_groups(q.reshape(n_kv, group * n, hd), n, k_cache, v_cache, start)
+        # out (kv_heads, group*n, hd) -> (heads*hd, n)
+        return np.ascontiguousarray(out.reshape(n_kv, group, n, hd).transpose(0, 1, 3, 2)).reshape(
+            n_kv * group * hd, n
+        )
+
+    def _scratch_for(self, w: Weight) -> np.ndarray:
+        """The dequantization buffer, grown to hold w: (>= rows*cols,) float32."""
+        size = w.shape[0] * w.shape[1]
+        if self._scratch is None or self._scratch.size < size:
+            self._scratch = np.empty(size, dtype=np.float32)
+        return self._scratch
 
     # -- the batched runner's decode step (`workbench.engine.runner`) ------------------------
     linear_rows_max = quant_batch.MAX_ROWS  # rows worth a `linear_rows` call over a `linear`
@@ -231,21 +299,31 @@ class NumpyBackend:
             out = np.empty(n_heads * hd, dtype=np.float32)
             cpu_ops.attention_decode(q[0], k_cache, v_cache, t, out)
             return out[None, :]
-        k, v = k_cache[:, :t], v_cache[:, :t]  # (kv_heads, t, hd)
-        n_kv = k.shape[0]
+        n_kv = k_cache.shape[0]
         group = n_heads // n_kv
         # Query heads h = g*group + j share KV head g, as in llama.cpp and HF.
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
+        out = self._attention_groups(qg, n, k_cache, v_cache, start)  # (kv_heads, group*n, hd)
+        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
+
+    def _attention_groups(
+        self, qg: np.ndarray, n: int, k_cache: np.ndarray, v_cache: np.ndarray, start: int
+    ) -> np.ndarray:
+        """The prefill's causal attention with a KV head's query heads stacked: qg (kv_heads,
+        group*n, hd), row j*n + i the query head j of the group at position start + i
+        -> (kv_heads, group*n, hd)."""
+        hd = qg.shape[2]
+        t = start + n
+        k, v = k_cache[:, :t], v_cache[:, :t]  # (kv_heads, t, hd)
         scores = np.matmul(qg, k.transpose(0, 2, 1))  # (kv_heads, group*n, t)
         scores *= np.float32(1.0 / np.sqrt(hd))
         # Row i sees cache positions <= start + i: the rest becomes -inf, then 0. A compiled
         # loop per row: NumPy's masked add and row maxima and sums over the 4-D scores took
         # three times as long as its exp (SmolLM2's 128-token prefill: 0.35 of 0.7 ms a layer).
-        cpu_ops.causal_shift(scores.reshape(n_kv * group, n, t), start)
+        cpu_ops.causal_shift(scores.reshape(-1, n, t), start)
         np.exp(scores, out=scores)
-        cpu_ops.normalize_rows(scores.reshape(n_kv * group * n, t))
-        out = np.matmul(scores, v)  # (kv_heads, group*n, hd)
-        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
+        cpu_ops.normalize_rows(scores.reshape(-1, t))
+        return np.matmul(scores, v)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """The residual stream: a + b, (n, dim) each."""

@@ -1,12 +1,14 @@
 """CPU compute core of the NumPy backend: numba kernels over GGUF quantized blocks.
 
-Four operations, every type in `SUPPORTED_TYPES`:
+Five operations, every type in `SUPPORTED_TYPES`:
 
 - `dequantize`: block bytes -> float32, bit-identical to ``gguf.quants.dequantize``.
 - `matvec`: ``W @ x`` computed on the blocks (each block is decoded in registers and dotted with
   ``x`` at once; the float32 matrix never exists). This is the decode hot path.
 - `matmul`: ``x @ W.T`` for several rows of ``x`` (prefill): dequantizes a bounded chunk of ``W``
   at a time into a scratch buffer and hands each chunk to BLAS.
+- `matmul_cols`: the same product feature-major, ``W @ xt`` with xt (cols, n): the orientation
+  BLAS runs fastest at a prompt's shapes.
 - `get_rows`: embedding lookup, dequantizing only the requested rows.
 
 This module holds the per-type drivers (threaded loops over rows) and the dispatch; the block
@@ -80,8 +82,8 @@ from workbench.gguf.quants import SUPPORTED_TYPES, block_layout
 Q = GGMLQuantizationType
 
 __all__ = [
-    "default_threads", "dequantize", "get_rows", "get_threads", "matmul", "matvec",
-    "physical_cores", "set_threads",
+    "default_threads", "dequantize", "get_rows", "get_threads", "matmul", "matmul_cols",
+    "matvec", "physical_cores", "set_threads",
 ]  # fmt: skip
 
 # ------------------------------------------------------------------------------------------------
@@ -587,43 +589,10 @@ def matmul(
     dequantization of one slice overlaps the product of another, and no thread spin-waits.
     Limit BLAS to one thread around such calls (as the NumPy backend does).
     """
-    k = _kernels(qtype)
-    raw, cols = _matrix("matmul", k, raw)
-    rows = raw.shape[0]
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] != cols:
-        raise UserError(
-            "user.bad_shape",
-            f"matmul: x has shape {x.shape}, expected (n, {cols}) for a {k.qtype.name} matrix of"
-            f" {rows} x {cols} (raw {raw.shape})",
-            op="matmul",
-            expected=(None, cols),
-            got=x.shape,
-        )
-    x = _f32(x)
-    n = x.shape[0]
+    k, raw, x, cols = _operands("matmul", qtype, raw, x, 1)
+    n, rows = x.shape[0], raw.shape[0]
     out = _output("matmul", out, (n, rows))
-    chunk = max(1, min(rows, _CHUNK_BYTES // (4 * max(cols, 1))))  # rows of W per BLAS call
-    if scratch is not None:
-        if (
-            not isinstance(scratch, np.ndarray)
-            or scratch.dtype != np.float32
-            or not scratch.flags.c_contiguous
-            or not scratch.flags.writeable
-            or scratch.size < cols
-        ):
-            got = (
-                f"{scratch.dtype} {scratch.shape}"
-                if isinstance(scratch, np.ndarray)
-                else type(scratch).__name__
-            )
-            raise UserError(
-                "user.bad_scratch",
-                f"matmul: scratch must be a writable C-contiguous float32 array of at least"
-                f" {cols} values, got {got}",
-                op="matmul",
-            )
-        chunk = min(chunk, scratch.size // max(cols, 1))
+    chunk = _chunk_rows("matmul", scratch, cols)
     if out.size == 0:
         return out
     if n == 1:
@@ -633,7 +602,7 @@ def matmul(
         # Already float32: BLAS reads the block bytes as they are.
         np.matmul(x, raw.view(np.float32).T, out=out)
         return out
-    buf = scratch.reshape(-1) if scratch is not None else np.empty(chunk * cols, np.float32)
+    buf = _buffer(scratch, min(chunk, rows) * cols)
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
         w = buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)  # (r1 - r0, cols) float32
@@ -643,6 +612,92 @@ def matmul(
             k.deq(raw[r0:r1], _ALL_ROWS, w, w.nbytes >= _PAR_MIN_BYTES)
             np.matmul(x, w.T, out=out[:, r0:r1])
     return out
+
+
+def matmul_cols(
+    qtype: GGMLQuantizationType,
+    raw: np.ndarray,
+    xt: np.ndarray,
+    out: np.ndarray | None = None,
+    *,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
+    """``W @ xt``, `matmul` feature-major: raw (rows, row_bytes) uint8, xt (cols, n), a
+    position per column -> (rows, n) float32. Dequantized a chunk of rows at a time as `matmul`.
+
+    The same products as ``matmul(x)`` transposed, but BLAS runs this orientation faster at a
+    prompt's shapes: OpenBLAS's float32 GEMM for (576 x 576) x (576 x 128) is 280 against 200
+    GFLOP/s ``x @ W.T`` on this project's 2-core machine (docs/performance.md), and more
+    so for short prompts."""
+    k, raw, xt, cols = _operands("matmul_cols", qtype, raw, xt, 0)
+    n, rows = xt.shape[1], raw.shape[0]
+    out = _output("matmul_cols", out, (rows, n))
+    chunk = _chunk_rows("matmul_cols", scratch, cols)
+    if out.size == 0:
+        return out
+    if k.qtype == Q.F32:
+        np.matmul(raw.view(np.float32), xt, out=out)
+        return out
+    buf = _buffer(scratch, min(chunk, rows) * cols)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        w = buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)  # (r1 - r0, cols) float32
+        k.deq(raw[r0:r1], _ALL_ROWS, w, w.nbytes >= _PAR_MIN_BYTES)
+        np.matmul(w, xt, out=out[r0:r1])
+    return out
+
+
+def _operands(
+    op: str, qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray, axis: int
+) -> tuple[_Kernels, np.ndarray, np.ndarray, int]:
+    """(kernels, raw blocks, x as C-contiguous float32, cols) for a product with x, whose
+    ``axis`` must have W's cols values: 1 for x (n, cols), 0 for xt (cols, n)."""
+    k = _kernels(qtype)
+    raw, cols = _matrix(op, k, raw)
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[axis] != cols:
+        expected = (None, cols) if axis == 1 else (cols, None)
+        want = f"(n, {cols})" if axis == 1 else f"({cols}, n)"
+        raise UserError(
+            "user.bad_shape",
+            f"{op}: x has shape {x.shape}, expected {want} for a {k.qtype.name} matrix of"
+            f" {raw.shape[0]} x {cols} (raw {raw.shape})",
+            op=op,
+            expected=expected,
+            got=x.shape,
+        )
+    return k, raw, _f32(x), cols
+
+
+def _buffer(scratch: np.ndarray | None, size: int) -> np.ndarray:
+    """(at least size,) float32: the scratch, or a new array."""
+    return scratch.reshape(-1) if scratch is not None else np.empty(size, np.float32)
+
+
+def _chunk_rows(op: str, scratch: np.ndarray | None, cols: int) -> int:
+    """Rows of W dequantized per BLAS call: at most 16 MB, and what ``scratch`` holds."""
+    chunk = max(1, _CHUNK_BYTES // (4 * max(cols, 1)))
+    if scratch is None:
+        return chunk
+    if (
+        not isinstance(scratch, np.ndarray)
+        or scratch.dtype != np.float32
+        or not scratch.flags.c_contiguous
+        or not scratch.flags.writeable
+        or scratch.size < cols
+    ):
+        got = (
+            f"{scratch.dtype} {scratch.shape}"
+            if isinstance(scratch, np.ndarray)
+            else type(scratch).__name__
+        )
+        raise UserError(
+            "user.bad_scratch",
+            f"{op}: scratch must be a writable C-contiguous float32 array of at least"
+            f" {cols} values, got {got}",
+            op=op,
+        )
+    return min(chunk, scratch.size // max(cols, 1))
 
 
 _POOL: ThreadPoolExecutor | None = None  # `matmul`'s helper threads, made on first use

@@ -31,12 +31,21 @@ OPERATIONS = (
     # the device backend's fused decode step (see Transformer.forward)
     "norm_quant", "linear_qkv", "rope_kv", "attention_quant", "linear_add", "linear_swiglu",
     "linear_act",
+    # a prompt feature-major (the NumPy backend; see Transformer.forward)
+    "linear_cols", "rmsnorm_cols", "rope_cols", "kv_append_cols", "attention_cols",
 )  # fmt: skip
 _FUSED_LINEAR = ("linear_qkv", "linear_add", "linear_swiglu", "linear_act")
 
 
 def kernel_name(op: str, args: tuple[Any, ...]) -> str:
     """The registry name of the kernel that runs ``op`` on these arguments."""
+    # Feature-major operations run a prompt (n > 1) with the same kernels, (features, n).
+    if op == "linear_cols":
+        return f"matmul_{args[0].qtype.name.lower()}"
+    if op == "attention_cols":
+        return "attention_prefill"
+    if op.endswith("_cols"):
+        return kernel_name(op.removesuffix("_cols"), args)
     if op == "linear":
         w, x = args
         return f"{'matvec' if x.shape[0] == 1 else 'matmul'}_{w.qtype.name.lower()}"
@@ -70,6 +79,9 @@ def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
         w, x = args
         n, (rows, cols) = x.shape[0], w.shape
         return int(w.data.nbytes) + 4 * n * (cols + rows), 2 * n * rows * cols
+    if op == "linear_cols":
+        w, xt = args
+        return cost("linear", (w, xt.T))
     if op in _FUSED_LINEAR:  # the matrices, the input once, the outputs
         ws = [a for a in args if hasattr(a, "qtype") and len(a.shape) == 2]  # not the norm
         cols = ws[0].shape[1]

@@ -100,14 +100,18 @@ def read_bandwidth(threads: int, nbytes: int | None = None, passes: int = 4) -> 
     return buf.nbytes, buf.nbytes / best / 1e9
 
 
-def _products(work: list, reps: int) -> float:
-    """Seconds of the fastest of ``reps`` passes over work [(x, w, out, count)]."""
+def _products(work: list, reps: int, cols: bool = False) -> float:
+    """Seconds of the fastest of ``reps`` passes over work [(x, w, out, count)]: ``x @ w.T``
+    into out, or with ``cols`` ``w @ x``, x feature-major ((cols, n), out (rows, n))."""
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         for x, w, out, count in work:
             for _ in range(count):
-                np.matmul(x, w.T, out=out)
+                if cols:
+                    np.matmul(w, x, out=out)
+                else:
+                    np.matmul(x, w.T, out=out)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -115,26 +119,31 @@ def _products(work: list, reps: int) -> float:
 def gemm_rate(
     shapes: dict[tuple[int, int], int], n: int, threads: int, reps: int = 3
 ) -> tuple[float, list[tuple[int, int, int]]]:
-    """Best GFLOP/s of float32 ``x @ W.T`` over the (rows, cols): count mix of a layer.
+    """Best GFLOP/s of float32 products with W over the (rows, cols): count mix of a layer.
 
     Each repetition runs every shape ``count`` times (as one layer of a prefill does); the rate
-    is total flops over the fastest repetition. Two ways, the better one counts: NumPy's BLAS on
-    ``threads`` threads, and ``threads`` threads each running single-threaded BLAS on its own
-    slice of every W's rows at once (no thread waits for another: on a machine shared with other
-    processes BLAS's own threads, which wait for each other inside every product, can fall far
-    below that).
+    is total flops over the fastest repetition. Three ways, the best one counts: NumPy's BLAS
+    on ``threads`` threads, as ``x @ W.T`` (x (n, cols)) and feature-major as ``W @ xt`` (xt
+    (cols, n), the orientation the NumPy backend's prefill uses, which OpenBLAS runs faster at
+    these shapes); and ``threads`` threads each running single-threaded BLAS ``x @ W.T`` on its
+    own slice of every W's rows at once (no thread waits for another: on a machine shared with
+    other processes BLAS's own threads, which wait for each other inside every product, can
+    fall far below that).
     """
     rng = np.random.default_rng(0)
-    work = []
+    work, work_cols = [], []
     for (rows, cols), count in sorted(shapes.items()):
         x = rng.standard_normal((n, cols), dtype=np.float32)  # (n, cols)
         w = rng.standard_normal((rows, cols), dtype=np.float32)  # (rows, cols)
-        out = np.empty((n, rows), np.float32)  # (n, rows)
-        work.append((x, w, out, count))
+        work.append((x, w, np.empty((n, rows), np.float32), count))  # out (n, rows)
+        xt = np.ascontiguousarray(x.T)  # (cols, n)
+        work_cols.append((xt, w, np.empty((rows, n), np.float32), count))  # out (rows, n)
     flops = sum(2 * n * w.shape[0] * w.shape[1] * c for _, w, _, c in work)
+    best = float("inf")
     with threadpool_limits(threads):
-        _products(work, 1)  # BLAS's threads start, its buffers are allocated
-        best = _products(work, reps)
+        for each, cols in ((work, False), (work_cols, True)):
+            _products(each, 1, cols)  # BLAS's threads start, its buffers are allocated
+            best = min(best, _products(each, reps, cols))
     if threads > 1:
         # Thread t's work: rows t/threads.. of every W, its own output.
         parts = []

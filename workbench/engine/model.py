@@ -103,7 +103,6 @@ class Transformer:
                 tokens=start + n,
                 context=cache.capacity,
             )
-        hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         end = start + n
         if n == 1 and not all_logits and self._decode_fused is not None:
             logits = self._decode_fused(int(tokens[0]), cache)  # (vocab,)
@@ -115,6 +114,22 @@ class Transformer:
             logits = self._decode_step(x, cache, start)
             cache.length = end
             return logits
+        if n > 1 and getattr(be, "prefill_cols", False):
+            x = self._layers_cols(x, cache, start)
+        else:
+            x = self._layers(x, cache, start)
+        cache.length = end
+
+        if not all_logits:
+            x = x[-1:]
+        logits = be.linear(self.output, be.rmsnorm(x, self.output_norm, spec.norm_eps))
+        return logits if all_logits else logits[0]  # (n, vocab) or (vocab,)
+
+    def _layers(self, x: Any, cache: KVCache, start: int) -> Any:
+        """x (n, dim) through every layer at positions start.., the cache filled; -> (n, dim)."""
+        spec, be = self.spec, self.backend
+        hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        n = x.shape[0]
         for i, lw in enumerate(self.layers):
             h = be.rmsnorm(x, lw.attn_norm, spec.norm_eps)  # (n, dim)
             q = be.linear(lw.attn_q, h).reshape(n, nh, hd)  # (n, heads, hd)
@@ -128,12 +143,28 @@ class Transformer:
             h = be.rmsnorm(x, lw.ffn_norm, spec.norm_eps)
             ff = be.swiglu(be.linear(lw.ffn_gate, h), be.linear(lw.ffn_up, h))  # (n, ffn)
             x = be.add(x, be.linear(lw.ffn_down, ff))
-        cache.length = end
+        return x
 
-        if not all_logits:
-            x = x[-1:]
-        logits = be.linear(self.output, be.rmsnorm(x, self.output_norm, spec.norm_eps))
-        return logits if all_logits else logits[0]  # (n, vocab) or (vocab,)
+    def _layers_cols(self, x: Any, cache: KVCache, start: int) -> Any:
+        """`_layers` feature-major, for backends with ``prefill_cols``: every activation is
+        (features, n), a position per column, the orientation in which BLAS multiplies a
+        prompt fastest. The same operations; x (n, dim) -> (n, dim), a transposed view."""
+        spec, be, eps = self.spec, self.backend, self.spec.norm_eps
+        xt = be.xp.ascontiguousarray(x.T)  # (dim, n)
+        for i, lw in enumerate(self.layers):
+            h = be.rmsnorm_cols(xt, lw.attn_norm, eps)  # (dim, n)
+            q = be.linear_cols(lw.attn_q, h)  # (heads*hd, n)
+            k = be.linear_cols(lw.attn_k, h)  # (kv_heads*hd, n)
+            v = be.linear_cols(lw.attn_v, h)  # (kv_heads*hd, n)
+            be.rope_cols(q, start, spec, self.rope_factors)
+            be.rope_cols(k, start, spec, self.rope_factors)
+            be.kv_append_cols(cache.k[i], cache.v[i], k, v, start)
+            att = be.attention_cols(q, cache.k[i], cache.v[i], start)  # (heads*hd, n)
+            xt = be.add(xt, be.linear_cols(lw.attn_output, att))
+            h = be.rmsnorm_cols(xt, lw.ffn_norm, eps)
+            ff = be.swiglu(be.linear_cols(lw.ffn_gate, h), be.linear_cols(lw.ffn_up, h))  # (ffn, n)
+            xt = be.add(xt, be.linear_cols(lw.ffn_down, ff))
+        return xt.T
 
     def _decode_step(self, x: Any, cache: KVCache, start: int) -> Any:
         """One position through the device backend's fused operations: 7 kernel launches per

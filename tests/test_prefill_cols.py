@@ -1,0 +1,120 @@
+"""The NumPy backend's feature-major prefill (`Transformer._layers_cols`).
+
+Every operation of the prompt path has a twin over (features, n) activations, a position per
+column. Each twin must give its row-major operation's bits, transposed: the only difference the
+layout may make is BLAS's own order of sums in the products, which the engine tests bound
+against a float64 reference (tests/test_engine.py). The seed of each test's random inputs is in
+its failure report.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from workbench.backends.numpy_backend import NumpyBackend, Weight
+from workbench.engine.generate import Engine
+from workbench.engine.launcher import cost, kernel_name
+
+
+def randn(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def be() -> NumpyBackend:
+    return NumpyBackend(threads=1)
+
+
+@pytest.mark.parametrize(("n", "dim"), [(1, 64), (3, 100), (17, 576)])
+def test_rmsnorm_cols_is_rmsnorm_transposed(be, rng, n: int, dim: int) -> None:
+    x = randn(rng, n, dim) * np.float32(3)
+    w = Weight("w", None, (dim,), randn(rng, dim))  # type: ignore[arg-type]
+    want = be.rmsnorm(x, w, 1e-5)
+    got = be.rmsnorm_cols(np.ascontiguousarray(x.T), w, 1e-5)
+    assert got.shape == (dim, n)
+    np.testing.assert_array_equal(got.T, want)
+
+
+@pytest.mark.parametrize("mode", ["norm", "neox"])
+@pytest.mark.parametrize(
+    ("heads", "hd", "rope_dim", "factors"), [(3, 16, 16, False), (2, 24, 12, True)]
+)
+def test_rope_cols_is_rope_transposed(be, rng, mode, heads, hd, rope_dim, factors) -> None:
+    spec = SimpleNamespace(
+        rope_dim=rope_dim, rope_base=10000.0, rope_scale=2.0, rope_mode=mode, head_dim=hd
+    )
+    ff = None
+    if factors:
+        ff = Weight("rope_freqs", None, (rope_dim // 2,), rng.uniform(0.5, 4, rope_dim // 2))  # type: ignore[arg-type]
+    for start, n in ((0, 5), (7, 5), (7, 9)):  # the tables are cached per (start, n): rebuilt
+        x = randn(rng, n, heads, hd)
+        want = x.copy()
+        be.rope(want, start, spec, ff)
+        got = np.ascontiguousarray(x.reshape(n, heads * hd).T)  # (heads*hd, n)
+        be.rope_cols(got, start, spec, ff)
+        np.testing.assert_array_equal(got.T.reshape(n, heads, hd), want, err_msg=f"{start=}")
+
+
+@pytest.mark.parametrize(
+    ("n", "start", "heads", "kv_heads"), [(2, 0, 2, 2), (7, 0, 6, 2), (5, 4, 9, 3)]
+)
+def test_kv_append_and_attention_cols_are_the_row_operations_transposed(
+    be, rng, n: int, start: int, heads: int, kv_heads: int
+) -> None:
+    hd, ctx = 8, 16
+    q, k, v = randn(rng, n, heads, hd), randn(rng, n, kv_heads, hd), randn(rng, n, kv_heads, hd)
+    old_k, old_v = randn(rng, kv_heads, ctx, hd), randn(rng, kv_heads, ctx, hd)  # earlier positions
+    caches = [(old_k.copy(), old_v.copy()) for _ in range(2)]
+    be.kv_append(*caches[0], k, v, start)
+
+    def cols(a: np.ndarray) -> np.ndarray:  # (n, heads, hd) -> (heads*hd, n)
+        return np.ascontiguousarray(a.reshape(n, -1).T)
+
+    be.kv_append_cols(*caches[1], cols(k), cols(v), start)
+    for a, b in zip(caches[0], caches[1]):
+        np.testing.assert_array_equal(a, b)
+    want = be.attention(q, *caches[0], start)  # (n, heads*hd)
+    got = be.attention_cols(cols(q), *caches[1], start)
+    assert got.shape == (heads * hd, n)
+    np.testing.assert_array_equal(got.T, want)
+
+
+def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:
+    engine = Engine(tiny_model, backend="numpy")
+    w = engine.transformer.layers[0].attn_q
+    xt = np.zeros((w.shape[1], 6), np.float32)
+    assert kernel_name("linear_cols", (w, xt)) == kernel_name("linear", (w, xt.T))
+    assert cost("linear_cols", (w, xt)) == cost("linear", (w, xt.T))
+    spec = engine.spec
+    assert kernel_name("rope_cols", (xt, 0, spec, None)) == f"rope_{spec.rope_mode}"
+    assert kernel_name("attention_cols", (xt,)) == "attention_prefill"
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "F32", "untied"])
+def test_a_prompt_feature_major_gives_the_row_major_logits_and_cache(
+    tiny_models, kind, rng, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(tiny_models[kind], backend="numpy")
+    tf = engine.transformer
+    tokens = rng.integers(0, tf.spec.vocab_size, size=int(rng.integers(2, 30)))
+    runs = {}
+    for cols in (True, False):
+        monkeypatch.setattr(NumpyBackend, "prefill_cols", cols)
+        engine.profiler.clear()
+        cache = tf.new_cache()
+        tf.prefill(tokens[:3], cache)  # a prompt that continues a cache: start > 0
+        logits = tf.forward(tokens[3:], cache, all_logits=True) if len(tokens) > 3 else None
+        last = tf.prefill(tokens, tf.new_cache())
+        names = {r.name for r in engine.profiler.records()}
+        runs[cols] = (logits, last, cache, names)
+    (lc, last_c, cache_c, names_c), (lr, last_r, cache_r, names_r) = runs[True], runs[False]
+    scale = float(np.abs(last_r).max())
+    np.testing.assert_allclose(last_c, last_r, rtol=0, atol=1e-6 * scale)
+    if lc is not None:
+        np.testing.assert_allclose(lc, lr, rtol=0, atol=1e-6 * scale)
+    for a, b in zip(cache_c.k + cache_c.v, cache_r.k + cache_r.v):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
+    assert "attention_prefill" in names_c and names_c == names_r, "the same kernels by name"
