@@ -312,7 +312,10 @@ def _max_of(row: np.ndarray, n: int) -> Any:
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE_MATH)
-def _sum_of(row: np.ndarray) -> Any:
+def sum_of(row: np.ndarray) -> Any:
+    """Sum of row (n,) float32 in one loop LLVM vectorises (several vector accumulators, in any
+    order): the prefill softmax's row sums and the bandwidth probe's pieces
+    (`workbench.engine.limits`)."""
     total = np.float32(0.0)
     for j in range(row.shape[0]):
         total += row[j]
@@ -341,7 +344,7 @@ def normalize_rows(p: np.ndarray) -> None:
     """p (rows, t) /= each row's sum, in place: the softmax after its exp."""
     for r in range(p.shape[0]):
         row = p[r]  # (t,)
-        total = _sum_of(row)
+        total = sum_of(row)
         for j in range(row.shape[0]):
             row[j] = row[j] / total
 

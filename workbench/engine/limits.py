@@ -7,10 +7,11 @@ compute-bound matrix-matrix product).
 
 - Read bandwidth: a threaded sum over a float32 buffer several times larger than the last-level
   cache (so that every pass comes from memory), best of a few passes, bytes / seconds.
-- GEMM rate: ``x @ W.T`` with NumPy's BLAS at the model's own shapes (x: (prompt tokens, cols), W
-  one of each distinct layer matrix shape, weighted by how often a layer uses it), on the same
-  thread count as the engine, run both as BLAS's own threaded product and as one
-  single-threaded product per thread over row slices; flops / seconds of the best repetition.
+- GEMM rate: NumPy's BLAS at the model's own shapes (x: (prompt tokens, cols), W one of each
+  distinct layer matrix shape, weighted by how often a layer uses it), on the same thread count
+  as the engine, run as BLAS's own threaded product both ``x @ W.T`` and feature-major
+  ``W @ xt`` (the prefill's orientation), and as one single-threaded product per thread over row
+  slices; flops / seconds of the best repetition.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
 import workbench.backends  # noqa: F401  (numba's OpenMP wait policy, before its threads start)
+from workbench.backends.cpu_ops import sum_of
 
 # At least this much is read per pass even on machines with small caches.
 _MIN_READ_BYTES = 256 << 20
@@ -56,20 +58,11 @@ def last_level_cache_bytes() -> int:
     return best
 
 
-@njit(fastmath=True, cache=True, nogil=True)
-def _chunk_sum(buf):
-    """Sum of buf (n,) float32 in one loop LLVM vectorises (several vector accumulators)."""
-    s = np.float32(0.0)
-    for i in range(buf.shape[0]):
-        s += buf[i]
-    return s
-
-
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _stream_sum(buf, chunks):
     """Sum of buf (n,) float32, read once, in ``chunks`` threaded pieces.
 
-    Each piece is summed by its own call of `_chunk_sum`: the same loop written inline in the
+    Each piece is summed by its own call of `cpu_ops.sum_of`: the same loop written inline in the
     ``prange`` body was not vectorised and summed about 13 GB/s on one core even with the data in
     L2, so it measured the loop, not the memory (the buffer larger than the caches read at 7.9
     GB/s on one thread and 15.7 on two, against 16.6 and 32 with this loop)."""
@@ -77,7 +70,7 @@ def _stream_sum(buf, chunks):
     step = (n + chunks - 1) // chunks
     parts = np.zeros(chunks, np.float32)  # (chunks,)
     for c in prange(chunks):
-        parts[c] = _chunk_sum(buf[c * step : min(n, (c + 1) * step)])
+        parts[c] = sum_of(buf[c * step : min(n, (c + 1) * step)])
     return parts.sum()
 
 
