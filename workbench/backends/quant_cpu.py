@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -602,10 +602,7 @@ def matmul(
         # Already float32: BLAS reads the block bytes as they are.
         np.matmul(x, raw.view(np.float32).T, out=out)
         return out
-    buf = _buffer(scratch, min(chunk, rows) * cols)
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        w = buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)  # (r1 - r0, cols) float32
+    for r0, r1, w in _chunks(scratch, rows, cols, chunk):
         if workers > 1 and w.nbytes >= _PAR_MIN_BYTES:
             _split(k, raw[r0:r1], x, w, out[:, r0:r1], workers)
         else:
@@ -638,10 +635,7 @@ def matmul_cols(
     if k.qtype == Q.F32:
         np.matmul(raw.view(np.float32), xt, out=out)
         return out
-    buf = _buffer(scratch, min(chunk, rows) * cols)
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        w = buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)  # (r1 - r0, cols) float32
+    for r0, r1, w in _chunks(scratch, rows, cols, chunk):
         k.deq(raw[r0:r1], _ALL_ROWS, w, w.nbytes >= _PAR_MIN_BYTES)
         np.matmul(w, xt, out=out[r0:r1])
     return out
@@ -669,9 +663,16 @@ def _operands(
     return k, raw, _f32(x), cols
 
 
-def _buffer(scratch: np.ndarray | None, size: int) -> np.ndarray:
-    """(at least size,) float32: the scratch, or a new array."""
-    return scratch.reshape(-1) if scratch is not None else np.empty(size, np.float32)
+def _chunks(
+    scratch: np.ndarray | None, rows: int, cols: int, chunk: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(r0, r1, w) for W's rows in chunks of ``chunk``: w (r1 - r0, cols) float32, the part of
+    ``scratch`` (or of one new buffer) that the chunk's dequantized rows go to."""
+    size = min(chunk, rows) * cols
+    buf = scratch.reshape(-1) if scratch is not None else np.empty(size, np.float32)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        yield r0, r1, buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)
 
 
 def _chunk_rows(op: str, scratch: np.ndarray | None, cols: int) -> int:
