@@ -271,14 +271,9 @@ def _kernel_span(kernel, blob, base, rb, lo, hi, x, xs, nb, out, first):
 # type looked up inside the loop, LLVM kept every kernel's registers and branches in it, and a
 # Q4_1 block took 5.9 ns instead of 3.1. Not inlined: each loop compiles (and caches) once.
 @njit(cache=True, nogil=True)
-def _span_q4_1(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
-    _kernel_span(_dot_q4_1_row, blob, base, rb, lo, hi, x, xs32, nb, out, first)
-
-
-@njit(cache=True, nogil=True)
 def _span_q4_1_split(blob, base, rb, lo, hi, x, scales, start, nb, out, first):
-    """`_span_q4_1` with the block scales read from scales[start + 2 nb r ...] (`q4_1_scales`),
-    a second stream prefetched as far ahead in blocks as the codes."""
+    """`_kernel_span` for a Q4_1 matrix, its block scales read from scales[start + 2 nb r ...]
+    (`q4_1_scales`), a second stream prefetched as far ahead in blocks as the codes."""
     ahead = 2 * (_AHEAD // _Q4_1_BYTES)  # floats of scales as far ahead as _AHEAD block bytes
     for r in range(lo, hi):
         o = base + r * rb
@@ -312,12 +307,11 @@ def _span_q6_k(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first):
 @njit(cache=True, nogil=True, inline="always")
 def _typed_span(code, blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first, scales, start):
     """`_dot_span` through the loop compiled for ``code`` (the common types; the others share
-    one loop that looks the type up per row); a Q4_1 matrix with widened scales (start >= 0)
-    reads them from ``scales``."""
+    one loop that looks the type up per row). A Q4_1 matrix reads its widened scales from
+    ``scales`` (start >= 0: `FusedDecoder` widens every one); one without them takes the
+    shared loop."""
     if code == _T_Q4_1 and start >= 0:
         _span_q4_1_split(blob, base, rb, lo, hi, x, scales, start, nb, out, first)
-    elif code == _T_Q4_1:
-        _span_q4_1(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
     elif code == _T_Q8_0:
         _span_q8_0(blob, base, rb, lo, hi, x, xs32, xs16, nb, out, first)
     elif code == _T_Q4_0:

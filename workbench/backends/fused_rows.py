@@ -66,7 +66,8 @@ warnings.filterwarnings(
 def _product_rows(blob, table, m0, m1, x, out, tid, nt, work, slot):
     """Thread tid's chunks of out = x @ concat(W_m for m in m0..m1-1).T, as `quant_batch`.
 
-    blob (file bytes,) uint8; table (matrices, 6) int64; x (n, cols) float32; out (n, sum rows).
+    blob (file bytes,) uint8; table (matrices, 7) int64 (`fused_decode.weight_table`); x (n,
+    cols) float32; out (n, sum rows).
     Rows go out in chunks (`fused_decode._claim`); each weight row is read once for all n."""
     # (n, cols // 32) Q5_*, Q4_K, Q5_K block offsets; (n, cols // 16) Q2_K's; empty rows when no
     # matrix here needs them (`fused_decode._needs_sums`)

@@ -54,12 +54,8 @@ class NumpyBackend:
         # BLAS uses its own pool; cap it too so --threads means what it says.
         threadpool_limits(threads)
         self.threads = quant_cpu.get_threads()
-        self._rope_key: tuple | None = None
-        self._rope_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
-        self._rope_rows_key: tuple | None = None
-        self._rope_rows_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
-        self._rope_cols_key: tuple | None = None
-        self._rope_cols_cos_sin: tuple[np.ndarray, np.ndarray] | None = None
+        # RoPE's cos and sin tables, the last ones built for each layout: {layout: (key, tables)}
+        self._rope_tables: dict[str, tuple[tuple, tuple[np.ndarray, np.ndarray]]] = {}
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
         self.fused = fused
 
@@ -183,13 +179,8 @@ class NumpyBackend:
         self, xt: np.ndarray, start: int, spec: ModelSpec, factors: Weight | None
     ) -> None:
         """Rotate xt (heads*head_dim, n) in place, column i for position start+i (`rope`)."""
-        n = xt.shape[1]
-        key = (start, n, spec, None if factors is None else factors.name)
-        if self._rope_cols_key != key:
-            self._rope_cols_key = key
-            cos, sin = cpu_ops.rope_tables(start, n, spec, factors)  # (n, rope_dim/2) each
-            self._rope_cols_cos_sin = (np.ascontiguousarray(cos.T), np.ascontiguousarray(sin.T))
-        cos_t, sin_t = self._rope_cols_cos_sin  # type: ignore[misc]  # (rope_dim/2, n) each
+        positions = range(start, start + xt.shape[1])
+        cos_t, sin_t = self._tables("cols", positions, spec, factors)  # (rope_dim/2, n) each
         cpu_ops.rope_cols(xt, cos_t, sin_t, xt.shape[0] // spec.head_dim, spec.rope_mode == "neox")
 
     def kv_append_cols(
@@ -236,11 +227,7 @@ class NumpyBackend:
         """Rotate x (n, heads, head_dim) in place, row i for position positions[i]."""
         # Every layer of a step rotates at the same positions: the tables are built once (apart
         # from `rope`'s, which a prefill chunk in the same step uses).
-        key = (positions, spec, None if factors is None else factors.name)
-        if self._rope_rows_key != key:
-            self._rope_rows_key = key
-            self._rope_rows_cos_sin = cpu_ops.rope_tables_at(positions, spec, factors)
-        cos, sin = self._rope_rows_cos_sin  # type: ignore[misc]
+        cos, sin = self._tables("rows", positions, spec, factors)  # (n, rope_dim/2) each
         cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
 
     def attention_paged(
@@ -270,12 +257,24 @@ class NumpyBackend:
         permutes Q and K so this equals HF's rotate-half); "neox" pairs i with i + rope_dim/2.
         """
         # Every layer's q and k of one forward pass share the positions: build the tables once.
-        key = (start, x.shape[0], spec, None if factors is None else factors.name)
-        if self._rope_key != key:
-            self._rope_key = key
-            self._rope_cos_sin = cpu_ops.rope_tables(start, x.shape[0], spec, factors)
-        cos, sin = self._rope_cos_sin  # (n, rope_dim/2) each
+        positions = range(start, start + x.shape[0])
+        cos, sin = self._tables("prompt", positions, spec, factors)  # (n, rope_dim/2) each
         cpu_ops.rope(x, cos, sin, spec.rope_mode == "neox")
+
+    def _tables(
+        self, slot: str, positions: range | tuple[int, ...], spec: ModelSpec, factors: Weight | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """RoPE's cos, sin for ``positions``: (n, rope_dim/2) each, or (rope_dim/2, n) for the
+        "cols" slot. Built only when they differ from the slot's last ones: every layer of a
+        forward pass rotates at the same positions."""
+        key = (positions, spec, None if factors is None else factors.name)
+        last = self._rope_tables.get(slot)
+        if last is None or last[0] != key:
+            cos, sin = cpu_ops.rope_tables_at(positions, spec, factors)  # (n, rope_dim/2) each
+            if slot == "cols":
+                cos, sin = np.ascontiguousarray(cos.T), np.ascontiguousarray(sin.T)
+            last = self._rope_tables[slot] = (key, (cos, sin))
+        return last[1]
 
     def kv_append(
         self, k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int
