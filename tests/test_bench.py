@@ -13,7 +13,12 @@ import pytest
 from workbench.backends import quant_cpu
 from workbench.cli import main
 from workbench.engine import limits
-from workbench.engine.bench import bench_generate, median_interval, prefill_flops
+from workbench.engine.bench import (
+    PROFILE_REQUEST,
+    bench_generate,
+    median_interval,
+    prefill_flops,
+)
 from workbench.engine.generate import Engine
 
 
@@ -43,6 +48,50 @@ def test_bench_reports_fractions_of_the_measured_limits(tiny_model, small_read_b
     assert r.decode_bandwidth_fraction == pytest.approx(r.decode_gb_s / r.read_gb_s)
     assert r.prefill_gflops == pytest.approx(r.prefill_flops / r.prefill_s[0] / 1e9)
     assert r.prefill_gemm_fraction == pytest.approx(r.prefill_gflops / r.gemm_gflops)
+
+
+def test_bench_profile_breaks_each_phase_down_by_kernel(tiny_model, small_read_buffer):
+    engine = Engine(tiny_model, backend="numpy", threads=1)
+    n, gen = 8, 4
+    for enabled in (False, True):
+        engine.profiler.enabled = enabled
+        engine.profiler.clear()
+        r = bench_generate(engine, prompt_tokens=n, gen_tokens=gen, runs=2, profile=True)
+        assert engine.profiler.enabled == enabled, "the profiler is left as it was"
+    assert r.profile_dropped == 0 and set(r.profile) == {"prefill", "decode"}
+    records = engine.profiler.records()
+    assert {rec.request_id for rec in records} == {records[0].request_id}, "one run's records"
+    assert records[0].request_id.startswith(PROFILE_REQUEST)
+    # Every product and the attention of exactly one prefill: the flops bench reports
+    products = [rec for rec in records if rec.phase == "prefill" and rec.flops is not None]
+    work = sum(rec.flops for rec in products if rec.name.startswith(("mat", "attention")))
+    assert work == prefill_flops(engine, n)
+    assert sum(rec.name == "decode_layer" for rec in records) == gen * engine.spec.n_layers
+    for phase, p in r.profile.items():
+        names = [k["name"] for k in p["kernels"]]
+        assert ("attention_prefill" if phase == "prefill" else "decode_layer") in names
+        assert p["other_s"] == pytest.approx(p["wall_s"] - sum(k["total_s"] for k in p["kernels"]))
+        for k in p["kernels"]:
+            assert k["share"] == pytest.approx(k["total_s"] / p["wall_s"])
+            if k["gflop_s"] is not None:
+                assert k["gemm_fraction"] == pytest.approx(k["gflop_s"] / r.gemm_gflops)
+            if k["gb_s"] is not None:
+                assert k["read_fraction"] == pytest.approx(k["gb_s"] / r.read_gb_s)
+        assert [k["total_s"] for k in p["kernels"]] == sorted(
+            (k["total_s"] for k in p["kernels"]), reverse=True
+        )
+    matmul = next(k for k in r.profile["prefill"]["kernels"] if k["name"].startswith("matmul"))
+    assert matmul["gflop_s"] > 0 and matmul["gb_s"] > 0
+    kv = next(k for k in r.profile["prefill"]["kernels"] if k["name"] == "kv_append")
+    assert kv["gflop_s"] is None and kv["gemm_fraction"] is None and kv["gb_s"] > 0  # a copy
+
+
+def test_bench_without_profile_records_nothing(tiny_model):
+    engine = Engine(tiny_model, backend="numpy", threads=1)
+    engine.profiler.enabled = True  # as `--profile` leaves it; the timed runs still are not
+    r = bench_generate(engine, prompt_tokens=4, gen_tokens=2, runs=1, measure_limits=False)
+    assert r.profile is None and r.profile_dropped is None and len(engine.profiler) == 0
+    assert engine.profiler.enabled
 
 
 def test_bench_without_limits_leaves_them_out(tiny_model):
@@ -130,6 +179,25 @@ def test_cli_json_has_the_limit_fields(tiny_model, small_read_buffer, capsys):
     for key in ("decode_gb_s", "decode_bandwidth_fraction", "prefill_gflops",
                 "prefill_gemm_fraction", "read_gb_s", "gemm_gflops"):  # fmt: skip
         assert obj[key] > 0, key
+    assert obj["profile"] is None
+
+
+def test_cli_profile_prints_each_phase_by_kernel(tiny_model, small_read_buffer, capsys):
+    argv = ["bench", "generate", "-m", str(tiny_model), "--prompt-tokens", "6", "--gen-tokens",
+            "3", "--runs", "1", "--threads", "1", "--profile"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    prefill, decode = out.split("\nprefill: ")[1].split("\ndecode: ")
+    assert "ms/token" not in prefill and "ms/token" in decode.splitlines()[0]
+    for table, kernel in ((prefill, "matmul_"), (decode, "decode_layer")):
+        header, *rows = table.splitlines()[1:]
+        assert header.split() == ["kernel", "calls", header.split()[2], "share", "GFLOP/s", "of",
+                                  "GEMM", "GB/s", "of", "read"]  # fmt: skip
+        assert any(row.split()[0].startswith(kernel) for row in rows), table
+        assert rows[-1].split()[0] == "(between"
+    assert main([*argv, "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["profile_dropped"] == 0 and obj["profile"]["decode"]["kernels"]
 
 
 @pytest.mark.parametrize("n", [1, 7, 1000, 4099])

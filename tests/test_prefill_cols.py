@@ -93,6 +93,33 @@ def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:
     assert kernel_name("attention_cols", (xt,)) == "attention_prefill"
 
 
+def test_every_prompt_operation_has_its_row_twins_cost(tiny_model) -> None:
+    """The registry's cost model of the kernel each operation is named after, from either
+    layout's arguments: a profile reads the same GB/s and GFLOP/s whichever ran."""
+    spec = Engine(tiny_model, backend="numpy").spec
+    n, start, hd = 6, 3, spec.head_dim
+    x = np.zeros((n, spec.n_heads, hd), np.float32)  # (n, heads, hd)
+    kv = np.zeros((n, spec.n_kv_heads, hd), np.float32)  # (n, kv_heads, hd)
+    cache = np.zeros((spec.n_kv_heads, 16, hd), np.float32)  # (kv_heads, ctx, hd)
+
+    def cols(a: np.ndarray) -> np.ndarray:  # (n, ...) -> (features, n)
+        return np.ascontiguousarray(a.reshape(n, -1).T)
+
+    h = x.reshape(n, -1)
+    twins = [
+        ("rmsnorm", (h, None, 1e-5), (cols(h), None, 1e-5)),
+        ("rope", (x, start, spec, None), (cols(x), start, spec, None)),
+        ("kv_append", (cache, cache, kv, kv, start), (cache, cache, cols(kv), cols(kv), start)),
+        ("attention", (x, cache, cache, start), (cols(x), cache, cache, start)),
+    ]
+    for op, row_args, col_args in twins:
+        want = cost(op, row_args)
+        assert want[0] and want[1] is not None, op
+        assert cost(f"{op}_cols", col_args) == want, op
+    pairs = n * start + n * (n + 1) // 2  # the (query, key) pairs each head sees
+    assert cost("attention", (x, cache, cache, start))[1] == 4 * spec.n_heads * hd * pairs
+
+
 @pytest.mark.parametrize("kind", ["Q4_1", "F32", "untied"])
 def test_a_prompt_feature_major_gives_the_row_major_logits_and_cache(
     tiny_models, kind, rng, monkeypatch: pytest.MonkeyPatch

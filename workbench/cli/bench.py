@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model's shapes, and each phase as a fraction of its limit (see docs/performance.md). "
         "With --trace, pairs of an untraced and a traced run (spans kept in memory) in ABBA order "
         "give the decode throughput lost to tracing (the median over pairs, with a 95% interval), "
-        "and the tracing calls are timed alone, disabled and enabled (see docs/scaling.md).",
+        "and the tracing calls are timed alone, disabled and enabled (see docs/scaling.md). "
+        "With --profile, one more generation with the profiler on, each phase broken down by "
+        "kernel: its time, its share, and its GFLOP/s and GB/s as fractions of the GEMM rate and "
+        "the read bandwidth (where the time the fractions above leave goes).",
     )
     add_model_args(g)
     g.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
@@ -73,6 +76,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         measure_limits=not args.no_limits,
         trace=args.trace or args.trace_steps,
         trace_steps=args.trace_steps,
+        profile=args.profile,
     )
     obj = r.to_dict()
     if args.output:
@@ -95,7 +99,45 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
             )
         if r.trace_decode_overhead is not None:
             print(trace_summary(r))
+        if r.profile is not None:
+            print(profile_tables(r))
     return 0
+
+
+def profile_tables(r: Any) -> str:
+    """The profiled generation of a `GenerateBench` run, each phase by kernel: its time, its
+    share of the phase, and its rates as fractions of the machine's limits."""
+    lines = ["profiled run (one more generation with the profiler on; shares are of its time):"]
+
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for phase, per in (("prefill", 1), ("decode", r.gen_tokens)):
+        p = r.profile[phase]
+        unit = "ms" if per == 1 else "ms/token"
+        lines.append(f"{phase}: {p['wall_s'] * 1e3 / per:.2f} {unit}")
+        lines.append(
+            f"  {'kernel':24s} {'calls':>6s} {unit:>9s} {'share':>6s} {'GFLOP/s':>8s} "
+            f"{'of GEMM':>8s} {'GB/s':>7s} {'of read':>8s}"
+        )
+        for k in p["kernels"]:
+            lines.append(
+                f"  {k['name']:24s} {k['count']:6d} {k['total_s'] * 1e3 / per:9.3f} "
+                f"{k['share']:6.1%} {cell(k['gflop_s'], '.1f'):>8s} "
+                f"{cell(k['gemm_fraction'], '.0%'):>8s} {cell(k['gb_s'], '.1f'):>7s} "
+                f"{cell(k['read_fraction'], '.0%'):>8s}"
+            )
+        other = p["other_s"]
+        lines.append(
+            f"  {'(between kernels)':24s} {'':6s} {other * 1e3 / per:9.3f} "
+            f"{other / p['wall_s']:6.1%}"
+        )
+    if r.profile_dropped:
+        lines.append(
+            f"warning: the profiler dropped {r.profile_dropped} records (its capacity): the "
+            "earliest kernels are missing from these tables"
+        )
+    return "\n".join(lines)
 
 
 def _interval(bounds: list[float] | None) -> str:

@@ -21,6 +21,13 @@ microseconds per token (end to end cannot resolve a cost that small).
 
 In the same run the machine's limits are measured (`limits.measure`: streaming read bandwidth,
 float32 GEMM rate at the model's shapes) and each phase is reported as a fraction of its limit.
+
+``profile=True`` (the CLI's ``--profile``) adds one more generation after the timed ones, with the
+engine's profiler on, and breaks each phase down by kernel (`phase_profile`): its share of the
+phase and, where the cost model knows its work, its GFLOP/s and GB/s as fractions of the GEMM
+rate and the read bandwidth. This is where the time the fractions above leave goes. The
+profiler's bookkeeping slows that run a little, so its shares are of its own wall time, not of
+the timed runs'.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import math
 import resource
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
@@ -40,11 +48,14 @@ import numpy as np
 from workbench.engine import limits
 from workbench.engine.results import GenerationConfig
 from workbench.errors import UserError
+from workbench.kernels import registry
 from workbench.observe import tracing
+from workbench.observe.profiler import Profiler
 
 TRACE_PAIRS = 10  # pairs of runs with trace=True when the caller gives no count (the CLI's default)
 CALL_REPS = 100  # generations of empty steps timed for the tracing calls alone
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+PROFILE_REQUEST = "bench-profile"  # the request ids of profiled runs' records start with this
 
 # Deterministic filler text; its tokens are cut to the requested prompt length.
 _FILLER = (
@@ -96,6 +107,10 @@ class GenerateBench:
     trace_spans: int | None = None  # spans the traced runs (warm-up included) recorded
     trace_call_us_off: float | None = None  # per token: the tracing calls, disabled, alone
     trace_call_us_on: float | None = None  # per token: the same calls enabled, alone
+    # With profile: {"prefill": phase_profile(...), "decode": ...} of one profiled generation,
+    # and the records the profiler dropped meanwhile (its capacity; > 0: the earliest are missing)
+    profile: dict[str, dict[str, Any]] | None = None
+    profile_dropped: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,8 +131,46 @@ def prefill_flops(engine, n: int) -> int:
     the weighted values of the positions each row sees) and the last position's logits."""
     spec = engine.spec
     mats = sum(2 * n * rows * cols * c for (rows, cols), c in layer_shapes(engine).items())
-    attention = 2 * 2 * spec.n_heads * spec.head_dim * (n * (n + 1) // 2)
+    prefill = registry.get("attention_prefill")  # the profiler's cost model for the same kernel
+    attention = prefill.cost(n=n, heads=spec.n_heads, head_dim=spec.head_dim).flops
     return spec.n_layers * (mats + attention) + 2 * spec.vocab_size * spec.dim
+
+
+def phase_profile(
+    profiler: Profiler,
+    phase: str,
+    wall_s: float,
+    request_id: str,
+    gemm_gflops: float | None = None,
+    read_gb_s: float | None = None,
+) -> dict[str, Any]:
+    """One phase of a profiled generation by kernel, from ``profiler``'s records of
+    ``request_id``: {"wall_s", "kernels": [...] (most time first), "other_s"}.
+
+    Each kernel: name, count, total_s, share (total_s / wall_s), gflop_s and gb_s (None where
+    the cost model has no figure), gemm_fraction (gflop_s / ``gemm_gflops``) and read_fraction
+    (gb_s / ``read_gb_s``; None where either is unknown): the products of a prompt are bound by
+    the first, a decode's by the second. other_s is the wall time outside every recorded kernel
+    (Python between operations, the profiler's own bookkeeping)."""
+
+    def fraction(rate: float | None, limit: float | None) -> float | None:
+        return rate / limit if rate is not None and limit else None
+
+    kernels = [
+        {
+            "name": row["name"],
+            "count": row["count"],
+            "total_s": row["total_s"],
+            "share": row["total_s"] / wall_s,
+            "gflop_s": row["gflop_s"] or None,  # 0: a copy (kv_append), no arithmetic
+            "gb_s": row["gb_s"],
+            "gemm_fraction": fraction(row["gflop_s"] or None, gemm_gflops),
+            "read_fraction": fraction(row["gb_s"], read_gb_s),
+        }
+        for row in profiler.summary(by=("name",), request_id=request_id, phase=phase)
+    ]
+    other = wall_s - math.fsum(k["total_s"] for k in kernels)
+    return {"wall_s": wall_s, "kernels": kernels, "other_s": other}
 
 
 def median_interval(values: Sequence[float], confidence: float = 0.95) -> list[float] | None:
@@ -191,6 +244,17 @@ def _run_alone(gen: _Generation) -> _Generation:
     return gen
 
 
+def _run_profiled(gen: _Generation, request_id: str) -> _Generation:
+    """`_run_alone` with every record tagged ``request_id`` and its phase."""
+    with Profiler.request(request_id):
+        with Profiler.phase("prefill"):
+            gen.prefill()
+        with Profiler.phase("decode"):
+            for _ in range(gen.n):
+                gen.token()
+    return gen
+
+
 def _run_interleaved(a: _Generation, b: _Generation, flip: bool = False) -> None:
     """Prefill both, then decode both a token at a time in ABBA order (a b, b a, a b, ...;
     b first with ``flip``): whatever else the machine does, both see it alike."""
@@ -236,9 +300,12 @@ def bench_generate(
     measure_limits: bool = True,
     trace: bool = False,
     trace_steps: bool = False,
+    profile: bool = False,
 ) -> GenerateBench:
     """Time ``runs`` runs (default 3), or with ``trace`` that many pairs of an untraced and a
-    traced generation (default `TRACE_PAIRS`), after a warm-up; see the module's docstring."""
+    traced generation (default `TRACE_PAIRS`), after a warm-up; with ``profile``, then one
+    generation with the engine's profiler on, broken down by kernel. See the module's
+    docstring."""
     runs = runs if runs is not None else TRACE_PAIRS if trace else 3
     if prompt_tokens < 1 or gen_tokens < 1 or runs < 1:
         raise UserError("user.bad_bench", "prompt_tokens, gen_tokens and runs must be >= 1")
@@ -291,6 +358,15 @@ def bench_generate(
             assert recorder is not None
             spans = len(recorder.spans())
             calls = tracing_call_cost(new_trace, gen_tokens)
+        if profile:
+            gc.collect()
+            engine.profiler.enabled = True
+            request_id, dropped = (
+                f"{PROFILE_REQUEST}-{uuid.uuid4().hex[:12]}",
+                engine.profiler.dropped,
+            )
+            profiled = _run_profiled(new_run(False), request_id)
+            dropped = engine.profiler.dropped - dropped
     finally:
         engine.profiler.enabled = profiling
         if trace:
@@ -313,6 +389,14 @@ def bench_generate(
             decode_bandwidth_fraction=decode_gb_s / lim.read_gb_s,
             prefill_gemm_fraction=prefill_gflops / lim.gemm_gflops,
         )
+    if profile:
+        walls = {"prefill": profiled.prefill_s, "decode": profiled.decode_s}
+        lims = {"gemm_gflops": extra.get("gemm_gflops"), "read_gb_s": extra.get("read_gb_s")}
+        extra["profile"] = {
+            ph: phase_profile(engine.profiler, ph, wall, request_id, **lims)
+            for ph, wall in walls.items()
+        }
+        extra["profile_dropped"] = dropped
     if trace:
         trace_decode = [d for _, d in traced]
         pairs = [1 - u / t for u, t in zip(decode, trace_decode)]

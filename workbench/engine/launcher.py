@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workbench.errors import RecoverableError
+from workbench.kernels import registry
 from workbench.observe.profiler import Profiler
 from workbench.runtime import faults as faults_mod
 from workbench.runtime.classify import classify
@@ -88,7 +89,43 @@ def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
         rows = sum(w.shape[0] for w in ws)
         nbytes = sum(int(w.data.nbytes) for w in ws) + 4 * (cols + rows)
         return nbytes, 2 * rows * cols
-    return None, None
+    shape = _kernel_shape(op, args)
+    spec = registry.all_kernels().get(kernel_name(op, args)) if shape is not None else None
+    if spec is None:  # not modelled, or a weight type without a GPU kernel
+        return None, None
+    c = spec.cost(**shape)
+    return c.bytes, c.flops
+
+
+def _kernel_shape(op: str, args: tuple[Any, ...]) -> dict[str, int] | None:
+    """The parameters of the registry's cost model for the kernel that runs ``op`` on ``args``,
+    None for an operation it does not model."""
+    if op in ("swiglu", "add"):
+        return {"count": int(args[0].size)}
+    if op == "embed":  # the table (rows, cols), ids
+        return {"n": int(args[1].size), "rows": args[0].shape[0], "cols": args[0].shape[1]}
+    if op == "rmsnorm":  # x (n, dim)
+        return {"n": args[0].shape[0], "dim": args[0].shape[1]}
+    if op == "rmsnorm_cols":  # xt (dim, n)
+        return {"n": args[0].shape[1], "dim": args[0].shape[0]}
+    if op in ("rope", "rope_cols"):
+        x, _, spec = args[:3]  # x (n, heads, hd) or xt (heads*hd, n)
+        n, heads = (
+            (x.shape[0], x.shape[1]) if op == "rope" else (x.shape[1], x.shape[0] // spec.head_dim)
+        )
+        return {"n": n, "heads": heads, "rope_dim": spec.rope_dim}
+    if op in ("kv_append", "kv_append_cols"):  # the cache (kv_heads, ctx, hd), then k
+        k_cache, k = args[0], args[2]
+        n = k.shape[0] if op == "kv_append" else k.shape[1]
+        return {"n": n, "kv_heads": k_cache.shape[0], "head_dim": k_cache.shape[2]}
+    if op in ("attention", "attention_cols"):  # q (n, heads, hd) or qt (heads*hd, n), the cache
+        q, k_cache, start = args[0], args[1], args[3]
+        kv_heads, _, hd = k_cache.shape
+        n, heads = (q.shape[0], q.shape[1]) if op == "attention" else (q.shape[1], q.shape[0] // hd)
+        if n == 1 and op == "attention":  # attention_decode
+            return {"heads": heads, "head_dim": hd, "t": start + 1, "kv_heads": kv_heads}
+        return {"n": n, "heads": heads, "head_dim": hd, "start": start}
+    return None
 
 
 class Launcher:
