@@ -207,11 +207,25 @@ def test_the_bandwidth_probe_reads_every_value_once(n):
         assert limits._stream_sum(buf, chunks) == n * (n + 1) // 2
 
 
-def test_gemm_rate_times_each_shape_at_the_prompt_length():
-    for threads in (1, 2):  # 2: also the row-sliced products on a thread each
+def test_gemm_rate_times_each_shape_at_the_prompt_length(monkeypatch):
+    import numba
+
+    from workbench.backends import quant_gemm
+
+    seen = []  # numba's thread count while the prefill's own kernel is timed
+    kernel = quant_gemm.gemm_cols
+    monkeypatch.setattr(
+        quant_gemm, "gemm_cols", lambda *a: seen.append(numba.get_num_threads()) or kernel(*a)
+    )
+    before = numba.get_num_threads()
+    # 2: also the row-sliced products on a thread each (where numba may run 2)
+    for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
         gflops, timed = limits.gemm_rate({(48, 32): 2, (16, 32): 1}, n=5, threads=threads, reps=1)
         assert gflops > 0
         assert timed == [(5, 16, 32), (5, 48, 32)]
+        assert set(seen) == {threads} and len(seen) == 2 * 3, "2 passes of 3 products"
+        assert numba.get_num_threads() == before
+        seen.clear()
 
 
 def test_default_threads_are_the_physical_cores():

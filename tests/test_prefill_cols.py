@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 import pytest
 
@@ -80,6 +81,38 @@ def test_kv_append_and_attention_cols_are_the_row_operations_transposed(
     got = be.attention_cols(cols(q), *caches[1], start)
     assert got.shape == (heads * hd, n)
     np.testing.assert_array_equal(got.T, want)
+
+
+def test_the_prompts_attention_runs_blas_on_one_thread(rng, monkeypatch) -> None:
+    """Its small products on the calling thread, and the engine's BLAS thread count back after
+    it, also when it fails."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")  # the machine's size, not a missing tool
+    be = NumpyBackend(threads=2)
+    seen = []
+    inner = be._attention_groups_blas
+
+    def spy(*args):
+        seen.append(blas_threads())
+        return inner(*args)
+
+    monkeypatch.setattr(be, "_attention_groups_blas", spy)
+    cache = randn(rng, 2, 8, 4)  # (kv_heads, ctx, hd)
+    be.attention_cols(randn(rng, 4 * 4, 3), cache, cache, 0)
+    assert seen == [{1}] and blas_threads() == {2}
+
+    def fail(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(be, "_attention_groups_blas", fail)
+    with pytest.raises(RuntimeError):
+        be.attention_cols(randn(rng, 4 * 4, 3), cache, cache, 0)
+    assert blas_threads() == {2}
 
 
 def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:

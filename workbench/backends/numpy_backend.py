@@ -1,18 +1,22 @@
 """The NumPy backend: the CPU reference every kernel is checked against, and the fallback.
 
 Weights stay in their GGUF block form (memory-mapped). Decode multiplies by them directly through
-fused dequantize-and-dot loops (`quant_cpu.matvec`); prefill dequantizes one matrix at a time into a
-reused scratch buffer and hands the product to BLAS. All activations are float32.
+fused dequantize-and-dot loops (`quant_cpu.matvec`); prefill multiplies the prompt by them with
+the dequantization inside the GEMM's panels (`quant_gemm`, the common types), or dequantizes one
+matrix at a time into a reused scratch buffer and hands the product to BLAS (the other types).
+All activations are float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from workbench.backends import (
     compiler_pages,
@@ -22,6 +26,7 @@ from workbench.backends import (
     paged_ops,
     quant_batch,
     quant_cpu,
+    quant_gemm,
 )
 from workbench.backends.fused_decode import FusedDecoder
 from workbench.backends.fused_rows import FusedRowsDecoder
@@ -54,6 +59,8 @@ class NumpyBackend:
         # BLAS uses its own pool; cap it too so --threads means what it says.
         threadpool_limits(threads)
         self.threads = quant_cpu.get_threads()
+        # The BLAS libraries, to run the prompt's attention on one thread (`_one_blas_thread`)
+        self._blas = ThreadpoolController().select(user_api="blas").lib_controllers
         # RoPE's cos and sin tables, the last ones built for each layout: {layout: (key, tables)}
         self._rope_tables: dict[str, tuple[tuple, tuple[np.ndarray, np.ndarray]]] = {}
         self._scratch: np.ndarray | None = None  # (n,) float32, grown to the largest matrix
@@ -160,14 +167,12 @@ class NumpyBackend:
     prefill_cols = True
 
     def linear_cols(self, w: Weight, xt: np.ndarray) -> np.ndarray:
-        """xt (cols, n) float32 -> (rows, n) = W @ xt."""
-        scratch = self._scratch_for(w)
-        threads = quant_cpu.get_threads()
-        quant_cpu.set_threads(1)  # one thread pool at a time, as `linear`
-        try:
-            return quant_cpu.matmul_cols(w.qtype, w.data, xt, scratch=scratch)
-        finally:
-            quant_cpu.set_threads(threads)
+        """xt (cols, n) float32 -> (rows, n) = W @ xt: on the blocks with the kernels' threads
+        for the types `quant_gemm` multiplies, else dequantized on this thread for BLAS's
+        (`quant_cpu.matmul_cols`)."""
+        if w.qtype in quant_gemm.FUSED_TYPES:
+            return quant_cpu.matmul_cols(w.qtype, w.data, xt)
+        return quant_cpu.matmul_cols(w.qtype, w.data, xt, scratch=self._scratch_for(w))
 
     def rmsnorm_cols(self, xt: np.ndarray, w: Weight, eps: float) -> np.ndarray:
         """xt (dim, n) -> (dim, n): `rmsnorm` of each column."""
@@ -305,12 +310,35 @@ class NumpyBackend:
         out = self._attention_groups(qg, n, k_cache, v_cache, start)  # (kv_heads, group*n, hd)
         return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_heads * hd)
 
+    @contextlib.contextmanager
+    def _one_blas_thread(self) -> Iterator[None]:
+        """BLAS on the calling thread only, inside. The prompt's attention multiplies small
+        matrices (SmolLM2: 384 x 64 by 64 x 128 per KV head), which one thread does faster
+        than two that must meet; and a second BLAS thread, once woken, spins on its core for
+        OpenBLAS's timeout after the call (about 0.5 ms here), where the next product's numba
+        threads want to run (the output projection took 1.07 against 0.70 ms for the same
+        product elsewhere in the layer). Setting the count directly costs about a microsecond;
+        `threadpool_limits` re-reads the loaded libraries, about 250 us."""
+        for lib in self._blas:
+            lib.set_num_threads(1)
+        try:
+            yield
+        finally:
+            for lib in self._blas:
+                lib.set_num_threads(self.threads)
+
     def _attention_groups(
         self, qg: np.ndarray, n: int, k_cache: np.ndarray, v_cache: np.ndarray, start: int
     ) -> np.ndarray:
         """The prefill's causal attention with a KV head's query heads stacked: qg (kv_heads,
         group*n, hd), row j*n + i the query head j of the group at position start + i
         -> (kv_heads, group*n, hd)."""
+        with self._one_blas_thread():
+            return self._attention_groups_blas(qg, n, k_cache, v_cache, start)
+
+    def _attention_groups_blas(
+        self, qg: np.ndarray, n: int, k_cache: np.ndarray, v_cache: np.ndarray, start: int
+    ) -> np.ndarray:
         hd = qg.shape[2]
         t = start + n
         k, v = k_cache[:, :t], v_cache[:, :t]  # (kv_heads, t, hd)

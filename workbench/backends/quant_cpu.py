@@ -7,8 +7,9 @@ Five operations, every type in `SUPPORTED_TYPES`:
   ``x`` at once; the float32 matrix never exists). This is the decode hot path.
 - `matmul`: ``x @ W.T`` for several rows of ``x`` (prefill): dequantizes a bounded chunk of ``W``
   at a time into a scratch buffer and hands each chunk to BLAS.
-- `matmul_cols`: the same product feature-major, ``W @ xt`` with xt (cols, n): the orientation
-  BLAS runs fastest at a prompt's shapes.
+- `matmul_cols`: the same product feature-major, ``W @ xt`` with xt (cols, n): on the blocks
+  (`quant_gemm`) for the common types, else dequantized for BLAS in the orientation it runs
+  fastest at a prompt's shapes.
 - `get_rows`: embedding lookup, dequantizing only the requested rows.
 
 This module holds the per-type drivers (threaded loops over rows) and the dispatch; the block
@@ -31,6 +32,7 @@ from gguf import GGMLQuantizationType
 from gguf.constants import QK_K
 from numba import njit, prange
 
+from workbench.backends import quant_gemm
 from workbench.backends.quant_blocks import (
     _BF16_B,
     _F16_B,
@@ -620,23 +622,28 @@ def matmul_cols(
     scratch: np.ndarray | None = None,
 ) -> np.ndarray:
     """``W @ xt``, `matmul` feature-major: raw (rows, row_bytes) uint8, xt (cols, n), a
-    position per column -> (rows, n) float32. Dequantized a chunk of rows at a time as `matmul`.
+    position per column -> (rows, n) float32.
 
-    The same products as ``matmul(x)`` transposed, but BLAS runs this orientation faster at a
-    prompt's shapes: OpenBLAS's float32 GEMM for (576 x 576) x (576 x 128) is 280 against 200
-    GFLOP/s ``x @ W.T`` on this project's 2-core machine (docs/performance.md), and more
-    so for short prompts."""
+    The types of `quant_gemm.FUSED_TYPES` (F32, Q4_0, Q4_1, Q8_0) multiply on the blocks, the
+    dequantization inside the GEMM's panels, on numba's threads (`quant_gemm.gemm_cols`; the
+    scratch is not used). The others are dequantized a chunk of rows at a time on the calling
+    thread, as `matmul`, for BLAS's own threads, in the orientation BLAS runs fastest at a
+    prompt's shapes (OpenBLAS's float32 GEMM for (576 x 576) x (576 x 128) is 280 against 200
+    GFLOP/s ``x @ W.T`` on this project's 2-core machine, docs/performance.md)."""
     k, raw, xt, cols = _operands("matmul_cols", qtype, raw, xt, 0)
     n, rows = xt.shape[1], raw.shape[0]
-    out = _output("matmul_cols", out, (rows, n))
+    given, out = out, _output("matmul_cols", out, (rows, n))
     chunk = _chunk_rows("matmul_cols", scratch, cols)
     if out.size == 0:
         return out
-    if k.qtype == Q.F32:
-        np.matmul(raw.view(np.float32), xt, out=out)
+    if k.qtype in quant_gemm.FUSED_TYPES:
+        if given is None:
+            return quant_gemm.gemm_cols(k.qtype, raw, xt)
+        out[...] = quant_gemm.gemm_cols(k.qtype, raw, xt)
         return out
     for r0, r1, w in _chunks(scratch, rows, cols, chunk):
-        k.deq(raw[r0:r1], _ALL_ROWS, w, w.nbytes >= _PAR_MIN_BYTES)
+        # One thread pool at a time: this thread dequantizes while BLAS's threads wait.
+        k.deq(raw[r0:r1], _ALL_ROWS, w, False)
         np.matmul(w, xt, out=out[r0:r1])
     return out
 

@@ -1,0 +1,68 @@
+"""`quant_gemm`: the prompt's products with the dequantization inside the GEMM.
+
+Checked against a float64 product of gguf-py's dequantization, at shapes that exercise every
+edge of the tiling (rows past the last whole panel of 8, positions past the last tile of 32 or
+16, fewer panels than threads), on one thread and on several. The seed of the random blocks is
+in each failure message (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from tests.test_quant_cpu import Rand, assert_dot_close, finite_data, reference
+from workbench.backends import quant_cpu, quant_gemm
+from workbench.gguf.quants import block_layout
+
+
+@pytest.fixture
+def r(seed: int) -> Rand:
+    return Rand(seed, np.random.default_rng(seed))
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request: pytest.FixtureRequest) -> int:
+    if request.param > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("numba has one thread here")  # not a missing tool: the machine's size
+    saved = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    yield request.param
+    numba.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("qtype", sorted(quant_gemm.FUSED_TYPES, key=lambda t: t.name), ids=str)
+def test_gemm_cols_is_the_dequantized_product(qtype: Q, r: Rand, threads: int) -> None:
+    values = block_layout(qtype)[0]
+    cols = values * 3 if values > 1 else 45  # float32: a row length that is no block multiple
+    for rows in (1, 8, 13, 29):
+        raw = finite_data(qtype, rows, cols, r)
+        w = reference(qtype, raw)  # (rows, cols)
+        for n in (1, 5, 16, 17, 32, 48, 70):
+            xt = r.rng.standard_normal((cols, n)).astype(np.float32)  # (cols, n)
+            got = quant_gemm.gemm_cols(qtype, raw, xt)
+            what = f"{qtype.name} rows={rows} n={n} threads={threads} {r}"
+            assert got.shape == (rows, n) and got.flags.c_contiguous, what
+            assert_dot_close(got.T, w, xt.T, what)
+
+
+def test_matmul_cols_takes_the_fused_path_for_its_types(r: Rand, monkeypatch) -> None:
+    """The fused types never reach BLAS; the others still do, and both give the product."""
+    calls = []
+    original = quant_gemm.gemm_cols
+
+    def spy(qtype, raw, xt):
+        calls.append(qtype)
+        return original(qtype, raw, xt)
+
+    monkeypatch.setattr(quant_gemm, "gemm_cols", spy)
+    for qtype in (Q.Q4_1, Q.Q6_K):
+        cols = block_layout(qtype)[0] * 2
+        raw = finite_data(qtype, 10, cols, r)
+        xt = r.rng.standard_normal((cols, 4)).astype(np.float32)
+        out = np.full((10, 4), np.nan, np.float32)
+        assert quant_cpu.matmul_cols(qtype, raw, xt, out) is out
+        assert_dot_close(out.T, reference(qtype, raw), xt.T, f"{qtype.name} {r}")
+    assert calls == [Q.Q4_1]
