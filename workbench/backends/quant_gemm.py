@@ -6,8 +6,8 @@ a buffer that stays in L1/L2 (8 x cols float32: 18 KB for 576 columns) and multi
 xt straight away, in a register-blocked micro-kernel: 8 rows x 32 positions of the output in 16
 accumulators of 16 lanes (one AVX-512 register each), each step of the k loop two loads of xt,
 eight broadcasts of W and sixteen FMAs. The dequantization's stores never leave the core, and no
-BLAS thread pool runs beside numba's. At SmolLM2's shapes, one thread ran this kernel at 142-159
-GFLOP/s against OpenBLAS's 138-146 with the same float32 W (docs/performance.md).
+BLAS thread pool runs beside numba's. At SmolLM2's shapes, one thread ran this kernel at 131-139
+GFLOP/s against OpenBLAS's 144-146 with the same float32 W (docs/performance.md).
 
 The same float32 weights as `quant_cpu.dequantize` (the types' row kernels) and float32 FMAs
 summed along k in order, one accumulator per output: the products agree with a float64 reference
