@@ -365,7 +365,7 @@ class NumpyBackend:
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """silu(gate) * up, elementwise: (n, ffn) each, or (ffn, n) in a prompt feature-major.
 
-        The compiled loop the fused decodes run (`cpu_ops.swiglu`, one pass, the vectorised
+        The compiled loop the fused decodes run (`cpu_ops.swiglu`, with the vectorised
         `cpu_ops.exp32`), its rows over the kernels' threads when there are enough values: a
         prompt's five NumPy passes (negate, exp, add, divide, multiply) took 10-13 ms of a
         SmolLM2 prefill on one thread."""

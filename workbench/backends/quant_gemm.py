@@ -26,10 +26,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from workbench.backends.quant_blocks import (
-    _F32_B,
-    _Q4_0_B,
-    _Q4_1_B,
-    _Q8_0_B,
+    _QK4_0,
+    _QK4_1,
+    _QK8_0,
     _deq_f32_row,
     _deq_q4_0_row,
     _deq_q4_1_row,
@@ -148,76 +147,41 @@ def _zero_rows(w, first, cols):
     w[first * cols :] = 0.0
 
 
-# One driver per type: ``_gemm_*(raw, xt, c, nt)``: raw (rows, row_bytes) uint8 blocks, xt
-# (cols, n) float32 with n % N_ALIGN == 0, c (rows8, n) float32 with rows8 = rows rounded up to
-# MR (the rows past W come out 0); nt ranges of panels, each with its own panel buffer, over
-# numba's threads (the count is an argument: reading it inside would keep numba from caching).
-# ------------------------------------------------------------------------------------------------
+# The types with a fused kernel, as the small integer the driver branches on per row.
+_KIND = {Q.F32: 0, Q.Q4_0: 1, Q.Q4_1: 2, Q.Q8_0: 3}
+FUSED_TYPES = frozenset(_KIND)
+
+
+@njit(fastmath=True, nogil=True, inline="always")
+def _deq_row(kind, row, dst, cols):
+    """One row of W (row bytes) -> dst (cols,) float32, with the type's own row kernel."""
+    if kind == 0:
+        _deq_f32_row(row, dst, cols)
+    elif kind == 1:
+        _deq_q4_0_row(row, dst, cols // _QK4_0)
+    elif kind == 2:
+        _deq_q4_1_row(row, dst, cols // _QK4_1)
+    else:
+        _deq_q8_0_row(row, dst, cols // _QK8_0)
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _gemm_q4_1(raw, xt, c, nt):
-    rows, cols, nb = raw.shape[0], xt.shape[0], raw.shape[1] // _Q4_1_B
+def _gemm(kind, raw, xt, c, nt):
+    """c = W @ xt: raw (rows, row_bytes) uint8 blocks of `_KIND` ``kind``, xt (cols, n) float32
+    with n % N_ALIGN == 0, c (rows8, n) float32 with rows8 = rows rounded up to MR (the rows
+    past W come out 0). nt ranges of panels, each with its own panel buffer, over numba's
+    threads (the count is an argument: reading it inside would keep numba from caching)."""
+    rows, cols = raw.shape[0], xt.shape[0]
     panels = c.shape[0] // MR
     for t in prange(nt):
         w = np.empty(MR * cols, np.float32)  # (MR * cols,): the panel's rows, dequantized
         for p in range(t * panels // nt, (t + 1) * panels // nt):
             m = min(MR, rows - p * MR)
             for i in range(m):
-                _deq_q4_1_row(raw[p * MR + i], w[i * cols : (i + 1) * cols], nb)
+                _deq_row(kind, raw[p * MR + i], w[i * cols : (i + 1) * cols], cols)
             if m < MR:
                 _zero_rows(w, m, cols)
             _panel(w, xt, c, p * MR)
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _gemm_q4_0(raw, xt, c, nt):
-    rows, cols, nb = raw.shape[0], xt.shape[0], raw.shape[1] // _Q4_0_B
-    panels = c.shape[0] // MR
-    for t in prange(nt):
-        w = np.empty(MR * cols, np.float32)  # (MR * cols,)
-        for p in range(t * panels // nt, (t + 1) * panels // nt):
-            m = min(MR, rows - p * MR)
-            for i in range(m):
-                _deq_q4_0_row(raw[p * MR + i], w[i * cols : (i + 1) * cols], nb)
-            if m < MR:
-                _zero_rows(w, m, cols)
-            _panel(w, xt, c, p * MR)
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _gemm_q8_0(raw, xt, c, nt):
-    rows, cols, nb = raw.shape[0], xt.shape[0], raw.shape[1] // _Q8_0_B
-    panels = c.shape[0] // MR
-    for t in prange(nt):
-        w = np.empty(MR * cols, np.float32)  # (MR * cols,)
-        for p in range(t * panels // nt, (t + 1) * panels // nt):
-            m = min(MR, rows - p * MR)
-            for i in range(m):
-                _deq_q8_0_row(raw[p * MR + i], w[i * cols : (i + 1) * cols], nb)
-            if m < MR:
-                _zero_rows(w, m, cols)
-            _panel(w, xt, c, p * MR)
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _gemm_f32(raw, xt, c, nt):
-    rows, cols = raw.shape[0], xt.shape[0]
-    panels = c.shape[0] // MR
-    for t in prange(nt):
-        w = np.empty(MR * cols, np.float32)  # (MR * cols,)
-        for p in range(t * panels // nt, (t + 1) * panels // nt):
-            m = min(MR, rows - p * MR)
-            for i in range(m):
-                _deq_f32_row(raw[p * MR + i], w[i * cols : (i + 1) * cols], cols)
-            if m < MR:
-                _zero_rows(w, m, cols)
-            _panel(w, xt, c, p * MR)
-
-
-_DRIVERS = {Q.Q4_1: _gemm_q4_1, Q.Q4_0: _gemm_q4_0, Q.Q8_0: _gemm_q8_0, Q.F32: _gemm_f32}
-FUSED_TYPES = frozenset(_DRIVERS)
-assert _F32_B == 4
 
 
 def gemm_cols(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> np.ndarray:
@@ -232,5 +196,5 @@ def gemm_cols(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> n
     if n_pad != n:
         xt = np.concatenate([xt, np.zeros((xt.shape[0], n_pad - n), np.float32)], axis=1)
     c = np.empty((rows_pad, n_pad), np.float32)  # (rows rounded up to MR, n rounded up)
-    _DRIVERS[qtype](raw, xt, c, numba.get_num_threads())
+    _gemm(_KIND[qtype], raw, xt, c, numba.get_num_threads())
     return c[:rows] if n_pad == n else np.ascontiguousarray(c[:rows, :n])

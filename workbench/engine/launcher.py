@@ -2,7 +2,8 @@
 
 A thin proxy in front of a backend: each operation (embed, linear, rmsnorm, rope, kv_append,
 attention, swiglu, add) is timed into the profiler under the name of the kernel that implements it
-(``matvec_q4_1``, ``attention_decode``, ...). On device backends it also passes the fault
+(``matvec_q4_1``, ``attention_decode``, ...), with the bytes and flops of that kernel's cost model
+in the registry (`cost`). On device backends it also passes the fault
 injector's ``launch`` site and retries recoverable errors per the policy, with statistics and the
 error log. The NumPy backend is not retried: NumPy code cannot fail transiently.
 """
