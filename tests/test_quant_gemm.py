@@ -33,7 +33,7 @@ def threads(request: pytest.FixtureRequest) -> int:
     numba.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("qtype", sorted(quant_gemm.FUSED_TYPES, key=lambda t: t.name), ids=str)
+@pytest.mark.parametrize("qtype", sorted(quant_gemm._KIND, key=lambda t: t.name), ids=str)
 def test_gemm_cols_is_the_dequantized_product(qtype: Q, r: Rand, threads: int) -> None:
     values = block_layout(qtype)[0]
     cols = values * 3 if values > 1 else 45  # float32: a row length that is no block multiple
@@ -65,4 +65,4 @@ def test_matmul_cols_takes_the_fused_path_for_its_types(r: Rand, monkeypatch) ->
         out = np.full((10, 4), np.nan, np.float32)
         assert quant_cpu.matmul_cols(qtype, raw, xt, out) is out
         assert_dot_close(out.T, reference(qtype, raw), xt.T, f"{qtype.name} {r}")
-    assert calls == [Q.Q4_1]
+    assert calls == ([Q.Q4_1] if Q.Q4_1 in quant_gemm.FUSED_TYPES else [])  # AVX-512 only

@@ -624,7 +624,8 @@ def matmul_cols(
     """``W @ xt``, `matmul` feature-major: raw (rows, row_bytes) uint8, xt (cols, n), a
     position per column -> (rows, n) float32.
 
-    The types of `quant_gemm.FUSED_TYPES` (F32, Q4_0, Q4_1, Q8_0) multiply on the blocks, the
+    The types of `quant_gemm.FUSED_TYPES` (F32, Q4_0, Q4_1, Q8_0 where the CPU has AVX-512)
+    multiply on the blocks, the
     dequantization inside the GEMM's panels, on numba's threads (`quant_gemm.gemm_cols`; the
     scratch is not used). The others are dequantized a chunk of rows at a time on the calling
     thread, as `matmul`, for BLAS's own threads, in the orientation BLAS runs fastest at a

@@ -13,8 +13,8 @@ The same float32 weights as `quant_cpu.dequantize` (the types' row kernels) and 
 summed along k in order, one accumulator per output: the products agree with a float64 reference
 to ~1e-7 of sum(|W| |x|), as BLAS's do, but not bit for bit with them.
 
-Types with a kernel here: `FUSED_TYPES`; `quant_cpu.matmul_cols` takes this path for those and
-dequantizes the others for BLAS.
+Types that take this path: `FUSED_TYPES` (F32, Q4_0, Q4_1, Q8_0, on CPUs with AVX-512);
+`quant_cpu.matmul_cols` dequantizes the others for BLAS. `gemm_cols` itself runs anywhere.
 """
 
 from __future__ import annotations
@@ -34,7 +34,16 @@ from workbench.backends.quant_blocks import (
     _deq_q4_1_row,
     _deq_q8_0_row,
 )
-from workbench.backends.quant_simd import _f32x16, _llty, _ptr, _vfma, _wld_f32, _wsplat, _wzero
+from workbench.backends.quant_simd import (
+    _f32x16,
+    _has_avx512f,
+    _llty,
+    _ptr,
+    _vfma,
+    _wld_f32,
+    _wsplat,
+    _wzero,
+)
 
 Q = GGMLQuantizationType
 
@@ -147,9 +156,11 @@ def _zero_rows(w, first, cols):
     w[first * cols :] = 0.0
 
 
-# The types with a fused kernel, as the small integer the driver branches on per row.
+# The types with a fused kernel, as the small integer the driver branches on per row. Only on
+# targets with AVX-512: the micro-kernel's 16 accumulators of 16 lanes and its operands need the
+# 32 vector registers AVX-512 has; split into AVX2's 16 registers of 8 lanes they would spill.
 _KIND = {Q.F32: 0, Q.Q4_0: 1, Q.Q4_1: 2, Q.Q8_0: 3}
-FUSED_TYPES = frozenset(_KIND)
+FUSED_TYPES = frozenset(_KIND) if _has_avx512f() else frozenset()
 
 
 @njit(fastmath=True, nogil=True, inline="always")
