@@ -196,12 +196,14 @@ def _gemm(kind, raw, xt, c, nt):
 
 
 def gemm_cols(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> np.ndarray:
-    """``W @ xt`` for a type in `FUSED_TYPES`: raw (rows, row_bytes) uint8 blocks, xt (cols, n)
-    C-contiguous float32 -> (rows, n) float32, on numba's current thread count.
+    """``W @ xt`` for W of type F32, Q4_0, Q4_1 or Q8_0: raw (rows, row_bytes) uint8 blocks, xt
+    (cols, n) float32 -> (rows, n) float32, on numba's current thread count. It runs on any
+    CPU; `FUSED_TYPES` says where the prefill uses it (AVX-512).
 
-    The caller checks the operands (`quant_cpu.matmul_cols` does). xt is padded with zero
+    The caller checks the shapes (`quant_cpu.matmul_cols` does). xt is padded with zero
     positions to a multiple of `N_ALIGN` and W's rows to a multiple of `MR` where needed; the
     padding never reaches the result."""
+    raw, xt = np.ascontiguousarray(raw), np.ascontiguousarray(xt, dtype=np.float32)
     rows, n = raw.shape[0], xt.shape[1]
     n_pad, rows_pad = -(-n // N_ALIGN) * N_ALIGN, -(-rows // MR) * MR
     if n_pad != n:
