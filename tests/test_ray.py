@@ -41,9 +41,12 @@ def test_ray_actor_killed_mid_run_loses_nothing(tiny_model, tmp_path, seed, ray_
     killed: list[int] = []
 
     def kill_one(done: int, total: int) -> None:
-        # At the first result: one actor, with its queued prompts, goes. (At the tenth, a fast
-        # machine had sometimes already run all 25 of that actor's prompts: nothing was left.)
-        if done >= 1 and not killed:
+        # Actor 0, with its queued prompts, goes once its first result (prompt 0) is written:
+        # results are written in input order, a line at a time. Killed at the first result of
+        # either actor, it sometimes had produced nothing yet (the other actor was first), so
+        # the restarted process ran every even prompt; at the tenth, a fast machine had
+        # sometimes already run all 25 of its prompts: nothing was left.
+        if not killed and remote.exists() and remote.read_text(encoding="utf-8").strip():
             killed.append(done)
             ray_cluster.kill(actors[0], no_restart=False)
 
