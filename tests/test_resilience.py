@@ -44,11 +44,16 @@ def test_launch_faults_are_retried_to_the_fault_free_tokens(tiny_model, fault_fr
     injected = injector.injected("launch")
     assert injected > 50, "5% of thousands of launches"
     assert stats["failures"] == injected  # every injected fault is accounted for
-    assert stats["recovered"] > 0 and stats["exhausted"] == 0
+    # Five attempts at a 5% rate fail together with probability 3e-7 a launch, over about 11,000
+    # launches: some seeds draw that once (2665844352263181554, 134918125373488547). That
+    # request then continues on NumPy with the same tokens (checked above), the breaker closed.
+    assert stats["recovered"] > 0 and stats["exhausted"] <= 1
     assert not engine.fallback_active
     assert metric(engine, "workbench_retries_total", outcome="retry") == stats["retries"]
     log = engine.error_log  # bounded: the oldest records are dropped, and counted
-    assert len(log.query(code="device.launch_failed")) + log.dropped == injected
+    # Every failed attempt once (a fallback logs its cause again, as operation "forward")
+    launches = log.query(code="device.launch_failed", operation="launch")
+    assert len(launches) + log.dropped == injected
 
 
 def test_persistent_device_failure_opens_the_breaker_and_falls_back(tiny_model, fault_free):
