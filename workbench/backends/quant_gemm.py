@@ -22,8 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from workbench.backends.quant_blocks import (
     _QK4_0,
@@ -34,36 +33,14 @@ from workbench.backends.quant_blocks import (
     _deq_q4_1_row,
     _deq_q8_0_row,
 )
-from workbench.backends.quant_simd import (
-    _f32x16,
-    _has_avx512f,
-    _llty,
-    _ptr,
-    _vfma,
-    _wld_f32,
-    _wsplat,
-    _wzero,
-)
+from workbench.backends.quant_simd import _has_avx512f, _vfma, _wld_f32, _wsplat, _wst, _wzero
 
 Q = GGMLQuantizationType
 
 MR = 8  # rows of W per panel (and per micro-kernel tile)
 NR = 32  # positions per tile: two 16-lane vectors
 NR_TAIL = 16  # the last tile of a row of tiles when n % 32 == 16
-N_ALIGN = NR_TAIL  # the kernels need n a multiple of this; `matmul_cols` pads xt to it
-
-
-@intrinsic
-def _wst(typingctx, arr, off, v):
-    """Store 16 float32 lanes at arr[off:off+16]."""
-
-    def codegen(context, builder, sig, args):
-        builder.store(
-            args[2], _ptr(context, builder, sig.args[0], args[0], args[1], _llty(_f32x16)), 4
-        )
-        return context.get_dummy_value()
-
-    return types.none(arr, off, v), codegen
+N_ALIGN = NR_TAIL  # the kernels need n a multiple of this; `gemm_cols` pads xt to it
 
 
 @njit(fastmath=True, nogil=True, inline="always")

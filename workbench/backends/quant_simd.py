@@ -498,6 +498,18 @@ def _wld_f32(typingctx, arr, off):
 
 
 @intrinsic
+def _wst(typingctx, arr, off, v):
+    """Store 16 float32 lanes at arr[off:off+16]."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], _llty(_f32x16))
+        builder.store(args[2], p, 4)
+        return context.get_dummy_value()
+
+    return types.none(arr, off, v), codegen
+
+
+@intrinsic
 def _fma1(typingctx, a, b, c):
     """a * b + c for float32 scalars with one rounding (``llvm.fma.f32``: LLVM vectorises it)."""
     if not (a == b == c == types.float32):
