@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import pytest
 
+from workbench.backends import prefill_attention
 from workbench.backends.numpy_backend import NumpyBackend, Weight
 from workbench.engine.generate import Engine
 from workbench.engine.launcher import cost, kernel_name
@@ -63,8 +64,11 @@ def test_rope_cols_is_rope_transposed(be, rng, mode, heads, hd, rope_dim, factor
     ("n", "start", "heads", "kv_heads"), [(2, 0, 2, 2), (7, 0, 6, 2), (5, 4, 9, 3)]
 )
 def test_kv_append_and_attention_cols_are_the_row_operations_transposed(
-    be, rng, n: int, start: int, heads: int, kv_heads: int
+    be, rng, monkeypatch, n: int, start: int, heads: int, kv_heads: int
 ) -> None:
+    """Bit for bit on the BLAS path; `prefill_attention`, where it runs, sums in its own order
+    (tests/test_prefill_attention.py bounds it against a float64 reference)."""
+    monkeypatch.setattr(prefill_attention, "USED", False)
     hd, ctx = 8, 16
     q, k, v = randn(rng, n, heads, hd), randn(rng, n, kv_heads, hd), randn(rng, n, kv_heads, hd)
     old_k, old_v = randn(rng, kv_heads, ctx, hd), randn(rng, kv_heads, ctx, hd)  # earlier positions
@@ -102,6 +106,7 @@ def test_the_prompts_attention_runs_blas_on_one_thread(rng, monkeypatch) -> None
         return inner(*args)
 
     monkeypatch.setattr(be, "_attention_groups_blas", spy)
+    monkeypatch.setattr(prefill_attention, "USED", False)  # where it is True, no BLAS at all
     cache = randn(rng, 2, 8, 4)  # (kv_heads, ctx, hd)
     be.attention_cols(randn(rng, 4 * 4, 3), cache, cache, 0)
     assert seen == [{1}] and blas_threads() == {2}
@@ -113,6 +118,15 @@ def test_the_prompts_attention_runs_blas_on_one_thread(rng, monkeypatch) -> None
     with pytest.raises(RuntimeError):
         be.attention_cols(randn(rng, 4 * 4, 3), cache, cache, 0)
     assert blas_threads() == {2}
+
+
+def test_the_prompts_attention_takes_the_tiles_where_they_are_fast(be, rng, monkeypatch) -> None:
+    """With `prefill_attention.USED`, the backend's result is that kernel's, and no BLAS runs."""
+    monkeypatch.setattr(prefill_attention, "USED", True)
+    monkeypatch.setattr(be, "_attention_groups_blas", None)  # calling it would raise
+    q, cache = randn(rng, 6 * 8, 20), randn(rng, 3, 24, 8)  # (heads*hd, n), (kv_heads, ctx, hd)
+    want = prefill_attention.attention_cols(q, cache, cache, 4)
+    np.testing.assert_array_equal(be.attention_cols(q, cache, cache, 4), want)
 
 
 def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:
