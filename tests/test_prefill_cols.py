@@ -14,11 +14,14 @@ from types import SimpleNamespace
 import numba
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
 
+from tests.test_quant_cpu import Rand, finite_data
 from workbench.backends import prefill_attention
 from workbench.backends.numpy_backend import NumpyBackend, Weight
 from workbench.engine.generate import Engine
 from workbench.engine.launcher import cost, kernel_name
+from workbench.gguf.quants import block_layout
 
 
 def randn(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -129,12 +132,39 @@ def test_the_prompts_attention_takes_the_tiles_where_they_are_fast(be, rng, monk
     np.testing.assert_array_equal(be.attention_cols(q, cache, cache, 4), want)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K, Q.F16], ids=str)
+def test_the_fused_feed_forward_and_residual_add_are_their_operations(
+    be, rng, seed: int, qtype: Q
+) -> None:
+    """linear_swiglu_cols and linear_add_cols give the bits of the operations they replace,
+    whether `quant_gemm` runs them (its types, with AVX-512) or the backend composes them."""
+    cols = block_layout(qtype)[0] * 2
+    gate, up, down = (
+        Weight(name, qtype, (24, cols), finite_data(qtype, 24, cols, Rand(seed, rng)))
+        for name in ("gate", "up", "down")
+    )
+    xt = randn(rng, cols, 21)  # (cols, n)
+    want = be.swiglu(be.linear_cols(gate, xt), be.linear_cols(up, xt))
+    np.testing.assert_array_equal(be.linear_swiglu_cols(gate, up, xt), want, f"{seed=}")
+    residual = randn(rng, 24, 21)  # (rows, n)
+    want = be.add(residual, be.linear_cols(down, xt))
+    assert be.linear_add_cols(down, xt, residual) is residual
+    np.testing.assert_array_equal(residual, want, f"{seed=}")
+
+
 def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:
     engine = Engine(tiny_model, backend="numpy")
     w = engine.transformer.layers[0].attn_q
     xt = np.zeros((w.shape[1], 6), np.float32)
     assert kernel_name("linear_cols", (w, xt)) == kernel_name("linear", (w, xt.T))
     assert cost("linear_cols", (w, xt)) == cost("linear", (w, xt.T))
+    # The fused ones as their products: the flops a prefill's GFLOP/s counts
+    res = np.zeros((w.shape[0], 6), np.float32)
+    assert kernel_name("linear_add_cols", (w, xt, res)) == kernel_name("linear_cols", (w, xt))
+    assert cost("linear_add_cols", (w, xt, res)) == cost("linear_cols", (w, xt))
+    assert kernel_name("linear_swiglu_cols", (w, w, xt)) == kernel_name("linear_cols", (w, xt))
+    one = cost("linear_cols", (w, xt))
+    assert cost("linear_swiglu_cols", (w, w, xt)) == (2 * one[0], 2 * one[1])
     spec = engine.spec
     assert kernel_name("rope_cols", (xt, 0, spec, None)) == f"rope_{spec.rope_mode}"
     assert kernel_name("attention_cols", (xt,)) == "attention_prefill"
@@ -191,4 +221,5 @@ def test_a_prompt_feature_major_gives_the_row_major_logits_and_cache(
         np.testing.assert_allclose(lc, lr, rtol=0, atol=1e-6 * scale)
     for a, b in zip(cache_c.k + cache_c.v, cache_r.k + cache_r.v):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
-    assert "attention_prefill" in names_c and names_c == names_r, "the same kernels by name"
+    # The same kernels by name, the residual adds and SwiGLU inside the feature-major products
+    assert "attention_prefill" in names_c and names_c == names_r - {"add", "swiglu"}

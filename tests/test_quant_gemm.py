@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from tests.test_quant_cpu import Rand, assert_dot_close, finite_data, reference
-from workbench.backends import quant_cpu, quant_gemm
+from workbench.backends import cpu_ops, quant_cpu, quant_gemm
 from workbench.gguf.quants import block_layout
 
 
@@ -72,3 +72,42 @@ def test_matmul_cols_takes_the_fused_path_for_its_types(r: Rand, monkeypatch) ->
         assert quant_cpu.matmul_cols(qtype, raw, xt, out) is out
         assert_dot_close(out.T, reference(qtype, raw), xt.T, f"{qtype.name} {r}")
     assert calls == ([Q.Q4_1] if Q.Q4_1 in quant_gemm.FUSED_TYPES else [])  # AVX-512 only
+
+
+@pytest.mark.parametrize("qtype", sorted(quant_gemm._KIND, key=lambda t: t.name), ids=str)
+def test_the_epilogues_give_the_bits_of_their_own_passes(qtype: Q, r: Rand, threads: int) -> None:
+    """SwiGLU and the residual add inside the panels: exactly `cpu_ops.swiglu` of the two
+    products, and the float32 sum of the residual and the product, at every edge of the tiling;
+    the residual updated in place."""
+    values = block_layout(qtype)[0]
+    cols = values * 2 if values > 1 else 40
+    for rows, n in ((8, 32), (13, 17), (29, 70), (3, 1)):
+        gate, up = finite_data(qtype, rows, cols, r), finite_data(qtype, rows, cols, r)
+        xt = r.rng.standard_normal((cols, n)).astype(np.float32)  # (cols, n)
+        what = f"{qtype.name} rows={rows} n={n} threads={threads} {r}"
+        g, u = quant_gemm.gemm_cols(qtype, gate, xt), quant_gemm.gemm_cols(qtype, up, xt)
+        want = np.empty_like(g)
+        cpu_ops.swiglu(g, u, want)
+        got = quant_gemm.gemm_swiglu_cols(qtype, gate, up, xt)
+        assert got.shape == (rows, n) and got.flags.c_contiguous, what
+        np.testing.assert_array_equal(got, want, what)
+        residual = r.rng.standard_normal((rows, n)).astype(np.float32)  # (rows, n)
+        want = residual + g
+        assert quant_gemm.gemm_add_cols(qtype, gate, xt, residual) is residual, what
+        np.testing.assert_array_equal(residual, want, what)
+
+
+def test_the_epilogues_reject_operands_that_do_not_match(r: Rand) -> None:
+    raw = finite_data(Q.Q8_0, 8, 64, r)
+    xt = np.zeros((64, 4), np.float32)
+    with pytest.raises(ValueError, match="gate"):
+        quant_gemm.gemm_swiglu_cols(Q.Q8_0, raw, raw[:4], xt)
+    for residual in (
+        np.zeros((8, 5), np.float32),
+        np.zeros((8, 4)),
+        np.zeros((4, 8), np.float32).T,
+    ):
+        with pytest.raises(ValueError, match="residual"):
+            quant_gemm.gemm_add_cols(Q.Q8_0, raw, xt, residual)
+    with pytest.raises(ValueError, match="64"):  # xt's rows are not W's columns
+        quant_gemm.gemm_swiglu_cols(Q.Q8_0, raw, raw, np.zeros((32, 4), np.float32))

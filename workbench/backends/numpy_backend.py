@@ -181,6 +181,25 @@ class NumpyBackend:
             return quant_cpu.matmul_cols(w.qtype, w.data, xt)
         return quant_cpu.matmul_cols(w.qtype, w.data, xt, scratch=self._scratch_for(w))
 
+    def linear_add_cols(self, w: Weight, xt: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """residual (rows, n) += W @ xt (cols, n), in place and returned: a layer's output
+        projection added to the residual stream, the add inside the product's panels for the
+        types `quant_gemm` multiplies (`gemm_add_cols`). The bits of ``add(residual,
+        linear_cols(w, xt))``."""
+        if w.qtype in quant_gemm.FUSED_TYPES:
+            return quant_gemm.gemm_add_cols(w.qtype, w.data, xt, residual)
+        residual += self.linear_cols(w, xt)
+        return residual
+
+    def linear_swiglu_cols(self, gate: Weight, up: Weight, xt: np.ndarray) -> np.ndarray:
+        """xt (cols, n) -> (ffn, n) = silu(gate @ xt) * (up @ xt): a feed-forward's first half,
+        SwiGLU inside the products' panels where `quant_gemm` multiplies both
+        (`gemm_swiglu_cols`). The bits of ``swiglu(linear_cols(gate, xt), linear_cols(up,
+        xt))``."""
+        if gate.qtype == up.qtype and gate.qtype in quant_gemm.FUSED_TYPES:
+            return quant_gemm.gemm_swiglu_cols(gate.qtype, gate.data, up.data, xt)
+        return self.swiglu(self.linear_cols(gate, xt), self.linear_cols(up, xt))
+
     def rmsnorm_cols(self, xt: np.ndarray, w: Weight, eps: float) -> np.ndarray:
         """xt (dim, n) -> (dim, n): `rmsnorm` of each column."""
         out = np.empty_like(xt)  # (dim, n)

@@ -25,6 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
+from workbench.backends.cpu_ops import swiglu
 from workbench.backends.gemm_tiles import COLS, COLS_TAIL, FAST_HERE, ROWS, tile16, tile32
 from workbench.backends.quant_blocks import (
     _QK4_0,
@@ -35,6 +36,7 @@ from workbench.backends.quant_blocks import (
     _deq_q4_1_row,
     _deq_q8_0_row,
 )
+from workbench.gguf.quants import block_layout, row_bytes
 
 Q = GGMLQuantizationType
 
@@ -81,23 +83,90 @@ def _deq_row(kind, row, dst, cols):
         _deq_q8_0_row(row, dst, cols // _QK8_0)
 
 
+@njit(fastmath=True, nogil=True, inline="always")
+def _deq_panel(kind, raw, p, w, cols):
+    """w (MR * cols,) = W's rows p*MR.. dequantized, zeros past W's last row."""
+    m = min(MR, raw.shape[0] - p * MR)
+    for i in range(m):
+        _deq_row(kind, raw[p * MR + i], w[i * cols : (i + 1) * cols], cols)
+    if m < MR:
+        _zero_rows(w, m, cols)
+
+
+# What a panel's product does with C (`_gemm`'s epilogue)
+STORE = 0  # c = W @ xt
+ADD = 1  # c += W @ xt: a residual stream, updated in place
+SWIGLU = 2  # c = silu(W @ xt) * (W2 @ xt): a gate and an up matrix
+
+
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _gemm(kind, raw, xt, c, nt):
-    """c = W @ xt: raw (rows, row_bytes) uint8 blocks of `_KIND` ``kind``, xt (cols, n) float32
-    with n % N_ALIGN == 0, c (rows8, n) float32 with rows8 = rows rounded up to MR (the rows
-    past W come out 0). nt ranges of panels, each with its own panel buffer, over numba's
-    threads (the count is an argument: reading it inside would keep numba from caching)."""
-    rows, cols = raw.shape[0], xt.shape[0]
-    panels = c.shape[0] // MR
+def _gemm(kind, raw, raw2, xt, c, nt, epilogue):
+    """The product of W (raw (rows, row_bytes) uint8 blocks of `_KIND` ``kind``) with xt (cols,
+    n) float32, n % N_ALIGN == 0, into c (rows8, n) float32, rows8 = rows rounded up to MR, as
+    ``epilogue`` says: `STORE` (the rows past W come out 0), `ADD` (c's rows past W untouched)
+    or `SWIGLU` with raw2 (W2, the same type and shape). nt ranges of panels, each with its own
+    buffers, over numba's threads (the count is an argument: reading it inside would keep numba
+    from caching).
+
+    The epilogues run on a panel's 8 x n outputs while they are in L1, with the same operations
+    as their own passes (`cpu_ops.swiglu`; a float32 add): the same bits as the product followed
+    by them."""
+    cols, n = xt.shape
+    rows = raw.shape[0]
+    panels = -(-rows // MR)
     for t in prange(nt):
         w = np.empty(MR * cols, np.float32)  # (MR * cols,): the panel's rows, dequantized
+        a = np.empty((MR, n), np.float32)  # (MR, n): the panel's product, before the epilogue
+        b = np.empty((MR, n), np.float32)  # (MR, n): W2's (SWIGLU)
         for p in range(t * panels // nt, (t + 1) * panels // nt):
-            m = min(MR, rows - p * MR)
-            for i in range(m):
-                _deq_row(kind, raw[p * MR + i], w[i * cols : (i + 1) * cols], cols)
-            if m < MR:
-                _zero_rows(w, m, cols)
-            _panel(w, xt, c, p * MR)
+            r = p * MR
+            _deq_panel(kind, raw, p, w, cols)
+            if epilogue == STORE:
+                _panel(w, xt, c, r)
+            elif epilogue == ADD:
+                _panel(w, xt, a, 0)
+                m = min(MR, rows - r)
+                c[r : r + m] += a[:m]
+            else:
+                _panel(w, xt, a, 0)
+                _deq_panel(kind, raw2, p, w, cols)
+                _panel(w, xt, b, 0)
+                swiglu(a, b, c[r : r + MR])
+
+
+def _check(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> None:
+    """The epilogues' callers skip `quant_cpu.matmul_cols`'s checks: W's row bytes must hold
+    xt's rows (W's columns)."""
+    if xt.ndim != 2 or raw.ndim != 2 or raw.shape[1] != row_bytes(qtype, xt.shape[0]):
+        values, nbytes = block_layout(qtype)
+        w_shape = (raw.shape[0], raw.shape[-1] // nbytes * values)
+        raise ValueError(f"{qtype.name} W {w_shape} cannot multiply xt {xt.shape}")
+
+
+def _padded(xt: np.ndarray) -> np.ndarray:
+    """xt (cols, n) as contiguous float32 with zero positions up to a multiple of `N_ALIGN`."""
+    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    n = xt.shape[1]
+    n_pad = -(-n // N_ALIGN) * N_ALIGN
+    if n_pad == n:
+        return xt
+    return np.concatenate([xt, np.zeros((xt.shape[0], n_pad - n), np.float32)], axis=1)
+
+
+def _product(
+    qtype: GGMLQuantizationType,
+    raw: np.ndarray,
+    raw2: np.ndarray | None,
+    xt: np.ndarray,
+    epilogue: int,
+) -> np.ndarray:
+    """(rows, n) float32 from `_gemm` with a fresh C (`STORE` or `SWIGLU`)."""
+    raw, xp = np.ascontiguousarray(raw), _padded(xt)
+    raw2 = raw if raw2 is None else np.ascontiguousarray(raw2)
+    rows, n = raw.shape[0], xt.shape[1]
+    c = np.empty((-(-rows // MR) * MR, xp.shape[1]), np.float32)  # (rows, n) rounded up
+    _gemm(_KIND[qtype], raw, raw2, xp, c, numba.get_num_threads(), epilogue)
+    return c[:rows] if xp.shape[1] == n else np.ascontiguousarray(c[:rows, :n])
 
 
 def gemm_cols(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> np.ndarray:
@@ -108,11 +177,40 @@ def gemm_cols(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> n
     The caller checks the shapes (`quant_cpu.matmul_cols` does). xt is padded with zero
     positions to a multiple of `N_ALIGN` and W's rows to a multiple of `MR` where needed; the
     padding never reaches the result."""
-    raw, xt = np.ascontiguousarray(raw), np.ascontiguousarray(xt, dtype=np.float32)
+    return _product(qtype, raw, None, xt, STORE)
+
+
+def gemm_swiglu_cols(
+    qtype: GGMLQuantizationType, gate: np.ndarray, up: np.ndarray, xt: np.ndarray
+) -> np.ndarray:
+    """``silu(G @ xt) * (U @ xt)`` elementwise, G and U both of ``qtype`` (`gemm_cols`'s types)
+    and of one shape, raw (rows, row_bytes) each: a feed-forward's gate, up and SwiGLU in one
+    pass, each panel's SwiGLU while its two products are in L1. -> (rows, n) float32, the bits
+    of `cpu_ops.swiglu` on `gemm_cols`'s two products."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
+    _check(qtype, gate, xt)
+    return _product(qtype, gate, up, xt, SWIGLU)
+
+
+def gemm_add_cols(
+    qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray, residual: np.ndarray
+) -> np.ndarray:
+    """``residual += W @ xt`` in place, and returned: residual (rows, n) C-contiguous float32
+    (the residual stream a layer adds its output projection to). The bits of ``residual +
+    gemm_cols(qtype, raw, xt)``."""
     rows, n = raw.shape[0], xt.shape[1]
-    n_pad, rows_pad = -(-n // N_ALIGN) * N_ALIGN, -(-rows // MR) * MR
-    if n_pad != n:
-        xt = np.concatenate([xt, np.zeros((xt.shape[0], n_pad - n), np.float32)], axis=1)
-    c = np.empty((rows_pad, n_pad), np.float32)  # (rows rounded up to MR, n rounded up)
-    _gemm(_KIND[qtype], raw, xt, c, numba.get_num_threads())
-    return c[:rows] if n_pad == n else np.ascontiguousarray(c[:rows, :n])
+    if (
+        residual.shape != (rows, n)
+        or residual.dtype != np.float32
+        or not residual.flags.c_contiguous
+    ):
+        raise ValueError(
+            f"residual {residual.shape} {residual.dtype} is not C-contiguous float32 ({rows}, {n})"
+        )
+    xp = _padded(xt)
+    c = residual if xp.shape[1] == n else np.ascontiguousarray(_padded(residual))
+    _gemm(_KIND[qtype], np.ascontiguousarray(raw), raw, xp, c, numba.get_num_threads(), ADD)
+    if c is not residual:
+        residual[...] = c[:, :n]
+    return residual

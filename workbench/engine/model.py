@@ -148,7 +148,9 @@ class Transformer:
     def _layers_cols(self, x: Any, cache: KVCache, start: int) -> Any:
         """`_layers` feature-major, for backends with ``prefill_cols``: every activation is
         (features, n), a position per column, the orientation in which BLAS multiplies a
-        prompt fastest. The same operations; x (n, dim) -> (n, dim), a transposed view."""
+        prompt fastest. The same operations, with the residual adds and SwiGLU inside the
+        products they follow (``linear_add_cols``, ``linear_swiglu_cols``); x (n, dim) ->
+        (n, dim), a transposed view."""
         spec, be, eps = self.spec, self.backend, self.spec.norm_eps
         xt = be.xp.ascontiguousarray(x.T)  # (dim, n)
         for i, lw in enumerate(self.layers):
@@ -160,10 +162,10 @@ class Transformer:
             be.rope_cols(k, start, spec, self.rope_factors)
             be.kv_append_cols(cache.k[i], cache.v[i], k, v, start)
             att = be.attention_cols(q, cache.k[i], cache.v[i], start)  # (heads*hd, n)
-            xt = be.add(xt, be.linear_cols(lw.attn_output, att))
+            xt = be.linear_add_cols(lw.attn_output, att, xt)  # xt += W_o @ att, in place
             h = be.rmsnorm_cols(xt, lw.ffn_norm, eps)
-            ff = be.swiglu(be.linear_cols(lw.ffn_gate, h), be.linear_cols(lw.ffn_up, h))  # (ffn, n)
-            xt = be.add(xt, be.linear_cols(lw.ffn_down, ff))
+            ff = be.linear_swiglu_cols(lw.ffn_gate, lw.ffn_up, h)  # (ffn, n)
+            xt = be.linear_add_cols(lw.ffn_down, ff, xt)
         return xt.T
 
     def _decode_step(self, x: Any, cache: KVCache, start: int) -> Any:
