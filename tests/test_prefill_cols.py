@@ -133,17 +133,18 @@ def test_the_prompts_attention_takes_the_tiles_where_they_are_fast(be, rng, monk
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K, Q.F16], ids=str)
-def test_the_fused_feed_forward_and_residual_add_are_their_operations(
-    be, rng, seed: int, qtype: Q
-) -> None:
-    """linear_swiglu_cols and linear_add_cols give the bits of the operations they replace,
-    whether `quant_gemm` runs them (its types, with AVX-512) or the backend composes them."""
+def test_the_fused_products_are_their_operations(be, rng, seed: int, qtype: Q) -> None:
+    """linear_qkv_cols, linear_swiglu_cols and linear_add_cols give the bits of the operations
+    they replace, whether `quant_gemm` runs them (its types, with AVX-512) or the backend
+    composes them."""
     cols = block_layout(qtype)[0] * 2
     gate, up, down = (
         Weight(name, qtype, (24, cols), finite_data(qtype, 24, cols, Rand(seed, rng)))
         for name in ("gate", "up", "down")
     )
     xt = randn(rng, cols, 21)  # (cols, n)
+    for got, w in zip(be.linear_qkv_cols(gate, up, down, xt), (gate, up, down)):
+        np.testing.assert_array_equal(got, be.linear_cols(w, xt), f"{seed=}")
     want = be.swiglu(be.linear_cols(gate, xt), be.linear_cols(up, xt))
     np.testing.assert_array_equal(be.linear_swiglu_cols(gate, up, xt), want, f"{seed=}")
     residual = randn(rng, 24, 21)  # (rows, n)
@@ -165,6 +166,8 @@ def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:
     assert kernel_name("linear_swiglu_cols", (w, w, xt)) == kernel_name("linear_cols", (w, xt))
     one = cost("linear_cols", (w, xt))
     assert cost("linear_swiglu_cols", (w, w, xt)) == (2 * one[0], 2 * one[1])
+    assert kernel_name("linear_qkv_cols", (w, w, w, xt)) == kernel_name("linear_cols", (w, xt))
+    assert cost("linear_qkv_cols", (w, w, w, xt)) == (3 * one[0], 3 * one[1])
     spec = engine.spec
     assert kernel_name("rope_cols", (xt, 0, spec, None)) == f"rope_{spec.rope_mode}"
     assert kernel_name("attention_cols", (xt,)) == "attention_prefill"

@@ -78,7 +78,7 @@ def test_matmul_cols_takes_the_fused_path_for_its_types(r: Rand, monkeypatch) ->
 def test_the_epilogues_give_the_bits_of_their_own_passes(qtype: Q, r: Rand, threads: int) -> None:
     """SwiGLU and the residual add inside the panels: exactly `cpu_ops.swiglu` of the two
     products, and the float32 sum of the residual and the product, at every edge of the tiling;
-    the residual updated in place."""
+    the residual updated in place. Three products in one region: each one's own bits."""
     values = block_layout(qtype)[0]
     cols = values * 2 if values > 1 else 40
     for rows, n in ((8, 32), (13, 17), (29, 70), (3, 1)):
@@ -91,6 +91,12 @@ def test_the_epilogues_give_the_bits_of_their_own_passes(qtype: Q, r: Rand, thre
         got = quant_gemm.gemm_swiglu_cols(qtype, gate, up, xt)
         assert got.shape == (rows, n) and got.flags.c_contiguous, what
         np.testing.assert_array_equal(got, want, what)
+        # Q, K and V in one region: three matrices of different heights, panels split unevenly
+        v = finite_data(qtype, rows + 11, cols, r)
+        got = quant_gemm.gemm_qkv_cols(qtype, gate, up, v, xt)
+        for one, raw in zip(got, (gate, up, v)):
+            assert one.flags.c_contiguous, what
+            np.testing.assert_array_equal(one, quant_gemm.gemm_cols(qtype, raw, xt), what)
         residual = r.rng.standard_normal((rows, n)).astype(np.float32)  # (rows, n)
         want = residual + g
         assert quant_gemm.gemm_add_cols(qtype, gate, xt, residual) is residual, what
@@ -111,3 +117,5 @@ def test_the_epilogues_reject_operands_that_do_not_match(r: Rand) -> None:
             quant_gemm.gemm_add_cols(Q.Q8_0, raw, xt, residual)
     with pytest.raises(ValueError, match="64"):  # xt's rows are not W's columns
         quant_gemm.gemm_swiglu_cols(Q.Q8_0, raw, raw, np.zeros((32, 4), np.float32))
+    with pytest.raises(ValueError, match="32"):
+        quant_gemm.gemm_qkv_cols(Q.Q8_0, raw, raw, finite_data(Q.Q8_0, 8, 32, r), xt)

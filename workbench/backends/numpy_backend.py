@@ -181,6 +181,16 @@ class NumpyBackend:
             return quant_cpu.matmul_cols(w.qtype, w.data, xt)
         return quant_cpu.matmul_cols(w.qtype, w.data, xt, scratch=self._scratch_for(w))
 
+    def linear_qkv_cols(
+        self, q: Weight, k: Weight, v: Weight, xt: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """xt (cols, n) -> (Q @ xt, K @ xt, V @ xt): a layer's three attention inputs, in one
+        parallel region where `quant_gemm` multiplies all three (`gemm_qkv_cols`). The bits of
+        three ``linear_cols``."""
+        if q.qtype == k.qtype == v.qtype and q.qtype in quant_gemm.FUSED_TYPES:
+            return quant_gemm.gemm_qkv_cols(q.qtype, q.data, k.data, v.data, xt)
+        return self.linear_cols(q, xt), self.linear_cols(k, xt), self.linear_cols(v, xt)
+
     def linear_add_cols(self, w: Weight, xt: np.ndarray, residual: np.ndarray) -> np.ndarray:
         """residual (rows, n) += W @ xt (cols, n), in place and returned: a layer's output
         projection added to the residual stream, the add inside the product's panels for the

@@ -100,36 +100,43 @@ SWIGLU = 2  # c = silu(W @ xt) * (W2 @ xt): a gate and an up matrix
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _gemm(kind, raw, raw2, xt, c, nt, epilogue):
-    """The product of W (raw (rows, row_bytes) uint8 blocks of `_KIND` ``kind``) with xt (cols,
-    n) float32, n % N_ALIGN == 0, into c (rows8, n) float32, rows8 = rows rounded up to MR, as
-    ``epilogue`` says: `STORE` (the rows past W come out 0), `ADD` (c's rows past W untouched)
-    or `SWIGLU` with raw2 (W2, the same type and shape). nt ranges of panels, each with its own
-    buffers, over numba's threads (the count is an argument: reading it inside would keep numba
-    from caching).
+def _gemm(kind, raws, xt, cs, count, nt, epilogue):
+    """Products of matrices W_i (raws[i] (rows_i, row_bytes) uint8 blocks of `_KIND` ``kind``)
+    with xt (cols, n) float32, n % N_ALIGN == 0, into cs[i] (rows8_i, n) float32, rows8_i
+    rows_i rounded up to MR, as ``epilogue`` says:
 
+    - `STORE`: cs[i] = W_i @ xt for i < ``count`` (1 to 3: a layer's Q, K and V in one
+      parallel region); the rows past W come out 0;
+    - `ADD`: cs[0] += W_0 @ xt (its rows past W untouched);
+    - `SWIGLU`: cs[0] = silu(W_0 @ xt) * (W_1 @ xt), W_1 of W_0's type and shape.
+
+    The unused slots of raws and cs repeat a used one (a tuple of one type). The panels of the
+    ``count`` outputs, in order, go out in nt ranges over numba's threads, each thread with its
+    own buffers (the count is an argument: reading it inside would keep numba from caching).
     The epilogues run on a panel's 8 x n outputs while they are in L1, with the same operations
     as their own passes (`cpu_ops.swiglu`; a float32 add): the same bits as the product followed
     by them."""
     cols, n = xt.shape
-    rows = raw.shape[0]
-    panels = -(-rows // MR)
+    p0, p1 = -(-raws[0].shape[0] // MR), -(-raws[1].shape[0] // MR)
+    panels = p0 + (p1 if count > 1 else 0) + (-(-raws[2].shape[0] // MR) if count > 2 else 0)
     for t in prange(nt):
         w = np.empty(MR * cols, np.float32)  # (MR * cols,): the panel's rows, dequantized
         a = np.empty((MR, n), np.float32)  # (MR, n): the panel's product, before the epilogue
-        b = np.empty((MR, n), np.float32)  # (MR, n): W2's (SWIGLU)
-        for p in range(t * panels // nt, (t + 1) * panels // nt):
+        b = np.empty((MR, n), np.float32)  # (MR, n): W_1's (SWIGLU)
+        for q in range(t * panels // nt, (t + 1) * panels // nt):
+            i, p = (0, q) if q < p0 else ((1, q - p0) if q < p0 + p1 else (2, q - p0 - p1))
+            raw, c = raws[i], cs[i]
             r = p * MR
             _deq_panel(kind, raw, p, w, cols)
             if epilogue == STORE:
                 _panel(w, xt, c, r)
             elif epilogue == ADD:
                 _panel(w, xt, a, 0)
-                m = min(MR, rows - r)
+                m = min(MR, raw.shape[0] - r)
                 c[r : r + m] += a[:m]
             else:
                 _panel(w, xt, a, 0)
-                _deq_panel(kind, raw2, p, w, cols)
+                _deq_panel(kind, raws[1], p, w, cols)
                 _panel(w, xt, b, 0)
                 swiglu(a, b, c[r : r + MR])
 
@@ -143,6 +150,15 @@ def _check(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> None
         raise ValueError(f"{qtype.name} W {w_shape} cannot multiply xt {xt.shape}")
 
 
+def _read_only(raw: np.ndarray) -> np.ndarray:
+    """raw as a C-contiguous read-only view (a copy if it is not contiguous): `_gemm`'s tuple of
+    matrices must be of one numba type, and one type for the model's memory-mapped weights and
+    anyone else's keeps to one compiled driver."""
+    view = np.ascontiguousarray(raw).view()
+    view.flags.writeable = False
+    return view
+
+
 def _padded(xt: np.ndarray) -> np.ndarray:
     """xt (cols, n) as contiguous float32 with zero positions up to a multiple of `N_ALIGN`."""
     xt = np.ascontiguousarray(xt, dtype=np.float32)
@@ -153,20 +169,22 @@ def _padded(xt: np.ndarray) -> np.ndarray:
     return np.concatenate([xt, np.zeros((xt.shape[0], n_pad - n), np.float32)], axis=1)
 
 
-def _product(
-    qtype: GGMLQuantizationType,
-    raw: np.ndarray,
-    raw2: np.ndarray | None,
-    xt: np.ndarray,
-    epilogue: int,
-) -> np.ndarray:
-    """(rows, n) float32 from `_gemm` with a fresh C (`STORE` or `SWIGLU`)."""
-    raw, xp = np.ascontiguousarray(raw), _padded(xt)
-    raw2 = raw if raw2 is None else np.ascontiguousarray(raw2)
-    rows, n = raw.shape[0], xt.shape[1]
-    c = np.empty((-(-rows // MR) * MR, xp.shape[1]), np.float32)  # (rows, n) rounded up
-    _gemm(_KIND[qtype], raw, raw2, xp, c, numba.get_num_threads(), epilogue)
-    return c[:rows] if xp.shape[1] == n else np.ascontiguousarray(c[:rows, :n])
+def _products(
+    qtype: GGMLQuantizationType, raws: list[np.ndarray], xt: np.ndarray, epilogue: int
+) -> list[np.ndarray]:
+    """`_gemm` into fresh outputs (`STORE` of each of raws, or `SWIGLU` of the pair):
+    [(rows_i, n) float32]."""
+    raws = [_read_only(raw) for raw in raws]
+    xp = _padded(xt)
+    n, n_pad = xt.shape[1], xp.shape[1]
+    count = 1 if epilogue == SWIGLU else len(raws)
+    cs = [np.empty((-(-raw.shape[0] // MR) * MR, n_pad), np.float32) for raw in raws[:count]]
+    raw_slots, c_slots = tuple((raws + raws[:1] * 2)[:3]), tuple((cs + cs[:1] * 2)[:3])
+    _gemm(_KIND[qtype], raw_slots, xp, c_slots, count, numba.get_num_threads(), epilogue)
+    rows = [raw.shape[0] for raw in raws[:count]]
+    if n_pad == n:
+        return [c[:r] for c, r in zip(cs, rows)]
+    return [np.ascontiguousarray(c[:r, :n]) for c, r in zip(cs, rows)]
 
 
 def gemm_cols(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> np.ndarray:
@@ -177,7 +195,19 @@ def gemm_cols(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> n
     The caller checks the shapes (`quant_cpu.matmul_cols` does). xt is padded with zero
     positions to a multiple of `N_ALIGN` and W's rows to a multiple of `MR` where needed; the
     padding never reaches the result."""
-    return _product(qtype, raw, None, xt, STORE)
+    return _products(qtype, [raw], xt, STORE)[0]
+
+
+def gemm_qkv_cols(
+    qtype: GGMLQuantizationType, q: np.ndarray, k: np.ndarray, v: np.ndarray, xt: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(Q @ xt, K @ xt, V @ xt)``, three matrices of ``qtype`` with xt's rows as columns,
+    raw (rows_i, row_bytes) each, in one parallel region (one wake-up of numba's threads
+    instead of three): the bits of three `gemm_cols`."""
+    for raw in (q, k, v):
+        _check(qtype, raw, xt)
+    out_q, out_k, out_v = _products(qtype, [q, k, v], xt, STORE)
+    return out_q, out_k, out_v
 
 
 def gemm_swiglu_cols(
@@ -190,7 +220,7 @@ def gemm_swiglu_cols(
     if gate.shape != up.shape:
         raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
     _check(qtype, gate, xt)
-    return _product(qtype, gate, up, xt, SWIGLU)
+    return _products(qtype, [gate, up], xt, SWIGLU)[0]
 
 
 def gemm_add_cols(
@@ -210,7 +240,8 @@ def gemm_add_cols(
         )
     xp = _padded(xt)
     c = residual if xp.shape[1] == n else np.ascontiguousarray(_padded(residual))
-    _gemm(_KIND[qtype], np.ascontiguousarray(raw), raw, xp, c, numba.get_num_threads(), ADD)
+    raw = _read_only(raw)
+    _gemm(_KIND[qtype], (raw, raw, raw), xp, (c, c, c), 1, numba.get_num_threads(), ADD)
     if c is not residual:
         residual[...] = c[:, :n]
     return residual

@@ -35,10 +35,10 @@ OPERATIONS = (
     "linear_act",
     # a prompt feature-major (the NumPy backend; see Transformer.forward)
     "linear_cols", "rmsnorm_cols", "rope_cols", "kv_append_cols", "attention_cols",
-    "linear_add_cols", "linear_swiglu_cols",
+    "linear_qkv_cols", "linear_add_cols", "linear_swiglu_cols",
 )  # fmt: skip
 _FUSED_LINEAR = ("linear_qkv", "linear_add", "linear_swiglu", "linear_act")
-_PRODUCTS_COLS = ("linear_cols", "linear_add_cols", "linear_swiglu_cols")
+_PRODUCTS_COLS = ("linear_cols", "linear_qkv_cols", "linear_add_cols", "linear_swiglu_cols")
 
 
 def kernel_name(op: str, args: tuple[Any, ...]) -> str:
@@ -83,13 +83,10 @@ def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
         w, x = args
         n, (rows, cols) = x.shape[0], w.shape
         return int(w.data.nbytes) + 4 * n * (cols + rows), 2 * n * rows * cols
-    if op in ("linear_cols", "linear_add_cols"):  # the product's (the residual as the output)
-        w, xt = args[:2]
-        return cost("linear", (w, xt.T))
-    if op == "linear_swiglu_cols":  # the two products' (one read of xt counted twice)
-        gate, up, xt = args
-        (b1, f1), (b2, f2) = cost("linear", (gate, xt.T)), cost("linear", (up, xt.T))
-        return b1 + b2, f1 + f2
+    if op in _PRODUCTS_COLS:  # the products' (xt read once for each; the residual as an output)
+        *ws, xt = args[:2] if op == "linear_add_cols" else args
+        each = [cost("linear", (w, xt.T)) for w in ws]
+        return sum(b for b, _ in each), sum(f for _, f in each)
     if op in _FUSED_LINEAR:  # the matrices, the input once, the outputs
         ws = [a for a in args if hasattr(a, "qtype") and len(a.shape) == 2]  # not the norm
         cols = ws[0].shape[1]

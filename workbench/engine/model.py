@@ -148,16 +148,15 @@ class Transformer:
     def _layers_cols(self, x: Any, cache: KVCache, start: int) -> Any:
         """`_layers` feature-major, for backends with ``prefill_cols``: every activation is
         (features, n), a position per column, the orientation in which BLAS multiplies a
-        prompt fastest. The same operations, with the residual adds and SwiGLU inside the
-        products they follow (``linear_add_cols``, ``linear_swiglu_cols``); x (n, dim) ->
-        (n, dim), a transposed view."""
+        prompt fastest. The same operations, with Q, K and V in one call and the residual adds
+        and SwiGLU inside the products they follow (``linear_qkv_cols``, ``linear_add_cols``,
+        ``linear_swiglu_cols``); x (n, dim) -> (n, dim), a transposed view."""
         spec, be, eps = self.spec, self.backend, self.spec.norm_eps
         xt = be.xp.ascontiguousarray(x.T)  # (dim, n)
         for i, lw in enumerate(self.layers):
             h = be.rmsnorm_cols(xt, lw.attn_norm, eps)  # (dim, n)
-            q = be.linear_cols(lw.attn_q, h)  # (heads*hd, n)
-            k = be.linear_cols(lw.attn_k, h)  # (kv_heads*hd, n)
-            v = be.linear_cols(lw.attn_v, h)  # (kv_heads*hd, n)
+            # q (heads*hd, n), k and v (kv_heads*hd, n)
+            q, k, v = be.linear_qkv_cols(lw.attn_q, lw.attn_k, lw.attn_v, h)
             be.rope_cols(q, start, spec, self.rope_factors)
             be.rope_cols(k, start, spec, self.rope_factors)
             be.kv_append_cols(cache.k[i], cache.v[i], k, v, start)
