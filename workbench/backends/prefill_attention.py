@@ -6,8 +6,9 @@ triangle. An item does, for query positions i0..i0+32 at cache positions start+i
 
 1. scores, transposed: s (keys, 32) = K[:keys] @ Q^T, keys = start + i0 + 32 (all the item's
    positions can see), K's rows read in place from the cache, 8 at a time, as the tile's rows;
-2. softmax down each column: the row maxima, exp (`cpu_ops.exp32`) and the sums, lane-wise over
-   the 32 positions (the only masked rows are the last 32, the diagonal);
+2. softmax down each column: the row maxima, exp (`cpu_ops.exp_in_place`, 16 lanes at a time)
+   and the sums, lane-wise over the 32 positions (the only masked rows are the last 32, the
+   diagonal);
 3. out^T (hd, 32) = V^T @ s, V read transposed from the cache (stride 1 between the tile's
    rows, hd along k), then each column times the reciprocal of its sum.
 
@@ -23,7 +24,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from workbench.backends.cpu_ops import _LOWEST, exp32
+from workbench.backends.cpu_ops import _EXP_LO, _LOWEST, exp_in_place
 from workbench.backends.gemm_tiles import COLS, COLS_TAIL, FAST_HERE, ROWS, tile16, tile32
 
 BLOCK = COLS  # query positions per work item
@@ -61,13 +62,16 @@ def _softmax_columns(s, keys, diag, scale, total):
         for l in range(COLS):
             v = s[j * COLS + l] if l >= first else _LOWEST
             m[l] = v if v > m[l] else m[l]
-    total[:] = 0.0
+    below = _EXP_LO - np.float32(1.0)  # exp32 of it is exactly 0
     for j in range(keys):
         first = j - diag
         for l in range(COLS):
-            p = exp32(scale * (s[j * COLS + l] - m[l])) if l >= first else np.float32(0.0)
-            s[j * COLS + l] = p
-            total[l] += p
+            s[j * COLS + l] = scale * (s[j * COLS + l] - m[l]) if l >= first else below
+    exp_in_place(s[: keys * COLS])  # 16 lanes at a time
+    total[:] = 0.0
+    for j in range(keys):
+        for l in range(COLS):
+            total[l] += s[j * COLS + l]
 
 
 # NumPy's error model: no zero test per division (a column's sum is at least 1).
