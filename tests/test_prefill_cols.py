@@ -225,4 +225,6 @@ def test_a_prompt_feature_major_gives_the_row_major_logits_and_cache(
     for a, b in zip(cache_c.k + cache_c.v, cache_r.k + cache_r.v):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
     # The same kernels by name, the residual adds and SwiGLU inside the feature-major products
-    assert "attention_prefill" in names_c and names_c == names_r - {"add", "swiglu"}
+    # (a continuation of one token takes the row path in both runs)
+    inside = {"add", "swiglu"}
+    assert "attention_prefill" in names_c and names_c - inside == names_r - inside

@@ -8,6 +8,10 @@ in each failure message (tests/conftest.py).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -119,3 +123,32 @@ def test_the_epilogues_reject_operands_that_do_not_match(r: Rand) -> None:
         quant_gemm.gemm_swiglu_cols(Q.Q8_0, raw, raw, np.zeros((32, 4), np.float32))
     with pytest.raises(ValueError, match="32"):
         quant_gemm.gemm_qkv_cols(Q.Q8_0, raw, raw, finite_data(Q.Q8_0, 8, 32, r), xt)
+
+
+def test_swiglu_keeps_its_own_arithmetic_when_the_driver_compiles_it_first(tmp_path) -> None:
+    """numba compiles a function first called from a compiled caller with the caller's
+    floating-point flags and reuses that code for every later call: the driver, which calls
+    `cpu_ops.swiglu` as its epilogue, must not be fast-math, or SwiGLU everywhere (the decode
+    too) divides with a reciprocal. A fresh process with an empty cache, the driver first."""
+    code = """
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from workbench.backends import cpu_ops, quant_gemm
+raw = np.zeros((8, 34), np.uint8)  # Q8_0, 8 x 32
+quant_gemm.gemm_swiglu_cols(Q.Q8_0, raw, raw, np.zeros((32, 16), np.float32))
+rng = np.random.default_rng(0)
+g = (rng.standard_normal((4, 1000)) * 3).astype(np.float32)
+u = rng.standard_normal((4, 1000)).astype(np.float32)
+e = -g
+for row in e:
+    cpu_ops.exp_in_place(row)
+out = np.empty_like(g)
+cpu_ops.swiglu(g, u, out)
+bad = int((out != g / (np.float32(1) + e) * u).sum())
+assert bad == 0, f"{bad} of {g.size} values differ from IEEE float32 arithmetic"
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -33,7 +33,7 @@ COLS_TAIL = 16  # the narrow tile, for a last 16 columns
 FAST_HERE = _has_avx512f()
 
 
-@njit(fastmath=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def tile32(w, wo, ws, ks, k_len, x, xo, xs, c, co, cs):
     """c[co + i*cs + l] = sum over k < k_len of w[wo + i*ws + k*ks] * x[xo + k*xs + l], for
     i < 8 and l < 32; every array flat float32."""
@@ -79,7 +79,7 @@ def tile32(w, wo, ws, ks, k_len, x, xo, xs, c, co, cs):
     _wst(c, co + 7 * cs + 16, c71)
 
 
-@njit(fastmath=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def tile16(w, wo, ws, ks, k_len, x, xo, xs, c, co, cs):
     """`tile32` for 16 columns: l < 16."""
     c0, c1, c2, c3 = _wzero(), _wzero(), _wzero(), _wzero()

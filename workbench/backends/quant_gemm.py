@@ -45,7 +45,7 @@ NR = COLS  # positions per tile: two 16-lane vectors
 N_ALIGN = COLS_TAIL  # the kernels need n a multiple of this; `gemm_cols` pads xt to it
 
 
-@njit(fastmath=True, nogil=True)
+@njit(nogil=True)
 def _panel(w, xt, c, r):
     """c[r:r+8] = w @ xt for one panel: w (8 * cols,) float32, xt (cols, n), c (rows8, n),
     n a multiple of `N_ALIGN`."""
@@ -58,7 +58,7 @@ def _panel(w, xt, c, r):
         tile16(w, 0, k_len, 1, k_len, xf, n32, n, cf, r * n + n32, n)
 
 
-@njit(fastmath=True, nogil=True)
+@njit(nogil=True)
 def _zero_rows(w, first, cols):
     """Zero the panel's rows first.. (a last panel past W's rows)."""
     w[first * cols :] = 0.0
@@ -70,7 +70,7 @@ _KIND = {Q.F32: 0, Q.Q4_0: 1, Q.Q4_1: 2, Q.Q8_0: 3}
 FUSED_TYPES = frozenset(_KIND) if FAST_HERE else frozenset()
 
 
-@njit(fastmath=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _deq_row(kind, row, dst, cols):
     """One row of W (row bytes) -> dst (cols,) float32, with the type's own row kernel."""
     if kind == 0:
@@ -83,7 +83,7 @@ def _deq_row(kind, row, dst, cols):
         _deq_q8_0_row(row, dst, cols // _QK8_0)
 
 
-@njit(fastmath=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _deq_panel(kind, raw, p, w, cols):
     """w (MR * cols,) = W's rows p*MR.. dequantized, zeros past W's last row."""
     m = min(MR, raw.shape[0] - p * MR)
@@ -99,7 +99,11 @@ ADD = 1  # c += W @ xt: a residual stream, updated in place
 SWIGLU = 2  # c = silu(W @ xt) * (W2 @ xt): a gate and an up matrix
 
 
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+# No fast-math here. numba compiles a function that is first called from a compiled caller with
+# the caller's flags, and every later call, from anywhere, reuses that code: `cpu_ops.swiglu`
+# called from a fast-math driver divided with a reciprocal, an ulp off in 4 of 10 values, in
+# the decode too. The tiles are vector intrinsics, which carry no flags, so they lose nothing.
+@njit(parallel=True, cache=True, nogil=True)
 def _gemm(kind, raws, xt, cs, count, nt, epilogue):
     """Products of matrices W_i (raws[i] (rows_i, row_bytes) uint8 blocks of `_KIND` ``kind``)
     with xt (cols, n) float32, n % N_ALIGN == 0, into cs[i] (rows8_i, n) float32, rows8_i
