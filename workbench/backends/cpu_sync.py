@@ -196,6 +196,20 @@ def claim(counters: np.ndarray, i: int) -> int:
     return _atomic_add(counters, i * _COUNTER_STRIDE, 1)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def claim_in_part(counters: np.ndarray, slot: int, part: int, nt: int, units: int) -> int:
+    """The next unit of shared loop ``slot`` from ``part`` (of nt parts) of its 0..units-1, or -1.
+
+    Each thread works through its own part (tid) first, front to back, then helps with the
+    others': the owner's reads stay one ascending stream (as the hardware prefetcher likes), and
+    a thread the VM or the memory slows down is helped instead of holding the others at the
+    next barrier. One counter per part (`claim`), mostly touched by its owner only: counters
+    holds ``slot * nt + part`` for every part."""
+    first, end = units * part // nt, units * (part + 1) // nt
+    c = first + claim(counters, slot * nt + part)
+    return c if c < end else -1
+
+
 @intrinsic
 def monotonic(typingctx):
     """Seconds on the monotonic clock (``clock_gettime``), as ``time.monotonic()``."""

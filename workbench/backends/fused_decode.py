@@ -152,17 +152,8 @@ warnings.filterwarnings(
 )
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _claim(work, slot, part, nt, units):
-    """The next unit of shared loop ``slot`` from ``part`` (of nt parts) of its 0..units-1, or -1.
-
-    Each thread works through its own part (tid) first, front to back, then helps with the
-    others': the owner's reads stay one ascending stream (as the hardware prefetcher likes), and
-    a thread the VM or the memory slows down is helped instead of holding the others at the
-    next barrier. One counter per part (`cpu_sync.claim`), mostly touched by its owner only."""
-    first, end = units * part // nt, units * (part + 1) // nt
-    c = first + cpu_sync.claim(work, slot * nt + part)
-    return c if c < end else -1
+# The next unit of a shared loop from a thread's part, then the others' (`cpu_sync.claim_in_part`)
+_claim = cpu_sync.claim_in_part
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -1,8 +1,9 @@
 """A prompt's causal attention, feature-major, on the GEMM micro-kernels (`gemm_tiles`).
 
 The work is cut into items of one query head by 32 positions (the last 16 where the prompt's
-length asks), spread over numba's threads round-robin so that each gets its share of the
-triangle. An item does, for query positions i0..i0+32 at cache positions start+i0..:
+length asks), which numba's threads take one at a time, the longest first (the items late in
+the prompt see the most keys). An item does, for query positions i0..i0+32 at cache positions
+start+i0..:
 
 1. scores, transposed: s (keys, 32) = K[:keys] @ Q^T, keys = start + i0 + 32 (all the item's
    positions can see), K's rows read in place from the cache, 8 at a time, as the tile's rows;
@@ -25,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from workbench.backends.cpu_ops import _EXP_LO, _LOWEST, exp_in_place
+from workbench.backends.cpu_sync import claim, new_counters
 from workbench.backends.gemm_tiles import COLS, COLS_TAIL, FAST_HERE, ROWS, tile16, tile32
 
 BLOCK = COLS  # query positions per work item
@@ -76,11 +78,13 @@ def _softmax_columns(s, keys, diag, scale, total):
 
 # NumPy's error model: no zero test per division (a column's sum is at least 1).
 @njit(parallel=True, cache=True, fastmath=True, nogil=True, error_model="numpy")
-def _attention(qt, k, v, start, n, out, group, nt):
+def _attention(qt, k, v, start, n, out, group, nt, counters):
     """out = causal attention of qt over the cache: qt (heads*hd, n_pad) float32 for positions
     start.. (columns past n are zeros), k, v (kv_heads, ctx, hd) filled up to start+n,
     out (heads*hd, n_pad); query head h reads KV head h // group. nt threads (an argument:
-    reading the count inside would keep numba from caching)."""
+    reading the count inside would keep numba from caching) take the items one at a time from
+    ``counters`` (`cpu_sync.new_counters(1)`), the most keys first: whichever thread is free
+    takes the next, so a thread the VM deschedules holds no share of the work."""
     n_pad = qt.shape[1]
     ctx, hd = k.shape[1], k.shape[2]
     heads = qt.shape[0] // hd
@@ -89,14 +93,15 @@ def _attention(qt, k, v, start, n, out, group, nt):
     qf, kf, vf, of = qt.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1)
     scale = np.float32(1.0 / np.sqrt(hd))
     keys_max = start + n
-    for t in prange(nt):
+    for _ in prange(nt):
         # (keys rounded up to 8, 32), zeroed: a 16-wide item leaves the last 16 lanes as they
         # were, and they go through the softmax (unused) with the others
         s = np.zeros((keys_max + ROWS) * COLS, np.float32)
         panel = np.empty(ROWS * hd, np.float32)  # (8, hd): the last rows of K, zero-padded
         total = np.empty(COLS, np.float32)  # (32,) each column's sum of exps
-        for item in range(t, items, nt):
-            b, h = item // heads, item % heads
+        item = claim(counters, 0)
+        while item < items:
+            b, h = blocks - 1 - item // heads, item % heads  # the longest rows of keys first
             i0 = b * BLOCK
             width = min(BLOCK, n_pad - i0)
             keys = min(start + i0 + width, keys_max)  # the keys these positions see
@@ -116,6 +121,7 @@ def _attention(qt, k, v, start, n, out, group, nt):
                 row = of[oo + d * n_pad : oo + d * n_pad + width]
                 for l in range(width):
                     row[l] *= total[l]
+            item = claim(counters, 0)
 
 
 def attention_cols(
@@ -139,5 +145,6 @@ def attention_cols(
         q = np.concatenate([q, np.zeros((rows, n_pad - n), np.float32)], axis=1)
     out = np.empty((rows, n_pad), np.float32)  # (heads*hd, n_pad)
     k, v = np.ascontiguousarray(k_cache), np.ascontiguousarray(v_cache)
-    _attention(q, k, v, start, n, out, rows // hd // n_kv, numba.get_num_threads())
+    nt = numba.get_num_threads()
+    _attention(q, k, v, start, n, out, rows // hd // n_kv, nt, new_counters(1))
     return out if n_pad == n else np.ascontiguousarray(out[:, :n])

@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from workbench.backends.cpu_ops import swiglu
+from workbench.backends.cpu_sync import claim_in_part, new_counters
 from workbench.backends.gemm_tiles import COLS, COLS_TAIL, FAST_HERE, ROWS, tile16, tile32
 from workbench.backends.quant_blocks import (
     _QK4_0,
@@ -104,7 +105,7 @@ SWIGLU = 2  # c = silu(W @ xt) * (W2 @ xt): a gate and an up matrix
 # called from a fast-math driver divided with a reciprocal, an ulp off in 4 of 10 values, in
 # the decode too. The tiles are vector intrinsics, which carry no flags, so they lose nothing.
 @njit(parallel=True, cache=True, nogil=True)
-def _gemm(kind, raws, xt, cs, count, nt, epilogue):
+def _gemm(kind, raws, xt, cs, count, nt, epilogue, counters):
     """Products of matrices W_i (raws[i] (rows_i, row_bytes) uint8 blocks of `_KIND` ``kind``)
     with xt (cols, n) float32, n % N_ALIGN == 0, into cs[i] (rows8_i, n) float32, rows8_i
     rows_i rounded up to MR, as ``epilogue`` says:
@@ -115,8 +116,12 @@ def _gemm(kind, raws, xt, cs, count, nt, epilogue):
     - `SWIGLU`: cs[0] = silu(W_0 @ xt) * (W_1 @ xt), W_1 of W_0's type and shape.
 
     The unused slots of raws and cs repeat a used one (a tuple of one type). The panels of the
-    ``count`` outputs, in order, go out in nt ranges over numba's threads, each thread with its
-    own buffers (the count is an argument: reading it inside would keep numba from caching).
+    ``count`` outputs, in order, are cut into nt parts, one per numba thread, which works
+    through its own part and then claims what is left of the others' (`cpu_sync.claim_in_part`,
+    ``counters`` from `cpu_sync.new_counters(nt)`): a thread that the VM deschedules is helped
+    instead of holding the product up. A panel is computed by one thread whichever it is, so
+    the results do not depend on who. Each thread has its own buffers; nt is an argument
+    (reading the count inside would keep numba from caching).
     The epilogues run on a panel's 8 x n outputs while they are in L1, with the same operations
     as their own passes (`cpu_ops.swiglu`; a float32 add): the same bits as the product followed
     by them."""
@@ -127,22 +132,32 @@ def _gemm(kind, raws, xt, cs, count, nt, epilogue):
         w = np.empty(MR * cols, np.float32)  # (MR * cols,): the panel's rows, dequantized
         a = np.empty((MR, n), np.float32)  # (MR, n): the panel's product, before the epilogue
         b = np.empty((MR, n), np.float32)  # (MR, n): W_1's (SWIGLU)
-        for q in range(t * panels // nt, (t + 1) * panels // nt):
-            i, p = (0, q) if q < p0 else ((1, q - p0) if q < p0 + p1 else (2, q - p0 - p1))
-            raw, c = raws[i], cs[i]
-            r = p * MR
-            _deq_panel(kind, raw, p, w, cols)
-            if epilogue == STORE:
-                _panel(w, xt, c, r)
-            elif epilogue == ADD:
-                _panel(w, xt, a, 0)
-                m = min(MR, raw.shape[0] - r)
-                c[r : r + m] += a[:m]
-            else:
-                _panel(w, xt, a, 0)
-                _deq_panel(kind, raws[1], p, w, cols)
-                _panel(w, xt, b, 0)
-                swiglu(a, b, c[r : r + MR])
+        for k in range(nt):  # this thread's part first, then the others' leftovers
+            part = (t + k) % nt
+            q = claim_in_part(counters, 0, part, nt, panels)
+            while q >= 0:
+                i, p = (0, q) if q < p0 else ((1, q - p0) if q < p0 + p1 else (2, q - p0 - p1))
+                _one_panel(kind, raws, xt, cs[i], i, p, w, a, b, epilogue)
+                q = claim_in_part(counters, 0, part, nt, panels)
+
+
+@njit(nogil=True, inline="always")
+def _one_panel(kind, raws, xt, c, i, p, w, a, b, epilogue):
+    """`_gemm`'s work on panel p of matrix i: its rows of c, through the epilogue. w, a and b
+    are the thread's buffers."""
+    raw, r, cols = raws[i], p * MR, xt.shape[0]
+    _deq_panel(kind, raw, p, w, cols)
+    if epilogue == STORE:
+        _panel(w, xt, c, r)
+    elif epilogue == ADD:
+        _panel(w, xt, a, 0)
+        m = min(MR, raw.shape[0] - r)
+        c[r : r + m] += a[:m]
+    else:
+        _panel(w, xt, a, 0)
+        _deq_panel(kind, raws[1], p, w, cols)
+        _panel(w, xt, b, 0)
+        swiglu(a, b, c[r : r + MR])
 
 
 def _check(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> None:
@@ -184,7 +199,8 @@ def _products(
     count = 1 if epilogue == SWIGLU else len(raws)
     cs = [np.empty((-(-raw.shape[0] // MR) * MR, n_pad), np.float32) for raw in raws[:count]]
     raw_slots, c_slots = tuple((raws + raws[:1] * 2)[:3]), tuple((cs + cs[:1] * 2)[:3])
-    _gemm(_KIND[qtype], raw_slots, xp, c_slots, count, numba.get_num_threads(), epilogue)
+    nt = numba.get_num_threads()
+    _gemm(_KIND[qtype], raw_slots, xp, c_slots, count, nt, epilogue, new_counters(nt))
     rows = [raw.shape[0] for raw in raws[:count]]
     if n_pad == n:
         return [c[:r] for c, r in zip(cs, rows)]
@@ -245,7 +261,8 @@ def gemm_add_cols(
     xp = _padded(xt)
     c = residual if xp.shape[1] == n else np.ascontiguousarray(_padded(residual))
     raw = _read_only(raw)
-    _gemm(_KIND[qtype], (raw, raw, raw), xp, (c, c, c), 1, numba.get_num_threads(), ADD)
+    nt = numba.get_num_threads()
+    _gemm(_KIND[qtype], (raw, raw, raw), xp, (c, c, c), 1, nt, ADD, new_counters(nt))
     if c is not residual:
         residual[...] = c[:, :n]
     return residual
