@@ -17,9 +17,11 @@ from workbench.engine.bench import (
     PROFILE_REQUEST,
     bench_generate,
     median_interval,
+    phase_profile,
     prefill_flops,
 )
 from workbench.engine.generate import Engine
+from workbench.observe.profiler import Profiler
 
 
 @pytest.fixture
@@ -82,8 +84,27 @@ def test_bench_profile_breaks_each_phase_down_by_kernel(tiny_model, small_read_b
         )
     matmul = next(k for k in r.profile["prefill"]["kernels"] if k["name"].startswith("matmul"))
     assert matmul["gflop_s"] > 0 and matmul["gb_s"] > 0
-    kv = next(k for k in r.profile["prefill"]["kernels"] if k["name"] == "kv_append")
-    assert kv["gflop_s"] is None and kv["gemm_fraction"] is None and kv["gb_s"] > 0  # a copy
+
+
+def test_phase_profile_leaves_the_fractions_out_where_a_kernel_has_no_figure() -> None:
+    """A copy (bytes, no flops) reads as None against the GEMM rate; no cost model at all, as
+    None against both limits; the wall time outside the kernels is what is left."""
+    prof = Profiler()
+    for name, nbytes, flops in (
+        ("kv_append", 4 * 10**6, 0),
+        ("matmul", 8_000, 10**6),
+        ("x", None, None),
+    ):
+        where = {"phase": "prefill", "request_id": "r"}
+        prof.record(name, backend="numpy", duration_s=1e-3, bytes=nbytes, flops=flops, **where)
+    p = phase_profile(prof, "prefill", 4e-3, "r", gemm_gflops=2.0, read_gb_s=8.0)
+    kernels = {k["name"]: k for k in p["kernels"]}
+    copy = kernels["kv_append"]
+    assert copy["gflop_s"] is None and copy["gemm_fraction"] is None
+    assert copy["read_fraction"] == pytest.approx(4.0 / 8.0)
+    assert kernels["matmul"]["gemm_fraction"] == pytest.approx(1.0 / 2.0)
+    assert kernels["x"]["gb_s"] is None and kernels["x"]["read_fraction"] is None
+    assert p["other_s"] == pytest.approx(1e-3)
 
 
 def test_bench_without_profile_records_nothing(tiny_model):

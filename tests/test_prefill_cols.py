@@ -153,6 +153,29 @@ def test_the_fused_products_are_their_operations(be, rng, seed: int, qtype: Q) -
     np.testing.assert_array_equal(residual, want, f"{seed=}")
 
 
+@pytest.mark.parametrize("mode", ["norm", "neox"])
+def test_qkv_rope_kv_cols_is_its_three_operations(be, rng, seed: int, mode: str) -> None:
+    """The products, RoPE on Q and K and the KV append: in one region for "norm" pairs where
+    `quant_gemm` runs, composed otherwise (neox), the same bits either way."""
+    spec = SimpleNamespace(
+        rope_dim=16, rope_base=10000.0, rope_scale=1.0, rope_mode=mode, head_dim=16
+    )
+    q, k, v = (
+        Weight(name, Q.Q8_0, (rows, 64), finite_data(Q.Q8_0, rows, 64, Rand(seed, rng)))
+        for name, rows in (("q", 64), ("k", 32), ("v", 32))
+    )
+    xt, start = randn(rng, 64, 21), 3  # (cols, n)
+    caches = [tuple(np.zeros((2, 40, 16), np.float32) for _ in "kv") for _ in range(2)]
+    want_q, kt, vt = be.linear_qkv_cols(q, k, v, xt)
+    be.rope_cols(want_q, start, spec, None)
+    be.rope_cols(kt, start, spec, None)
+    be.kv_append_cols(*caches[0], kt, vt, start)
+    got = be.qkv_rope_kv_cols(q, k, v, xt, *caches[1], start, spec, None)
+    np.testing.assert_array_equal(got, want_q, f"{seed=}")
+    for a, b in zip(caches[0], caches[1]):
+        np.testing.assert_array_equal(b, a, f"{seed=}")
+
+
 def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:
     engine = Engine(tiny_model, backend="numpy")
     w = engine.transformer.layers[0].attn_q
@@ -166,8 +189,9 @@ def test_linear_cols_is_profiled_as_the_product_it_is(tiny_model) -> None:
     assert kernel_name("linear_swiglu_cols", (w, w, xt)) == kernel_name("linear_cols", (w, xt))
     one = cost("linear_cols", (w, xt))
     assert cost("linear_swiglu_cols", (w, w, xt)) == (2 * one[0], 2 * one[1])
-    assert kernel_name("linear_qkv_cols", (w, w, w, xt)) == kernel_name("linear_cols", (w, xt))
-    assert cost("linear_qkv_cols", (w, w, w, xt)) == (3 * one[0], 3 * one[1])
+    for op in ("linear_qkv_cols", "qkv_rope_kv_cols"):  # (q, k, v, xt, then the cache's args)
+        assert kernel_name(op, (w, w, w, xt, res)) == kernel_name("linear_cols", (w, xt))
+        assert cost(op, (w, w, w, xt, res)) == (3 * one[0], 3 * one[1])
     spec = engine.spec
     assert kernel_name("rope_cols", (xt, 0, spec, None)) == f"rope_{spec.rope_mode}"
     assert kernel_name("attention_cols", (xt,)) == "attention_prefill"
@@ -224,7 +248,7 @@ def test_a_prompt_feature_major_gives_the_row_major_logits_and_cache(
         np.testing.assert_allclose(lc, lr, rtol=0, atol=1e-6 * scale)
     for a, b in zip(cache_c.k + cache_c.v, cache_r.k + cache_r.v):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
-    # The same kernels by name, the residual adds and SwiGLU inside the feature-major products
-    # (a continuation of one token takes the row path in both runs)
-    inside = {"add", "swiglu"}
+    # The same kernels by name, RoPE, the KV append, the residual adds and SwiGLU inside the
+    # feature-major products (a continuation of one token takes the row path in both runs)
+    inside = {"add", "swiglu", "kv_append", f"rope_{tf.spec.rope_mode}"}
     assert "attention_prefill" in names_c and names_c - inside == names_r - inside

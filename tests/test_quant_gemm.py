@@ -152,3 +152,52 @@ assert bad == 0, f"{bad} of {g.size} values differ from IEEE float32 arithmetic"
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("hd", "rope_dim"), [(16, 16), (32, 16)], ids=["whole head", "partial"])
+def test_rope_and_the_kv_append_inside_the_products_give_their_bits(
+    hd: int, rope_dim: int, r: Rand, threads: int
+) -> None:
+    """Q with RoPE, K with RoPE into the cache, V into the cache, in one region: the bits of the
+    three products, `cpu_ops.rope_cols` and the cache writes; the cache untouched elsewhere."""
+    qtype, heads, n_kv, ctx = Q.Q8_0, 4, 2, 80
+    cols = 64
+    q, k, v = (finite_data(qtype, h * hd, cols, r) for h in (heads, n_kv, n_kv))
+    for start, n in ((0, 32), (5, 21), (40, 1)):
+        xt = r.rng.standard_normal((cols, n)).astype(np.float32)  # (cols, n)
+        angles = np.outer(np.arange(rope_dim // 2), np.arange(start, start + n)) * 0.37
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        want_q, want_k, want_v = (quant_gemm.gemm_cols(qtype, raw, xt) for raw in (q, k, v))
+        cpu_ops.rope_cols(want_q, cos, sin, heads, False)
+        cpu_ops.rope_cols(want_k, cos, sin, n_kv, False)
+        k_cache, v_cache = (r.rng.standard_normal((n_kv, ctx, hd)).astype(np.float32) for _ in "kv")
+        want_kc, want_vc = k_cache.copy(), v_cache.copy()
+        want_kc[:, start : start + n] = want_k.reshape(n_kv, hd, n).transpose(0, 2, 1)
+        want_vc[:, start : start + n] = want_v.reshape(n_kv, hd, n).transpose(0, 2, 1)
+        got = quant_gemm.gemm_qkv_rope_kv_cols(
+            qtype, q, k, v, xt, cos, sin, k_cache, v_cache, start
+        )
+        what = f"hd={hd} rope_dim={rope_dim} {start=} {n=} {threads=} {r}"
+        np.testing.assert_array_equal(got, want_q, what)
+        np.testing.assert_array_equal(k_cache, want_kc, what)
+        np.testing.assert_array_equal(v_cache, want_vc, what)
+
+
+def test_rope_inside_the_products_rejects_what_it_cannot_do(r: Rand) -> None:
+    qtype = Q.Q8_0
+    q, kv = finite_data(qtype, 32, 32, r), finite_data(qtype, 16, 32, r)
+    xt = np.zeros((32, 4), np.float32)
+    tables = np.zeros((8, 4), np.float32)
+    cache = np.zeros((1, 8, 16), np.float32)  # (kv_heads, ctx, hd)
+    with pytest.raises(ValueError, match="cannot take 4 at 6"):  # past the context
+        quant_gemm.gemm_qkv_rope_kv_cols(qtype, q, kv, kv, xt, tables, tables, cache, cache, 6)
+    with pytest.raises(ValueError, match="not heads"):  # K of 16 rows over 2 KV heads of 16
+        wide = np.zeros((2, 8, 16), np.float32)
+        quant_gemm.gemm_qkv_rope_kv_cols(qtype, q, kv, kv, xt, tables, tables, wide, wide, 0)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        quant_gemm.gemm_qkv_rope_kv_cols(
+            qtype, q, kv, kv, xt, tables[:, :3], tables, cache, cache, 0
+        )
+    with pytest.raises(ValueError, match="caches"):  # not C-contiguous
+        view = np.zeros((1, 8, 32), np.float32)[:, :, :16]
+        quant_gemm.gemm_qkv_rope_kv_cols(qtype, q, kv, kv, xt, tables, tables, view, view, 0)

@@ -191,6 +191,45 @@ class NumpyBackend:
             return quant_gemm.gemm_qkv_cols(q.qtype, q.data, k.data, v.data, xt)
         return self.linear_cols(q, xt), self.linear_cols(k, xt), self.linear_cols(v, xt)
 
+    def qkv_rope_kv_cols(
+        self,
+        q: Weight,
+        k: Weight,
+        v: Weight,
+        xt: np.ndarray,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        start: int,
+        spec: ModelSpec,
+        factors: Weight | None,
+    ) -> np.ndarray:
+        """A layer's attention inputs from xt (cols, n): K and V into one layer's cache
+        (kv_heads, ctx, hd) at start.., RoPE on Q and K; returns Q (heads*hd, n), rotated. In
+        one parallel region, each panel rotated and stored while in L1, where `quant_gemm`
+        multiplies all three and the pairs are adjacent ("norm" RoPE, the llama family's:
+        `gemm_qkv_rope_kv_cols`); else ``linear_qkv_cols``, ``rope_cols`` and
+        ``kv_append_cols``, whose bits it gives either way."""
+        hd = k_cache.shape[2]
+        if (
+            q.qtype == k.qtype == v.qtype
+            and q.qtype in quant_gemm.FUSED_TYPES
+            and spec.rope_mode == "norm"
+            and hd % quant_gemm.MR == 0
+            and k_cache.flags.c_contiguous
+            and v_cache.flags.c_contiguous
+        ):
+            positions = range(start, start + xt.shape[1])
+            cos_t, sin_t = self._tables("cols", positions, spec, factors)  # (rope_dim/2, n)
+            raws = (q.data, k.data, v.data)
+            return quant_gemm.gemm_qkv_rope_kv_cols(
+                q.qtype, *raws, xt, cos_t, sin_t, k_cache, v_cache, start
+            )
+        qt, kt, vt = self.linear_qkv_cols(q, k, v, xt)
+        self.rope_cols(qt, start, spec, factors)
+        self.rope_cols(kt, start, spec, factors)
+        self.kv_append_cols(k_cache, v_cache, kt, vt, start)
+        return qt
+
     def linear_add_cols(self, w: Weight, xt: np.ndarray, residual: np.ndarray) -> np.ndarray:
         """residual (rows, n) += W @ xt (cols, n), in place and returned: a layer's output
         projection added to the residual stream, the add inside the product's panels for the

@@ -98,6 +98,18 @@ def _deq_panel(kind, raw, p, w, cols):
 STORE = 0  # c = W @ xt
 ADD = 1  # c += W @ xt: a residual stream, updated in place
 SWIGLU = 2  # c = silu(W @ xt) * (W2 @ xt): a gate and an up matrix
+ROPE_KV = 3  # Q, K, V: RoPE on Q's and K's panels, K's and V's written into the cache
+
+# `_gemm`'s RoPE and cache operands when the epilogue has none: (cos, sin, k_cache, v_cache,
+# start, n), one numba type for every call
+_NO_ROPE = (
+    np.zeros((0, 0), np.float32),
+    np.zeros((0, 0), np.float32),
+    np.zeros((0, 0, 0), np.float32),
+    np.zeros((0, 0, 0), np.float32),
+    0,
+    0,
+)
 
 
 # No fast-math here. numba compiles a function that is first called from a compiled caller with
@@ -105,7 +117,7 @@ SWIGLU = 2  # c = silu(W @ xt) * (W2 @ xt): a gate and an up matrix
 # called from a fast-math driver divided with a reciprocal, an ulp off in 4 of 10 values, in
 # the decode too. The tiles are vector intrinsics, which carry no flags, so they lose nothing.
 @njit(parallel=True, cache=True, nogil=True)
-def _gemm(kind, raws, xt, cs, count, nt, epilogue, counters):
+def _gemm(kind, raws, xt, cs, count, nt, epilogue, counters, rope):
     """Products of matrices W_i (raws[i] (rows_i, row_bytes) uint8 blocks of `_KIND` ``kind``)
     with xt (cols, n) float32, n % N_ALIGN == 0, into cs[i] (rows8_i, n) float32, rows8_i
     rows_i rounded up to MR, as ``epilogue`` says:
@@ -113,7 +125,12 @@ def _gemm(kind, raws, xt, cs, count, nt, epilogue, counters):
     - `STORE`: cs[i] = W_i @ xt for i < ``count`` (1 to 3: a layer's Q, K and V in one
       parallel region); the rows past W come out 0;
     - `ADD`: cs[0] += W_0 @ xt (its rows past W untouched);
-    - `SWIGLU`: cs[0] = silu(W_0 @ xt) * (W_1 @ xt), W_1 of W_0's type and shape.
+    - `SWIGLU`: cs[0] = silu(W_0 @ xt) * (W_1 @ xt), W_1 of W_0's type and shape;
+    - `ROPE_KV` (count 3: Q, K, V): cs[0] = W_0 @ xt rotated (`_rope_rows`), and with ``rope``
+      = (cos, sin (rope_dim/2, n) float32, k_cache, v_cache (kv_heads, ctx, hd) float32, start,
+      n), W_1 @ xt rotated and W_2 @ xt written into the caches at positions start..start+n
+      (the first n columns of xt); every matrix's rows a multiple of hd, hd of MR. Otherwise
+      ``rope`` is `_NO_ROPE`.
 
     The unused slots of raws and cs repeat a used one (a tuple of one type). The panels of the
     ``count`` outputs, in order, are cut into nt parts, one per numba thread, which works
@@ -137,12 +154,12 @@ def _gemm(kind, raws, xt, cs, count, nt, epilogue, counters):
             q = claim_in_part(counters, 0, part, nt, panels)
             while q >= 0:
                 i, p = (0, q) if q < p0 else ((1, q - p0) if q < p0 + p1 else (2, q - p0 - p1))
-                _one_panel(kind, raws, xt, cs[i], i, p, w, a, b, epilogue)
+                _one_panel(kind, raws, xt, cs[i], i, p, w, a, b, epilogue, rope)
                 q = claim_in_part(counters, 0, part, nt, panels)
 
 
 @njit(nogil=True, inline="always")
-def _one_panel(kind, raws, xt, c, i, p, w, a, b, epilogue):
+def _one_panel(kind, raws, xt, c, i, p, w, a, b, epilogue, rope):
     """`_gemm`'s work on panel p of matrix i: its rows of c, through the epilogue. w, a and b
     are the thread's buffers."""
     raw, r, cols = raws[i], p * MR, xt.shape[0]
@@ -153,11 +170,41 @@ def _one_panel(kind, raws, xt, c, i, p, w, a, b, epilogue):
         _panel(w, xt, a, 0)
         m = min(MR, raw.shape[0] - r)
         c[r : r + m] += a[:m]
+    elif epilogue == ROPE_KV:
+        cos, sin, k_cache, v_cache, start, n = rope
+        hd = k_cache.shape[2]
+        if i == 0:  # Q: rotated in its output
+            _panel(w, xt, c, r)
+            _rope_rows(c[r : r + MR], r % hd, cos, sin)
+        else:  # K rotated, V as it is: into the cache, position by position
+            _panel(w, xt, a, 0)
+            if i == 1:
+                _rope_rows(a, r % hd, cos, sin)
+            cache = k_cache if i == 1 else v_cache
+            g, d = r // hd, r % hd
+            for t in range(n):
+                cache[g, start + t, d : d + MR] = a[:, t]
     else:
         _panel(w, xt, a, 0)
         _deq_panel(kind, raws[1], p, w, cols)
         _panel(w, xt, b, 0)
         swiglu(a, b, c[r : r + MR])
+
+
+@njit(nogil=True, inline="always")
+def _rope_rows(a, d0, cos, sin):
+    """RoPE, "norm" pairs, on a panel a (MR, >= n) of one head's rows d0..d0+MR (d0 even), in
+    place: rows (2i, 2i+1) of the head for i < rope_dim/2, column t by cos[i, t], sin[i, t]
+    (rope_dim/2, n). The products and sums of `cpu_ops.rope_cols`, so the same bits."""
+    half, n = cos.shape
+    for i0 in range(0, MR, 2):
+        pair = (d0 + i0) // 2
+        if pair < half:
+            ra, rb, c, s = a[i0], a[i0 + 1], cos[pair], sin[pair]
+            for t in range(n):
+                x0, x1 = ra[t], rb[t]
+                ra[t] = x0 * c[t] - x1 * s[t]
+                rb[t] = x0 * s[t] + x1 * c[t]
 
 
 def _check(qtype: GGMLQuantizationType, raw: np.ndarray, xt: np.ndarray) -> None:
@@ -189,10 +236,14 @@ def _padded(xt: np.ndarray) -> np.ndarray:
 
 
 def _products(
-    qtype: GGMLQuantizationType, raws: list[np.ndarray], xt: np.ndarray, epilogue: int
+    qtype: GGMLQuantizationType,
+    raws: list[np.ndarray],
+    xt: np.ndarray,
+    epilogue: int,
+    rope: tuple = _NO_ROPE,
 ) -> list[np.ndarray]:
-    """`_gemm` into fresh outputs (`STORE` of each of raws, or `SWIGLU` of the pair):
-    [(rows_i, n) float32]."""
+    """`_gemm` into fresh outputs (`STORE` of each of raws, `SWIGLU` of the pair, or `ROPE_KV`):
+    [(rows_i, n) float32] (with `ROPE_KV` only Q's is written)."""
     raws = [_read_only(raw) for raw in raws]
     xp = _padded(xt)
     n, n_pad = xt.shape[1], xp.shape[1]
@@ -200,7 +251,7 @@ def _products(
     cs = [np.empty((-(-raw.shape[0] // MR) * MR, n_pad), np.float32) for raw in raws[:count]]
     raw_slots, c_slots = tuple((raws + raws[:1] * 2)[:3]), tuple((cs + cs[:1] * 2)[:3])
     nt = numba.get_num_threads()
-    _gemm(_KIND[qtype], raw_slots, xp, c_slots, count, nt, epilogue, new_counters(nt))
+    _gemm(_KIND[qtype], raw_slots, xp, c_slots, count, nt, epilogue, new_counters(nt), rope)
     rows = [raw.shape[0] for raw in raws[:count]]
     if n_pad == n:
         return [c[:r] for c, r in zip(cs, rows)]
@@ -228,6 +279,47 @@ def gemm_qkv_cols(
         _check(qtype, raw, xt)
     out_q, out_k, out_v = _products(qtype, [q, k, v], xt, STORE)
     return out_q, out_k, out_v
+
+
+def gemm_qkv_rope_kv_cols(
+    qtype: GGMLQuantizationType,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    xt: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+) -> np.ndarray:
+    """A layer's attention inputs in one parallel region, each panel finished while in L1: Q @ xt
+    with RoPE ("norm" pairs: rows 2i, 2i+1 of each head for i < rope_dim/2) returned (rows_q,
+    n); K @ xt with RoPE and V @ xt written into k_cache, v_cache (kv_heads, ctx, hd) float32,
+    C-contiguous, at positions start..start+n. cos, sin (rope_dim/2, n) float32, column t for
+    position start+t (`cpu_ops.rope_tables_at`, transposed). The bits of three `gemm_cols`,
+    `cpu_ops.rope_cols` on Q and K and the cache writes of ``kv_append_cols``."""
+    n_kv, ctx, hd = k_cache.shape
+    n = xt.shape[1]
+    for raw in (q, k, v):
+        _check(qtype, raw, xt)
+    caches_ok = all(
+        c.dtype == np.float32 and c.flags.c_contiguous and c.flags.writeable
+        for c in (k_cache, v_cache)
+    )
+    if not caches_ok or v_cache.shape != k_cache.shape or start < 0 or start + n > ctx:
+        raise ValueError(f"caches {k_cache.shape}, {v_cache.shape} cannot take {n} at {start}")
+    if hd % MR or q.shape[0] % hd or k.shape[0] != n_kv * hd or v.shape[0] != n_kv * hd:
+        raise ValueError(
+            f"Q, K, V of {q.shape[0]}, {k.shape[0]}, {v.shape[0]} rows are not heads of {hd}"
+            f" (a multiple of {MR}) over {n_kv} KV heads"
+        )
+    half = cos.shape[0]
+    if cos.shape != (half, n) or sin.shape != (half, n) or 2 * half > hd:
+        raise ValueError(f"RoPE tables {cos.shape}, {sin.shape} for {n} positions of head {hd}")
+    tables = [np.ascontiguousarray(a, dtype=np.float32) for a in (cos, sin)]
+    rope = (*tables, k_cache, v_cache, start, n)
+    return _products(qtype, [q, k, v], xt, ROPE_KV, rope)[0]
 
 
 def gemm_swiglu_cols(
@@ -262,7 +354,7 @@ def gemm_add_cols(
     c = residual if xp.shape[1] == n else np.ascontiguousarray(_padded(residual))
     raw = _read_only(raw)
     nt = numba.get_num_threads()
-    _gemm(_KIND[qtype], (raw, raw, raw), xp, (c, c, c), 1, nt, ADD, new_counters(nt))
+    _gemm(_KIND[qtype], (raw, raw, raw), xp, (c, c, c), 1, nt, ADD, new_counters(nt), _NO_ROPE)
     if c is not residual:
         residual[...] = c[:, :n]
     return residual

@@ -35,10 +35,18 @@ OPERATIONS = (
     "linear_act",
     # a prompt feature-major (the NumPy backend; see Transformer.forward)
     "linear_cols", "rmsnorm_cols", "rope_cols", "kv_append_cols", "attention_cols",
-    "linear_qkv_cols", "linear_add_cols", "linear_swiglu_cols",
+    "linear_qkv_cols", "qkv_rope_kv_cols", "linear_add_cols", "linear_swiglu_cols",
 )  # fmt: skip
 _FUSED_LINEAR = ("linear_qkv", "linear_add", "linear_swiglu", "linear_act")
-_PRODUCTS_COLS = ("linear_cols", "linear_qkv_cols", "linear_add_cols", "linear_swiglu_cols")
+# The prompt's products, each with RoPE, the KV append, an add or SwiGLU inside or not: how many
+# weights come first in their arguments (then xt)
+_PRODUCTS_COLS = {
+    "linear_cols": 1,
+    "linear_qkv_cols": 3,
+    "qkv_rope_kv_cols": 3,
+    "linear_add_cols": 1,
+    "linear_swiglu_cols": 2,
+}
 
 
 def kernel_name(op: str, args: tuple[Any, ...]) -> str:
@@ -84,7 +92,7 @@ def cost(op: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
         n, (rows, cols) = x.shape[0], w.shape
         return int(w.data.nbytes) + 4 * n * (cols + rows), 2 * n * rows * cols
     if op in _PRODUCTS_COLS:  # the products' (xt read once for each; the residual as an output)
-        *ws, xt = args[:2] if op == "linear_add_cols" else args
+        ws, xt = args[: _PRODUCTS_COLS[op]], args[_PRODUCTS_COLS[op]]
         each = [cost("linear", (w, xt.T)) for w in ws]
         return sum(b for b, _ in each), sum(f for _, f in each)
     if op in _FUSED_LINEAR:  # the matrices, the input once, the outputs

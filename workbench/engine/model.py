@@ -148,19 +148,17 @@ class Transformer:
     def _layers_cols(self, x: Any, cache: KVCache, start: int) -> Any:
         """`_layers` feature-major, for backends with ``prefill_cols``: every activation is
         (features, n), a position per column, the orientation in which BLAS multiplies a
-        prompt fastest. The same operations, with Q, K and V in one call and the residual adds
-        and SwiGLU inside the products they follow (``linear_qkv_cols``, ``linear_add_cols``,
+        prompt fastest. The same operations, with RoPE, the KV append, the residual adds and
+        SwiGLU inside the products they follow (``qkv_rope_kv_cols``, ``linear_add_cols``,
         ``linear_swiglu_cols``); x (n, dim) -> (n, dim), a transposed view."""
-        spec, be, eps = self.spec, self.backend, self.spec.norm_eps
+        spec, be, eps, rf = self.spec, self.backend, self.spec.norm_eps, self.rope_factors
         xt = be.xp.ascontiguousarray(x.T)  # (dim, n)
         for i, lw in enumerate(self.layers):
             h = be.rmsnorm_cols(xt, lw.attn_norm, eps)  # (dim, n)
-            # q (heads*hd, n), k and v (kv_heads*hd, n)
-            q, k, v = be.linear_qkv_cols(lw.attn_q, lw.attn_k, lw.attn_v, h)
-            be.rope_cols(q, start, spec, self.rope_factors)
-            be.rope_cols(k, start, spec, self.rope_factors)
-            be.kv_append_cols(cache.k[i], cache.v[i], k, v, start)
-            att = be.attention_cols(q, cache.k[i], cache.v[i], start)  # (heads*hd, n)
+            # q (heads*hd, n) rotated; k rotated and v into the cache
+            ks, vs = cache.k[i], cache.v[i]
+            q = be.qkv_rope_kv_cols(lw.attn_q, lw.attn_k, lw.attn_v, h, ks, vs, start, spec, rf)
+            att = be.attention_cols(q, ks, vs, start)  # (heads*hd, n)
             xt = be.linear_add_cols(lw.attn_output, att, xt)  # xt += W_o @ att, in place
             h = be.rmsnorm_cols(xt, lw.ffn_norm, eps)
             ff = be.linear_swiglu_cols(lw.ffn_gate, lw.ffn_up, h)  # (ffn, n)
