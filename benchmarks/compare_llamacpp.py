@@ -9,7 +9,9 @@ far llama.cpp's batched and token-by-token logits differ from each other (it qua
 activations to 8 bits, so it is not exact even against itself).
 Speed: prefill of the same 128-token prompt and 128 greedy decode steps, same thread count,
 both engines in this one run, alternating run by run (each warmed up), --runs times; the ratios
-are reported per run and as the minimum, with this machine's limits measured once at the end.
+are reported per run and as the minimum, with this machine's limits measured once at the end
+and the prefill's rate paired with its products' timed back to back (`prefill_gemm_fraction_paired`,
+docs/performance.md "Method").
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ def main() -> None:
 
     from workbench import store
     from workbench.engine import limits
-    from workbench.engine.bench import bench_generate, bench_prompt, layer_shapes, prefill_flops
+    from workbench.engine.bench import (
+        bench_generate,
+        bench_prompt,
+        layer_shapes,
+        measure_paired_gemm_fraction,
+        prefill_flops,
+    )
     from workbench.engine.generate import Engine
 
     path = str(store.resolve(args.model, store.default_home()))
@@ -142,6 +150,8 @@ def main() -> None:
             / machine.read_gb_s,
             "prefill_gemm_fraction": prefill_flops(engine, 128) * med["prefill_tok_s"] / 128
             / 1e9 / machine.gemm_gflops,
+            "prefill_gemm_fraction_paired": measure_paired_gemm_fraction(
+                engine, np.asarray(prompt)),
         },
     }  # fmt: skip
     text = json.dumps(result, indent=2)

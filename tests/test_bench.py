@@ -17,6 +17,7 @@ from workbench.engine.bench import (
     PROFILE_REQUEST,
     bench_generate,
     median_interval,
+    paired_gemm_fraction,
     phase_profile,
     prefill_flops,
 )
@@ -50,6 +51,25 @@ def test_bench_reports_fractions_of_the_measured_limits(tiny_model, small_read_b
     assert r.decode_bandwidth_fraction == pytest.approx(r.decode_gb_s / r.read_gb_s)
     assert r.prefill_gflops == pytest.approx(r.prefill_flops / r.prefill_s[0] / 1e9)
     assert r.prefill_gemm_fraction == pytest.approx(r.prefill_gflops / r.gemm_gflops)
+    assert r.prefill_gemm_fraction_paired > 0
+
+
+def test_the_paired_fraction_times_each_prefill_back_to_back_with_the_products() -> None:
+    """Alternating order after a warm-up pair; each pair's ratio of rates, then the median: a
+    load that slows both alike leaves it unchanged."""
+    calls, load = [], iter([1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 5.0, 5.0])
+
+    def prefill() -> float:
+        calls.append("p")
+        return 2.0 * next(load)  # seconds: half the products' rate when both see one load
+
+    def products() -> float:
+        calls.append("g")
+        return 1.0 * next(load)
+
+    got = paired_gemm_fraction(prefill, 10**9, 10**9, products, pairs=5)
+    assert got == pytest.approx(0.5)
+    assert "".join(calls) == "pg" + "gppggppggp"  # the warm-up pair, then AB BA AB BA AB
 
 
 def test_bench_profile_breaks_each_phase_down_by_kernel(tiny_model, small_read_buffer):
@@ -198,7 +218,8 @@ def test_cli_json_has_the_limit_fields(tiny_model, small_read_buffer, capsys):
     assert main(argv) == 0
     obj = json.loads(capsys.readouterr().out)
     for key in ("decode_gb_s", "decode_bandwidth_fraction", "prefill_gflops",
-                "prefill_gemm_fraction", "read_gb_s", "gemm_gflops"):  # fmt: skip
+                "prefill_gemm_fraction", "prefill_gemm_fraction_paired", "read_gb_s",
+                "gemm_gflops"):  # fmt: skip
         assert obj[key] > 0, key
     assert obj["profile"] is None
 

@@ -55,6 +55,7 @@ from workbench.observe.profiler import Profiler
 TRACE_PAIRS = 10  # pairs of runs with trace=True when the caller gives no count (the CLI's default)
 CALL_REPS = 100  # generations of empty steps timed for the tracing calls alone
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+GEMM_PAIRS = 10  # prefills each timed back to back with the GEMM pass (`paired_gemm_fraction`)
 PROFILE_REQUEST = "bench-profile"  # the request ids of profiled runs' records start with this
 
 # Deterministic filler text; its tokens are cut to the requested prompt length.
@@ -93,6 +94,9 @@ class GenerateBench:
     gemm_gflops: float | None = None  # the machine's float32 GEMM rate at the model's shapes
     decode_bandwidth_fraction: float | None = None  # decode_gb_s / read_gb_s
     prefill_gemm_fraction: float | None = None  # prefill_gflops / gemm_gflops
+    # the median over GEMM_PAIRS prefills of each one's rate over that of the same products
+    # timed back to back with it (`paired_gemm_fraction`)
+    prefill_gemm_fraction_paired: float | None = None
     trace_steps: bool | None = None  # traced runs had one span per decode step
     trace_prefill_tok_s: float | None = None  # median over the traced runs
     trace_decode_tok_s: float | None = None
@@ -134,6 +138,53 @@ def prefill_flops(engine, n: int) -> int:
     prefill = registry.get("attention_prefill")  # the profiler's cost model for the same kernel
     attention = prefill.cost(n=n, heads=spec.n_heads, head_dim=spec.head_dim).flops
     return spec.n_layers * (mats + attention) + 2 * spec.vocab_size * spec.dim
+
+
+def measure_paired_gemm_fraction(engine: Any, prompt: np.ndarray) -> float:
+    """`paired_gemm_fraction` of ``engine``'s prefill of ``prompt`` (token ids (n,)), against
+    the same products (`limits.products_pass`), the profiler off."""
+    tf, host, n = engine.transformer, engine.backend.to_host, len(prompt)
+    flops = prefill_flops(engine, n)
+
+    def prefill() -> float:
+        cache = tf.new_cache(n)
+        t0 = time.perf_counter()
+        host(tf.prefill(prompt, cache))
+        return time.perf_counter() - t0
+
+    shapes, layers = layer_shapes(engine), engine.spec.n_layers
+    gemm_flops, time_gemm = limits.products_pass(shapes, n, engine.backend.threads, layers)
+    profiling, engine.profiler.enabled = engine.profiler.enabled, False
+    try:
+        return paired_gemm_fraction(prefill, flops, gemm_flops, time_gemm)
+    finally:
+        engine.profiler.enabled = profiling
+
+
+def paired_gemm_fraction(
+    prefill: Callable[[], float],
+    flops: int,
+    gemm_flops: int,
+    time_gemm: Callable[[], float],
+    pairs: int = GEMM_PAIRS,
+) -> float:
+    """The median over ``pairs`` of a prefill's GFLOP/s (``flops`` over the seconds
+    ``prefill()`` returns) over the GEMM rate of its products (``gemm_flops`` over the seconds
+    ``time_gemm()`` returns, `limits.products_pass`), the two timed back to back, in alternating
+    order, after one pair that warms both up. On a machine shared with other jobs the rate of
+    either can move by a third from one minute to the next; two measurements milliseconds apart
+    see the same load, and their ratio keeps what the prefill itself does."""
+    ratios = []
+    for i in range(pairs + 1):
+        if i % 2:
+            g = time_gemm()
+            p = prefill()
+        else:
+            p = prefill()
+            g = time_gemm()
+        if i:
+            ratios.append((flops / p) / (gemm_flops / g))
+    return statistics.median(ratios)
 
 
 def phase_profile(
@@ -388,6 +439,7 @@ def bench_generate(
             gemm_gflops=lim.gemm_gflops,
             decode_bandwidth_fraction=decode_gb_s / lim.read_gb_s,
             prefill_gemm_fraction=prefill_gflops / lim.gemm_gflops,
+            prefill_gemm_fraction_paired=measure_paired_gemm_fraction(engine, prompt),
         )
     if profile:
         walls = {"prefill": profiled.prefill_s, "decode": profiled.decode_s}
