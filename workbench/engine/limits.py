@@ -187,12 +187,11 @@ def products_pass(
 ) -> tuple[int, Callable[[], float]]:
     """(flops, time_pass): ``time_pass()`` runs every product of a ``layers``-layer prefill of n
     tokens once (each (rows, cols) shape count x layers times) on random float32 W and xt, in
-    the prefill's orientation (``W @ xt``), and returns its seconds. Of BLAS's threaded product
-    and this project's kernel (`quant_gemm` on ``threads`` numba threads, where it runs), the
-    one that was faster in two passes each here. For pairing with whole prefills back to back
-    (`bench.paired_gemm_fraction`): on a machine shared with other jobs, two measurements a few
-    milliseconds apart see the same load, where a probe run once before or after a benchmark
-    does not."""
+    the prefill's own orientation and kernel (`quant_gemm` on ``threads`` numba threads where it
+    runs, else BLAS's ``W @ xt``), and returns its seconds. For pairing with whole prefills
+    back to back (`bench.paired_gemm_fraction`): on a machine shared with other jobs, two
+    measurements a few milliseconds apart see the same load, where a probe run once before or
+    after a benchmark does not."""
     rng = np.random.default_rng(0)
     work = []
     for (rows, cols), count in sorted(shapes.items()):
@@ -200,17 +199,15 @@ def products_pass(
         xt = rng.standard_normal((cols, n), dtype=np.float32)  # (cols, n)
         work.append((xt, w, np.empty((rows, n), np.float32), count * layers))
     flops = sum(2 * n * w.shape[0] * w.shape[1] * c for _, w, _, c in work)
+    own = quant_gemm.Q.F32 in quant_gemm.FUSED_TYPES
 
-    def blas() -> float:
+    def time_pass() -> float:
+        if own:
+            return _own_products(work, 0, threads)
         with threadpool_limits(threads):
             return _products(work, 1, cols=True)
 
-    def own() -> float:
-        return _own_products(work, 0, threads)
-
-    ways = [blas, own] if quant_gemm.Q.F32 in quant_gemm.FUSED_TYPES else [blas]
-    fastest = min(ways, key=lambda way: min(way() for _ in range(2)))
-    return flops, fastest
+    return flops, time_pass
 
 
 def measure(shapes: dict[tuple[int, int], int], n: int, threads: int) -> MachineLimits:
