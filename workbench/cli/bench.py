@@ -96,7 +96,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
                 f"limits: decode {r.decode_gb_s:.1f} of {r.read_gb_s:.1f} GB/s read bandwidth "
                 f"({r.decode_bandwidth_fraction:.0%}), prefill {r.prefill_gflops:.0f} of "
                 f"{r.gemm_gflops:.0f} GFLOP/s float32 GEMM ({r.prefill_gemm_fraction:.0%}; "
-                f"{r.prefill_gemm_fraction_paired:.0%} of its products' rate timed back to back)"
+                f"{r.prefill_gemm_fraction_paired:.0%} of its own kernel's on its products, "
+                "timed back to back)"
             )
         if r.trace_decode_overhead is not None:
             print(trace_summary(r))
