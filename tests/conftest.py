@@ -131,6 +131,19 @@ def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def numba_threads(request: pytest.FixtureRequest) -> int:
+    """numba's thread count for the test: 1, then 2 (restored after)."""
+    import numba
+
+    if request.param > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("numba has one thread here")  # not a missing tool: the machine's size
+    saved = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    yield request.param
+    numba.set_num_threads(saved)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     rep = yield

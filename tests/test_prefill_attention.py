@@ -10,21 +10,10 @@ each failure message (tests/conftest.py).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 
 from workbench.backends import prefill_attention
-
-
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request: pytest.FixtureRequest) -> int:
-    if request.param > numba.config.NUMBA_NUM_THREADS:
-        pytest.skip("numba has one thread here")  # not a missing tool: the machine's size
-    saved = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    yield request.param
-    numba.set_num_threads(saved)
 
 
 def reference(qt: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
@@ -55,7 +44,7 @@ def reference(qt: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nd
     ],
 )
 def test_attention_cols_is_causal_softmax_attention(
-    heads: int, kv_heads: int, hd: int, n: int, start: int, threads: int, rng, seed: int
+    heads: int, kv_heads: int, hd: int, n: int, start: int, numba_threads: int, rng, seed: int
 ) -> None:
     ctx = start + n + 9  # room past the prompt, filled with NaN
     qt = rng.standard_normal((heads * hd, n)).astype(np.float32)  # (heads*hd, n)
@@ -65,7 +54,7 @@ def test_attention_cols_is_causal_softmax_attention(
     assert got.shape == (heads * hd, n) and got.dtype == np.float32 and got.flags.c_contiguous
     want = reference(qt, k, v, start)
     # Each output is a convex combination of values of about 1: float32 sums of up to 300 terms
-    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6, err_msg=f"{threads=} {seed=}")
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6, err_msg=f"{numba_threads=} {seed=}")
 
 
 def test_attention_cols_takes_a_view_of_q(rng, seed: int) -> None:

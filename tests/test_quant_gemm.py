@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -27,18 +26,8 @@ def r(seed: int) -> Rand:
     return Rand(seed, np.random.default_rng(seed))
 
 
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request: pytest.FixtureRequest) -> int:
-    if request.param > numba.config.NUMBA_NUM_THREADS:
-        pytest.skip("numba has one thread here")  # not a missing tool: the machine's size
-    saved = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    yield request.param
-    numba.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("qtype", sorted(quant_gemm._KIND, key=lambda t: t.name), ids=str)
-def test_gemm_cols_is_the_dequantized_product(qtype: Q, r: Rand, threads: int) -> None:
+def test_gemm_cols_is_the_dequantized_product(qtype: Q, r: Rand, numba_threads: int) -> None:
     values = block_layout(qtype)[0]
     cols = values * 3 if values > 1 else 45  # float32: a row length that is no block multiple
     for rows in (1, 8, 13, 29):
@@ -47,7 +36,7 @@ def test_gemm_cols_is_the_dequantized_product(qtype: Q, r: Rand, threads: int) -
         for n in (1, 5, 16, 17, 32, 48, 70):
             xt = r.rng.standard_normal((cols, n)).astype(np.float32)  # (cols, n)
             got = quant_gemm.gemm_cols(qtype, raw, xt)
-            what = f"{qtype.name} rows={rows} n={n} threads={threads} {r}"
+            what = f"{qtype.name} rows={rows} n={n} threads={numba_threads} {r}"
             assert got.shape == (rows, n) and got.flags.c_contiguous, what
             assert_dot_close(got.T, w, xt.T, what)
         # A transposed view of x (n, cols) and W's rows out of a bigger array: the same product
@@ -79,7 +68,9 @@ def test_matmul_cols_takes_the_fused_path_for_its_types(r: Rand, monkeypatch) ->
 
 
 @pytest.mark.parametrize("qtype", sorted(quant_gemm._KIND, key=lambda t: t.name), ids=str)
-def test_the_epilogues_give_the_bits_of_their_own_passes(qtype: Q, r: Rand, threads: int) -> None:
+def test_the_epilogues_give_the_bits_of_their_own_passes(
+    qtype: Q, r: Rand, numba_threads: int
+) -> None:
     """SwiGLU and the residual add inside the panels: exactly `cpu_ops.swiglu` of the two
     products, and the float32 sum of the residual and the product, at every edge of the tiling;
     the residual updated in place. Three products in one region: each one's own bits."""
@@ -88,7 +79,7 @@ def test_the_epilogues_give_the_bits_of_their_own_passes(qtype: Q, r: Rand, thre
     for rows, n in ((8, 32), (13, 17), (29, 70), (3, 1)):
         gate, up = finite_data(qtype, rows, cols, r), finite_data(qtype, rows, cols, r)
         xt = r.rng.standard_normal((cols, n)).astype(np.float32)  # (cols, n)
-        what = f"{qtype.name} rows={rows} n={n} threads={threads} {r}"
+        what = f"{qtype.name} rows={rows} n={n} threads={numba_threads} {r}"
         g, u = quant_gemm.gemm_cols(qtype, gate, xt), quant_gemm.gemm_cols(qtype, up, xt)
         want = np.empty_like(g)
         cpu_ops.swiglu(g, u, want)
@@ -156,7 +147,7 @@ assert bad == 0, f"{bad} of {g.size} values differ from IEEE float32 arithmetic"
 
 @pytest.mark.parametrize(("hd", "rope_dim"), [(16, 16), (32, 16)], ids=["whole head", "partial"])
 def test_rope_and_the_kv_append_inside_the_products_give_their_bits(
-    hd: int, rope_dim: int, r: Rand, threads: int
+    hd: int, rope_dim: int, r: Rand, numba_threads: int
 ) -> None:
     """Q with RoPE, K with RoPE into the cache, V into the cache, in one region: the bits of the
     three products, `cpu_ops.rope_cols` and the cache writes; the cache untouched elsewhere."""
@@ -177,7 +168,7 @@ def test_rope_and_the_kv_append_inside_the_products_give_their_bits(
         got = quant_gemm.gemm_qkv_rope_kv_cols(
             qtype, q, k, v, xt, cos, sin, k_cache, v_cache, start
         )
-        what = f"hd={hd} rope_dim={rope_dim} {start=} {n=} {threads=} {r}"
+        what = f"hd={hd} rope_dim={rope_dim} {start=} {n=} {numba_threads=} {r}"
         np.testing.assert_array_equal(got, want_q, what)
         np.testing.assert_array_equal(k_cache, want_kc, what)
         np.testing.assert_array_equal(v_cache, want_vc, what)
