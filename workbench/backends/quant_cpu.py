@@ -625,12 +625,12 @@ def matmul_cols(
     position per column -> (rows, n) float32.
 
     The types of `quant_gemm.FUSED_TYPES` (F32, Q4_0, Q4_1, Q8_0 where the CPU has AVX-512)
-    multiply on the blocks, the
-    dequantization inside the GEMM's panels, on numba's threads (`quant_gemm.gemm_cols`; the
-    scratch is not used). The others are dequantized a chunk of rows at a time on the calling
-    thread, as `matmul`, for BLAS's own threads, in the orientation BLAS runs fastest at a
-    prompt's shapes (OpenBLAS's float32 GEMM for (576 x 576) x (576 x 128) is 280 against 200
-    GFLOP/s ``x @ W.T`` on this project's 2-core machine, docs/performance.md)."""
+    multiply on the blocks, the dequantization inside the GEMM's panels, on numba's threads
+    (`quant_gemm.gemm_cols`; the scratch is not used). The others are dequantized a chunk of
+    rows at a time on the calling thread, as `matmul`, for BLAS's own threads, in the
+    orientation BLAS runs fastest at a prompt's shapes (OpenBLAS's float32 GEMM for (576 x 576)
+    x (576 x 128) is 280 against 200 GFLOP/s ``x @ W.T`` on this project's 2-core machine,
+    docs/performance.md)."""
     k, raw, xt, cols = _operands("matmul_cols", qtype, raw, xt, 0)
     n, rows = xt.shape[1], raw.shape[0]
     given, out = out, _output("matmul_cols", out, (rows, n))

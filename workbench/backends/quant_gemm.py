@@ -242,17 +242,18 @@ def _products(
     epilogue: int,
     rope: tuple = _NO_ROPE,
 ) -> list[np.ndarray]:
-    """`_gemm` into fresh outputs (`STORE` of each of raws, `SWIGLU` of the pair, or `ROPE_KV`):
-    [(rows_i, n) float32] (with `ROPE_KV` only Q's is written)."""
+    """`_gemm` into fresh outputs: [(rows_i, n) float32], one per matrix with `STORE`, the
+    first's only with `SWIGLU` (of the pair) and `ROPE_KV` (Q's; K and V go to the cache)."""
     raws = [_read_only(raw) for raw in raws]
     xp = _padded(xt)
     n, n_pad = xt.shape[1], xp.shape[1]
-    count = 1 if epilogue == SWIGLU else len(raws)
-    cs = [np.empty((-(-raw.shape[0] // MR) * MR, n_pad), np.float32) for raw in raws[:count]]
+    count = 1 if epilogue == SWIGLU else len(raws)  # matrices whose panels are shared out
+    outputs = len(raws) if epilogue == STORE else 1
+    cs = [np.empty((-(-raw.shape[0] // MR) * MR, n_pad), np.float32) for raw in raws[:outputs]]
     raw_slots, c_slots = tuple((raws + raws[:1] * 2)[:3]), tuple((cs + cs[:1] * 2)[:3])
     nt = numba.get_num_threads()
     _gemm(_KIND[qtype], raw_slots, xp, c_slots, count, nt, epilogue, new_counters(nt), rope)
-    rows = [raw.shape[0] for raw in raws[:count]]
+    rows = [raw.shape[0] for raw in raws[:outputs]]
     if n_pad == n:
         return [c[:r] for c, r in zip(cs, rows)]
     return [np.ascontiguousarray(c[:r, :n]) for c, r in zip(cs, rows)]
@@ -351,7 +352,7 @@ def gemm_add_cols(
             f"residual {residual.shape} {residual.dtype} is not C-contiguous float32 ({rows}, {n})"
         )
     xp = _padded(xt)
-    c = residual if xp.shape[1] == n else np.ascontiguousarray(_padded(residual))
+    c = residual if xp.shape[1] == n else _padded(residual)
     raw = _read_only(raw)
     nt = numba.get_num_threads()
     _gemm(_KIND[qtype], (raw, raw, raw), xp, (c, c, c), 1, nt, ADD, new_counters(nt), _NO_ROPE)

@@ -96,6 +96,21 @@ def read_bandwidth(threads: int, nbytes: int | None = None, passes: int = 4) -> 
     return buf.nbytes, buf.nbytes / best / 1e9
 
 
+def _work_cols(
+    shapes: dict[tuple[int, int], int], n: int, repeat: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray, int]], int]:
+    """The products of ``shapes`` ((rows, cols): count) feature-major, on random float32
+    operands: ([(xt (cols, n), w (rows, cols), out (rows, n), count x repeat)], their flops)."""
+    rng = np.random.default_rng(0)
+    work = []
+    for (rows, cols), count in sorted(shapes.items()):
+        w = rng.standard_normal((rows, cols), dtype=np.float32)  # (rows, cols)
+        xt = rng.standard_normal((cols, n), dtype=np.float32)  # (cols, n)
+        work.append((xt, w, np.empty((rows, n), np.float32), count * repeat))
+    flops = sum(2 * n * w.shape[0] * w.shape[1] * c for _, w, _, c in work)
+    return work, flops
+
+
 def _products(work: list, reps: int, cols: bool = False) -> float:
     """Seconds of the fastest of ``reps`` passes over work [(x, w, out, count)]: ``x @ w.T``
     into out, or with ``cols`` ``w @ x``, x feature-major ((cols, n), out (rows, n))."""
@@ -128,15 +143,10 @@ def gemm_rate(
     ``threads`` numba threads), so that a prefill is never measured against a rate below its
     own kernel's.
     """
-    rng = np.random.default_rng(0)
-    work, work_cols = [], []
-    for (rows, cols), count in sorted(shapes.items()):
-        x = rng.standard_normal((n, cols), dtype=np.float32)  # (n, cols)
-        w = rng.standard_normal((rows, cols), dtype=np.float32)  # (rows, cols)
-        work.append((x, w, np.empty((n, rows), np.float32), count))  # out (n, rows)
-        xt = np.ascontiguousarray(x.T)  # (cols, n)
-        work_cols.append((xt, w, np.empty((rows, n), np.float32), count))  # out (rows, n)
-    flops = sum(2 * n * w.shape[0] * w.shape[1] * c for _, w, _, c in work)
+    work_cols, flops = _work_cols(shapes, n, 1)
+    work = []  # the same products row-major: [(x (n, cols), w, out (n, rows), count)]
+    for xt, w, _, count in work_cols:
+        work.append((np.ascontiguousarray(xt.T), w, np.empty((n, w.shape[0]), np.float32), count))
     best = float("inf")
     with threadpool_limits(threads):
         for each, cols in ((work, False), (work_cols, True)):
@@ -192,13 +202,7 @@ def products_pass(
     back to back (`bench.paired_gemm_fraction`): on a machine shared with other jobs, two
     measurements a few milliseconds apart see the same load, where a probe run once before or
     after a benchmark does not."""
-    rng = np.random.default_rng(0)
-    work = []
-    for (rows, cols), count in sorted(shapes.items()):
-        w = rng.standard_normal((rows, cols), dtype=np.float32)  # (rows, cols)
-        xt = rng.standard_normal((cols, n), dtype=np.float32)  # (cols, n)
-        work.append((xt, w, np.empty((rows, n), np.float32), count * layers))
-    flops = sum(2 * n * w.shape[0] * w.shape[1] * c for _, w, _, c in work)
+    work, flops = _work_cols(shapes, n, layers)
     own = quant_gemm.Q.F32 in quant_gemm.FUSED_TYPES
 
     def time_pass() -> float:
