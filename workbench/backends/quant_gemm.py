@@ -28,6 +28,7 @@ from numba import njit, prange
 from workbench.backends.cpu_ops import swiglu
 from workbench.backends.cpu_sync import claim_in_part, new_counters
 from workbench.backends.gemm_tiles import COLS, COLS_TAIL, FAST_HERE, ROWS, tile16, tile32
+from workbench.backends.quant_simd import _prefetch
 from workbench.backends.quant_blocks import (
     _QK4_0,
     _QK4_1,
@@ -82,6 +83,17 @@ def _deq_row(kind, row, dst, cols):
         _deq_q4_1_row(row, dst, cols // _QK4_1)
     else:
         _deq_q8_0_row(row, dst, cols // _QK8_0)
+
+
+@njit(nogil=True, inline="always")
+def _prefetch_panel(raw, p):
+    """Ask for the bytes of W's rows p*MR.. (panel p, where it exists). Issued a panel ahead,
+    they arrive while the current panel is multiplied: a prefill reads each layer's weights
+    once, from memory."""
+    rows, rb = raw.shape
+    flat = raw.reshape(-1)
+    for f in range(min(p * MR, rows) * rb, min((p + 1) * MR, rows) * rb, 64):
+        _prefetch(flat, f)
 
 
 @njit(nogil=True, inline="always")
@@ -163,6 +175,9 @@ def _one_panel(kind, raws, xt, c, i, p, w, a, b, epilogue, rope):
     """`_gemm`'s work on panel p of matrix i: its rows of c, through the epilogue. w, a and b
     are the thread's buffers."""
     raw, r, cols = raws[i], p * MR, xt.shape[0]
+    _prefetch_panel(raw, p + 1)
+    if epilogue == SWIGLU:
+        _prefetch_panel(raws[1], p + 1)
     _deq_panel(kind, raw, p, w, cols)
     if epilogue == STORE:
         _panel(w, xt, c, r)
