@@ -183,8 +183,7 @@ def _one_panel(kind, raws, xt, c, i, p, w, a, b, epilogue, rope):
         _panel(w, xt, c, r)
     elif epilogue == ADD:
         _panel(w, xt, a, 0)
-        m = min(MR, raw.shape[0] - r)
-        c[r : r + m] += a[:m]
+        _add_rows(c, r, a, min(MR, raw.shape[0] - r))
     elif epilogue == ROPE_KV:
         cos, sin, k_cache, v_cache, start, n = rope
         hd = k_cache.shape[2]
@@ -204,6 +203,18 @@ def _one_panel(kind, raws, xt, c, i, p, w, a, b, epilogue, rope):
         _deq_panel(kind, raws[1], p, w, cols)
         _panel(w, xt, b, 0)
         swiglu(a, b, c[r : r + MR])
+
+
+@njit(nogil=True, inline="always")
+def _add_rows(c, r, a, m):
+    """c[r : r + m] += a[:m], a float32 add per value, as loops: written as a slice expression
+    inside `_gemm`'s parallel region, it is one that numba's array-expression rewrite turns into
+    a parallel loop of its own, and the ADD products ran at 209-261 GFLOP/s against 233-279
+    with these loops (alternated in one process)."""
+    for i in range(m):
+        ci, ai = c[r + i], a[i]
+        for t in range(ci.shape[0]):
+            ci[t] += ai[t]
 
 
 @njit(nogil=True, inline="always")
