@@ -121,11 +121,8 @@ def _dot_row(code, row, x, xs32, xs16, nb):
 # Rows are handed out in chunks of about this many weight bytes: 1-2 us of work, against an
 # atomic increment of a counter the other thread last touched (well under 0.1 us).
 _CHUNK_BYTES = 16384
-# Each row's dot product first asks for the cache lines this many bytes further on (`_prefetch`):
-# the hardware prefetchers alone left a core's stream stalled on memory. SmolLM2 Q4_1, 2 threads:
-# 100-104 tok/s without, 113-122 at 1-8 KiB ahead, best at 2 KiB; the logits' rows went from
-# 14.8 to 21 GB/s.
-_AHEAD = 2048
+# Each row's dot product first asks for the cache lines this many bytes further on (`_prefetch`)
+_AHEAD = quant_cpu.AHEAD
 _Q4_1_BYTES = block_layout(Q.Q4_1)[1]
 
 

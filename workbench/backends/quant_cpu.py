@@ -78,6 +78,7 @@ from workbench.backends.quant_blocks import (
     _group_sums,
     _row_index,
 )
+from workbench.backends.quant_simd import _prefetch
 from workbench.errors import ModelError, UserError
 from workbench.gguf.quants import SUPPORTED_TYPES, block_layout
 
@@ -98,6 +99,24 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 
 
+# A matvec's row loop first asks for the bytes this far past the start of the row it reads
+# (`_ask_ahead`): the hardware prefetchers alone left a core's stream stalled on memory. The
+# fused decode's rows, SmolLM2 Q4_1 on 2 threads: 100-104 tok/s without, 113-122 at 1-8 KiB
+# ahead, best at 2 KiB; the logits' rows (Q8_0) went from 14.8 to 21 GB/s. In `matvec`, the
+# prompt's last logits right after its prefill (30 MB, cold): 1.93 ms without, 1.42-1.47 with.
+AHEAD = 2048
+
+
+@njit(nogil=True, inline="always")
+def _ask_ahead(raw, r):
+    """Ask for the `AHEAD` bytes past the start of row r of raw (rows, row_bytes) uint8,
+    C-contiguous: a hint, which never faults past the end."""
+    rb = raw.shape[1]
+    flat = raw.reshape(-1)
+    for f in range(r * rb + AHEAD, r * rb + AHEAD + rb, 64):
+        _prefetch(flat, f)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _deq_f32(raw, ids, out, par):
     n = raw.shape[1] // _F32_B
@@ -114,6 +133,7 @@ def _mv_f32(raw, x, out, par):
     n = raw.shape[1] // _F32_B
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_f32_row(raw[r], x, x, n)
     else:
         for r in range(raw.shape[0]):
@@ -136,6 +156,7 @@ def _mv_f16(raw, x, out, par):
     n = raw.shape[1] // _F16_B
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_f16_row(raw[r], x, x, n)
     else:
         for r in range(raw.shape[0]):
@@ -158,6 +179,7 @@ def _mv_bf16(raw, x, out, par):
     n = raw.shape[1] // _BF16_B
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_bf16_row(raw[r], x, x, n)
     else:
         for r in range(raw.shape[0]):
@@ -180,6 +202,7 @@ def _mv_q4_0(raw, x, out, par):
     nb = raw.shape[1] // _Q4_0_B
     if par:  # the 16-lane kernel takes no block sums (``xs`` unused, as for Q8_0)
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q4_0_row(raw[r], x, x, nb)
     else:
         for r in range(raw.shape[0]):
@@ -202,6 +225,7 @@ def _mv_q4_1(raw, x, out, par):
     nb = raw.shape[1] // _Q4_1_B
     if par:  # the 16-lane kernel takes no block sums (``xs`` unused, as for Q8_0)
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q4_1_row(raw[r], x, x, nb)
     else:
         for r in range(raw.shape[0]):
@@ -225,6 +249,7 @@ def _mv_q5_0(raw, x, out, par):
     xs = _group_sums(x, _QK5_0)  # (nb,)
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q5_0_row(raw[r], x, xs, nb)
     else:
         for r in range(raw.shape[0]):
@@ -248,6 +273,7 @@ def _mv_q5_1(raw, x, out, par):
     xs = _group_sums(x, _QK5_1)  # (nb,)
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q5_1_row(raw[r], x, xs, nb)
     else:
         for r in range(raw.shape[0]):
@@ -270,6 +296,7 @@ def _mv_q8_0(raw, x, out, par):
     nb = raw.shape[1] // _Q8_0_B
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q8_0_row(raw[r], x, x, nb)
     else:
         for r in range(raw.shape[0]):
@@ -293,6 +320,7 @@ def _mv_q2_k(raw, x, out, par):
     xs = _group_sums(x, QK_K // 16)  # (nb * 16,)
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q2_k_row(raw[r], x, xs, nb)
     else:
         for r in range(raw.shape[0]):
@@ -315,6 +343,7 @@ def _mv_q3_k(raw, x, out, par):
     nb = raw.shape[1] // _Q3_K_B
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q3_k_row(raw[r], x, x, nb)
     else:
         for r in range(raw.shape[0]):
@@ -338,6 +367,7 @@ def _mv_q4_k(raw, x, out, par):
     xs = _group_sums(x, QK_K // 8)  # (nb * 8,)
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q4_k_row(raw[r], x, xs, nb)
     else:
         for r in range(raw.shape[0]):
@@ -361,6 +391,7 @@ def _mv_q5_k(raw, x, out, par):
     xs = _group_sums(x, QK_K // 8)  # (nb * 8,)
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q5_k_row(raw[r], x, xs, nb)
     else:
         for r in range(raw.shape[0]):
@@ -383,6 +414,7 @@ def _mv_q6_k(raw, x, out, par):
     nb = raw.shape[1] // _Q6_K_B
     if par:
         for r in prange(raw.shape[0]):
+            _ask_ahead(raw, r)
             out[r] = _dot_q6_k_row(raw[r], x, x, nb)
     else:
         for r in range(raw.shape[0]):

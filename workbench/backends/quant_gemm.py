@@ -28,7 +28,6 @@ from numba import njit, prange
 from workbench.backends.cpu_ops import swiglu
 from workbench.backends.cpu_sync import claim_in_part, new_counters
 from workbench.backends.gemm_tiles import COLS, COLS_TAIL, FAST_HERE, ROWS, tile16, tile32
-from workbench.backends.quant_simd import _prefetch
 from workbench.backends.quant_blocks import (
     _QK4_0,
     _QK4_1,
@@ -38,6 +37,7 @@ from workbench.backends.quant_blocks import (
     _deq_q4_1_row,
     _deq_q8_0_row,
 )
+from workbench.backends.quant_simd import _prefetch
 from workbench.gguf.quants import block_layout, row_bytes
 
 Q = GGMLQuantizationType
