@@ -42,11 +42,15 @@ _CLOCK_MONOTONIC = 6 if sys.platform == "darwin" else 1
 # Barrier array layout (int32 slots): the arrival count, the generation, the number of sleepers
 # and the current spin budget, each on its own 64-byte cache line.
 _COUNT, _GEN, _SLEEPERS, _BUDGET, _SLOTS = 0, 16, 32, 48, 64
-# Polls before a waiting thread goes to sleep (a few microseconds of ``pause`` on x86, about the
-# imbalance between threads that share work evenly). Measured in 2-thread decode on the loaded
-# 2-core machine (load 6-7), alternating with numba parallel regions: 100 polls 15.4-16.0 tok/s
-# against 15.1-15.7 at equal CPU time; 2000 polls 7-12 tok/s, 0 polls 13-15.
-SPINS = 200
+# Polls before a waiting thread goes to sleep: about 30 us of ``pause`` here (about 15 ns a poll),
+# longer than the usual imbalance between threads that share work out in small pieces, while a
+# futex sleep and wake-up costs tens of microseconds on a VM. 2-thread decode of SmolLM2, quiet
+# machine, the budget alternated in one process (16-token blocks): median 5.32 / 5.63 ms a token
+# at 200 polls (the budget then fell to 16-32 after sleeps), 5.02-5.33 at 1000-20000; with two
+# busy loops taking both cores, 11.1 ms at 200 and 11.3 at 2000, the budget halving after sleeps
+# either way. (When the decode still alternated with numba's parallel regions, under load, 2000
+# polls had cost a third of the speed: those regions are gone from the decode.)
+SPINS = 2000
 # The spin budget adapts between these: halved after a wait that had to sleep (the partner was
 # descheduled: spinning only burns a core someone else could use), doubled after one that a
 # spin caught.
