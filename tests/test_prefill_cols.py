@@ -147,6 +147,11 @@ def test_the_fused_products_are_their_operations(be, rng, seed: int, qtype: Q) -
         np.testing.assert_array_equal(got, be.linear_cols(w, xt), f"{seed=}")
     want = be.swiglu(be.linear_cols(gate, xt), be.linear_cols(up, xt))
     np.testing.assert_array_equal(be.linear_swiglu_cols(gate, up, xt), want, f"{seed=}")
+    norm = Weight("norm", Q.F32, (cols,), randn(rng, cols))
+    h = be.rmsnorm_cols(xt, norm, 1e-5)  # the norm inside the products: the pass's bits
+    want = be.swiglu(be.linear_cols(gate, h), be.linear_cols(up, h))
+    got = be.linear_swiglu_cols(gate, up, xt, norm=norm, eps=1e-5)
+    np.testing.assert_array_equal(got, want, f"{seed=}")
     residual = randn(rng, 24, 21)  # (rows, n)
     want = be.add(residual, be.linear_cols(down, xt))
     assert be.linear_add_cols(down, xt, residual) is residual
@@ -171,6 +176,14 @@ def test_qkv_rope_kv_cols_is_its_three_operations(be, rng, seed: int, mode: str)
     be.rope_cols(kt, start, spec, None)
     be.kv_append_cols(*caches[0], kt, vt, start)
     got = be.qkv_rope_kv_cols(q, k, v, xt, *caches[1], start, spec, None)
+    np.testing.assert_array_equal(got, want_q, f"{seed=}")
+    for a, b in zip(caches[0], caches[1]):
+        np.testing.assert_array_equal(b, a, f"{seed=}")
+    # With the norm inside: the bits of rmsnorm_cols, then the same
+    norm = Weight("norm", Q.F32, (64,), randn(rng, 64))
+    h = be.rmsnorm_cols(xt, norm, 1e-5)
+    want_q = be.qkv_rope_kv_cols(q, k, v, h, *caches[0], start, spec, None)
+    got = be.qkv_rope_kv_cols(q, k, v, xt, *caches[1], start, spec, None, norm=norm, eps=1e-5)
     np.testing.assert_array_equal(got, want_q, f"{seed=}")
     for a, b in zip(caches[0], caches[1]):
         np.testing.assert_array_equal(b, a, f"{seed=}")

@@ -174,6 +174,38 @@ def test_rope_and_the_kv_append_inside_the_products_give_their_bits(
         np.testing.assert_array_equal(v_cache, want_vc, what)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.F32], ids=str)
+def test_the_norm_inside_the_region_gives_the_bits_of_its_own_pass(
+    qtype: Q, r: Rand, numba_threads: int
+) -> None:
+    """With ``norm``, SwiGLU's and Q, K, V's products take xt through `cpu_ops.rmsnorm_cols`
+    first, each thread its own copy: the bits of that pass followed by the products, at the
+    tiling's edges (n not a multiple of the tiles: the padded columns normalize to zeros)."""
+    cols, hd, n_kv = 64, 16, 2
+    w = r.rng.standard_normal(cols).astype(np.float32)  # (cols,) the norm's weight
+    gate, up = finite_data(qtype, 24, cols, r), finite_data(qtype, 24, cols, r)
+    q, k, v = (finite_data(qtype, h * hd, cols, r) for h in (4, n_kv, n_kv))
+    for n in (32, 21, 1):
+        xt = r.rng.standard_normal((cols, n)).astype(np.float32) * np.float32(5)  # (cols, n)
+        h = np.empty_like(xt)
+        cpu_ops.rmsnorm_cols(xt, w, 1e-5, h)
+        what = f"{qtype.name} {n=} {numba_threads=} {r}"
+        want = quant_gemm.gemm_swiglu_cols(qtype, gate, up, h)
+        got = quant_gemm.gemm_swiglu_cols(qtype, gate, up, xt, norm=(w, 1e-5))
+        np.testing.assert_array_equal(got, want, what)
+        tables = np.ones((hd // 2, n), np.float32), np.zeros((hd // 2, n), np.float32)
+        caches = [[np.zeros((n_kv, 40, hd), np.float32) for _ in "kv"] for _ in range(2)]
+        want = quant_gemm.gemm_qkv_rope_kv_cols(qtype, q, k, v, h, *tables, *caches[0], 3)
+        got = quant_gemm.gemm_qkv_rope_kv_cols(
+            qtype, q, k, v, xt, *tables, *caches[1], 3, norm=(w, 1e-5)
+        )
+        np.testing.assert_array_equal(got, want, what)
+        for a, b in zip(*caches):
+            np.testing.assert_array_equal(b, a, what)
+    with pytest.raises(ValueError, match="norm weight"):
+        quant_gemm.gemm_swiglu_cols(qtype, gate, up, xt, norm=(w[:-1], 1e-5))
+
+
 def test_rope_inside_the_products_rejects_what_it_cannot_do(r: Rand) -> None:
     qtype = Q.Q8_0
     q, kv = finite_data(qtype, 32, 32, r), finite_data(qtype, 16, 32, r)

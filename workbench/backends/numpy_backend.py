@@ -49,6 +49,11 @@ class Weight:
     data: np.ndarray  # matrices: (rows, row_bytes) uint8 blocks; vectors: (n,) float32
 
 
+def _norm(norm: Weight | None, eps: float) -> tuple[np.ndarray, float] | None:
+    """An RMSNorm weight and eps as `quant_gemm` takes them, or None."""
+    return None if norm is None else (norm.data, eps)
+
+
 class NumpyBackend:
     name = "numpy"
     xp = np
@@ -202,13 +207,17 @@ class NumpyBackend:
         start: int,
         spec: ModelSpec,
         factors: Weight | None,
+        norm: Weight | None = None,
+        eps: float = 0.0,
     ) -> np.ndarray:
         """A layer's attention inputs from xt (cols, n): K and V into one layer's cache
         (kv_heads, ctx, hd) at start.., RoPE on Q and K; returns Q (heads*hd, n), rotated. In
         one parallel region, each panel rotated and stored while in L1, where `quant_gemm`
         multiplies all three and the pairs are adjacent ("norm" RoPE, the llama family's:
         `gemm_qkv_rope_kv_cols`); else ``linear_qkv_cols``, ``rope_cols`` and
-        ``kv_append_cols``, whose bits it gives either way."""
+        ``kv_append_cols``, whose bits it gives either way. With ``norm``, xt is the residual
+        stream and the products take ``rmsnorm_cols(xt, norm, eps)``, computed inside the
+        region where it runs (each thread normalizes its own copy)."""
         hd = k_cache.shape[2]
         if (
             q.qtype == k.qtype == v.qtype
@@ -222,8 +231,10 @@ class NumpyBackend:
             cos_t, sin_t = self._tables("cols", positions, spec, factors)  # (rope_dim/2, n)
             raws = (q.data, k.data, v.data)
             return quant_gemm.gemm_qkv_rope_kv_cols(
-                q.qtype, *raws, xt, cos_t, sin_t, k_cache, v_cache, start
+                q.qtype, *raws, xt, cos_t, sin_t, k_cache, v_cache, start, _norm(norm, eps)
             )
+        if norm is not None:
+            xt = self.rmsnorm_cols(xt, norm, eps)
         qt, kt, vt = self.linear_qkv_cols(q, k, v, xt)
         self.rope_cols(qt, start, spec, factors)
         self.rope_cols(kt, start, spec, factors)
@@ -240,13 +251,18 @@ class NumpyBackend:
         residual += self.linear_cols(w, xt)
         return residual
 
-    def linear_swiglu_cols(self, gate: Weight, up: Weight, xt: np.ndarray) -> np.ndarray:
+    def linear_swiglu_cols(
+        self, gate: Weight, up: Weight, xt: np.ndarray, norm: Weight | None = None, eps: float = 0.0
+    ) -> np.ndarray:
         """xt (cols, n) -> (ffn, n) = silu(gate @ xt) * (up @ xt): a feed-forward's first half,
         SwiGLU inside the products' panels where `quant_gemm` multiplies both
         (`gemm_swiglu_cols`). The bits of ``swiglu(linear_cols(gate, xt), linear_cols(up,
-        xt))``."""
+        xt))``; with ``norm``, of xt normalized first (``rmsnorm_cols(xt, norm, eps)``, inside
+        the products' region where it runs, as in ``qkv_rope_kv_cols``)."""
         if gate.qtype == up.qtype and gate.qtype in quant_gemm.FUSED_TYPES:
-            return quant_gemm.gemm_swiglu_cols(gate.qtype, gate.data, up.data, xt)
+            return quant_gemm.gemm_swiglu_cols(gate.qtype, gate.data, up.data, xt, _norm(norm, eps))
+        if norm is not None:
+            xt = self.rmsnorm_cols(xt, norm, eps)
         return self.swiglu(self.linear_cols(gate, xt), self.linear_cols(up, xt))
 
     def rmsnorm_cols(self, xt: np.ndarray, w: Weight, eps: float) -> np.ndarray:

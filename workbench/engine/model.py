@@ -148,20 +148,20 @@ class Transformer:
     def _layers_cols(self, x: Any, cache: KVCache, start: int) -> Any:
         """`_layers` feature-major, for backends with ``prefill_cols``: every activation is
         (features, n), a position per column, the orientation in which BLAS multiplies a
-        prompt fastest. The same operations, with RoPE, the KV append, the residual adds and
-        SwiGLU inside the products they follow (``qkv_rope_kv_cols``, ``linear_add_cols``,
-        ``linear_swiglu_cols``); x (n, dim) -> (n, dim), a transposed view."""
+        prompt fastest. The same operations, with the norms, RoPE, the KV append, the residual
+        adds and SwiGLU inside the products they go with (``qkv_rope_kv_cols``,
+        ``linear_add_cols``, ``linear_swiglu_cols``); x (n, dim) -> (n, dim), a transposed
+        view."""
         spec, be, eps, rf = self.spec, self.backend, self.spec.norm_eps, self.rope_factors
         xt = be.xp.ascontiguousarray(x.T)  # (dim, n)
         for i, lw in enumerate(self.layers):
-            h = be.rmsnorm_cols(xt, lw.attn_norm, eps)  # (dim, n)
-            # q (heads*hd, n) rotated; k rotated and v into the cache
-            ks, vs = cache.k[i], cache.v[i]
-            q = be.qkv_rope_kv_cols(lw.attn_q, lw.attn_k, lw.attn_v, h, ks, vs, start, spec, rf)
+            # q (heads*hd, n) of xt normalized, rotated; k rotated and v into the cache
+            ks, vs, qkv = cache.k[i], cache.v[i], (lw.attn_q, lw.attn_k, lw.attn_v)
+            q = be.qkv_rope_kv_cols(*qkv, xt, ks, vs, start, spec, rf, norm=lw.attn_norm, eps=eps)
             att = be.attention_cols(q, ks, vs, start)  # (heads*hd, n)
             xt = be.linear_add_cols(lw.attn_output, att, xt)  # xt += W_o @ att, in place
-            h = be.rmsnorm_cols(xt, lw.ffn_norm, eps)
-            ff = be.linear_swiglu_cols(lw.ffn_gate, lw.ffn_up, h)  # (ffn, n)
+            # (ffn, n) of xt normalized
+            ff = be.linear_swiglu_cols(lw.ffn_gate, lw.ffn_up, xt, norm=lw.ffn_norm, eps=eps)
             xt = be.linear_add_cols(lw.ffn_down, ff, xt)
         return xt.T
 
