@@ -60,7 +60,7 @@ from workbench.backends.quant_blocks import (
     _group_sums,
     q4_1_scales,
 )
-from workbench.backends.quant_simd import _prefetch
+from workbench.backends.quant_simd import _prefetch_range
 from workbench.gguf.quants import SUPPORTED_TYPES, block_layout
 
 Q = GGMLQuantizationType
@@ -121,7 +121,7 @@ def _dot_row(code, row, x, xs32, xs16, nb):
 # Rows are handed out in chunks of about this many weight bytes: 1-2 us of work, against an
 # atomic increment of a counter the other thread last touched (well under 0.1 us).
 _CHUNK_BYTES = 16384
-# Each row's dot product first asks for the cache lines this many bytes further on (`_prefetch`)
+# Each row's dot product first asks for the cache lines this many bytes further on.
 _AHEAD = quant_cpu.AHEAD
 _Q4_1_BYTES = block_layout(Q.Q4_1)[1]
 
@@ -208,8 +208,7 @@ def _needs_sums(table, m0, m1, g):
 @njit(cache=True, nogil=True, inline="always")
 def _prefetch_ahead(blob, o, rb):
     """Ask for the `_AHEAD` bytes after the row at blob[o : o + rb]."""
-    for f in range(o + _AHEAD, o + _AHEAD + rb, 64):
-        _prefetch(blob, f)
+    _prefetch_range(blob, o + _AHEAD, o + _AHEAD + rb)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -267,8 +266,7 @@ def _span_q4_1_split(blob, base, rb, lo, hi, x, scales, start, nb, out, first):
         o = base + r * rb
         _prefetch_ahead(blob, o, rb)
         s = start + 2 * nb * r
-        for f in range(s + ahead, s + ahead + 2 * nb, 16):  # 16 floats: a cache line
-            _prefetch(scales, f)
+        _prefetch_range(scales, s + ahead, s + ahead + 2 * nb)
         out[first + r] = _dot_q4_1_split(blob[o : o + rb], scales[s : s + 2 * nb], x, nb)
 
 

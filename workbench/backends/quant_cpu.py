@@ -78,7 +78,7 @@ from workbench.backends.quant_blocks import (
     _group_sums,
     _row_index,
 )
-from workbench.backends.quant_simd import _prefetch
+from workbench.backends.quant_simd import _prefetch_range
 from workbench.errors import ModelError, UserError
 from workbench.gguf.quants import SUPPORTED_TYPES, block_layout
 
@@ -112,9 +112,7 @@ def _ask_ahead(raw, r):
     """Ask for the `AHEAD` bytes past the start of row r of raw (rows, row_bytes) uint8,
     C-contiguous: a hint, which never faults past the end."""
     rb = raw.shape[1]
-    flat = raw.reshape(-1)
-    for f in range(r * rb + AHEAD, r * rb + AHEAD + rb, 64):
-        _prefetch(flat, f)
+    _prefetch_range(raw.reshape(-1), r * rb + AHEAD, (r + 1) * rb + AHEAD)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -37,7 +37,7 @@ from workbench.backends.quant_blocks import (
     _deq_q4_1_row,
     _deq_q8_0_row,
 )
-from workbench.backends.quant_simd import _prefetch
+from workbench.backends.quant_simd import _prefetch_range
 from workbench.gguf.quants import block_layout, row_bytes
 
 Q = GGMLQuantizationType
@@ -91,9 +91,7 @@ def _prefetch_panel(raw, p):
     they arrive while the current panel is multiplied: a prefill reads each layer's weights
     once, from memory."""
     rows, rb = raw.shape
-    flat = raw.reshape(-1)
-    for f in range(min(p * MR, rows) * rb, min((p + 1) * MR, rows) * rb, 64):
-        _prefetch(flat, f)
+    _prefetch_range(raw.reshape(-1), min(p * MR, rows) * rb, min((p + 1) * MR, rows) * rb)
 
 
 @njit(nogil=True, inline="always")
@@ -409,8 +407,9 @@ def gemm_add_cols(
     c = residual if xp.shape[1] == n else _padded(residual)
     raw = _read_only(raw)
     nt = numba.get_num_threads()
-    counters, no_norm = new_counters(nt), (_NO_NORM, 0.0)
-    _gemm(_KIND[qtype], (raw, raw, raw), xp, (c, c, c), 1, nt, ADD, counters, _NO_ROPE, *no_norm)
+    counters = new_counters(nt)
+    slots = (raw, raw, raw), xp, (c, c, c)  # the ADD's one matrix, its input and output
+    _gemm(_KIND[qtype], *slots, 1, nt, ADD, counters, _NO_ROPE, _NO_NORM, 0.0)
     if c is not residual:
         residual[...] = c[:, :n]
     return residual

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import config
 from numba.extending import intrinsic, models, register_model
 
@@ -439,6 +439,13 @@ def _prefetch(typingctx, arr, off):
         return context.get_dummy_value()
 
     return types.none(arr, off), codegen
+
+
+@njit(nogil=True, inline="always")
+def _prefetch_range(arr, lo, hi):
+    """`_prefetch` every cache line of arr[lo:hi] (arr flat; a hint, like `_prefetch`)."""
+    for f in range(lo, hi, max(1, 64 // arr.itemsize)):
+        _prefetch(arr, f)
 
 
 # ------------------------------------------------------------------------------------------------
