@@ -1,4 +1,5 @@
-"""Compute backends. Importing this package sets two defaults for numba's OpenMP thread pool.
+"""Compute backends. Importing this package sets two defaults for numba's OpenMP thread pool,
+and glibc's malloc thresholds (`heap`).
 
 numba's OpenMP workers spin-wait after every parallel region (libgomp's default: up to about
 300,000 polls, several milliseconds) before sleeping. On a machine whose cores are shared with
@@ -23,3 +24,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from workbench.backends.heap import keep_freed_memory
+
+keep_freed_memory()
