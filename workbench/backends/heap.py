@@ -6,15 +6,16 @@ threads' copies of their inputs, the KV cache (megabytes each). glibc serves an 
 and gives the top of its heap back to the kernel once more than twice the threshold is free.
 Between two requests the decode's allocations and frees move both, and the next prompt's
 buffers came from the kernel again, page by page: about 1,270 page faults a 128-token prefill
-on SmolLM2, and 89-110 ms instead of 75-77 on this project's VM (docs/performance.md, "Page
-faults between requests"). The first request of a process paid it too.
+on SmolLM2. What that costs depends on the host: 89-110 ms against 75-77 in one hour on this
+project's VM, nothing measurable in another, and 3-10% with a pause before each request
+(docs/performance.md, "Page faults between requests").
 
 Fixed thresholds stop both: blocks up to 32 MiB (glibc's largest mmap threshold on 64-bit) come
 from the heap, and up to 16 MiB of free memory at its top stays there for the next request.
 Setting only one of them is worse than neither, because a fixed value switches off glibc's
 adjustment of both: with the trim threshold alone, every block of 128 KiB or more was mmapped
-and faulted in (17,300 faults a prefill). Peak resident memory did not move (305-307 MB for a
-``bench generate`` run); a process that has freed memory keeps up to 16 MiB of it per malloc
+and faulted in (17,300 faults a prefill). Peak resident memory of a ``bench generate`` run
+went from 305 to 307 MB; a process that has freed memory keeps up to 16 MiB of it per malloc
 arena instead of returning it.
 
 glibc reads ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and ``GLIBC_TUNABLES`` when
