@@ -6,9 +6,11 @@ import json
 import math
 import os
 import statistics
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from numba import njit
 
 from workbench.backends import quant_cpu
 from workbench.cli import main
@@ -222,6 +224,38 @@ def test_cli_json_has_the_limit_fields(tiny_model, small_read_buffer, capsys):
                 "gemm_gflops"):  # fmt: skip
         assert obj[key] > 0, key
     assert obj["profile"] is None
+
+
+def test_bench_says_when_a_kernel_was_compiled_in_the_process(tiny_model, monkeypatch):
+    engine = Engine(tiny_model, backend="numpy")
+    prefill = engine.transformer.prefill
+
+    def prefill_compiling(*args, **kwargs):
+        @njit  # a fresh dispatcher: its first call compiles
+        def one(x):
+            return x + 1
+
+        one(1)
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine.transformer, "prefill", prefill_compiling)
+    r = bench_generate(engine, prompt_tokens=4, gen_tokens=2, runs=1, measure_limits=False)
+    assert r.kernels_compiled is True
+
+
+def test_cli_notes_a_peak_that_includes_compiling(tiny_model, monkeypatch, capsys):
+    import workbench.engine.bench as bench
+
+    real = bench.bench_generate
+    monkeypatch.setattr(
+        bench, "bench_generate", lambda *a, **k: replace(real(*a, **k), kernels_compiled=True)
+    )
+    argv = ["bench", "generate", "-m", str(tiny_model), "--prompt-tokens", "4", "--gen-tokens",
+            "2", "--runs", "1", "--threads", "1", "--no-limits"]  # fmt: skip
+    assert main(argv) == 0
+    assert "kernels were compiled in this run" in capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kernels_compiled"] is True
 
 
 def test_cli_profile_prints_each_phase_by_kernel(tiny_model, small_read_buffer, capsys):

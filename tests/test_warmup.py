@@ -6,7 +6,7 @@ from numba import njit
 from prometheus_client.parser import text_string_to_metric_families
 
 from workbench.engine.generate import Engine, GenerationConfig
-from workbench.engine.warmup import _compile_listener
+from workbench.engine.warmup import compile_listener
 from workbench.runtime.faults import FaultInjector
 
 
@@ -16,10 +16,10 @@ def test_on_compile_is_called_once_and_only_for_a_real_compile():
         return x * 2
 
     calls: list[int] = []
-    with _compile_listener(lambda: calls.append(1)):
+    with compile_listener(lambda: calls.append(1)):
         assert twice(3) == 6 and twice(1.5) == 3.0  # two compiles, one notice
     assert calls == [1]
-    with _compile_listener(lambda: calls.append(2)):
+    with compile_listener(lambda: calls.append(2)):
         assert twice(4) == 8  # compiled already: nothing to say
     assert calls == [1]
 
@@ -55,3 +55,21 @@ def requests_started(engine: Engine) -> float:
         for s in fam.samples
         if s.name == "workbench_requests_started_total"
     )
+
+
+def test_warm_up_records_whether_a_kernel_was_compiled(tiny_model, monkeypatch):
+    import workbench.engine.warmup as warmup
+
+    engine = Engine(tiny_model, backend="numpy")
+    monkeypatch.setattr(warmup, "warm_up", lambda tf, on_compile=None: 0.1)  # all from the cache
+    engine.warm_up()
+    assert engine.compiled_kernels is False
+
+    def compiling(tf, on_compile=None):
+        on_compile()
+        return 0.1
+
+    told: list[int] = []
+    monkeypatch.setattr(warmup, "warm_up", compiling)
+    engine.warm_up(lambda: told.append(1))
+    assert engine.compiled_kernels is True and told == [1]  # the caller is still told

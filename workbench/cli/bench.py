@@ -93,6 +93,11 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
             f"({r.prompt_tokens} tokens), decode {r.decode_tok_s:.1f} tok/s ({r.gen_tokens} "
             f"tokens, {r.decode_gb_s:.1f} GB/s of weights), peak RSS {r.peak_rss_mb:.0f} MB"
         )
+        if r.kernels_compiled:
+            print(
+                "(kernels were compiled in this run: the peak RSS includes the compiler's memory;"
+                " run again for the figure with the kernels loaded from the cache)"
+            )
         if r.read_gb_s is not None and r.gemm_gflops is not None:
             print(
                 f"limits: decode {r.decode_gb_s:.1f} of {r.read_gb_s:.1f} GB/s read bandwidth "

@@ -47,6 +47,7 @@ import numpy as np
 
 from workbench.engine import limits
 from workbench.engine.results import GenerationConfig
+from workbench.engine.warmup import compile_listener
 from workbench.errors import UserError
 from workbench.kernels import registry
 from workbench.observe import tracing
@@ -88,6 +89,9 @@ class GenerateBench:
     model_bytes: int  # weight bytes read per decoded token
     decode_gb_s: float  # model_bytes x decode tok/s: the achieved weight bandwidth
     peak_rss_mb: float  # before the limits are measured (their read buffer is large)
+    # a kernel was compiled in this process (not loaded from numba's cache): peak_rss_mb then
+    # includes the compiler's memory (docs/performance.md, "Memory")
+    kernels_compiled: bool
     prefill_flops: int  # matrix products and causal attention of one prefill
     prefill_gflops: float  # prefill_flops / median prefill seconds
     read_gb_s: float | None = None  # the machine's streaming read bandwidth (limits.py)
@@ -392,36 +396,40 @@ def bench_generate(
     traced: list[tuple[float, float]] = []
     step_losses: list[float] = []  # per pair: the median over its tokens
     calls, spans = (0.0, 0.0), 0
-    try:
-        for i in range(runs + 1):  # the first: warm-up
-            plain, marked = new_run(False), new_run(True) if trace else None
-            gc.collect()  # no run collects an earlier one's garbage
-            if marked is not None:
-                _run_interleaved(plain, marked, flip=i % 2 == 1)
-                traced.append((marked.prefill_s, marked.decode_s))
-                losses = (1 - u / t for u, t in zip(plain.steps_s, marked.steps_s))
-                step_losses.append(statistics.median(losses))
-            else:
-                _run_alone(plain)
-            times.append((plain.prefill_s, plain.decode_s))
-        times, traced, step_losses = times[1:], traced[1:], step_losses[1:]
-        if trace:
-            assert recorder is not None
-            spans = len(recorder.spans())
-            calls = tracing_call_cost(new_trace, gen_tokens)
-        if profile:
-            gc.collect()
-            engine.profiler.enabled = True
-            request_id, dropped = (
-                f"{PROFILE_REQUEST}-{uuid.uuid4().hex[:12]}",
-                engine.profiler.dropped,
-            )
-            profiled = _run_profiled(new_run(False), request_id)
-            dropped = engine.profiler.dropped - dropped
-    finally:
-        engine.profiler.enabled = profiling
-        if trace:
-            tracing.shutdown()
+    # A kernel compiled in this process (in the engine's warm-up or in these runs) leaves the
+    # compiler's memory in the peak resident set: the result says so.
+    compiled = [bool(getattr(engine, "compiled_kernels", False))]
+    with compile_listener(lambda: compiled.append(True)):
+        try:
+            for i in range(runs + 1):  # the first: warm-up
+                plain, marked = new_run(False), new_run(True) if trace else None
+                gc.collect()  # no run collects an earlier one's garbage
+                if marked is not None:
+                    _run_interleaved(plain, marked, flip=i % 2 == 1)
+                    traced.append((marked.prefill_s, marked.decode_s))
+                    losses = (1 - u / t for u, t in zip(plain.steps_s, marked.steps_s))
+                    step_losses.append(statistics.median(losses))
+                else:
+                    _run_alone(plain)
+                times.append((plain.prefill_s, plain.decode_s))
+            times, traced, step_losses = times[1:], traced[1:], step_losses[1:]
+            if trace:
+                assert recorder is not None
+                spans = len(recorder.spans())
+                calls = tracing_call_cost(new_trace, gen_tokens)
+            if profile:
+                gc.collect()
+                engine.profiler.enabled = True
+                request_id, dropped = (
+                    f"{PROFILE_REQUEST}-{uuid.uuid4().hex[:12]}",
+                    engine.profiler.dropped,
+                )
+                profiled = _run_profiled(new_run(False), request_id)
+                dropped = engine.profiler.dropped - dropped
+        finally:
+            engine.profiler.enabled = profiling
+            if trace:
+                tracing.shutdown()
     prefill = [p for p, _ in times]
     decode = [d for _, d in times]
     decode_tok_s = gen_tokens / statistics.median(decode)
@@ -480,6 +488,7 @@ def bench_generate(
         model_bytes=model_bytes,
         decode_gb_s=decode_gb_s,
         peak_rss_mb=peak_rss_mb,
+        kernels_compiled=any(compiled),
         prefill_flops=flops,
         prefill_gflops=prefill_gflops,
         **extra,

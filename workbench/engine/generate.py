@@ -113,6 +113,9 @@ class Engine:
         self.model = model if isinstance(model, Model) else load(model)
         self.requested_backend = backend
         self.threads = threads
+        # whether a kernel was compiled (not loaded from numba's cache) in `warm_up`: a process
+        # that compiled holds the compiler's memory in its peak resident set
+        self.compiled_kernels = False
         self.profiler = profiler if profiler is not None else Profiler()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.connect(self.profiler)
@@ -194,19 +197,25 @@ class Engine:
     def warm_up(self, on_compile: Callable[[], None] | None = None) -> float:
         """Compile or load every kernel and start the thread pools now, so that the first
         generation is timed at the steady-state speed (see `workbench.engine.warmup`). Returns
-        the seconds taken; ``on_compile`` is called once if a kernel has to be compiled."""
+        the seconds taken; ``on_compile`` is called once if a kernel has to be compiled (and
+        ``compiled_kernels`` becomes True)."""
         from workbench.engine.warmup import warm_up
+
+        def compiling() -> None:
+            self.compiled_kernels = True
+            if on_compile is not None:
+                on_compile()
 
         profiling, self.profiler.enabled = self.profiler.enabled, False
         try:
             tf = self._pick()
             if tf is not self.transformer or self.breaker is None:
-                return warm_up(tf, on_compile)
+                return warm_up(tf, compiling)
             try:
-                return warm_up(tf, on_compile)
+                return warm_up(tf, compiling)
             except (RecoverableError, BackendError) as e:  # the device failed: as in _forward
                 self._device_failed(e, request_id=None)
-                return warm_up(self._fallback_transformer(), on_compile)
+                return warm_up(self._fallback_transformer(), compiling)
         finally:
             self.profiler.enabled = profiling
 

@@ -31,7 +31,7 @@ def warm_up(transformer: Any, on_compile: Callable[[], None] | None = None) -> f
     spec = transformer.spec
     ids = np.arange(WARMUP_PROMPT_TOKENS, dtype=np.int64) % spec.vocab_size
     t0 = time.perf_counter()
-    with _compile_listener(on_compile) if on_compile is not None else nullcontext():
+    with compile_listener(on_compile) if on_compile is not None else nullcontext():
         # The NumPy backend loads its kernels without reading the weights first, then gives
         # back the compiler's pages (see NumpyBackend.warm_up).
         prepare = getattr(transformer.backend, "warm_up", None)
@@ -46,7 +46,7 @@ def warm_up(transformer: Any, on_compile: Callable[[], None] | None = None) -> f
 
 
 @contextmanager
-def _compile_listener(on_compile: Callable[[], None]) -> Iterator[None]:
+def compile_listener(on_compile: Callable[[], None]) -> Iterator[None]:
     """Call ``on_compile`` when numba starts its first compile in this block. numba fires the
     ``numba:compile`` event only on a real compile, not when it loads a kernel from its cache."""
     try:
