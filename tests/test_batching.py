@@ -81,8 +81,10 @@ def test_seeds_stops_and_logprobs_are_per_sequence(long_model, rng, seed):
         assert b.token_ids == a.token_ids and b.text == a.text, f"seq {i}, seed {seed}"
         assert b.finish_reason == a.finish_reason
         assert [len(t) for _, t in b.logprobs] == [len(t) for _, t in a.logprobs]
+        # Batched and alone, the log-probabilities differ by float32 rounding, not by a token:
+        # over 121 seeds by up to 2.3e-6 (two seeds above 1e-6, which this bound used to be).
         for (lp_a, _), (lp_b, _) in zip(a.logprobs, b.logprobs, strict=True):
-            assert lp_b == pytest.approx(lp_a, abs=1e-6)
+            assert lp_b == pytest.approx(lp_a, abs=1e-5), f"seq {i}, seed {seed}"
 
 
 def test_cancel_one_leaves_the_others(long_model, rng, seed):
