@@ -398,7 +398,7 @@ def bench_generate(
     calls, spans = (0.0, 0.0), 0
     # A kernel compiled in this process (in the engine's warm-up or in these runs) leaves the
     # compiler's memory in the peak resident set: the result says so.
-    compiled = [bool(getattr(engine, "compiled_kernels", False))]
+    compiled = [engine.compiled_kernels]
     with compile_listener(lambda: compiled.append(True)):
         try:
             for i in range(runs + 1):  # the first: warm-up
